@@ -1,0 +1,78 @@
+"""Building blocks: float32 RMSNorm, bias-free projections, the SwiGLU MLP.
+
+Every parameter carries logical axis names (`embed`, `q_heads`, `mlp`, ...) that
+`neo_jax.parallel.sharding` maps onto the device mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, times the weight."""
+
+  eps: float = 1e-6
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias); kernel [in, out] is the transpose of the PyTorch weight."""
+
+  features: int
+  axes: Sequence[str]  # logical names of (in, out)
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = DEFAULT_INIT
+  bias_init: Initializer = nn.initializers.zeros
+  out_dtype: jnp.dtype | None = None  # accumulate and return in this dtype (e.g. float32 logits)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
+                        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=self.out_dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  intermediate_size: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    dense = lambda n, axes, name: Linear(n, axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         name=name)
+    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x_bld)
+    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x_bld)
+    h_blf = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return dense(x_bld.shape[-1], ("mlp", "embed"), "down_proj")(h_blf)
