@@ -65,3 +65,173 @@ def dense_mask(q: AttnIds, kv: Optional[AttnIds] = None) -> jax.Array:
   visible_branch = (kb == 0) | (kb == qb)
   same_image = (qi == ki) & (qi != 0)
   return same_segment & visible_branch & ((kp <= qp) | same_image)
+
+
+# --- the rule as key intervals (what the kernels take) -----------------------------------------
+#
+# For a self-attention row whose segments, branch runs and images are contiguous spans, the keys
+# a query q may see are the union of at most two intervals:
+#
+#   branch 0 (text, prompt, plain samples):  [segment start, max(q + 1, end of q's image))
+#   branch b != 0 (chosen, rejected, ...):   [segment start, end of the branch-0 prompt)
+#                                            + [start of q's branch run, max(q + 1, end of image))
+#
+# and the two merge into one when the branch run follows the prompt directly (the chosen branch).
+# Padding queries (segment 0) see nothing. The layout the data pipeline produces satisfies the
+# preconditions: every segment is one span, a segment is [prompt | branch 1 | branch 2 ...] with
+# each branch one span, and every image is one span inside one branch (image ids unique within a
+# segment). `ranges_match_rule` checks a batch against the dense rule.
+
+RANGE_LO1, RANGE_HI1, RANGE_LO2, RANGE_HI2 = range(4)
+
+
+def _shift_right(x: jax.Array, fill) -> jax.Array:
+  return jnp.concatenate([jnp.full_like(x[:, :1], fill), x[:, :-1]], axis=1)
+
+
+def _shift_left(x: jax.Array, fill) -> jax.Array:
+  return jnp.concatenate([x[:, 1:], jnp.full_like(x[:, :1], fill)], axis=1)
+
+
+def kv_ranges(ids: AttnIds) -> jax.Array:
+  """int32 [B, L, 4]: (lo1, hi1, lo2, hi2); query q of a self-attention row may see exactly the
+  keys in [lo1, hi1) and [lo2, hi2). Empty intervals are (0, 0); when the second one is not
+  empty, hi1 < lo2. O(L) per row, so kernels never need an L x L mask.
+  """
+  if ids.positions is not None:
+    raise ValueError("kv_ranges: self-attention ids with explicit positions are not supported")
+  seg = ids.segment_ids.astype(jnp.int32)
+  branch = ids.branches().astype(jnp.int32)
+  image = ids.image_ids.astype(jnp.int32)
+  length = seg.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), seg.shape)
+
+  seg_change = seg != _shift_right(seg, -1)
+  run_change = seg_change | (branch != _shift_right(branch, -1))
+  image_change = run_change | (image != _shift_right(image, -1))
+  seg_start = jax.lax.cummax(jnp.where(seg_change, idx, 0), axis=1)
+  run_start = jax.lax.cummax(jnp.where(run_change, idx, 0), axis=1)
+  image_end = jax.lax.cummin(jnp.where(_shift_left(image_change, True), idx + 1, length),
+                             axis=1, reverse=True)
+  hi = jnp.where(image != 0, jnp.maximum(image_end, idx + 1), idx + 1)
+  # end of the branch-0 prompt of q's segment (for queries after it)
+  last_shared = jax.lax.cummax(jnp.where((branch == 0) & (seg != 0), idx + 1, 0), axis=1)
+  prompt_end = jnp.maximum(seg_start, last_shared)
+
+  valid = seg != 0
+  single = valid & ((branch == 0) | (prompt_end >= run_start))
+  double = valid & ~single
+  zero = jnp.zeros_like(idx)
+  lo1 = jnp.where(valid, seg_start, zero)
+  hi1 = jnp.where(single, hi, jnp.where(double, prompt_end, zero))
+  lo2 = jnp.where(double, run_start, zero)
+  hi2 = jnp.where(double, hi, zero)
+  # a branch without a prompt in front: only the second interval is left; move it first
+  move = double & (prompt_end <= seg_start)
+  lo1, hi1 = jnp.where(move, lo2, lo1), jnp.where(move, hi2, hi1)
+  lo2, hi2 = jnp.where(move, zero, lo2), jnp.where(move, zero, hi2)
+  return jnp.stack([lo1, hi1, lo2, hi2], axis=-1)
+
+
+def ranges_mask(ranges_bl4: jax.Array, kv_length: Optional[int] = None) -> jax.Array:
+  """bool [B, L, Lk] from `kv_ranges`: the mask the kernels compute block by block."""
+  kv_length = ranges_bl4.shape[1] if kv_length is None else kv_length
+  k = jnp.arange(kv_length, dtype=jnp.int32)
+  r = ranges_bl4[:, :, None, :]
+  return (((k >= r[..., RANGE_LO1]) & (k < r[..., RANGE_HI1]))
+          | ((k >= r[..., RANGE_LO2]) & (k < r[..., RANGE_HI2])))
+
+
+def ranges_match_rule(ids: AttnIds) -> jax.Array:
+  """bool [B]: whether the interval form equals the dense rule on each row (O(L^2); a check for
+  data pipelines and tests, not for the training step)."""
+  return jnp.all(ranges_mask(kv_ranges(ids)) == dense_mask(ids), axis=(1, 2))
+
+
+def num_allowed(ranges_bl4: jax.Array) -> jax.Array:
+  """int32 [B]: the number of allowed (query, key) pairs of each row (the unmasked work)."""
+  r = ranges_bl4
+  width = (r[..., RANGE_HI1] - r[..., RANGE_LO1]) + (r[..., RANGE_HI2] - r[..., RANGE_LO2])
+  return width.sum(axis=1)
+
+
+# --- per-block ranges for block skipping ------------------------------------------------------
+#
+# Query block i visits the kv blocks [visit1_lo, visit1_hi) and [visit2_lo, visit2_hi) (the
+# second empty as (nk, nk), the first empty as (0, 0)); within them, blocks in
+# [full1_lo, full1_hi) or [full2_lo, full2_hi) are allowed for every query of the block, so the
+# kernel skips the mask there. Key block j is visited by query blocks [q_lo, q_hi) (a hull: the
+# dK/dV pass still checks each pair). All in block units; supersets of the exact sets are fine,
+# the in-kernel mask stays exact.
+
+(QB_VISIT1_LO, QB_VISIT1_HI, QB_VISIT2_LO, QB_VISIT2_HI,
+ QB_FULL1_LO, QB_FULL1_HI, QB_FULL2_LO, QB_FULL2_HI) = range(8)
+QB_FIELDS = 8
+
+
+class BlockRanges(NamedTuple):
+  """Scalar tables that drive block skipping (tiny: O(L / block) ints per row)."""
+
+  q_blocks: jax.Array  # int32 [B, nq, 8], columns QB_*
+  kv_blocks: jax.Array  # int32 [B, nk, 2]: (q_lo, q_hi) query-block range per key block
+
+
+def _cdiv(x: jax.Array, d: int) -> jax.Array:
+  return (x + d - 1) // d
+
+
+def block_ranges(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> BlockRanges:
+  """Per-block tables from `kv_ranges` for a row padded to a multiple of both block sizes."""
+  b, length, _ = ranges_bl4.shape
+  if length % block_q or length % block_kv:
+    raise ValueError(f"block_ranges: length {length} is not a multiple of block_q={block_q} "
+                     f"and block_kv={block_kv}")
+  nq, nk = length // block_q, length // block_kv
+  r = ranges_bl4.reshape(b, nq, block_q, 4)
+
+  def interval(lo, hi):
+    nonempty = hi > lo
+    any_ = nonempty.any(axis=-1)
+    all_ = nonempty.all(axis=-1)
+    # hull of the non-empty intervals, in kv blocks
+    v_lo = jnp.where(nonempty, lo, length).min(axis=-1) // block_kv
+    v_hi = _cdiv(jnp.where(nonempty, hi, 0).max(axis=-1), block_kv)
+    v_lo, v_hi = jnp.where(any_, v_lo, nk), jnp.where(any_, v_hi, 0)
+    # intersection over every query of the block, in whole kv blocks
+    f_lo = _cdiv(lo.max(axis=-1), block_kv)
+    f_hi = hi.min(axis=-1) // block_kv
+    full = all_ & (f_hi > f_lo)
+    return v_lo, v_hi, jnp.where(full, f_lo, 0), jnp.where(full, f_hi, 0)
+
+  s1, e1, f1s, f1e = interval(r[..., RANGE_LO1], r[..., RANGE_HI1])
+  s2, e2, f2s, f2e = interval(r[..., RANGE_LO2], r[..., RANGE_HI2])
+  empty1, empty2 = e1 <= s1, e2 <= s2
+  join = empty1 | empty2 | (s2 <= e1)
+  a_lo = jnp.where(join, jnp.minimum(s1, s2), s1)
+  a_hi = jnp.where(join, jnp.maximum(e1, e2), e1)
+  a_empty = a_hi <= a_lo
+  a_lo, a_hi = jnp.where(a_empty, 0, a_lo), jnp.where(a_empty, 0, a_hi)
+  b_lo = jnp.where(join, nk, s2)
+  b_hi = jnp.where(join, nk, e2)
+  q_blocks = jnp.stack([a_lo, a_hi, b_lo, b_hi, f1s, f1e, f2s, f2e], axis=-1).astype(jnp.int32)
+
+  visit = block_states(q_blocks, nk) > 0  # [B, nq, nk]
+  any_q = visit.any(axis=1)
+  first = jnp.argmax(visit, axis=1)
+  last = nq - 1 - jnp.argmax(visit[:, ::-1, :], axis=1)
+  kv_blocks = jnp.stack([jnp.where(any_q, first, 0), jnp.where(any_q, last + 1, 0)],
+                        axis=-1).astype(jnp.int32)
+  return BlockRanges(q_blocks, kv_blocks)
+
+
+BLOCK_SKIP, BLOCK_PARTIAL, BLOCK_FULL = 0, 1, 2
+
+
+def block_states(q_blocks: jax.Array, num_kv_blocks: int) -> jax.Array:
+  """int8 [B, nq, nk]: BLOCK_SKIP / BLOCK_PARTIAL / BLOCK_FULL, as the kernels decide them."""
+  j = jnp.arange(num_kv_blocks, dtype=jnp.int32)
+  col = lambda c: q_blocks[..., c, None]
+  within = lambda lo, hi: (j >= col(lo)) & (j < col(hi))
+  visit = within(QB_VISIT1_LO, QB_VISIT1_HI) | within(QB_VISIT2_LO, QB_VISIT2_HI)
+  full = within(QB_FULL1_LO, QB_FULL1_HI) | within(QB_FULL2_LO, QB_FULL2_HI)
+  return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL), BLOCK_SKIP).astype(jnp.int8)
