@@ -1,0 +1,255 @@
+"""The one table between HF NEO state-dict keys and the neo-jax parameter tree.
+
+Every HF tensor (spec/neo.md section 3.1) maps to one parameter path plus a layout transform;
+both conversion directions read this table, so they cannot disagree. Per-layer keys of HF
+layer i land in group `pre_buffer` at index i when i < E (= num_prebuffer_layers), else in
+group `llm` at index i - E, stacked on the leading axis of each leaf.
+
+Layouts (PyTorch -> ours):
+  linear      Linear weight [out, in] -> kernel [in, out] = W.T
+  patch_conv  Conv2d [C, 3, 16, 16] -> kernel [768, C] = W.reshape(C, 768).T, inputs (c, py, px)
+  merge_conv  Conv2d [D, C, 2, 2] -> kernel [4C, D] in (dy, dx, c) row order
+  copy        biases, norm weights, the embedding table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from neo_jax.config import NeoConfig
+from neo_jax.errors import UserError
+
+Array = Any  # numpy or jax array (transforms use only methods both have)
+ParamPath = tuple[str, ...]
+
+
+class Transform(NamedTuple):
+  """A pair of inverse layout maps between the PyTorch tensor and our leaf."""
+
+  to_params: Callable[[Array, NeoConfig], Array]
+  to_hf: Callable[[Array, NeoConfig], Array]
+
+
+COPY = Transform(lambda w, cfg: w, lambda p, cfg: p)
+LINEAR = Transform(lambda w, cfg: w.T, lambda k, cfg: k.T)
+PATCH_CONV = Transform(
+    lambda w, cfg: w.reshape(w.shape[0], -1).T,
+    lambda k, cfg: k.T.reshape(k.shape[1], cfg.num_channels, cfg.patch_size, cfg.patch_size))
+MERGE_CONV = Transform(
+    lambda w, cfg: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
+    lambda k, cfg: k.reshape(cfg.merge_size, cfg.merge_size, -1, k.shape[1]).transpose(3, 2, 0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  hf: str  # HF key; per-layer entries hold the part after `language_model.model.layers.{i}.`
+  path: ParamPath  # parameter path; per-layer entries: the path inside a layer group
+  transform: Transform
+  untied_only: bool = False  # present only when the LM head is not tied to the embeddings
+
+
+LAYER_PREFIX = "language_model.model.layers."
+PREBUFFER_GROUP, LLM_GROUP = "pre_buffer", "llm"
+
+GLOBAL_ENTRIES: tuple[Entry, ...] = (
+    Entry("vision_model.embeddings.patch_embedding.weight", ("vision", "patch_embedding", "kernel"),
+          PATCH_CONV),
+    Entry("vision_model.embeddings.patch_embedding.bias", ("vision", "patch_embedding", "bias"),
+          COPY),
+    Entry("vision_model.embeddings.dense_embedding.weight", ("vision", "dense_embedding", "kernel"),
+          MERGE_CONV),
+    Entry("vision_model.embeddings.dense_embedding.bias", ("vision", "dense_embedding", "bias"),
+          COPY),
+    Entry("language_model.model.embed_tokens.weight", ("embed_tokens", "embedding"), COPY),
+)
+LAYER_ENTRIES: tuple[Entry, ...] = tuple(
+    [Entry(f"self_attn.{n}.weight", ("self_attn", n, "kernel"), LINEAR)
+     for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_proj_hw", "k_proj_hw")]
+    + [Entry(f"self_attn.{n}.weight", ("self_attn", n, "scale"), COPY)
+       for n in ("q_norm", "k_norm", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")]
+    + [Entry(f"mlp.{n}.weight", ("mlp", n, "kernel"), LINEAR)
+       for n in ("gate_proj", "up_proj", "down_proj")]
+    + [Entry(f"{n}.weight", (n, "scale"), COPY)
+       for n in ("input_layernorm", "post_attention_layernorm")])
+FINAL_ENTRIES: tuple[Entry, ...] = (
+    Entry("language_model.model.norm.weight", ("norm", "scale"), COPY),
+    Entry("language_model.lm_head.weight", ("lm_head", "kernel"), LINEAR, untied_only=True),
+)
+
+LM_HEAD_KEY = "language_model.lm_head.weight"
+EMBED_KEY = "language_model.model.embed_tokens.weight"
+
+
+class Location(NamedTuple):
+  """Where one HF tensor lives in the parameter tree."""
+
+  entry: Entry
+  path: ParamPath  # full path of the (possibly stacked) leaf
+  index: Optional[int]  # position on the stacked layer axis, None for unstacked leaves
+
+
+def layer_group(layer: int, config: NeoConfig) -> tuple[str, int]:
+  """(group, index in group) of HF decoder layer `layer`."""
+  e = config.num_prebuffer_layers
+  return (PREBUFFER_GROUP, layer) if layer < e else (LLM_GROUP, layer - e)
+
+
+def locations(config: NeoConfig) -> dict[str, Location]:
+  """Every HF key a model with this config has, in checkpoint order, with its location."""
+  out: dict[str, Location] = {}
+  for entry in GLOBAL_ENTRIES:
+    out[entry.hf] = Location(entry, entry.path, None)
+  for layer in range(config.num_hidden_layers):
+    group, index = layer_group(layer, config)
+    for entry in LAYER_ENTRIES:
+      out[f"{LAYER_PREFIX}{layer}.{entry.hf}"] = Location(entry, (group,) + entry.path, index)
+  for entry in FINAL_ENTRIES:
+    if not (entry.untied_only and config.tie_word_embeddings):
+      out[entry.hf] = Location(entry, entry.path, None)
+  return out
+
+
+def leaf_paths(config: NeoConfig) -> list[ParamPath]:
+  """Parameter paths the table produces for this config (one per stacked leaf)."""
+  return list(dict.fromkeys(loc.path for loc in locations(config).values()))
+
+
+def _get(tree: Mapping, path: ParamPath) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _set(tree: dict, path: ParamPath, value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _leaf_shape(hf_shape: Sequence[int], loc: Location, config: NeoConfig) -> tuple[int, ...]:
+  spec = jax.ShapeDtypeStruct(tuple(hf_shape), np.float32)
+  return tuple(jax.eval_shape(lambda w: loc.entry.transform.to_params(w, config), spec).shape)
+
+
+def _hf_shape(leaf_shape: Sequence[int], loc: Location, config: NeoConfig) -> tuple[int, ...]:
+  spec = jax.ShapeDtypeStruct(tuple(leaf_shape), np.float32)
+  return tuple(jax.eval_shape(lambda p: loc.entry.transform.to_hf(p, config), spec).shape)
+
+
+def _fmt(shape: Sequence[int]) -> str:
+  return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def expected_hf_shapes(config: NeoConfig) -> dict[str, tuple[int, ...]]:
+  """HF key -> PyTorch shape of every tensor of a model with this config."""
+  from neo_jax.model import abstract_params  # the model's own shapes are the ground truth
+  shapes = abstract_params(config)
+  check_covers(shapes, config)
+  out = {}
+  for key, loc in locations(config).items():
+    leaf_shape = _get(shapes, loc.path).shape
+    out[key] = _hf_shape(leaf_shape[1:] if loc.index is not None else leaf_shape, loc, config)
+  return out
+
+
+def check_covers(params: Mapping, config: NeoConfig) -> None:
+  """Fails when the parameter tree and the table disagree (a model change the table misses)."""
+  tree_paths = {tuple(k.key for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  table_paths = set(leaf_paths(config))
+  if tree_paths != table_paths:
+    raise ValueError(f"conversion table out of date: only in the model "
+                     f"{sorted(tree_paths - table_paths)}, only in the table "
+                     f"{sorted(table_paths - tree_paths)}")
+
+
+def check_tensors(found: Mapping[str, Sequence[int]], config: NeoConfig) -> None:
+  """One-line UserError for the first missing key, unexpected key or shape mismatch."""
+  expected = expected_hf_shapes(config)
+  missing = [k for k in expected if k not in found]
+  if missing:
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise UserError(f"checkpoint is missing {missing[0]}{more}; model expects "
+                    f"{_fmt(expected[missing[0]])}")
+  unexpected = [k for k in found if k not in expected]
+  if unexpected:
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    why = (" (the config ties the LM head to the embeddings)" if unexpected[0] == LM_HEAD_KEY
+           else f" (not part of a NEO model with {config.num_hidden_layers} layers)")
+    raise UserError(f"checkpoint has unexpected tensor {unexpected[0]} "
+                    f"{_fmt(found[unexpected[0]])}{more}{why}")
+  for key, shape in expected.items():
+    if tuple(found[key]) != tuple(shape):
+      raise UserError(f"{key}: checkpoint has {_fmt(found[key])}, model expects {_fmt(shape)}")
+
+
+def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Sequence[int]],
+                   dtypes: Mapping[str, np.dtype], config: NeoConfig,
+                   dtype: Optional[np.dtype] = None,
+                   on_tensor: Optional[Callable[[str], None]] = None) -> dict:
+  """HF tensors -> parameter tree of numpy arrays.
+
+  `read(key)` returns one PyTorch-layout tensor (e.g. a memory-mapped view); `shapes` and
+  `dtypes` describe every tensor of the checkpoint, checked against the config before any
+  data is read. Leaves keep the checkpoint dtype unless `dtype` is given.
+  """
+  check_tensors(shapes, config)
+  locs = locations(config)
+  groups: dict[ParamPath, list[str]] = {}
+  for key, loc in locs.items():
+    groups.setdefault(loc.path, []).append(key)
+  params: dict = {}
+  for path, keys in groups.items():
+    loc0 = locs[keys[0]]
+    leaf_dtype = np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
+    shape = _leaf_shape(shapes[keys[0]], loc0, config)
+    if loc0.index is not None:
+      shape = (len(keys),) + shape
+    leaf = np.empty(shape, leaf_dtype)
+    for key in keys:
+      loc = locs[key]
+      value = loc.entry.transform.to_params(read(key), config)
+      if loc.index is None:
+        leaf[...] = value
+      else:
+        leaf[loc.index] = value
+      if on_tensor is not None:
+        on_tensor(key)
+    _set(params, path, leaf)
+  return params
+
+
+class HFTensors:
+  """The HF view of a parameter tree: specs up front, each tensor computed on demand."""
+
+  def __init__(self, params: Mapping, config: NeoConfig, dtype: Optional[np.dtype] = None):
+    check_covers(params, config)
+    self.params, self.config = params, config
+    self.dtype = None if dtype is None else np.dtype(dtype)
+    self.locations = locations(config)
+
+  def keys(self) -> list[str]:
+    return list(self.locations)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.locations)
+
+  def _leaf(self, key: str):
+    loc = self.locations[key]
+    leaf = _get(self.params, loc.path)
+    return leaf if loc.index is None else leaf[loc.index]
+
+  def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    loc = self.locations[key]
+    leaf = _get(self.params, loc.path)
+    shape = leaf.shape if loc.index is None else leaf.shape[1:]
+    return _hf_shape(shape, loc, self.config), self.dtype or np.dtype(leaf.dtype)
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    loc = self.locations[key]
+    value = np.asarray(loc.entry.transform.to_hf(np.asarray(self._leaf(key)), self.config))
+    return np.ascontiguousarray(value.astype(self.dtype or value.dtype, copy=False))

@@ -1,0 +1,19 @@
+"""A tqdm bar over tensors: shown on a terminal for big checkpoints, silent in logs and tests."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+from tqdm.auto import tqdm
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: Optional[bool] = None) -> Iterator[tqdm]:
+  """`enabled=None` shows the bar only when stderr is a terminal."""
+  bar = tqdm(total=total, desc=desc, unit="tensor", disable=None if enabled is None else not enabled,
+             leave=False, dynamic_ncols=True)
+  try:
+    yield bar
+  finally:
+    bar.close()
