@@ -72,7 +72,7 @@ def _check_shapes(stored: Mapping, config: NeoConfig, where: str) -> None:
 
 def _plain(tree: Any) -> Any:
   """orbax tree metadata -> nested plain dicts with ArrayMetadata leaves."""
-  if isinstance(tree, Mapping):
+  if isinstance(tree, Mapping) or hasattr(tree, "items"):  # orbax's tree is dict-like only
     return {k: _plain(v) for k, v in tree.items()}
   return tree
 

@@ -39,6 +39,10 @@ def register_kind(name: str, detect: Callable[[str], bool], load: Loader, holds:
   _KINDS.insert(0 if first else len(_KINDS), kind)
 
 
+def unregister_kind(name: str) -> None:
+  _KINDS[:] = [k for k in _KINDS if k.name != name]
+
+
 def kinds() -> list[str]:
   return [k.name for k in _KINDS]
 
