@@ -1,0 +1,127 @@
+"""The offline Qwen3 + NEO tokenizer: published ids, added-token ids, HF compatibility."""
+
+import json
+import os
+import pickle
+
+import pytest
+
+from neo_jax import config as neo_config
+from neo_jax.data import tokenizer as tok_lib
+from neo_jax.data.cache import CACHE_ENV
+
+
+@pytest.fixture(scope="session")
+def neo_cache(tmp_path_factory):
+  root = tmp_path_factory.getbasetemp() / "neo_jax_cache"
+  old = os.environ.get(CACHE_ENV)
+  os.environ[CACHE_ENV] = str(root)
+  yield root
+  if old is None:
+    os.environ.pop(CACHE_ENV, None)
+  else:
+    os.environ[CACHE_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def tok(neo_cache):
+  return tok_lib.load_tokenizer()
+
+
+PUBLISHED = {  # spec/environment.md
+    "Hello, world!": [9707, 11, 1879, 0],
+    "The quick brown fox.": [785, 3974, 13876, 38835, 13],
+    "Describe this image in detail.": [74785, 419, 2168, 304, 7716, 13],
+    "<|im_start|>hello<|im_end|>": [151644, 14990, 151645],
+    "杭州是个好地方": [104130, 104104, 52801, 100371],
+}
+
+
+@pytest.mark.parametrize("text", list(PUBLISHED))
+def test_published_ids(tok, text):
+  assert tok.encode(text) == PUBLISHED[text]
+  assert tok.decode(PUBLISHED[text]) == text
+
+
+def test_added_token_ids(tok):
+  qwen3 = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+           "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+           "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+           "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+           "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+           "<tool_response>", "</tool_response>", "<think>", "</think>"]
+  for i, t in enumerate(qwen3):
+    assert tok.token_to_id(t) == 151643 + i, t
+  neo = ["<IMG_CONTEXT>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
+         "</box>", "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"]
+  for i, t in enumerate(neo):
+    assert tok.token_to_id(t) == 151669 + i, t
+  # the ids the model config relies on (spec 1.3: three confirmed)
+  assert tok.img_context_id == neo_config.IMG_CONTEXT_TOKEN_ID == 151669
+  assert tok.img_start_id == neo_config.IMG_START_TOKEN_ID == 151670
+  assert tok.img_end_id == neo_config.IMG_END_TOKEN_ID == 151671
+  assert tok.im_start_id == neo_config.IM_START_TOKEN_ID
+  assert tok.eos_id == tok.im_end_id == neo_config.IM_END_TOKEN_ID
+  assert tok.pad_id == neo_config.PAD_TOKEN_ID
+  assert tok.vocab_size == 151682 <= neo_config.NeoConfig().vocab_size
+  # added tokens written in text become single ids, with text around them kept
+  assert tok.encode("a<img><IMG_CONTEXT></img>b") == (tok.encode("a") + [151670, 151669, 151671]
+                                                      + tok.encode("b"))
+
+
+def test_saved_files_and_merges(tok):
+  with open(tok.directory / "tokenizer.json", encoding="utf-8") as f:
+    data = json.load(f)
+  assert len(data["model"]["vocab"]) == 151643
+  assert len(data["model"]["merges"]) == 151387  # one merge per multi-byte token
+  assert data["normalizer"] == {"type": "NFC"}
+  config = json.loads((tok.directory / "tokenizer_config.json").read_text())
+  assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"
+  assert config["added_tokens_decoder"]["151669"]["content"] == "<IMG_CONTEXT>"
+  assert (tok.directory / "special_tokens_map.json").exists()
+
+
+def test_canonical_merges_small_vocab():
+  # ranks: single bytes, then "ab" (merge a+b), then "abc" (ab + c, not a + bc)
+  tokens = [b"a", b"b", b"c", b"ab", b"bc", b"abc"]
+  assert tok_lib.canonical_merges(tokens) == [(b"a", b"b"), (b"b", b"c"), (b"ab", b"c")]
+  with pytest.raises(ValueError, match="lower ranks"):
+    tok_lib.canonical_merges([b"a", b"b", b"abb"])
+
+
+def test_nfc_and_round_trip(tok):
+  assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")
+  text = "def f(x):\n    return x ** 2  # 12345\n\n\tTabs, ÜML, 日本語, emoji 🙂."
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_load_directory_save_and_pickle(tok, tmp_path):
+  out = tok.save(tmp_path / "ckpt")
+  assert sorted(p.name for p in out.iterdir()) == sorted(tok_lib.TOKENIZER_FILES)
+  again = tok_lib.load_tokenizer(out)
+  assert again.encode("Hello, world!") == PUBLISHED["Hello, world!"]
+  clone = pickle.loads(pickle.dumps(tok))
+  assert clone.encode("杭州是个好地方") == PUBLISHED["杭州是个好地方"]
+  with pytest.raises(FileNotFoundError):
+    tok_lib.load_tokenizer(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    tok_lib.load_tokenizer(tmp_path / "empty")
+
+
+def test_transformers_loads_the_saved_directory(tok):
+  transformers = pytest.importorskip("transformers")
+  texts = list(PUBLISHED) + [
+      "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?<|im_end|>\n",
+      "  leading spaces, 3.14159 and 2024-01-01\r\n\r\nCRLF", "cafe\u0301 Ｆｕｌｌ ñ", "<box>1</box>"]
+  auto = transformers.AutoTokenizer.from_pretrained(str(tok.directory))
+  fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tok.directory))
+  for text in texts:
+    ours = tok.encode(text)
+    assert auto.encode(text, add_special_tokens=False) == ours, text
+    assert fast.encode(text, add_special_tokens=False) == ours, text
+  assert auto.convert_tokens_to_ids("<IMG_CONTEXT>") == 151669
+  assert auto.eos_token_id == 151645 and auto.pad_token_id == 151643
+  prompt = auto.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                    add_generation_prompt=True)
+  assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
