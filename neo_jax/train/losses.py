@@ -1,0 +1,128 @@
+"""Next-token cross-entropy without materialising [B, L, V] float32 logits.
+
+At L = 16k and V = 152k the full logits would take 10 GB per row in float32. Instead the
+positions are cut into chunks: each chunk computes hidden_chunk @ head -> logsumexp -> target
+logit under `jax.checkpoint`, so forward and backward hold the logits of one chunk at a time.
+Optionally only the first K supervised positions of each row are gathered first (SFT rows
+supervise a few answer tokens among thousands); rows with more than K report the excess as
+`overflow_tokens` instead of dropping them silently.
+
+All losses return sums (loss_sum = sum(w * CE), weight_sum = sum(w)); the step divides once
+over the global batch and every micro-batch, so loss = sum(w * CE) / sum(w) exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LossOutput(NamedTuple):
+  """Sums over a (micro-)batch; `metrics` holds further sums (counts) for logging."""
+
+  loss_sum: jax.Array  # float32 scalar: sum of weight * loss
+  weight_sum: jax.Array  # float32 scalar: the normaliser
+  metrics: dict
+
+
+def token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
+                        compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+  """Plain reference: CE and argmax-correctness per position, float32 [B, L] each."""
+  logits = jnp.einsum("bld,dv->blv", hidden_bld.astype(compute_dtype),
+                      head_dv.astype(compute_dtype), preferred_element_type=jnp.float32)
+  return _ce_from_logits(logits, targets_bl)
+
+
+def _ce_from_logits(logits_bcv: jax.Array, targets_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+  lse = jax.nn.logsumexp(logits_bcv, axis=-1)
+  target_logit = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+  correct = jax.lax.stop_gradient(jnp.argmax(logits_bcv, axis=-1) == targets_bc)
+  return lse - target_logit, correct.astype(jnp.float32)
+
+
+def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
+                                targets_bl: jax.Array, chunk: int = 1024,
+                                compute_dtype: Any = jnp.float32
+                                ) -> tuple[jax.Array, jax.Array]:
+  """Same values as `token_cross_entropy`, computed `chunk` positions at a time.
+
+  Peak memory for logits is B * chunk * V float32 in forward and backward (the chunk is
+  recomputed in the backward pass); the head gradient accumulates across chunks.
+  """
+  b, l, d = hidden_bld.shape
+  chunk = max(1, min(chunk, l))
+  n_chunks = -(-l // chunk)
+  pad = n_chunks * chunk - l
+  if pad:
+    hidden_bld = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0)))
+    targets_bl = jnp.pad(targets_bl, ((0, 0), (0, pad)))
+  hidden_nbcd = jnp.moveaxis(hidden_bld.reshape(b, n_chunks, chunk, d), 1, 0)
+  targets_nbc = jnp.moveaxis(targets_bl.reshape(b, n_chunks, chunk), 1, 0)
+  head = head_dv.astype(compute_dtype)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def one_chunk(args):
+    h_bcd, t_bc = args
+    logits = jnp.einsum("bcd,dv->bcv", h_bcd.astype(compute_dtype), head,
+                        preferred_element_type=jnp.float32)
+    return _ce_from_logits(logits, t_bc)
+
+  ce_nbc, correct_nbc = jax.lax.map(one_chunk, (hidden_nbcd, targets_nbc))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n_chunks * chunk)[:, :l]
+  return unchunk(ce_nbc), unchunk(correct_nbc)
+
+
+class Selected(NamedTuple):
+  """The first K supervised positions of each row."""
+
+  index_bk: jax.Array  # int32 [B, K] positions into L (0 where unused)
+  valid_bk: jax.Array  # bool [B, K]
+  overflow_b: jax.Array  # int32 [B]: supervised positions beyond K (not in the loss)
+
+
+def select_supervised(weights_bl: jax.Array, k: int) -> Selected:
+  """Indices of the first `k` positions with non-zero weight in each row, in order."""
+  supervised = weights_bl != 0
+  count_b = supervised.sum(axis=-1, dtype=jnp.int32)
+  # a stable sort of "not supervised" puts supervised positions first, in sequence order
+  order_bl = jnp.argsort(~supervised, axis=-1, stable=True).astype(jnp.int32)
+  if k > order_bl.shape[-1]:
+    order_bl = jnp.pad(order_bl, ((0, 0), (0, k - order_bl.shape[-1])))
+  index_bk = order_bl[:, :k]
+  valid_bk = jnp.arange(k, dtype=jnp.int32)[None, :] < count_b[:, None]
+  return Selected(jnp.where(valid_bk, index_bk, 0), valid_bk,
+                  jnp.maximum(count_b - k, 0))
+
+
+def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
+                             weights_bl: jax.Array, *, chunk: int = 1024,
+                             positions_per_row: int = 0,
+                             compute_dtype: Any = jnp.float32) -> LossOutput:
+  """sum(w * CE) and sum(w) of a batch, chunked; optionally over K positions per row.
+
+  `positions_per_row` = K > 0 gathers the first K supervised positions of each row before the
+  head (cost B*K*D*V instead of B*L*D*V); 0 computes every position.
+  """
+  weights_bl = weights_bl.astype(jnp.float32)
+  overflow = jnp.zeros((), jnp.int32)
+  if positions_per_row > 0:
+    sel = select_supervised(weights_bl, positions_per_row)
+    take = lambda x: jnp.take_along_axis(x, sel.index_bk, axis=1)
+    hidden_bld = jnp.take_along_axis(hidden_bld, sel.index_bk[..., None], axis=1)
+    targets_bl = take(targets_bl)
+    weights_bl = jnp.where(sel.valid_bk, take(weights_bl), 0.0)
+    overflow = sel.overflow_b.sum()
+  ce_bl, correct_bl = chunked_token_cross_entropy(hidden_bld, head_dv, targets_bl, chunk,
+                                                  compute_dtype)
+  supervised = (weights_bl != 0).astype(jnp.float32)
+  # where(w != 0, ...) keeps a NaN/Inf CE of unsupervised (padding) positions out of the sum
+  loss_sum = jnp.sum(jnp.where(weights_bl != 0, weights_bl * ce_bl, 0.0))
+  metrics = {
+      "supervised_tokens": supervised.sum(),
+      "correct_tokens": (correct_bl * supervised).sum(),
+      "overflow_tokens": overflow.astype(jnp.float32),
+  }
+  return LossOutput(loss_sum, weights_bl.sum(), metrics)
