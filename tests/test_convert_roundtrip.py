@@ -244,7 +244,8 @@ def test_load_params_with_shardings_and_cast(tmp_path):
   embed = restored["embed_tokens"]["embedding"]
   assert embed.dtype == np.float32 and embed.sharding == shardings["embed_tokens"]["embedding"]
   assert len(embed.sharding.device_set) == 8
-  np.testing.assert_array_equal(np.asarray(embed), params["embed_tokens"]["embedding"].astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(embed),
+                                params["embed_tokens"]["embedding"].astype(np.float32))
   assert config2.param_dtype == "float32"
 
 

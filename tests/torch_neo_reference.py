@@ -128,8 +128,8 @@ def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
   attn = (probs @ v).transpose(0, 1).reshape(length, dims.heads * d)
   h = x + F.linear(attn, w("self_attn.o_proj.weight"))
   hn = rms_norm(h, w("post_attention_layernorm.weight"), dims.eps)
-  mlp = F.linear(F.silu(F.linear(hn, w("mlp.gate_proj.weight"))) * F.linear(hn, w("mlp.up_proj.weight")),
-                 w("mlp.down_proj.weight"))
+  gate = F.silu(F.linear(hn, w("mlp.gate_proj.weight")))
+  mlp = F.linear(gate * F.linear(hn, w("mlp.up_proj.weight")), w("mlp.down_proj.weight"))
   return h + mlp
 
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from neo_jax.config import NeoConfig
+from neo_jax.config import ATTENTION_IMPLS, NeoConfig
 from neo_jax.convert.hf_inputs import hf_inputs_to_batch
 from neo_jax.errors import UserError
 
@@ -84,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--atol", type=float, default=1e-4,
                       help="largest allowed absolute logit difference (default: %(default)g); "
                            "exit status 0 within it, 1 above it")
-  parser.add_argument("--attention-impl", default="xla",
-                      help="attention implementation to check (default: %(default)s)")
+  parser.add_argument("--attention-impl", default="xla", choices=ATTENTION_IMPLS, metavar="NAME",
+                      help=f"attention implementation to check, one of "
+                           f"{', '.join(ATTENTION_IMPLS)} (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -97,7 +97,8 @@ def parse_size(text: str) -> int:
   return size
 
 
-def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: Optional[int]) -> list[list[TensorSpec]]:
+def plan_shards(specs: Sequence[TensorSpec],
+                max_shard_bytes: Optional[int]) -> list[list[TensorSpec]]:
   """Consecutive groups of tensors of at most `max_shard_bytes` (a larger tensor stands alone)."""
   shards: list[list[TensorSpec]] = [[]]
   size = 0
@@ -115,7 +116,8 @@ def write_tensor_set(directory: str, specs: Sequence[TensorSpec],
                      on_tensor: Optional[Callable[[str], None]] = None) -> list[str]:
   """Writes model.safetensors, or numbered shards plus the index; returns the file names."""
   shard_glob = os.path.join(glob.escape(directory), "model-*-of-*.safetensors")
-  for path in [os.path.join(directory, n) for n in (SINGLE_FILE, INDEX_FILE)] + glob.glob(shard_glob):
+  stale = [os.path.join(directory, n) for n in (SINGLE_FILE, INDEX_FILE)] + glob.glob(shard_glob)
+  for path in stale:
     if os.path.isfile(path):
       os.remove(path)
   shards = plan_shards(specs, max_shard_bytes)
@@ -140,8 +142,8 @@ def carried_files(directory: str) -> list[str]:
   """Names of the tokenizer/generation files present in `directory`."""
   names = [n for n in CARRIED_FILES if os.path.isfile(os.path.join(directory, n))]
   for pattern in CARRIED_GLOBS:
-    names += sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), pattern))
-                    if os.path.isfile(p))
+    matches = glob.glob(os.path.join(glob.escape(directory), pattern))
+    names += sorted(os.path.basename(p) for p in matches if os.path.isfile(p))
   return names
 
 

@@ -32,7 +32,8 @@ def patches_to_token_blocks(pixel_values: np.ndarray, grid_hw: np.ndarray,
     if start + n > len(pixel_values):
       raise UserError(f"grid_hw needs {int(grid_hw.prod(-1).sum())} patches, pixel_values has "
                       f"{len(pixel_values)}")
-    grid = pixel_values[start:start + n].reshape(h16 // merge, merge, w16 // merge, merge, patch_dim)
+    grid = pixel_values[start:start + n].reshape(h16 // merge, merge, w16 // merge, merge,
+                                                 patch_dim)
     blocks.append(grid.transpose(0, 2, 1, 3, 4).reshape(-1, merge * merge, patch_dim))
     rcs.append(grid_rc(h16 // merge, w16 // merge))
     start += n
@@ -77,6 +78,6 @@ def hf_inputs_to_batch(input_ids: np.ndarray, pixel_values: Optional[np.ndarray]
       rc = np.concatenate([rc, np.zeros((pad, 2), np.int32)])
     batch["pixels"], batch["pixel_rc"] = blocks[None], rc[None]
   batch["positions"] = native_rope_positions(
-      batch["input_ids"], batch["segment_ids"], rc[None], img_context_id=config.img_context_token_id,
-      img_start_id=config.img_start_token_id)
+      batch["input_ids"], batch["segment_ids"], rc[None],
+      img_context_id=config.img_context_token_id, img_start_id=config.img_start_token_id)
   return batch

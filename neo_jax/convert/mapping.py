@@ -205,7 +205,8 @@ def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Seque
   params: dict = {}
   for path, keys in groups.items():
     loc0 = locs[keys[0]]
-    leaf_dtype = np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
+    leaf_dtype = (np.dtype(dtype) if dtype is not None
+                  else np.result_type(*(dtypes[k] for k in keys)))
     shape = _leaf_shape(shapes[keys[0]], loc0, config)
     if loc0.index is not None:
       shape = (len(keys),) + shape

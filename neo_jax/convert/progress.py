@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, enabled: Optional[bool] = None) -> Iterator[tqdm]:
   """`enabled=None` shows the bar only when stderr is a terminal."""
-  bar = tqdm(total=total, desc=desc, unit="tensor", disable=None if enabled is None else not enabled,
-             leave=False, dynamic_ncols=True)
+  bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, dynamic_ncols=True,
+             disable=None if enabled is None else not enabled)
   try:
     yield bar
   finally:

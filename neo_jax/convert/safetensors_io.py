@@ -14,7 +14,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -87,7 +87,8 @@ class SafetensorsFile:
   def _corrupt(self, why: str) -> UserError:
     return UserError(f"{self.path}: not a valid safetensors file: {why}")
 
-  def _check_entry(self, name: str, entry, data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+  def _check_entry(self, name: str, entry: Any,
+                   data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
     try:
       dtype = _DTYPES[entry["dtype"]]
       shape = tuple(int(d) for d in entry["shape"])
