@@ -6,7 +6,6 @@ must reproduce Qwen3's logits on text exactly (to float32 rounding).
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

@@ -127,6 +127,8 @@ def test_table_covers_the_model_and_counts_match_the_spec():
   for config in (small_config(), small_config(tie_word_embeddings=False),
                  small_config(num_prebuffer_layers=0), small_config(num_prebuffer_layers=4)):
     mapping.check_covers(abstract_params(config), config)
+  with pytest.raises(ValueError, match=r"only in the parameters \[\('lm_head', 'kernel'\)\]"):
+    mapping.check_covers(abstract_params(small_config(tie_word_embeddings=False)), small_config())
   counts = {(name, tied): len(mapping.locations(fn(tie_word_embeddings=tied)))
             for name, fn in (("2b", neo_2b), ("9b", neo_9b)) for tied in (True, False)}
   assert counts == {("2b", True): 686, ("2b", False): 687, ("9b", True): 720, ("9b", False): 721}

@@ -6,7 +6,6 @@ converter, so the table, the layouts and the model are checked together.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -157,12 +157,15 @@ def expected_hf_shapes(config: NeoConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_covers(params: Mapping, config: NeoConfig) -> None:
-  """Fails when the parameter tree and the table disagree (a model change the table misses)."""
+  """Fails when a parameter tree and the table for `config` disagree: a tree that belongs to
+  another config (tied vs untied head, no pre-Buffer), or a model change the table misses."""
   tree_paths = {tuple(k.key for k in path)
                 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   table_paths = set(leaf_paths(config))
   if tree_paths != table_paths:
-    raise ValueError(f"conversion table out of date: only in the model "
+    raise ValueError(f"parameters do not match the conversion table for this config "
+                     f"(tie_word_embeddings={config.tie_word_embeddings}, "
+                     f"{config.num_prebuffer_layers} pre-Buffer layers): only in the parameters "
                      f"{sorted(tree_paths - table_paths)}, only in the table "
                      f"{sorted(table_paths - tree_paths)}")
 
