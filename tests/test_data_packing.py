@@ -12,7 +12,7 @@ from neo_jax.config import IMG_START_TOKEN_ID as START
 from neo_jax.config import PAD_TOKEN_ID as PAD
 from neo_jax.data.encode import skip
 from neo_jax.data.packing import STATS_KEY, PackedBatchIterDataset, PackingConfig
-from neo_jax.data.stats import STAT_INDEX
+from neo_jax.data.stats import STAT_INDEX, DataError
 from neo_jax.ops.masks import dense_mask, self_attention_ids
 from neo_jax.positions import image_ids
 
@@ -270,3 +270,10 @@ def test_text_is_split_across_rows_and_resume_inside_a_split_sample():
     got = next(again)
     for key in e:
       np.testing.assert_array_equal(got[key], e[key], err_msg=key)
+
+
+def test_endless_bad_stream_raises_instead_of_hanging():
+  cfg = cfg_for(max_consecutive_bad=50)
+  endless = grain.MapDataset.source([skip("wrong_kind")]).repeat()
+  with pytest.raises(DataError, match="no usable sample"):
+    next(iter(PackedBatchIterDataset(endless.to_iter_dataset(), cfg)))

@@ -54,11 +54,12 @@ import numpy as np
 
 from neo_jax.data.encode import is_skip
 from neo_jax.data.image import PATCH_DIM
-from neo_jax.data.stats import STAT_INDEX, STAT_KEYS
+from neo_jax.data.stats import DROP_REASONS, SKIP_REASONS, STAT_INDEX, STAT_KEYS, DataError
 from neo_jax.positions import native_rope_positions
 
 STATS_KEY = "_stats"  # per-batch int64 [len(STAT_KEYS)] deltas; the pipeline iterator pops it
 LOSS_REDUCTIONS = ("square", "token")
+_N_BAD = len(SKIP_REASONS) + len(DROP_REASONS)  # STAT_KEYS starts with skip, then drop counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,9 @@ class PackingConfig:
   loss_token_budget: Optional[int] = None  # supervised positions per row (K)
   loss_reduction: str = "square"
   preference: bool = False
+  # consecutive skipped / dropped records after which the data is declared unusable (an
+  # endless stream of only bad records would otherwise never yield a batch)
+  max_consecutive_bad: int = 10_000
 
   def __post_init__(self):
     if self.batch_size < 1 or self.seq_len < 2 or self.visual_budget < 0:
@@ -280,6 +284,10 @@ class PackedBatchIterator(grain.DatasetIterator):
     # (sample, offset, parent state before the sample) carried into the next batch
     self._pending: Optional[tuple[dict, int, Any]] = None
     self._resume_offset = 0
+    # counts seen after the last batch when the stream ends with no usable sample left (no
+    # batch carries them); the pipeline iterator collects them when it runs in-process
+    self.unreported = np.zeros(len(STAT_KEYS), np.int64)
+    self._consecutive_bad = 0
 
   # --- state ---------------------------------------------------------------------------------
   def get_state(self) -> dict[str, Any]:
@@ -307,6 +315,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         return None
       if is_skip(sample):
         delta[STAT_INDEX[f"skipped/{sample['skip']}"]] += 1
+        self._count_bad(delta)
         continue
       offset, self._resume_offset = self._resume_offset, 0
       return sample, offset, state
@@ -345,7 +354,9 @@ class PackedBatchIterator(grain.DatasetIterator):
       piece, rest, reason = self._piece(sample, offset)
       if reason is not None:
         delta[STAT_INDEX[f"dropped/{reason}"]] += 1
+        self._count_bad(delta)
         continue
+      self._consecutive_bad = 0
       row = next((r for r in rows if r.fits(piece, cfg)), None)
       if row is None:
         self._pending = (sample, offset, state)
@@ -359,12 +370,21 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._pending = (sample, rest, state)
     used = [r for r in rows if r.pieces]
     if not used:
+      self.unreported += delta
       raise StopIteration
     delta[STAT_INDEX["rows"]] += len(used)
     delta[STAT_INDEX["batches"]] += 1
     batch = assemble_batch([r.pieces for r in rows], cfg)
     batch[STATS_KEY] = delta
     return batch
+
+  def _count_bad(self, delta: np.ndarray) -> None:
+    self._consecutive_bad += 1
+    if self._consecutive_bad > self._cfg.max_consecutive_bad:
+      counts = {k: int(v) for k, v in zip(STAT_KEYS[:_N_BAD], delta[:_N_BAD]) if v}
+      raise DataError(f"no usable sample in the last {self._cfg.max_consecutive_bad} records "
+                      f"(this batch so far: {counts}); check the sources, the pipeline kind "
+                      "and the row budgets")
 
   def __str__(self) -> str:
     return "PackedBatchIterator"

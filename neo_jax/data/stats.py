@@ -72,6 +72,11 @@ def report_skip(reason: str, detail: str, strict: bool) -> None:
     logger.warning("skipping a sample (%s): %s%s", reason, detail, suffix)
 
 
+def reset_skip_warnings() -> None:
+  """Names the next skips again (the count of named ones is per process)."""
+  _named.clear()
+
+
 def summarize(stats: dict[str, int]) -> str:
   """One line for logs: non-zero skip/drop counts and packing totals."""
   bad = {k: v for k, v in stats.items() if v and k.startswith(("skipped/", "dropped/"))}
