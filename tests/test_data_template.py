@@ -151,3 +151,22 @@ def test_caption_text_and_preference_formats(tok):
     with pytest.raises(T.TemplateError) as e:
       bad()
     assert e.value.reason == "empty_text"
+
+
+def test_generation_inputs_for_inference(tok):
+  import io
+  from PIL import Image
+  from neo_jax.config import tiny
+  from neo_jax.data.inputs import prepare_generation_inputs
+  buf = io.BytesIO()
+  Image.new("RGBA", (96, 64), (10, 200, 30, 0)).save(buf, "PNG")  # fully transparent
+  inputs = prepare_generation_inputs(tok, tiny(), "What is it?", [buf.getvalue(), buf.getvalue()])
+  ids = inputs["input_ids"][0]
+  assert inputs["pixels"].shape == (1, 12, 4, 768)  # two 2x3 grids (64x96, tiny pixel range)
+  assert (inputs["pixels"] == 255).all()  # transparent -> white (inference RGBA rule)
+  np.testing.assert_array_equal(ids, T.build_generation_prompt(tok, "What is it?", [6, 6]))
+  t = inputs["positions"][0, 0]
+  assert t.max() == len(ids) - 1 - 2 * 5  # each image of 6 tokens shares one T
+  np.testing.assert_array_equal(inputs["pixel_rc"][0, :6], [[0, 0], [0, 1], [0, 2], [1, 0],
+                                                            [1, 1], [1, 2]])
+  assert inputs["segment_ids"].shape == (1, len(ids)) and (inputs["segment_ids"] == 1).all()
