@@ -188,7 +188,8 @@ def test_bad_input_is_skipped_counted_and_named(tok, data_dir, caplog):
   assert "nowhere.png" in logged and "bad.jsonl:7" in logged and "no_assistant_turn" in logged
 
 
-@pytest.mark.parametrize("line, reason", [(3, "corrupt_image"), (4, "missing_file"),
+@pytest.mark.parametrize("line, reason", [(2, "corrupt_image"), (3, "corrupt_image"),
+                                          (4, "missing_file"),
                                           (5, "empty_image"), (6, "bad_aspect_ratio"),
                                           (7, "invalid_json"), (8, "no_assistant_turn")])
 def test_strict_mode_raises(tok, data_dir, tmp_path, line, reason):
@@ -283,3 +284,16 @@ def test_worker_processes_deterministic_and_exact_resume(tok, data_dir):
   assert_batches_equal(next(fresh), expected[0])
   for i in (it, restored, fresh):
     i.close()
+
+
+def test_records_of_unexpected_shape_are_bad_records(tok, data_dir):
+  from neo_jax.data.encode import SampleEncoder
+  encoder = SampleEncoder(tok, "sft", 1024, 4096)
+  odd = [{"kind": "conversation", "images": [], "conversations": [{"from": "human", "value": 3}]},
+         {"kind": "conversation", "images": 5, "conversations": []},
+         {"kind": "caption", "images": [], "caption": ["not", "text"]},
+         {"kind": "text", "text": None}]
+  assert [encoder(r) for r in odd] == [{"skip": "bad_conversation"}, {"skip": "bad_record"},
+                                       {"skip": "bad_record"}, {"skip": "bad_record"}]
+  with pytest.raises(DataError, match="bad_record"):
+    SampleEncoder(tok, "sft", 1024, 4096, strict=True)(odd[1])

@@ -65,6 +65,10 @@ class SampleEncoder:
       return self._encode(record)
     except (image_lib.ImageError, template.TemplateError) as e:
       return self._skip(e.reason, f"{record_id}: {e}" if record_id else str(e))
+    except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:
+      # a record of an unexpected shape (e.g. a list where text belongs): skipped and named,
+      # like any other bad input, rather than stopping the run
+      return self._skip("bad_record", f"{record_id}: {type(e).__name__}: {e}")
 
   def _skip(self, reason: str, detail: str) -> dict:
     if reason not in SKIP_REASONS:
