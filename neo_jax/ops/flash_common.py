@@ -17,8 +17,11 @@ import numpy as np
 from neo_jax.ops import masks
 from neo_jax.ops.masks import AttnIds
 
-# Finite "minus infinity": keeps exp(s - m) and m_prev - m_next free of inf - inf.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Masked scores are -inf, so exp(s - m) is exactly 0 for them with no select on p. The running
+# max starts at a finite floor below any real logit, so m_prev - m_next and s - m never meet
+# inf - inf, and a row that has seen no allowed key yet keeps l = 0 (its output is 0).
+MASK_VALUE = float("-inf")
+M_INIT = -1e30
 
 
 def round_up(x: int, multiple: int) -> int:

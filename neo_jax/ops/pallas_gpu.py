@@ -104,15 +104,20 @@ def _q_table(qt_ref, base):
 
 
 def _walk_kv_blocks(qt_ref, step, carry):
-  """Runs step(j, masked, carry) over the visited kv blocks of this q block."""
+  """Runs step(j, full, carry) over the visited kv blocks of this q block."""
   s1, n1, s2, n2, full, _ = _q_table(qt_ref, 0)
 
   def body(t, carry):
     j = jnp.where(t < n1, s1 + t, s2 + (t - n1))
-    return jax.lax.cond(full(j), functools.partial(step, j, False),
-                        functools.partial(step, j, True), carry)
+    return step(j, full(j), carry)
 
   return jax.lax.fori_loop(0, n1 + n2, body, carry)
+
+
+def _mask_unless(full, allowed_fn, s):
+  """s with -inf outside the allowed keys; blocks allowed throughout skip the compares. Only
+  this select sits under the branch, so loads and dots stay in the loop body (pipelining)."""
+  return jax.lax.cond(full, lambda s: s, lambda s: jnp.where(allowed_fn(), s, fc.MASK_VALUE), s)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -123,25 +128,22 @@ def _fwd_kernel(qt_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, *, cfg: _C
   r = [rng_ref[c, :][:, None] for c in range(4)]  # [bq, 1] each
   qk_scale = cfg.scale * LOG2E
 
-  def step(j, masked, carry):
+  def step(j, full, carry):
     acc, m, l = carry
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
     s = _dot(q, k, NT) * qk_scale  # [bq, bk], base-2 logits
-    if masked:
-      allowed = _in_ranges(start + jnp.arange(bk, dtype=jnp.int32)[None, :], *r)
-      s = jnp.where(allowed, s, fc.MASK_VALUE)
+    s = _mask_unless(full, lambda: _in_ranges(start + jnp.arange(bk, dtype=jnp.int32)[None, :],
+                                              *r), s)
     m_next = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    if masked:
-      p = jnp.where(allowed, p, 0.0)
-    v = v_ref[pl.ds(start, bk), :]
+    p = jnp.exp2(s - m_next[:, None])  # exactly 0 where masked
     acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, NN)
     return acc, m_next, alpha * l + p.sum(axis=1)
 
   init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
-          jnp.full((bq,), fc.MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
+          jnp.full((bq,), fc.M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
   acc, m, l = _walk_kv_blocks(qt_ref, step, init)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -155,7 +157,7 @@ def _forward(q, k, v, tables: fc.Tables, cfg: _Config):
   b, lp, hq, hkv = lay.batch, lay.padded, lay.num_q_heads, lay.num_kv_heads
   dqk, dv = q.shape[-1], v.shape[-1]
   nq = lp // bq
-  kv_map = lambda i, bi, h: (bi, 0, h // g, 0)
+  kv_map = lambda i, bi, h: (bi, 0, jax.lax.div(h, g), 0)
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg),
       grid=(nq, b, hq),
@@ -189,14 +191,15 @@ def _dq_kernel(qt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dq
   r = [rng_ref[c, :][:, None] for c in range(4)]
   qk_scale = cfg.scale * LOG2E
 
-  def step(j, masked, dq):
+  def step(j, full, dq):
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
-    p = jnp.exp2(_dot(q, k, NT) * qk_scale - lse)
-    if masked:
-      p = jnp.where(_in_ranges(start + jnp.arange(bk, dtype=jnp.int32)[None, :], *r), p, 0.0)
-    dp = _dot(do, v_ref[pl.ds(start, bk), :], NT)
-    ds = p * (dp - di)
+    v = v_ref[pl.ds(start, bk), :]
+    s = _dot(q, k, NT) * qk_scale
+    s = _mask_unless(full, lambda: _in_ranges(start + jnp.arange(bk, dtype=jnp.int32)[None, :],
+                                              *r), s)
+    p = jnp.exp2(s - lse)
+    ds = p * (_dot(do, v, NT) - di)
     return dq + _dot(ds.astype(k.dtype), k, NN)
 
   dq = _walk_kv_blocks(qt_ref, step, jnp.zeros(q.shape, jnp.float32))
@@ -209,7 +212,7 @@ def _dq(q, k, v, do, lse, di, tables: fc.Tables, cfg: _Config):
   b, lp, hq = lay.batch, lay.padded, lay.num_q_heads
   dqk, dv = q.shape[-1], v.shape[-1]
   q_map = lambda i, bi, h: (bi, i, h, 0)
-  kv_map = lambda i, bi, h: (bi, 0, h // g, 0)
+  kv_map = lambda i, bi, h: (bi, 0, jax.lax.div(h, g), 0)
   row_map = lambda i, bi, h: (bi, h, i)
   return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
@@ -245,26 +248,24 @@ def _dkv_kernel(qt_ref, kvt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, r
   q_lo, q_hi = kvt_ref[0], kvt_ref[1]
   n = jnp.maximum(q_hi - q_lo, 0)
 
-  def step(g, i, masked, carry):
+  def step(g, i, full, carry):
     dk, dv = carry
-    start = pl.multiple_of(i * bq, bq)
-    rows = pl.ds(start, bq)
+    rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
     q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-    p_t = jnp.exp2(_dot(k, q, NT) * qk_scale - lse_ref[g, rows][None, :])  # [bk, bq]
-    if masked:
-      r = [rng_ref[c, rows][None, :] for c in range(4)]
-      p_t = jnp.where(_in_ranges(k_pos, *r), p_t, 0.0)
+    lse, di = lse_ref[g, rows][None, :], di_ref[g, rows][None, :]
+    s_t = _dot(k, q, NT) * qk_scale  # [bk, bq]
+    s_t = _mask_unless(full, lambda: _in_ranges(k_pos, *[rng_ref[c, rows][None, :]
+                                                         for c in range(4)]), s_t)
+    p_t = jnp.exp2(s_t - lse)
     dv = dv + _dot(p_t.astype(do.dtype), do, NN)
-    dp_t = _dot(v, do, NT)
-    ds_t = p_t * (dp_t - di_ref[g, rows][None, :])
+    ds_t = p_t * (_dot(v, do, NT) - di)
     return dk + _dot(ds_t.astype(q.dtype), q, NN), dv
 
   def body(t, carry):
     g, i = jax.lax.div(t, n), q_lo + jax.lax.rem(t, n)
     _, _, _, _, full, visit = _q_table(qt_ref, i * masks.QB_FIELDS)
-    visited = lambda c: jax.lax.cond(full(j), functools.partial(step, g, i, False),
-                                     functools.partial(step, g, i, True), c)
-    return jax.lax.cond(visit(j), visited, lambda c: c, carry)
+    # query blocks inside [q_lo, q_hi) that skip this kv block (a gap) cost no compute
+    return jax.lax.cond(visit(j), lambda c: step(g, i, full(j), c), lambda c: c, carry)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = jax.lax.fori_loop(0, group * n, body, init)

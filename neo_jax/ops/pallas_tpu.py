@@ -112,7 +112,7 @@ def _fwd_kernel(qt_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, m_scr, l_s
 
   @pl.when(j == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, fc.MASK_VALUE, jnp.float32)
+    m_scr[...] = jnp.full(m_scr.shape, fc.M_INIT, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
@@ -126,9 +126,7 @@ def _fwd_kernel(qt_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, m_scr, l_s
     m_prev = m_scr[...]  # [bq, LANES], lanes equal
     m_next = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
-    p = jnp.exp(s - m_next[:, 0:1])
-    if masked:
-      p = jnp.where(allowed, p, 0.0)  # rows with nothing allowed yet stay exactly zero
+    p = jnp.exp(s - m_next[:, 0:1])  # exactly 0 where masked
     m_scr[...] = m_next
     l_scr[...] = alpha * l_scr[...] + p.sum(axis=1, keepdims=True)
     v = v_ref[...]
@@ -202,11 +200,12 @@ def _dq_kernel(qt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dq
     s = _dot(q_ref[...], k, NT) * cfg.scale  # [bq, bk]
     lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]
     di = jnp.expand_dims(di_ref[0], -1)
-    p = jnp.exp(s - lse)
     if masked:
       k_pos = j * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, (1, cfg.block_kv), 1)
       r = rng_ref[...]
-      p = jnp.where(_in_ranges(k_pos, r[:, 0:1], r[:, 1:2], r[:, 2:3], r[:, 3:4]), p, 0.0)
+      allowed = _in_ranges(k_pos, r[:, 0:1], r[:, 1:2], r[:, 2:3], r[:, 3:4])
+      s = jnp.where(allowed, s, fc.MASK_VALUE)
+    p = jnp.exp(s - lse)
     dp = _dot(do_ref[...], v_ref[...], NT)  # [bq, bk]
     ds = p * (dp - di)
     dq_scr[...] += _dot(ds.astype(k.dtype), k, NN)
@@ -273,11 +272,11 @@ def _dkv_kernel(qt_ref, kvt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, r
   def step(masked: bool):
     q, do = q_ref[...], do_ref[...]
     s_t = _dot(k_ref[...], q, NT) * cfg.scale  # [bk, bq]: keys on sublanes, queries on lanes
-    p_t = jnp.exp(s_t - lse_ref[...])  # lse row [1, bq]
     if masked:
       k_pos = j * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, (cfg.block_kv, 1), 0)
       r = rng_ref[...]  # [4, bq]
-      p_t = jnp.where(_in_ranges(k_pos, r[0:1], r[1:2], r[2:3], r[3:4]), p_t, 0.0)
+      s_t = jnp.where(_in_ranges(k_pos, r[0:1], r[1:2], r[2:3], r[3:4]), s_t, fc.MASK_VALUE)
+    p_t = jnp.exp(s_t - lse_ref[...])  # lse row [1, bq]
     dv_scr[...] += _dot(p_t.astype(do.dtype), do, NN)
     dp_t = _dot(v_ref[...], do, NT)  # [bk, bq]
     ds_t = p_t * (dp_t - di_ref[...])
