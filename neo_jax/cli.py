@@ -1,7 +1,9 @@
 """`neo-jax <command>`: one entry point, one module per command.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`; it is imported
-only when its command runs, so `neo-jax --help` is instant.
+only when its command runs, so `neo-jax --help` is instant. A module that sets
+`ACCEPTS_CONFIG_OVERRIDES = True` receives the `--config.a.b=value` flags argparse does not
+know in `args.config_overrides` (ml_collections-style overrides).
 """
 
 from __future__ import annotations
@@ -58,7 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   module = importlib.import_module(module_name)
   parser = argparse.ArgumentParser(prog=f"neo-jax {name}", description=help_text)
   module.add_arguments(parser)
-  args = parser.parse_args(rest)
+  if getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):  # --config.a.b=value flags
+    args, args.config_overrides = parser.parse_known_args(rest)
+  else:
+    args = parser.parse_args(rest)
   try:
     return int(module.run(args) or 0)
   except _USER_ERRORS as e:
