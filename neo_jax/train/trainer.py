@@ -1,0 +1,385 @@
+"""The trainer: owns the loop, so entry points stay one call (`Trainer(config).run()`).
+
+    set up     mesh, model config, parameters (checkpoint / previous stage / random),
+               optimizer, sharded train state, data iterator, compiled step, eval hooks
+    loop       batch -> step -> metrics (NaN check, logs, progress bar) -> evals -> checkpoint
+    stop       at total_steps, or on SIGTERM / SIGINT after saving a checkpoint
+
+What the step optimises is an `Objective` from a registry (next-token prediction here; a
+preference objective registers itself the same way) and plugs into the same state, optimizer,
+sharding, checkpoints and loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from neo_jax.config import NeoConfig
+from neo_jax.errors import UserError
+from neo_jax.model import abstract_params
+from neo_jax.parallel import distributed
+from neo_jax.parallel.mesh import batch_divisor, make_mesh
+from neo_jax.parallel.sharding import batch_shardings, shard_batch
+from neo_jax.train import checkpoint as ckpt_lib
+from neo_jax.train import config_lib, data as data_lib, metrics as metrics_lib
+from neo_jax.train import optimizer as opt_lib
+from neo_jax.train.evaluation import EvalHook, GenerateFn, HeldOutLoss, VqaExactMatch
+from neo_jax.train.state import (TrainState, abstract_state, init_state, param_shardings,
+                                 state_shardings)
+from neo_jax.train.step import LossFn, compile_step, make_train_step, next_token_loss
+
+logger = logging.getLogger("neo_jax.train")
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or gradient norm under nan_policy="stop"."""
+
+
+# --- objectives -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a step optimises: a loss over a batch, and its FLOPs for MFU."""
+
+  name: str
+  make_loss: Callable[[NeoConfig, ml_collections.ConfigDict], LossFn]
+  step_flops: Callable[[NeoConfig, Mapping[str, np.ndarray], set, ml_collections.ConfigDict],
+                       float]
+
+
+def _next_token_loss(model_config: NeoConfig, config: ml_collections.ConfigDict) -> LossFn:
+  return next_token_loss(model_config, chunk=config.loss.chunk_size,
+                         positions_per_row=config.loss.positions_per_row)
+
+
+def _next_token_flops(model_config, batch, trainable, config) -> float:
+  return metrics_lib.step_flops(model_config, batch, trainable,
+                                config.loss.positions_per_row)["total"]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "next_token": Objective("next_token", _next_token_loss, _next_token_flops),
+}
+
+
+def register_objective(objective: Objective) -> None:
+  OBJECTIVES[objective.name] = objective
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+class StopSignal(contextlib.AbstractContextManager):
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (then saves, exits)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+    self.received = signum
+    logger.warning("received %s: saving a checkpoint after this step, then stopping",
+                   signal.Signals(signum).name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int  # updates applied when the run ended
+  status: str  # "completed" | "interrupted"
+  signal: Optional[str]
+  history: list  # the logged metric records
+  workdir: str
+
+
+# --- the trainer ------------------------------------------------------------------------------
+
+class Trainer:
+  """Runs one training stage from a config (see configs/common.py for every field)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *,
+               data_iterator: Optional[Iterator[dict]] = None,
+               eval_hooks: Sequence[EvalHook] = (),
+               generate_fn: Optional[GenerateFn] = None,
+               vqa_examples: Optional[Sequence[Any]] = None,
+               objective: str = "next_token",
+               on_step: Optional[Callable[[int, dict], None]] = None):
+    config_lib.validate(config)
+    if objective not in OBJECTIVES:
+      raise ValueError(f"objective {objective!r} is not one of {sorted(OBJECTIVES)}")
+    self.config = config
+    self.objective = OBJECTIVES[objective]
+    self._data_iterator = data_iterator
+    self._extra_hooks = list(eval_hooks)
+    self._generate_fn = generate_fn
+    self._vqa_examples = vqa_examples
+    self._on_step = on_step
+
+  # -- set up ----------------------------------------------------------------------------------
+
+  def _model_and_params(self, ckpt: ckpt_lib.RunCheckpointer, model_config: NeoConfig):
+    """(NeoConfig, host params or None): resume wins, then config.init, then random."""
+    cfg = self.config
+    if ckpt.latest_step() is not None:
+      arch = ckpt_lib.run_model_config(cfg.workdir)
+      return ckpt_lib.reconcile(arch, model_config), None
+    if cfg.init.path:
+      step = None if cfg.init.step < 0 else cfg.init.step
+      params, loaded = ckpt_lib.load_initial_params(cfg.init.path, cfg.init.format,
+                                                    model_config, seed=cfg.seed, step=step)
+      logger.info("initialised from %s (%s)", cfg.init.path, cfg.init.format)
+      return loaded, params
+    return model_config, None
+
+  def _eval_hooks(self, loss_fn: LossFn, mesh, p_shardings, model_config) -> list[EvalHook]:
+    cfg = self.config
+    hooks = list(self._extra_hooks)
+    every = cfg.eval.every_steps
+    if every <= 0:
+      return hooks
+    if cfg.eval.heldout_batches > 0:
+      held = data_lib.make_iterator(cfg, model_config, split="test")
+      batches = [next(held) for _ in range(cfg.eval.heldout_batches)]
+      hooks.append(HeldOutLoss(batches, loss_fn, mesh, p_shardings, every))
+    if cfg.eval.vqa_examples > 0:
+      if self._generate_fn is None:
+        logger.warning("eval.vqa_examples=%d but no generate_fn was given: VQA accuracy is "
+                       "not evaluated", cfg.eval.vqa_examples)
+      else:
+        examples = self._vqa_examples
+        if examples is None:
+          from neo_jax.data.pipeline import read_vqa_eval
+          examples = read_vqa_eval("test", cfg.eval.vqa_examples)
+        hooks.append(VqaExactMatch(examples[:cfg.eval.vqa_examples], self._generate_fn, every))
+    return hooks
+
+  # -- the loop --------------------------------------------------------------------------------
+
+  def run(self) -> TrainResult:
+    cfg = self.config
+    distributed.initialize()
+    primary = distributed.is_primary()
+    devices = jax.devices()[:cfg.mesh.num_devices or None]
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    micro_rows, shards = cfg.data.batch_size // cfg.grad_accum_steps, batch_divisor(mesh)
+    if micro_rows % shards:
+      raise UserError(f"data.batch_size / grad_accum_steps = {micro_rows} rows per micro-batch "
+                      f"is not divisible by mesh data*fsdp = {shards}")
+    ckpt = ckpt_lib.RunCheckpointer(cfg.workdir, max_to_keep=cfg.checkpoint.max_to_keep,
+                                    async_save=cfg.checkpoint.async_save)
+    model_config, init_params = self._model_and_params(ckpt, config_lib.model_config(cfg))
+    if primary:  # the recipe as run: config.model holds the model actually trained
+      ran = ml_collections.ConfigDict(cfg.to_dict())
+      ran.model = config_lib.model_fields(model_config)
+      ckpt_lib.write_run_files(cfg.workdir, model_config, config_lib.to_json(ran))
+
+    patterns = tuple(cfg.trainable) or opt_lib.stage_patterns(cfg.stage)
+    trainable = opt_lib.trainable_paths(abstract_params(model_config), patterns)
+    tx, schedule = opt_lib.from_config(cfg.optimizer, cfg.total_steps)
+    shardings = state_shardings(model_config, tx, trainable, mesh)
+    data_it = self._data_iterator or data_lib.make_iterator(cfg, model_config)
+
+    resumed_from = ckpt.latest_step()
+    if resumed_from is not None:
+      state, _ = ckpt.restore(abstract_state(model_config, tx, trainable, shardings),
+                              data_iterator=data_it)
+      logger.info("resumed from %s at step %d", ckpt.directory, resumed_from)
+    else:
+      state = init_state(model_config, tx, trainable, mesh, cfg.seed, params=init_params)
+    del init_params
+
+    loss_fn = self.objective.make_loss(model_config, cfg)
+    step_fn = make_train_step(loss_fn, tx, schedule, trainable,
+                              grad_accum_steps=cfg.grad_accum_steps, nan_policy=cfg.nan_policy)
+    hooks = self._eval_hooks(loss_fn, mesh, param_shardings(model_config, mesh), model_config)
+    writer = metrics_lib.MetricWriter(cfg.workdir, enabled=primary,
+                                      tensorboard=cfg.log.tensorboard)
+    peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else
+            metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind))
+    n_trainable = sum(int(np.prod(x.shape)) for x in
+                      jax.tree.leaves(opt_lib.partition(abstract_params(model_config),
+                                                        trainable)[0]))
+    logger.info("stage %s: %d trainable parameters of %d; mesh %s", cfg.stage, n_trainable,
+                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(model_config))),
+                dict(mesh.shape))
+
+    start = int(jax.device_get(state.step))
+    history: list[dict] = []
+    progress = _progress_bar(cfg, start, primary)
+    window = _Window()
+    skipped_steps = 0
+    step = start
+    train_step = None
+    batch = next(data_it) if start < cfg.total_steps else None
+    data_state = data_it.get_state() if batch is not None else None
+    try:
+      with StopSignal() as stop:
+        while step < cfg.total_steps and stop.received is None:
+          if train_step is None:  # compile on the first batch's shapes
+            train_step = compile_step(step_fn, mesh, shardings, batch_shardings(batch, mesh))
+          t0 = time.perf_counter()
+          state, metrics = train_step(state, shard_batch(batch, mesh))
+          step += 1
+          # fetch the next batch while the device computes; its state is kept apart so a
+          # checkpoint of this step does not count it as consumed
+          next_batch = next(data_it) if step < cfg.total_steps else None
+          next_state = data_it.get_state() if next_batch is not None else None
+          flops = self.objective.step_flops(model_config, batch, trainable, cfg)
+          flops *= jax.process_count()  # each process counts its own rows
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - t0
+
+          bad = [name for name in ("loss", "grad_norm") if int(metrics[f"nonfinite_{name}"])]
+          if bad:
+            where = ", ".join(f"{n}={float(metrics[n])}" for n in bad)
+            if cfg.nan_policy == "stop":
+              raise NonFiniteError(f"step {step}: non-finite {where}; the update was not "
+                                   f"applied and the run stopped (nan_policy=stop); last "
+                                   f"checkpoint: step {ckpt.latest_step()}")
+            if cfg.nan_policy == "skip":
+              skipped_steps += 1
+              logger.warning("step %d: non-finite %s; update skipped (%d so far)", step, where,
+                             skipped_steps)
+          window.add(elapsed, float(metrics["tokens"]) * jax.process_count(), flops,
+                     compiling=step == start + 1)
+          record = _train_record(metrics, skipped_steps)
+          progress.update(1)
+          progress.set_postfix(loss=f"{record['train/loss']:.4f}",
+                               lr=f"{record['train/learning_rate']:.2e}", refresh=False)
+
+          last = step == cfg.total_steps
+          if step % cfg.log.every_steps == 0 or last or step == start + 1:
+            record.update(window.summary(mesh.devices.size, peak))
+            record.update(data_lib.iterator_stats(data_it))
+            record.update(_memory_stats())
+            writer.write(step, record)
+            history.append({"step": step, **record})
+            window.reset()
+          if hooks and (last or any(step % h.every_steps == 0 for h in hooks)):
+            evals = {}
+            for hook in hooks:
+              if last or step % hook.every_steps == 0:
+                evals.update(hook(state, step))
+            if evals:
+              writer.write(step, evals)
+              history.append({"step": step, **evals})
+              logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}"
+                                                        for k, v in evals.items()))
+          if self._on_step is not None:
+            self._on_step(step, record)
+          if (step % cfg.checkpoint.every_steps == 0 or last or stop.received is not None):
+            ckpt.save(state, data_state, meta={"stage": cfg.stage, "time": time.time(),
+                                                 "loss": record["train/loss"]})
+          batch, data_state = next_batch, next_state
+        received = stop.received
+    finally:
+      progress.close()
+      ckpt.close()
+      writer.close()
+    status = "interrupted" if received is not None and step < cfg.total_steps else "completed"
+    signame = signal.Signals(received).name if received is not None else None
+    if signame:
+      logger.warning("stopped by %s at step %d; checkpoint saved in %s", signame, step,
+                     ckpt.directory)
+    return TrainResult(step, status, signame, history, cfg.workdir)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+class _Window:
+  """Throughput over the steps since the last log line (the first, compiling step apart)."""
+
+  def __init__(self):
+    self.first_step_s = None
+    self.reset()
+
+  def reset(self):
+    self.seconds = self.tokens = self.flops = 0.0
+    self.steps = 0
+
+  def add(self, seconds: float, tokens: float, flops: float, compiling: bool):
+    if compiling:  # reported on its own: it includes compilation
+      self.first_step_s = seconds
+      return
+    self.seconds += seconds
+    self.tokens += tokens
+    self.flops += flops
+    self.steps += 1
+
+  def summary(self, n_devices: int, peak: Optional[float]) -> dict[str, float]:
+    out = {}
+    if self.steps:
+      seconds = max(self.seconds, 1e-9)
+      out = {"perf/step_time_s": seconds / self.steps,
+             "perf/tokens_per_s": self.tokens / seconds,
+             "perf/tflops_per_s_per_device": self.flops / seconds / n_devices / 1e12}
+      if peak:
+        out["perf/mfu"] = self.flops / seconds / n_devices / peak
+    if self.first_step_s is not None:
+      out["perf/first_step_s"] = self.first_step_s
+      self.first_step_s = None
+    return out
+
+
+def _train_record(metrics: Mapping[str, Any], skipped_steps: int) -> dict[str, float]:
+  supervised = max(float(metrics["supervised_tokens"]), 1.0)
+  return {
+      "train/loss": float(metrics["loss"]),
+      "train/grad_norm": float(metrics["grad_norm"]),
+      "train/learning_rate": float(metrics["learning_rate"]),
+      "train/token_accuracy": float(metrics.get("correct_tokens", 0.0)) / supervised,
+      "train/supervised_tokens": float(metrics["supervised_tokens"]),
+      "train/overflow_tokens": float(metrics.get("overflow_tokens", 0.0)),
+      "train/tokens": float(metrics["tokens"]),
+      "train/skipped_steps": float(skipped_steps),
+  }
+
+
+def _memory_stats() -> dict[str, float]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" not in stats:
+    return {}
+  return {"perf/peak_memory_gb": stats["peak_bytes_in_use"] / 2**30}
+
+
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress_bar(config: ml_collections.ConfigDict, start: int, primary: bool):
+  if not (primary and config.log.progress_bar):
+    return _NoBar()
+  from tqdm.auto import tqdm
+  return tqdm(total=config.total_steps, initial=start, desc=config.name, unit="step",
+              dynamic_ncols=True)

@@ -1,0 +1,156 @@
+"""The trainer end to end on a small NEO: loss falls, exact resume, SIGTERM, NaN stop, logs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from neo_jax.train import config_lib
+from neo_jax.train.checkpoint import RunCheckpointer, load_run_params
+from neo_jax.train.metrics import read_jsonl
+from neo_jax.train.trainer import NonFiniteError, Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(REPO, "configs", "tiny_vqa_pretrain.py")
+
+# the tiny config, shrunk: 1 + 1 layers, a 512-token vocabulary, 64-token rows, synthetic data
+SMALL = ["--config.model.num_hidden_layers=2", "--config.model.num_prebuffer_layers=1",
+         "--config.model.vocab_size=512", "--config.model.img_context_token_id=511",
+         "--config.model.img_start_token_id=510", "--config.model.img_end_token_id=509",
+         "--config.model.eos_token_id=508", "--config.model.pad_token_id=507",
+         "--config.data.pipeline=synthetic", "--config.data.seq_len=64",
+         "--config.data.visual_budget=24", "--config.data.batch_size=8",
+         "--config.loss.positions_per_row=16", "--config.loss.chunk_size=16",
+         "--config.log.progress_bar=false", "--config.log.every_steps=1",
+         "--config.optimizer.warmup_steps=2", "--config.mesh.num_devices=1"]
+
+
+def small_config(workdir, total_steps, *extra):
+  return config_lib.load_config(PRETRAIN, SMALL + [f"--config.workdir={workdir}",
+                                                   f"--config.total_steps={total_steps}",
+                                                   *extra])
+
+
+def _losses(history):
+  return [r["train/loss"] for r in history if "train/loss" in r]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs in this module compile the same programs: reuse them through jax's cache."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+             "jax_persistent_cache_min_compile_time_secs": 0.0,
+             "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in options}
+  for name, value in options.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+N = 8  # steps before the interruption; the straight run takes 2N
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """2N steps of the tiny pretrain stage (its own mask: LLM frozen), checkpoints every N."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, Trainer(small_config(workdir, 2 * N, f"--config.checkpoint.every_steps={N}",
+                                       "--config.trainable=()")).run()
+
+
+def test_tiny_pretrain_loss_falls_and_logs(straight):
+  workdir, result = straight
+  losses = _losses(result.history)
+  assert result.status == "completed" and result.step == 2 * N and len(losses) == 2 * N
+  assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == list(range(1, 2 * N + 1))
+  last = records[-1]
+  for key in ("train/loss", "train/grad_norm", "train/learning_rate", "perf/tokens_per_s",
+              "perf/step_time_s", "perf/tflops_per_s_per_device", "data/batches"):
+    assert key in last and np.isfinite(last[key]), key
+  assert "perf/first_step_s" in records[0]
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
+  assert RunCheckpointer(str(workdir), read_only=True).all_steps() == [N, 2 * N]
+
+
+def test_resume_after_interrupt_is_exact(straight, tmp_path):
+  straight_dir, straight_result = straight
+
+  def interrupt(step, record):
+    if step == N:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  # no periodic checkpoint: the one resumed from is the one SIGTERM saves
+  args = ("--config.checkpoint.every_steps=1000", "--config.trainable=()")
+  first = Trainer(small_config(tmp_path, 2 * N, *args), on_step=interrupt).run()
+  assert (first.status, first.step, first.signal) == ("interrupted", N, "SIGTERM")
+  assert RunCheckpointer(str(tmp_path), read_only=True).all_steps() == [N]
+  second = Trainer(small_config(tmp_path, 2 * N, *args)).run()
+  assert second.status == "completed" and second.step == 2 * N
+  assert _losses(first.history) + _losses(second.history) == _losses(straight_result.history)
+  params_a, _ = load_run_params(str(straight_dir))
+  params_b, _ = load_run_params(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_loss_stops_with_step_and_metric(tmp_path):
+  config = small_config(tmp_path, 6)
+  from neo_jax.train.data import synthetic_iterator
+  it = synthetic_iterator(config, config_lib.model_config(config))
+
+  class Poisoned:
+    def __next__(self):
+      batch = next(it)
+      if it.step == 3:
+        batch["loss_weights"] = np.where(batch["loss_weights"] > 0, np.nan, 0.0)
+      return batch
+
+    def get_state(self):
+      return it.get_state()
+
+  with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss=nan"):
+    Trainer(config, data_iterator=Poisoned()).run()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_during_cli_run_leaves_a_restorable_checkpoint(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  cmd = [sys.executable, "-m", "neo_jax.cli", "train", "--config", PRETRAIN,
+         *SMALL, f"--config.workdir={tmp_path}", "--config.total_steps=100000",
+         "--config.checkpoint.every_steps=100000"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  assert "stopped by SIGTERM" in err and "resume" in err
+  ckpt = RunCheckpointer(str(tmp_path), read_only=True)
+  step = ckpt.latest_step()
+  assert step is not None and step >= 2
+  params, config = load_run_params(str(tmp_path))
+  assert config.vocab_size == 512
+  assert params["embed_tokens"]["embedding"].shape == (512, 128)
+  meta = ckpt.manager.restore(step, args=__import__("orbax.checkpoint").checkpoint.args
+                              .Composite(meta=__import__("orbax.checkpoint").checkpoint.args
+                                         .JsonRestore()))["meta"]
+  assert meta["step"] == step
