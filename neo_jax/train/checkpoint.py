@@ -32,14 +32,12 @@ import orbax.checkpoint as ocp
 from neo_jax.config import NeoConfig
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
+from neo_jax.train.run_dir import (CHECKPOINT_DIR, MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE,
+                                   is_run_dir)
 from neo_jax.train.state import TrainState
 
 logger = logging.getLogger("neo_jax.train")
 
-CHECKPOINT_DIR = "checkpoints"
-MODEL_CONFIG_FILE = "config.json"
-TRAIN_CONFIG_FILE = "train_config.json"
-RUN_KIND = "neo-jax training run"
 
 # NeoConfig fields that say how to compute, not what the model is
 COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_q_chunk", "remat_policy")
@@ -73,9 +71,10 @@ class RunCheckpointer:
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                           enable_async_checkpointing=async_save,
-                                           read_only=read_only)
+    # reading: neither create nor delete anything (orbax's read_only mode only adds warnings)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
+        enable_async_checkpointing=async_save and not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> Optional[int]:
@@ -156,12 +155,6 @@ def _jsonable(x: Any) -> Any:
 
 # --- run directories as checkpoints ---------------------------------------------------------
 
-def is_run_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
-          and os.path.isfile(os.path.join(path, TRAIN_CONFIG_FILE))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
-
-
 def write_run_files(workdir: str, model_config: NeoConfig, train_config_json: str) -> None:
   """config.json (architecture, HF NEO form) and train_config.json (the whole recipe)."""
   os.makedirs(workdir, exist_ok=True)
@@ -212,18 +205,6 @@ def load_run_params(path: str, shardings: Optional[Any] = None, step: Optional[i
   return params, config
 
 
-def register_run_kind() -> bool:
-  """Makes `neo_jax.convert.load_checkpoint` (and every command using it) read run dirs."""
-  try:
-    from neo_jax.convert import loading
-  except ImportError:  # pragma: no cover - the convert package is optional here
-    return False
-  loading.register_kind(RUN_KIND, is_run_dir, load_run_params,
-                        f"{MODEL_CONFIG_FILE} + {TRAIN_CONFIG_FILE} + {CHECKPOINT_DIR}/<step>/",
-                        first=True)
-  return True
-
-
 # --- where a stage starts ---------------------------------------------------------------------
 
 def reconcile(arch_from: NeoConfig, compute_from: NeoConfig) -> NeoConfig:
@@ -253,7 +234,6 @@ def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: i
     params, loaded = load_run_params(path, step=step, **compute)
   elif fmt == "neo":
     from neo_jax.convert import load_checkpoint
-    register_run_kind()
     params, loaded = load_checkpoint(path, **compute)
   elif fmt == "qwen3":
     from neo_jax.convert import qwen3_to_neo

@@ -8,9 +8,7 @@ returns. VQA accuracy needs answers from greedy decoding; the hook takes the dec
 
 from __future__ import annotations
 
-import re
-import string
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -60,28 +58,30 @@ class HeldOutLoss:
             f"{self.name}/token_accuracy": correct / max(supervised, 1.0)}
 
 
-def normalize_answer(text: str) -> str:
-  """Lower case, no surrounding whitespace or punctuation, single spaces."""
-  text = text.strip().lower().strip(string.punctuation + " ")
-  return re.sub(r"\s+", " ", text)
-
-
 class VqaExactMatch:
-  """Fraction of questions whose generated answer equals the reference (normalised)."""
+  """Fraction of questions whose generated answer matches the reference.
+
+  Matching is `neo_jax.inference.metrics.vqa_correct` (the normalisation `neo-jax eval` uses)
+  unless `is_correct(prediction, reference)` is given.
+  """
 
   def __init__(self, examples: Sequence[Any], generate_fn: GenerateFn, every_steps: int,
-               name: str = "vqa", answer_of: Callable[[Any], str] = lambda e: e.answer):
+               name: str = "vqa", answer_of: Callable[[Any], str] = lambda e: e.answer,
+               is_correct: Optional[Callable[[str, str], bool]] = None):
     self.name, self.every_steps = name, every_steps
     self.examples = list(examples)
     self.generate_fn = generate_fn
     self.answer_of = answer_of
+    if is_correct is None:
+      from neo_jax.inference.metrics import vqa_correct
+      is_correct = lambda prediction, reference: vqa_correct(prediction, [reference])
+    self.is_correct = is_correct
 
   def __call__(self, state: TrainState, step: int) -> dict[str, float]:
     answers = list(self.generate_fn(state.params, self.examples))
     if len(answers) != len(self.examples):
       raise ValueError(f"generate_fn returned {len(answers)} answers for "
                        f"{len(self.examples)} questions")
-    hits = [normalize_answer(a) == normalize_answer(self.answer_of(e))
-            for a, e in zip(answers, self.examples)]
+    hits = [self.is_correct(a, self.answer_of(e)) for a, e in zip(answers, self.examples)]
     return {f"{self.name}/accuracy": float(np.mean(hits)) if hits else 0.0,
             f"{self.name}/examples": float(len(hits))}

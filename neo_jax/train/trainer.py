@@ -166,15 +166,19 @@ class Trainer:
       batches = [next(held) for _ in range(cfg.eval.heldout_batches)]
       hooks.append(HeldOutLoss(batches, loss_fn, mesh, p_shardings, every))
     if cfg.eval.vqa_examples > 0:
-      if self._generate_fn is None:
-        logger.warning("eval.vqa_examples=%d but no generate_fn was given: VQA accuracy is "
-                       "not evaluated", cfg.eval.vqa_examples)
-      else:
-        examples = self._vqa_examples
-        if examples is None:
-          from neo_jax.data.pipeline import read_vqa_eval
-          examples = read_vqa_eval("test", cfg.eval.vqa_examples)
-        hooks.append(VqaExactMatch(examples[:cfg.eval.vqa_examples], self._generate_fn, every))
+      generate_fn = self._generate_fn
+      if generate_fn is None:  # greedy decoding of neo_jax.inference with the real tokenizer
+        from neo_jax.data.tokenizer import load_tokenizer
+        from neo_jax.inference import vqa_answer_fn
+        generate_fn = vqa_answer_fn(model_config, load_tokenizer(),
+                                    max_new_tokens=cfg.eval.max_new_tokens,
+                                    min_pixels=cfg.data.min_pixels,
+                                    max_pixels=cfg.data.max_pixels)
+      examples = self._vqa_examples
+      if examples is None:
+        from neo_jax.data.pipeline import read_vqa_eval
+        examples = read_vqa_eval("test", cfg.eval.vqa_examples)
+      hooks.append(VqaExactMatch(examples[:cfg.eval.vqa_examples], generate_fn, every))
     return hooks
 
   # -- the loop --------------------------------------------------------------------------------
