@@ -81,3 +81,9 @@ register_kind("neo-jax params", jax_checkpoint.is_params_dir, jax_checkpoint.loa
               f"{hf_checkpoint.CONFIG_FILE} + {jax_checkpoint.PARAMS_DIR}/")
 register_kind("HF NEO", hf_checkpoint.is_hf_dir, _load_hf,
               f"{hf_checkpoint.CONFIG_FILE} + model.safetensors or model.safetensors.index.json")
+
+# Training run directories (WORKDIR of `neo-jax train`): the kind is defined by the training
+# package in a module that imports nothing heavy.
+from neo_jax.train import run_dir as _run_dir  # noqa: E402
+
+_run_dir.register(register_kind)
