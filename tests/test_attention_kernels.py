@@ -105,7 +105,8 @@ def test_skipped_blocks_are_never_computed(impl):
 
 
 def test_tpu_kernel_under_tpu_interpret_params():
-  # the TPU interpreter simulates DMAs and VMEM and raises on out-of-bounds reads
+  # the TPU interpreter simulates DMAs and VMEM, raises on out-of-bounds reads and fills
+  # uninitialised memory with NaN (a scratch read before its init would show)
   q, k, v, d_out, ids = make_inputs(3, 1, 64, 2, 1, 32, 16, jnp.float32, **LAYOUT)
   fn = functools.partial(pallas_tpu.flash_attention, block_sizes=pallas_tpu.BlockSizes(32, 16),
                          interpret=pltpu.InterpretParams())

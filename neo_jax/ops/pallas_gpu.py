@@ -19,6 +19,12 @@ kernels run in interpret mode, which is how they are tested on CPU.
 Pallas selects Triton through `compiler_params`. The Triton backend is deprecated from jax
 0.11 on; the kernel body uses only generic Pallas (refs, dots, loops, conds) so that a Mosaic
 GPU port changes the call site, not the algorithm.
+
+Why our own kernel rather than tokamax's Hopper flash attention with `k_start`/`k_end`: that
+mask holds one key interval per query (rejected-branch queries need two), it is reached only
+through tokamax's private `base.Mask`, the version installable next to jax 0.10 (0.0.12)
+differs from the ones for jax 0.11+, and tokamax kernels have no CPU interpret mode, so
+nothing here could test it. It is the first candidate to benchmark against on an H100.
 """
 
 from __future__ import annotations
