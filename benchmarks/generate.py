@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neo_jax import config as neo_config  # noqa: E402
-from neo_jax.inference.generation import _device_batch, batch_prompts, decode, prefill  # noqa: E402
+from neo_jax.inference.generation import batch_prompts, decode, prefill, prompt_arrays  # noqa: E402
 from neo_jax.positions import grid_rc, native_rope_positions  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def bench(params, config, batch: int, args) -> dict:
   prompts = [synthetic_prompt(config, args.text_tokens, args.images, args.image_tokens, s)
              for s in range(batch)]
   pb = batch_prompts(prompts, config)
-  arrays = _device_batch(pb)
+  arrays = prompt_arrays(pb)
   static = dict(config=config, cache_len=pb.input_ids.shape[1] + args.new_tokens,
                 max_new_tokens=args.new_tokens, stop_ids=(-1,))
   key = jax.random.key(0)

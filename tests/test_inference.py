@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from neo_jax.inference.generation import batch_prompts, generate, prefill
+from neo_jax.inference.generation import batch_prompts, generate, prefill, prompt_arrays
 from test_inference_support import prompts, random_model, recompute_logits
 
 MAX_NEW = 6
@@ -82,10 +82,7 @@ def test_decoding_positions_continue_from_max_prompt_t(model, three):
   """First generated token: T = max prompt T + 1, H = W = 0 (spec section 6), per row."""
   params, config = model
   batch = batch_prompts(three, config)
-  arrays = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids,
-            "positions": batch.positions, "pixels": batch.pixels, "pixel_rc": batch.pixel_rc,
-            "rows": batch.rows}
-  state = prefill(params, arrays, jax.random.key(0), config=config,
+  state = prefill(params, prompt_arrays(batch), jax.random.key(0), config=config,
                   cache_len=batch.input_ids.shape[1] + 2, max_new_tokens=2)
   expected = [int(p["positions"][0, 0].max()) + 1 for p in three]
   assert np.asarray(state.next_t).tolist() == expected

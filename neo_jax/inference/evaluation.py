@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 from neo_jax.config import NeoConfig
 from neo_jax.inference.eval_data import EvalExample, SkipLog
-from neo_jax.inference.metrics import normalize_vqa_answer, pope_metrics, vqa_correct, \
-    vqa_metrics, yes_no
+from neo_jax.inference.metrics import (normalize_vqa_answer, pope_metrics, vqa_correct,
+                                      vqa_metrics, yes_no)
 
 
 class Predictor(Protocol):

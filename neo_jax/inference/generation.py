@@ -216,7 +216,8 @@ def decode(params: Any, state: DecodeState, rng: jax.Array, *, config: NeoConfig
   return jax.lax.while_loop(cond, body, state)
 
 
-def _device_batch(batch: PromptBatch) -> dict[str, np.ndarray]:
+def prompt_arrays(batch: PromptBatch) -> dict[str, np.ndarray]:
+  """The arrays `prefill` takes (pixels only when some prompt has images)."""
   out = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids,
          "positions": batch.positions, "rows": batch.rows}
   if batch.pixels is not None:
@@ -264,7 +265,7 @@ def generate(params: Any, config: NeoConfig, prompts: Sequence[Prompt], max_new_
     batch = batch_prompts(part, config, batch_size=batch_size, length_bucket=length_bucket,
                           visual_bucket=visual_bucket)
     key = jax.random.fold_in(rng, start)
-    state = prefill(params, _device_batch(batch), key, config=config,
+    state = prefill(params, prompt_arrays(batch), key, config=config,
                     cache_len=batch.input_ids.shape[1] + max_new_tokens,
                     max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
                     return_logits=return_logits)
