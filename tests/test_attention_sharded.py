@@ -6,7 +6,6 @@ activated with `jax.set_mesh`, as the training code does.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from neo_jax.ops import masks
 from neo_jax.ops.masks import AttnIds
