@@ -9,6 +9,10 @@ For query q and key k of one row (DESIGN.md):
 `pos` is the index of the token in the sequence (or its cache slot), not the RoPE T index.
 Text is causal, every image is bidirectional within itself, packed samples never see each
 other, and a rejected branch never sees the chosen one.
+
+Three forms of the same rule: `dense_mask` ([B, Lq, Lk] bool, the reference), `kv_ranges`
+(at most two key intervals per query, O(L), what the kernels evaluate in-kernel) and
+`block_ranges` (per-block visit / fully-allowed tables that drive block skipping).
 """
 
 from __future__ import annotations
