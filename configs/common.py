@@ -103,7 +103,8 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   config.data.read_threads = 2
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.chunk_size = 1024  # positions per cross-entropy chunk (B * chunk * V fp32 live)
+  config.loss.chunk_size = 1024  # max positions per cross-entropy chunk (B*chunk*V fp32 live)
+  config.loss.remat = True  # recompute each chunk's logits in the backward pass (less memory)
   config.loss.positions_per_row = loss_positions
 
   config.optimizer = ml_collections.ConfigDict()
@@ -181,7 +182,8 @@ def tiny_config(stage: str) -> ml_collections.ConfigDict:
   config.data.visual_budget = 64
   config.data.min_pixels = 64 * 64  # easy-vqa images are 64x64: 2x2 visual tokens each
   config.data.max_pixels = 64 * 64
-  config.loss.chunk_size = 32
+  config.loss.chunk_size = 128  # one chunk: K <= 128 positions per row, 8 x 128 x V fp32
+  config.loss.remat = False  # CPU: keep the logits (0.5 GB) rather than recompute them
   config.optimizer.schedule = "cosine_with_min_lr"
   config.optimizer.min_lr_ratio = 0.1
   config.checkpoint.every_steps = 100

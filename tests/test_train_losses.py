@@ -43,11 +43,12 @@ def test_chunked_values_equal_plain(chunk):
   np.testing.assert_array_equal(chunked_ok, plain_ok)
 
 
-def test_chunked_gradients_equal_plain():
+@pytest.mark.parametrize("remat", [True, False])
+def test_chunked_gradients_equal_plain(remat):
   hidden, head, targets, weights = _inputs(1)
 
   def chunked_loss(h, w):
-    out = weighted_next_token_loss(h, w, targets, weights, chunk=8)
+    out = weighted_next_token_loss(h, w, targets, weights, chunk=8, remat=remat)
     return out.loss_sum / out.weight_sum
 
   value, grads = jax.value_and_grad(chunked_loss, argnums=(0, 1))(hidden, head)

@@ -45,16 +45,18 @@ def _ce_from_logits(logits_bcv: jax.Array, targets_bc: jax.Array) -> tuple[jax.A
 
 def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
                                 targets_bl: jax.Array, chunk: int = 1024,
-                                compute_dtype: Any = jnp.float32
+                                compute_dtype: Any = jnp.float32, remat: bool = True
                                 ) -> tuple[jax.Array, jax.Array]:
-  """Same values as `token_cross_entropy`, computed `chunk` positions at a time.
+  """Same values as `token_cross_entropy`, computed at most `chunk` positions at a time.
 
-  Peak memory for logits is B * chunk * V float32 in forward and backward (the chunk is
-  recomputed in the backward pass); the head gradient accumulates across chunks.
+  Peak memory for logits is B * chunk * V float32 in forward and backward (with `remat` the
+  chunk is recomputed in the backward pass instead of kept); the head gradient accumulates
+  across chunks. The chunk is evened out (L = 48 with chunk 32 runs 2 chunks of 24, not 64
+  padded positions).
   """
   b, l, d = hidden_bld.shape
-  chunk = max(1, min(chunk, l))
-  n_chunks = -(-l // chunk)
+  n_chunks = -(-l // max(1, min(chunk, l)))
+  chunk = -(-l // n_chunks)
   pad = n_chunks * chunk - l
   if pad:
     hidden_bld = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0)))
@@ -63,12 +65,14 @@ def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
   targets_nbc = jnp.moveaxis(targets_bl.reshape(b, n_chunks, chunk), 1, 0)
   head = head_dv.astype(compute_dtype)
 
-  @functools.partial(jax.checkpoint, prevent_cse=False)
   def one_chunk(args):
     h_bcd, t_bc = args
     logits = jnp.einsum("bcd,dv->bcv", h_bcd.astype(compute_dtype), head,
                         preferred_element_type=jnp.float32)
     return _ce_from_logits(logits, t_bc)
+
+  if remat:
+    one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
 
   ce_nbc, correct_nbc = jax.lax.map(one_chunk, (hidden_nbcd, targets_nbc))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n_chunks * chunk)[:, :l]
@@ -99,8 +103,8 @@ def select_supervised(weights_bl: jax.Array, k: int) -> Selected:
 
 def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
                              weights_bl: jax.Array, *, chunk: int = 1024,
-                             positions_per_row: int = 0,
-                             compute_dtype: Any = jnp.float32) -> LossOutput:
+                             positions_per_row: int = 0, compute_dtype: Any = jnp.float32,
+                             remat: bool = True) -> LossOutput:
   """sum(w * CE) and sum(w) of a batch, chunked; optionally over K positions per row.
 
   `positions_per_row` = K > 0 gathers the first K supervised positions of each row before the
@@ -116,7 +120,7 @@ def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_
     weights_bl = jnp.where(sel.valid_bk, take(weights_bl), 0.0)
     overflow = sel.overflow_b.sum()
   ce_bl, correct_bl = chunked_token_cross_entropy(hidden_bld, head_dv, targets_bl, chunk,
-                                                  compute_dtype)
+                                                  compute_dtype, remat)
   supervised = (weights_bl != 0).astype(jnp.float32)
   # where(w != 0, ...) keeps a NaN/Inf CE of unsupervised (padding) positions out of the sum
   loss_sum = jnp.sum(jnp.where(weights_bl != 0, weights_bl * ce_bl, 0.0))

@@ -30,8 +30,8 @@ StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]
 NAN_POLICIES = ("stop", "skip", "ignore")
 
 
-def next_token_loss(config: NeoConfig, *, chunk: int = 1024,
-                    positions_per_row: int = 0) -> LossFn:
+def next_token_loss(config: NeoConfig, *, chunk: int = 1024, positions_per_row: int = 0,
+                    remat: bool = True) -> LossFn:
   """Weighted next-token cross-entropy of NEO on a packed batch (the batch contract)."""
   model = NeoModel(config)
 
@@ -43,7 +43,7 @@ def next_token_loss(config: NeoConfig, *, chunk: int = 1024,
     out = weighted_next_token_loss(hidden_bld, head_weight(params, config), batch["targets"],
                                    batch["loss_weights"], chunk=chunk,
                                    positions_per_row=positions_per_row,
-                                   compute_dtype=jnp.dtype(config.dtype))
+                                   compute_dtype=jnp.dtype(config.dtype), remat=remat)
     out.metrics["tokens"] = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
     return out
 
