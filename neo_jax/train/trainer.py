@@ -210,8 +210,11 @@ class Trainer:
 
     resumed_from = ckpt.latest_step()
     if resumed_from is not None:
+      restorable = data_it if hasattr(data_it, "set_state") else None
+      if restorable is None:
+        logger.warning("the data iterator has no set_state: resuming without its position")
       state, _ = ckpt.restore(abstract_state(model_config, tx, trainable, shardings),
-                              data_iterator=data_it)
+                              data_iterator=restorable)
       logger.info("resumed from %s at step %d", ckpt.directory, resumed_from)
     else:
       state = init_state(model_config, tx, trainable, mesh, cfg.seed, params=init_params)
@@ -239,8 +242,9 @@ class Trainer:
     skipped_steps = 0
     step = start
     train_step = None
+    get_state = getattr(data_it, "get_state", lambda: None)
     batch = next(data_it) if start < cfg.total_steps else None
-    data_state = data_it.get_state() if batch is not None else None
+    data_state = get_state() if batch is not None else None
     try:
       with StopSignal() as stop:
         while step < cfg.total_steps and stop.received is None:
@@ -252,7 +256,7 @@ class Trainer:
           # fetch the next batch while the device computes; its state is kept apart so a
           # checkpoint of this step does not count it as consumed
           next_batch = next(data_it) if step < cfg.total_steps else None
-          next_state = data_it.get_state() if next_batch is not None else None
+          next_state = get_state() if next_batch is not None else None
           flops = self.objective.step_flops(model_config, batch, trainable, cfg)
           flops *= jax.process_count()  # each process counts its own rows
           metrics = jax.device_get(metrics)
