@@ -14,8 +14,7 @@ from neo_jax.model import abstract_params
 from neo_jax.parallel import make_mesh
 from neo_jax.train import config_lib
 from neo_jax.train import optimizer as O
-from neo_jax.train.checkpoint import (RunCheckpointer, load_initial_params, load_run_params,
-                                      write_run_files)
+from neo_jax.train.checkpoint import RunCheckpointer, load_initial_params, write_run_files
 from neo_jax.train.state import abstract_state, init_state, state_shardings
 from neo_jax.train.synthetic import SyntheticIterator, SyntheticSpec, compact_vocab
 
@@ -111,10 +110,13 @@ def _fake_qwen3(path, hidden=128, heads=4, kv_heads=2, head_dim=32, inter=384, l
               p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
               p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
               p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-              p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
-              p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+              p + "self_attn.q_norm.weight": (head_dim,),
+              p + "self_attn.k_norm.weight": (head_dim,),
+              p + "mlp.gate_proj.weight": (inter, hidden),
+              p + "mlp.up_proj.weight": (inter, hidden),
               p + "mlp.down_proj.weight": (hidden, inter),
-              p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+              p + "input_layernorm.weight": (hidden,),
+              p + "post_attention_layernorm.weight": (hidden,)})
   tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in t.items()}
   save_file(tensors, str(path / "model.safetensors"))
   return tensors

@@ -13,7 +13,9 @@ import pytest
 from neo_jax.train import config_lib
 from neo_jax.train.checkpoint import RunCheckpointer, load_run_params
 from neo_jax.train.metrics import read_jsonl
-from neo_jax.train.trainer import NonFiniteError, Trainer
+from neo_jax.train.losses import LossOutput
+from neo_jax.train.trainer import (OBJECTIVES, NonFiniteError, Objective, Trainer,
+                                   register_objective)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO, "configs", "tiny_vqa_pretrain.py")
@@ -154,3 +156,29 @@ def test_sigterm_during_cli_run_leaves_a_restorable_checkpoint(tmp_path):
                               .Composite(meta=__import__("orbax.checkpoint").checkpoint.args
                                          .JsonRestore()))["meta"]
   assert meta["step"] == step
+
+
+def test_a_second_objective_plugs_into_the_same_trainer(straight, tmp_path):
+  """A registered objective replaces the loss and adds its own metrics; all else is shared."""
+  base = OBJECTIVES["next_token"]
+
+  def make_loss(model_config, config):
+    inner = base.make_loss(model_config, config)
+
+    def loss_fn(params, batch):
+      out = inner(params, batch)
+      return LossOutput(2.0 * out.loss_sum, out.weight_sum,
+                        {**out.metrics, "rows": (batch["segment_ids"][:, 0] > 0).sum() * 1.0})
+    return loss_fn
+
+  register_objective(Objective("doubled", make_loss, base.step_flops))
+  try:
+    result = Trainer(small_config(tmp_path, 1, "--config.trainable=()"),
+                     objective="doubled").run()
+  finally:
+    OBJECTIVES.pop("doubled")
+  first = result.history[0]
+  assert first["train/loss"] == pytest.approx(2.0 * _losses(straight[1].history)[0], rel=1e-6)
+  assert first["train/rows"] == 8.0
+  with pytest.raises(ValueError, match="objective 'nope'"):
+    Trainer(small_config(tmp_path, 1), objective="nope")

@@ -19,12 +19,12 @@ keeps the newest `max_to_keep` steps. Restoring places every array directly on i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 from typing import Any, Mapping, Optional
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -43,26 +43,34 @@ logger = logging.getLogger("neo_jax.train")
 COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_q_chunk", "remat_policy")
 
 
-class IteratorState(grain.DatasetIterator):
-  """A data iterator's state captured at one step, saved by grain's orbax handler.
+@functools.cache
+def _iterator_state_type() -> type:
+  """grain.DatasetIterator holding a saved state (grain is imported only when data is saved,
+  so reading parameters works where grain is not installed)."""
+  import grain
 
-  grain writes one JSON file per process, so multi-process runs keep each process's position.
-  The trainer snapshots the state right after taking a step's batch, so a batch fetched ahead
-  (while the device computes) is never counted as consumed by a checkpoint.
-  """
+  class IteratorState(grain.DatasetIterator):
+    """A data iterator's state captured at one step, saved by grain's orbax handler.
 
-  def __init__(self, state: Optional[dict] = None):
-    super().__init__()
-    self.state = state
+    grain writes one JSON file per process, so multi-process runs keep each process's
+    position. The trainer snapshots the state right after taking a step's batch, so a batch
+    fetched ahead (while the device computes) is never counted as consumed.
+    """
 
-  def __next__(self):
-    raise StopIteration
+    def __init__(self, state: Optional[dict] = None):
+      super().__init__()
+      self.state = state
 
-  def get_state(self) -> dict:
-    return self.state
+    def __next__(self):
+      raise StopIteration
 
-  def set_state(self, state: dict) -> None:
-    self.state = state
+    def get_state(self) -> dict:
+      return self.state
+
+    def set_state(self, state: dict) -> None:
+      self.state = state
+
+  return IteratorState
 
 
 class RunCheckpointer:
@@ -99,7 +107,9 @@ class RunCheckpointer:
         "meta": ocp.args.JsonSave(_jsonable(dict(meta or {}, step=step))),
     }
     if data_state is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(IteratorState(_jsonable(data_state)))
+      import grain
+      items["data"] = grain.checkpoint.CheckpointSave(_iterator_state_type()(
+          _jsonable(data_state)))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract: TrainState, step: Optional[int] = None,
@@ -115,7 +125,8 @@ class RunCheckpointer:
     if data_iterator is not None:
       if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
         raise UserError(f"{self.directory}/{step}: the checkpoint holds no data-iterator state")
-      items["data"] = grain.checkpoint.CheckpointRestore(IteratorState())
+      import grain
+      items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
       data_iterator.set_state(restored["data"].state)

@@ -13,7 +13,6 @@ over the global batch and every micro-batch, so loss = sum(w * CE) / sum(w) exac
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax

@@ -182,18 +182,20 @@ class Trainer:
       hooks.append(VqaExactMatch(examples[:cfg.eval.vqa_examples], generate_fn, every))
     return hooks
 
-  # -- the loop --------------------------------------------------------------------------------
-
-  def run(self) -> TrainResult:
+  def _setup(self) -> "_Run":
+    """Everything the loop needs, built in dependency order."""
     cfg = self.config
     distributed.initialize()
-    primary = distributed.is_primary()
+    if cfg.mesh.num_devices and jax.process_count() > 1:
+      raise UserError("mesh.num_devices selects devices of a single process; leave it 0 for "
+                      "multi-process runs")
     devices = jax.devices()[:cfg.mesh.num_devices or None]
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     micro_rows, shards = cfg.data.batch_size // cfg.grad_accum_steps, batch_divisor(mesh)
     if micro_rows % shards:
       raise UserError(f"data.batch_size / grad_accum_steps = {micro_rows} rows per micro-batch "
                       f"is not divisible by mesh data*fsdp = {shards}")
+    primary = distributed.is_primary()
     ckpt = ckpt_lib.RunCheckpointer(cfg.workdir, max_to_keep=cfg.checkpoint.max_to_keep,
                                     async_save=cfg.checkpoint.async_save)
     model_config, init_params = self._model_and_params(ckpt, config_lib.model_config(cfg))
@@ -203,45 +205,43 @@ class Trainer:
       ckpt_lib.write_run_files(cfg.workdir, model_config, config_lib.to_json(ran))
 
     patterns = tuple(cfg.trainable) or opt_lib.stage_patterns(cfg.stage)
-    trainable = opt_lib.trainable_paths(abstract_params(model_config), patterns)
+    abstract = abstract_params(model_config)
+    trainable = opt_lib.trainable_paths(abstract, patterns)
     tx, schedule = opt_lib.from_config(cfg.optimizer, cfg.total_steps)
     shardings = state_shardings(model_config, tx, trainable, mesh)
     data_it = self._data_iterator or data_lib.make_iterator(cfg, model_config)
 
-    resumed_from = ckpt.latest_step()
-    if resumed_from is not None:
+    if ckpt.latest_step() is not None:
       restorable = data_it if hasattr(data_it, "set_state") else None
       if restorable is None:
         logger.warning("the data iterator has no set_state: resuming without its position")
       state, _ = ckpt.restore(abstract_state(model_config, tx, trainable, shardings),
                               data_iterator=restorable)
-      logger.info("resumed from %s at step %d", ckpt.directory, resumed_from)
+      logger.info("resumed from %s at step %d", ckpt.directory, ckpt.latest_step())
     else:
       state = init_state(model_config, tx, trainable, mesh, cfg.seed, params=init_params)
-    del init_params
 
     loss_fn = self.objective.make_loss(model_config, cfg)
     step_fn = make_train_step(loss_fn, tx, schedule, trainable,
                               grad_accum_steps=cfg.grad_accum_steps, nan_policy=cfg.nan_policy)
     hooks = self._eval_hooks(loss_fn, mesh, param_shardings(model_config, mesh), model_config)
-    writer = metrics_lib.MetricWriter(cfg.workdir, enabled=primary,
-                                      tensorboard=cfg.log.tensorboard)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else
             metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind))
-    n_trainable = sum(int(np.prod(x.shape)) for x in
-                      jax.tree.leaves(opt_lib.partition(abstract_params(model_config),
-                                                        trainable)[0]))
-    logger.info("stage %s: %d trainable parameters of %d; mesh %s", cfg.stage, n_trainable,
-                sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(model_config))),
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    logger.info("stage %s: %d trainable parameters of %d; mesh %s", cfg.stage,
+                count(opt_lib.partition(abstract, trainable)[0]), count(abstract),
                 dict(mesh.shape))
+    writer = metrics_lib.MetricWriter(cfg.workdir, enabled=primary,
+                                      tensorboard=cfg.log.tensorboard)
+    return _Run(mesh, ckpt, model_config, trainable, shardings, data_it, state, step_fn, hooks,
+                writer, peak, _progress_bar(cfg, int(jax.device_get(state.step)), primary))
 
-    start = int(jax.device_get(state.step))
-    history: list[dict] = []
-    progress = _progress_bar(cfg, start, primary)
-    window = _Window()
-    skipped_steps = 0
-    step = start
-    train_step = None
+  def run(self) -> TrainResult:
+    """Trains until `total_steps` or a stop signal; returns where it ended."""
+    cfg, r = self.config, self._setup()
+    state, data_it = r.state, r.data_it
+    step = start = int(jax.device_get(state.step))
+    history, window, skipped_steps, train_step = [], _Window(), 0, None
     get_state = getattr(data_it, "get_state", lambda: None)
     batch = next(data_it) if start < cfg.total_steps else None
     data_state = get_state() if batch is not None else None
@@ -249,16 +249,17 @@ class Trainer:
       with StopSignal() as stop:
         while step < cfg.total_steps and stop.received is None:
           if train_step is None:  # compile on the first batch's shapes
-            train_step = compile_step(step_fn, mesh, shardings, batch_shardings(batch, mesh))
+            train_step = compile_step(r.step_fn, r.mesh, r.shardings,
+                                      batch_shardings(batch, r.mesh))
           t0 = time.perf_counter()
-          state, metrics = train_step(state, shard_batch(batch, mesh))
+          state, metrics = train_step(state, shard_batch(batch, r.mesh))
           step += 1
           # fetch the next batch while the device computes; its state is kept apart so a
           # checkpoint of this step does not count it as consumed
           next_batch = next(data_it) if step < cfg.total_steps else None
           next_state = get_state() if next_batch is not None else None
-          flops = self.objective.step_flops(model_config, batch, trainable, cfg)
-          flops *= jax.process_count()  # each process counts its own rows
+          flops = self.objective.step_flops(r.model_config, batch, r.trainable, cfg)
+          flops *= jax.process_count()  # each process counts its own rows (~ the same)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - t0
 
@@ -268,53 +269,67 @@ class Trainer:
             if cfg.nan_policy == "stop":
               raise NonFiniteError(f"step {step}: non-finite {where}; the update was not "
                                    f"applied and the run stopped (nan_policy=stop); last "
-                                   f"checkpoint: step {ckpt.latest_step()}")
+                                   f"checkpoint: step {r.ckpt.latest_step()}")
             if cfg.nan_policy == "skip":
               skipped_steps += 1
               logger.warning("step %d: non-finite %s; update skipped (%d so far)", step, where,
                              skipped_steps)
-          window.add(elapsed, float(metrics["tokens"]) * jax.process_count(), flops,
+          window.add(elapsed, float(metrics.get("tokens", 0.0)), flops,  # global already
                      compiling=step == start + 1)
           record = _train_record(metrics, skipped_steps)
-          progress.update(1)
-          progress.set_postfix(loss=f"{record['train/loss']:.4f}",
-                               lr=f"{record['train/learning_rate']:.2e}", refresh=False)
+          r.progress.update(1)
+          r.progress.set_postfix(loss=f"{record['train/loss']:.4f}",
+                                 lr=f"{record['train/learning_rate']:.2e}", refresh=False)
 
           last = step == cfg.total_steps
           if step % cfg.log.every_steps == 0 or last or step == start + 1:
-            record.update(window.summary(mesh.devices.size, peak))
+            record.update(window.summary(r.mesh.devices.size, r.peak))
             record.update(data_lib.iterator_stats(data_it))
             record.update(_memory_stats())
-            writer.write(step, record)
+            r.writer.write(step, record)
             history.append({"step": step, **record})
             window.reset()
-          if hooks and (last or any(step % h.every_steps == 0 for h in hooks)):
-            evals = {}
-            for hook in hooks:
-              if last or step % hook.every_steps == 0:
-                evals.update(hook(state, step))
-            if evals:
-              writer.write(step, evals)
-              history.append({"step": step, **evals})
-              logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}"
-                                                        for k, v in evals.items()))
+          due = [h for h in r.hooks if last or step % h.every_steps == 0]
+          if due:
+            evals = {k: v for hook in due for k, v in hook(state, step).items()}
+            r.writer.write(step, evals)
+            history.append({"step": step, **evals})
+            logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in evals.items()))
           if self._on_step is not None:
             self._on_step(step, record)
-          if (step % cfg.checkpoint.every_steps == 0 or last or stop.received is not None):
-            ckpt.save(state, data_state, meta={"stage": cfg.stage, "time": time.time(),
-                                                 "loss": record["train/loss"]})
+          if step % cfg.checkpoint.every_steps == 0 or last or stop.received is not None:
+            r.ckpt.save(state, data_state, meta={"stage": cfg.stage, "time": time.time(),
+                                                   "loss": record["train/loss"]})
           batch, data_state = next_batch, next_state
         received = stop.received
     finally:
-      progress.close()
-      ckpt.close()
-      writer.close()
+      r.progress.close()
+      r.ckpt.close()
+      r.writer.close()
     status = "interrupted" if received is not None and step < cfg.total_steps else "completed"
     signame = signal.Signals(received).name if received is not None else None
     if signame:
       logger.warning("stopped by %s at step %d; checkpoint saved in %s", signame, step,
-                     ckpt.directory)
+                     r.ckpt.directory)
     return TrainResult(step, status, signame, history, cfg.workdir)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What `Trainer._setup` builds for the loop."""
+
+  mesh: Any
+  ckpt: ckpt_lib.RunCheckpointer
+  model_config: NeoConfig
+  trainable: set
+  shardings: TrainState
+  data_it: Iterator[dict]
+  state: TrainState
+  step_fn: Callable
+  hooks: list
+  writer: metrics_lib.MetricWriter
+  peak: Optional[float]
+  progress: Any
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -355,17 +370,17 @@ class _Window:
 
 
 def _train_record(metrics: Mapping[str, Any], skipped_steps: int) -> dict[str, float]:
-  supervised = max(float(metrics["supervised_tokens"]), 1.0)
-  return {
-      "train/loss": float(metrics["loss"]),
-      "train/grad_norm": float(metrics["grad_norm"]),
-      "train/learning_rate": float(metrics["learning_rate"]),
-      "train/token_accuracy": float(metrics.get("correct_tokens", 0.0)) / supervised,
-      "train/supervised_tokens": float(metrics["supervised_tokens"]),
-      "train/overflow_tokens": float(metrics.get("overflow_tokens", 0.0)),
-      "train/tokens": float(metrics["tokens"]),
-      "train/skipped_steps": float(skipped_steps),
-  }
+  """The step's metrics as `train/...` scalars; an objective's own sums pass through."""
+  m = {k: float(v) for k, v in metrics.items()}
+  for key in ("nonfinite_loss", "nonfinite_grad_norm"):
+    m.pop(key, None)
+  record = {"train/loss": m.pop("loss"), "train/grad_norm": m.pop("grad_norm"),
+            "train/learning_rate": m.pop("learning_rate"),
+            "train/skipped_steps": float(skipped_steps)}
+  if "correct_tokens" in m and "supervised_tokens" in m:
+    record["train/token_accuracy"] = m.pop("correct_tokens") / max(m["supervised_tokens"], 1.0)
+  record.update({f"train/{k}": v for k, v in m.items()})
+  return record
 
 
 def _memory_stats() -> dict[str, float]:
