@@ -138,7 +138,9 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 0  # 0: no periodic evaluation
-  config.eval.heldout_batches = 4  # held-out loss on this many batches of data.split="test"
+  config.eval.heldout_batches = 4  # held-out loss on this many batches of eval.split
+  config.eval.split = "test"
+  config.eval.sources = ()  # empty: data.sources (give a held-out file for JSONL sources)
   config.eval.vqa_examples = 0  # VQA exact match by greedy decoding (0: off)
   config.eval.max_new_tokens = 8
   return config

@@ -62,7 +62,7 @@ def data_config(config: ml_collections.ConfigDict, split: str = "train", **chang
 def make_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
                   split: str = "train", **changes: Any) -> Iterator[dict]:
   """The data iterator a config asks for (`data.pipeline`: grain | synthetic)."""
-  if config.data.pipeline == "synthetic":
+  if config.data.pipeline == "synthetic":  # `changes` name DataConfig fields: no effect here
     return synthetic_iterator(config, model_config, split)
   from neo_jax.data.pipeline import build_train_iterator
   from neo_jax.data.tokenizer import load_tokenizer

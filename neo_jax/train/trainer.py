@@ -163,7 +163,8 @@ class Trainer:
     if every <= 0:
       return hooks
     if cfg.eval.heldout_batches > 0:
-      held = data_lib.make_iterator(cfg, model_config, split="test")
+      changes = {"sources": tuple(cfg.eval.sources)} if cfg.eval.sources else {}
+      held = data_lib.make_iterator(cfg, model_config, split=cfg.eval.split, **changes)
       batches = [next(held) for _ in range(cfg.eval.heldout_batches)]
       hooks.append(HeldOutLoss(batches, loss_fn, mesh, p_shardings, every))
     if cfg.eval.vqa_examples > 0:
