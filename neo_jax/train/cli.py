@@ -20,7 +20,9 @@ Overrides: any field of the config, with the type of its default, e.g.
   --config.total_steps=500 --config.optimizer.lr=3e-4 --config.mesh.tensor=2
   --config.data.sources='("easy_vqa/vqa", "jsonl:/data/x.jsonl")' --config.workdir=runs/a
 A config file may take an argument: --config configs/X.py:ARG.
-Fields and their defaults: configs/common.py (or --print-config)."""
+Fields and their defaults: configs/common.py (or --print-config).
+Running the same command again resumes from the newest checkpoint in config.workdir;
+SIGTERM or Ctrl-C saves a checkpoint after the current step and exits (status 143 / 130)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
