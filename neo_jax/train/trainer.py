@@ -150,8 +150,12 @@ class Trainer:
       return ckpt_lib.reconcile(arch, model_config), None
     if cfg.init.path:
       step = None if cfg.init.step < 0 else cfg.init.step
-      params, loaded = ckpt_lib.load_initial_params(cfg.init.path, cfg.init.format,
-                                                    model_config, seed=cfg.seed, step=step)
+      try:
+        params, loaded = ckpt_lib.load_initial_params(cfg.init.path, cfg.init.format,
+                                                      model_config, seed=cfg.seed, step=step)
+      except (UserError, FileNotFoundError) as e:
+        raise UserError(f"config.init.path (format {cfg.init.format!r}): {e}; set "
+                        "--config.init.path='' to start from random weights") from None
       logger.info("initialised from %s (%s)", cfg.init.path, cfg.init.format)
       return loaded, params
     return model_config, None
