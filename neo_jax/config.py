@@ -145,8 +145,9 @@ class NeoConfig:
         "max_position_embeddings": self.max_position_embeddings,
         "max_position_embeddings_hw": 10000,
         "tie_word_embeddings": self.tie_word_embeddings,
-        "bos_token_id": self.pad_token_id,
+        "bos_token_id": PAD_TOKEN_ID,
         "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
         "torch_dtype": torch_dtype,
     }
     vision = {
@@ -179,6 +180,10 @@ class NeoConfig:
         "img_context_token_id": self.img_context_token_id,
         "img_start_token_id": self.img_start_token_id,
         "img_end_token_id": self.img_end_token_id,
+        # generation stops at the template's separator (<|im_end|> for neo1_0), which need not
+        # be the LLM's own eos; kept at the top level where the published files have no key
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
         "torch_dtype": torch_dtype,
     }
 
@@ -234,6 +239,8 @@ class NeoConfig:
         img_start_token_id=int(hf.get("img_start_token_id", IMG_START_TOKEN_ID)),
         img_end_token_id=int(hf.get("img_end_token_id", IMG_END_TOKEN_ID)),
         template=str(hf.get("template", "neo1_0")),
+        eos_token_id=int(_scalar(hf.get("eos_token_id", IM_END_TOKEN_ID), "eos_token_id")),
+        pad_token_id=int(_scalar(hf.get("pad_token_id", PAD_TOKEN_ID), "pad_token_id")),
     )
     llm_hidden = vision.get("llm_hidden_size")
     if llm_hidden is not None and int(_scalar(llm_hidden, "vision_config.llm_hidden_size")) != hidden:

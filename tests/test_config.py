@@ -34,6 +34,12 @@ def test_hf_dict_round_trip(name, tmp_path):
   assert C.NeoConfig.from_hf_file(tmp_path) == cfg
 
 
+def test_round_trip_keeps_token_ids(tmp_path):
+  cfg = C.tiny(eos_token_id=151643, pad_token_id=151650)
+  cfg.save_hf(tmp_path)
+  assert C.NeoConfig.from_hf_file(tmp_path) == cfg
+
+
 def test_reads_scalar_or_one_element_list_and_file_values(tmp_path):
   hf = C.neo_2b().to_hf_dict()
   hf["vision_config"]["llm_hidden_size"] = [2048]
