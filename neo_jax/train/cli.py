@@ -35,6 +35,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--log-level", default="INFO",
                       choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                       help="verbosity of the neo_jax loggers (default INFO)")
+  group = parser.add_argument_group(
+      "multi-process runs",
+      "Flags win over NEO_JAX_COORDINATOR / NEO_JAX_NUM_PROCESSES / NEO_JAX_PROCESS_ID / "
+      "NEO_JAX_LOCAL_DEVICE_IDS, which win over SLURM (srun) and Cloud TPU VM detection; "
+      "without any, one process (docs/multihost.md).")
+  group.add_argument("--coordinator", metavar="HOST[:PORT]",
+                     help="address of process 0's coordination service")
+  group.add_argument("--num-processes", type=int, metavar="N",
+                     help="processes in the run (1: single process, no cluster detection)")
+  group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+  group.add_argument("--local-device-ids", type=_device_ids, metavar="IDS",
+                     help="accelerators this process drives, e.g. 0 (one process per GPU) "
+                          "or 0,1,2,3")
+
+
+def _device_ids(text: str) -> tuple[int, ...]:
+  from neo_jax.parallel.distributed import parse_device_ids
+  try:
+    return parse_device_ids(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -48,6 +69,22 @@ def _setup_logging(level: str) -> None:
     pass
 
 
+def _log_topology(config) -> None:
+  """Logs, on process 0, the processes and devices and how the configured mesh lies over them
+  (which axes cross hosts), before the first compilation; a bad mesh is left to the trainer."""
+  from neo_jax.parallel import distributed
+  if not distributed.is_primary():
+    return
+  import jax
+  from neo_jax.parallel import make_mesh
+  try:
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                     devices=jax.devices()[:config.mesh.num_devices or None])
+  except ValueError:
+    mesh = None
+  logging.getLogger("neo_jax.train").info("topology: %s", distributed.describe_topology(mesh))
+
+
 def run(args: argparse.Namespace) -> int:
   from neo_jax.train import config_lib
   config = config_lib.load_config(args.config, getattr(args, "config_overrides", []))
@@ -55,6 +92,18 @@ def run(args: argparse.Namespace) -> int:
     print(config_lib.to_json(config), end="")
     return 0
   _setup_logging(args.log_level)
+  if "://" in config.workdir:
+    from neo_jax.errors import UserError
+    raise UserError(f"config.workdir={config.workdir!r}: the run directory is a local or "
+                    "mounted path; mount a bucket with gcsfuse (launch/tpu_pod.sh does) and "
+                    "give its mount point (docs/multihost.md)")
+  from neo_jax.parallel import distributed
+  # before anything touches a device: joining a process group must come first
+  distributed.initialize(getattr(args, "coordinator", None),
+                         getattr(args, "num_processes", None),
+                         getattr(args, "process_id", None),
+                         getattr(args, "local_device_ids", None))
+  _log_topology(config)
   from neo_jax.train.trainer import NonFiniteError, Trainer
   try:
     result = Trainer(config).run()
