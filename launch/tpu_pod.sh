@@ -169,7 +169,13 @@ step_install() {
 mkdir -p $REMOTE_DIR/logs
 find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} +
 tar xzf neo-jax.tar.gz
-bash $REMOTE_DIR/launch/install.sh tpu
+# neo-jax needs Python 3.11+; the TPU images (Ubuntu 22.04) come with 3.10
+PY=\$(command -v python3.12 || command -v python3.11 || true)
+if [ -z \"\$PY\" ]; then
+  sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv
+  PY=python3.11
+fi
+bash $REMOTE_DIR/launch/install.sh --python \"\$PY\" tpu
 if ! command -v gcsfuse > /dev/null; then
   echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc > /dev/null

@@ -97,7 +97,8 @@ def test_tpu_pod_dry_run_prints_every_step_and_calls_nothing(tmp_path):
   remote = re.findall(r"--command=<<REMOTE\n(.*?)\nREMOTE", out, re.S)
   assert len(remote) == 3
   install, train, logs = remote
-  assert "bash neo-jax/launch/install.sh tpu" in install
+  assert 'bash neo-jax/launch/install.sh --python "$PY" tpu' in install
+  assert "python3.11-venv" in install  # the TPU images have Python 3.10
   assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 bkt /tmp/gcs/bkt" in install
   # the remote shell sees the training command with the arguments intact
   inner = re.search(r"\{ (cd neo-jax && .*?); \}", train)[1]
