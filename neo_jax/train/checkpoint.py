@@ -7,7 +7,7 @@ A run directory (WORKDIR) holds:
     checkpoints/<step>/
         params/                the parameter tree (orbax StandardSave): what a next stage,
                                `load_checkpoint(WORKDIR)` and `neo-jax generate` read
-        train_state/           {step, opt_state, rng}
+        train_state/           {step, opt_state, rng} (+ objective_state when there is one)
         data/                  the data iterator's state (grain: one JSON file per process)
         meta/                  JSON: step, stage, time, last metrics
     metrics.jsonl, tensorboard/
@@ -100,10 +100,12 @@ class RunCheckpointer:
     step = int(jax.device_get(state.step))
     if step in self.all_steps():
       return False
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    if state.objective_state is not None:
+      train["objective_state"] = state.objective_state
     items = {
         "params": ocp.args.StandardSave(state.params),
-        "train_state": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                              "rng": state.rng}),
+        "train_state": ocp.args.StandardSave(train),
         "meta": ocp.args.JsonSave(_jsonable(dict(meta or {}, step=step))),
     }
     if data_state is not None:
@@ -119,6 +121,8 @@ class RunCheckpointer:
     if step is None:
       raise UserError(f"{self.directory}: no checkpoint to restore")
     train_abs = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+    if abstract.objective_state is not None:
+      train_abs["objective_state"] = abstract.objective_state
     items = {"params": ocp.args.StandardRestore(abstract.params),
              "train_state": ocp.args.StandardRestore(train_abs),
              "meta": ocp.args.JsonRestore()}
@@ -132,7 +136,7 @@ class RunCheckpointer:
       data_iterator.set_state(restored["data"].state)
     ts = restored["train_state"]
     state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"],
-                       rng=ts["rng"])
+                       rng=ts["rng"], objective_state=ts.get("objective_state"))
     return state, dict(restored["meta"])
 
   def restore_params(self, abstract_params_tree: Any, step: Optional[int] = None) -> Any:

@@ -23,6 +23,7 @@ STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
     "pretrain": ("vision/.*", "pre_buffer/.*", f"llm/self_attn/({'|'.join(HW_PARAMS)})/.*"),
     "midtrain": (".*",),
     "sft": (".*",),
+    "preference": (".*",),  # ACPO / DPO family (MPO trains the LLM, MLP and ViT alike)
 }
 
 # Weight decay applies to matrices only (kernels, embeddings), not to norm scales or biases.

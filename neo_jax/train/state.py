@@ -4,6 +4,8 @@
     params     the whole parameter tree (trainable and frozen), param_dtype (fp32 master)
     opt_state  optimizer state of the trainable sub-tree only
     rng        uint32 [2] base key; per-step randomness is fold_in(rng, step)
+    objective_state  what the objective carries between steps (None for next-token; e.g. the
+               BCO reward shift of a preference loss), replicated
 
 Every leaf has an explicit NamedSharding: parameters by the logical-axis table, optimizer
 moments like the parameters they follow, scalars replicated.
@@ -32,6 +34,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  objective_state: Any = None
 
 
 def param_shardings(config: NeoConfig, mesh: Mesh, rules=RULES) -> Any:

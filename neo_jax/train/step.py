@@ -25,6 +25,9 @@ from neo_jax.train.optimizer import merge, partition
 from neo_jax.train.state import TrainState
 
 LossFn = Callable[[Any, Mapping[str, jax.Array]], LossOutput]
+# an objective that carries state between steps (TrainState.objective_state): the state goes in
+# and comes out of every micro-batch, in order
+StatefulLossFn = Callable[[Any, Mapping[str, jax.Array], Any], tuple[LossOutput, Any]]
 StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]
 
 NAN_POLICIES = ("stop", "skip", "ignore")
@@ -80,40 +83,49 @@ def _constrain_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
           for k, v in batch.items()}
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, trainable: set[str], *,
-                    grad_accum_steps: int = 1, nan_policy: str = "stop") -> StepFn:
+                    grad_accum_steps: int = 1, nan_policy: str = "stop",
+                    stateful: bool = False) -> StepFn:
   """The (unjitted) step. `tx` must not scale by the learning rate itself (lr = 1): the step
   multiplies the updates by `schedule(state.step)`, so the rate follows the step count even
   when non-finite steps are skipped.
 
   nan_policy: "skip" and "stop" leave params and optimizer state unchanged on a non-finite
   loss or gradient norm (the trainer then continues or stops); "ignore" applies the update.
+  stateful: `loss_fn` is a StatefulLossFn over `state.objective_state` (kept, like the
+  parameters, when a non-finite step is not applied).
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy={nan_policy!r} is not one of {NAN_POLICIES}")
   trainable = frozenset(trainable)
+  if not stateful:
+    plain_loss = loss_fn
+    loss_fn = lambda params, batch, obj_state: (plain_loss(params, batch), obj_state)
 
   def step_fn(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
     train_params, frozen_params = partition(state.params, trainable)
 
-    def micro_loss(tp, mb):
-      out = loss_fn(merge(tp, frozen_params), _constrain_batch(mb))
-      return out.loss_sum, out
+    def micro_loss(tp, mb, obj_state):
+      out, obj_state = loss_fn(merge(tp, frozen_params), _constrain_batch(mb), obj_state)
+      return out.loss_sum, (out, obj_state)
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
     if grad_accum_steps == 1:
-      grads, out = grad_fn(train_params, batch)
+      grads, (out, obj_state) = grad_fn(train_params, batch, state.objective_state)
     else:
       micro = split_microbatches(batch, grad_accum_steps)
       first = {k: v[0] for k, v in micro.items()}
-      out_shape = jax.eval_shape(lambda mb: grad_fn(train_params, mb), first)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+      grads_shape, (out_shape, _) = jax.eval_shape(
+          lambda mb: grad_fn(train_params, mb, state.objective_state), first)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, out_shape))
 
-      def body(acc, mb):
-        return jax.tree.map(jnp.add, acc, grad_fn(train_params, mb)), None
+      def body(carry, mb):
+        acc, obj_state = carry
+        grads, (out, obj_state) = grad_fn(train_params, mb, obj_state)
+        return (jax.tree.map(jnp.add, acc, (grads, out)), obj_state), None
 
-      (grads, out), _ = jax.lax.scan(body, zeros, micro)
+      ((grads, out), obj_state), _ = jax.lax.scan(body, (zeros, state.objective_state), micro)
 
     denom = jnp.where(out.weight_sum > 0, out.weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
@@ -131,10 +143,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       new_train_params = keep(new_train_params, train_params)
       new_opt_state = keep(new_opt_state, state.opt_state)
+      obj_state = keep(obj_state, state.objective_state)
 
     new_state = state.replace(step=state.step + 1,
                               params=merge(new_train_params, frozen_params),
-                              opt_state=new_opt_state)
+                              opt_state=new_opt_state, objective_state=obj_state)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

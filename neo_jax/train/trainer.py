@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import signal
 import threading
@@ -29,7 +30,7 @@ from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 from neo_jax.parallel import distributed
 from neo_jax.parallel.mesh import batch_divisor, make_mesh
-from neo_jax.parallel.sharding import batch_shardings, shard_batch
+from neo_jax.parallel.sharding import batch_shardings, batch_spec, replicated, shard_batch
 from neo_jax.train import checkpoint as ckpt_lib
 from neo_jax.train import config_lib, data as data_lib, metrics as metrics_lib
 from neo_jax.train import optimizer as opt_lib
@@ -48,13 +49,39 @@ class NonFiniteError(RuntimeError):
 # --- objectives -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveSetup:
+  """What an objective's batch function may need, built by the trainer's set-up."""
+
+  config: ml_collections.ConfigDict
+  model_config: NeoConfig
+  mesh: Any
+  param_shardings: Any
+  params: Any  # the state's parameters (the starting ones, or the restored ones on resume)
+  resuming: bool
+
+
+BatchFn = Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Objective:
-  """What a step optimises: a loss over a batch, and its FLOPs for MFU."""
+  """What a step optimises: a loss over a batch, and its FLOPs for MFU.
+
+  Optional parts, for objectives that need more than (params, batch):
+    init_state     state carried from step to step in TrainState.objective_state (e.g. a
+                   running mean); the loss then is (params, batch, state) -> (LossOutput, state)
+    make_batch_fn  set-up -> a function adding arrays to each sharded batch before the step
+                   (e.g. reference log-probs from a frozen model), or None
+    summarize      the step's metric sums -> the values logged
+  """
 
   name: str
   make_loss: Callable[[NeoConfig, ml_collections.ConfigDict], LossFn]
   step_flops: Callable[[NeoConfig, Mapping[str, np.ndarray], set, ml_collections.ConfigDict],
                        float]
+  init_state: Optional[Callable[[NeoConfig, ml_collections.ConfigDict], Any]] = None
+  make_batch_fn: Optional[Callable[[ObjectiveSetup], Optional[BatchFn]]] = None
+  summarize: Optional[Callable[[Mapping[str, Any]], dict]] = None
 
 
 def _next_token_loss(model_config: NeoConfig, config: ml_collections.ConfigDict) -> LossFn:
@@ -73,8 +100,21 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# objectives defined in other modules, which register themselves when imported
+OBJECTIVE_MODULES = {"preference": "neo_jax.train.preference"}
+
+
 def register_objective(objective: Objective) -> None:
   OBJECTIVES[objective.name] = objective
+
+
+def get_objective(name: str) -> Objective:
+  if name not in OBJECTIVES and name in OBJECTIVE_MODULES:
+    importlib.import_module(OBJECTIVE_MODULES[name])
+  if name not in OBJECTIVES:
+    raise ValueError(f"objective {name!r} is not one of "
+                     f"{sorted(set(OBJECTIVES) | set(OBJECTIVE_MODULES))}")
+  return OBJECTIVES[name]
 
 
 # --- signals ----------------------------------------------------------------------------------
@@ -127,13 +167,12 @@ class Trainer:
                eval_hooks: Sequence[EvalHook] = (),
                generate_fn: Optional[GenerateFn] = None,
                vqa_examples: Optional[Sequence[Any]] = None,
-               objective: str = "next_token",
+               objective: Optional[str] = None,
                on_step: Optional[Callable[[int, dict], None]] = None):
+    """`objective`: a registered Objective's name; default config.objective, else next_token."""
     config_lib.validate(config)
-    if objective not in OBJECTIVES:
-      raise ValueError(f"objective {objective!r} is not one of {sorted(OBJECTIVES)}")
     self.config = config
-    self.objective = OBJECTIVES[objective]
+    self.objective = get_objective(objective or config.get("objective", "next_token"))
     self._data_iterator = data_iterator
     self._extra_hooks = list(eval_hooks)
     self._generate_fn = generate_fn
@@ -160,7 +199,8 @@ class Trainer:
       return loaded, params
     return model_config, None
 
-  def _eval_hooks(self, loss_fn: LossFn, mesh, p_shardings, model_config) -> list[EvalHook]:
+  def _eval_hooks(self, loss_fn: LossFn, mesh, p_shardings, model_config,
+                  batch_fn: Optional[BatchFn] = None) -> list[EvalHook]:
     cfg = self.config
     hooks = list(self._extra_hooks)
     every = cfg.eval.every_steps
@@ -170,6 +210,8 @@ class Trainer:
       changes = {"sources": tuple(cfg.eval.sources)} if cfg.eval.sources else {}
       held = data_lib.make_iterator(cfg, model_config, split=cfg.eval.split, **changes)
       batches = [next(held) for _ in range(cfg.eval.heldout_batches)]
+      if batch_fn is not None:  # the held-out batches are fixed: add their arrays once
+        batches = [{**b, **_local_rows(batch_fn(shard_batch(b, mesh)), mesh)} for b in batches]
       hooks.append(HeldOutLoss(batches, loss_fn, mesh, p_shardings, every))
     if cfg.eval.vqa_examples > 0:
       generate_fn = self._generate_fn
@@ -215,21 +257,39 @@ class Trainer:
     tx, schedule = opt_lib.from_config(cfg.optimizer, cfg.total_steps)
     shardings = state_shardings(model_config, tx, trainable, mesh)
     data_it = self._data_iterator or data_lib.make_iterator(cfg, model_config)
+    objective = self.objective
+    stateful = objective.init_state is not None
+    obj_state = objective.init_state(model_config, cfg) if stateful else None
+    obj_shardings = jax.tree.map(lambda _: replicated(mesh), obj_state)
 
-    if ckpt.latest_step() is not None:
+    resuming = ckpt.latest_step() is not None
+    if resuming:
       restorable = data_it if hasattr(data_it, "set_state") else None
       if restorable is None:
         logger.warning("the data iterator has no set_state: resuming without its position")
-      state, _ = ckpt.restore(abstract_state(model_config, tx, trainable, shardings),
-                              data_iterator=restorable)
+      target = abstract_state(model_config, tx, trainable, shardings).replace(
+          objective_state=jax.tree.map(
+              lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+              obj_state, obj_shardings))
+      state, _ = ckpt.restore(target, data_iterator=restorable)
       logger.info("resumed from %s at step %d", ckpt.directory, ckpt.latest_step())
     else:
       state = init_state(model_config, tx, trainable, mesh, cfg.seed, params=init_params)
+      state = state.replace(objective_state=jax.device_put(obj_state, obj_shardings))
+    shardings = shardings.replace(objective_state=obj_shardings)
 
-    loss_fn = self.objective.make_loss(model_config, cfg)
+    p_shardings = param_shardings(model_config, mesh)
+    batch_fn = None
+    if objective.make_batch_fn is not None:
+      batch_fn = objective.make_batch_fn(ObjectiveSetup(cfg, model_config, mesh, p_shardings,
+                                                        state.params, resuming))
+    loss_fn = objective.make_loss(model_config, cfg)
     step_fn = make_train_step(loss_fn, tx, schedule, trainable,
-                              grad_accum_steps=cfg.grad_accum_steps, nan_policy=cfg.nan_policy)
-    hooks = self._eval_hooks(loss_fn, mesh, param_shardings(model_config, mesh), model_config)
+                              grad_accum_steps=cfg.grad_accum_steps, nan_policy=cfg.nan_policy,
+                              stateful=stateful)
+    eval_loss = (loss_fn if not stateful else
+                 lambda p, b: loss_fn(p, b, obj_state)[0])  # eval: the initial state
+    hooks = self._eval_hooks(eval_loss, mesh, p_shardings, model_config, batch_fn)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops > 0 else
             metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind))
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
@@ -239,7 +299,8 @@ class Trainer:
     writer = metrics_lib.MetricWriter(cfg.workdir, enabled=primary,
                                       tensorboard=cfg.log.tensorboard)
     return _Run(mesh, ckpt, model_config, trainable, shardings, data_it, state, step_fn, hooks,
-                writer, peak, _progress_bar(cfg, int(jax.device_get(state.step)), primary))
+                writer, peak, _progress_bar(cfg, int(jax.device_get(state.step)), primary),
+                batch_fn)
 
   def run(self) -> TrainResult:
     """Trains until `total_steps` or a stop signal; returns where it ended."""
@@ -253,11 +314,14 @@ class Trainer:
     try:
       with StopSignal() as stop:
         while step < cfg.total_steps and stop.received is None:
+          t0 = time.perf_counter()
+          sharded = shard_batch(batch, r.mesh)
+          if r.batch_fn is not None:
+            sharded = {**sharded, **r.batch_fn(sharded)}
           if train_step is None:  # compile on the first batch's shapes
             train_step = compile_step(r.step_fn, r.mesh, r.shardings,
-                                      batch_shardings(batch, r.mesh))
-          t0 = time.perf_counter()
-          state, metrics = train_step(state, shard_batch(batch, r.mesh))
+                                      batch_shardings(sharded, r.mesh))
+          state, metrics = train_step(state, sharded)
           step += 1
           # fetch the next batch while the device computes; its state is kept apart so a
           # checkpoint of this step does not count it as consumed
@@ -267,6 +331,8 @@ class Trainer:
           flops *= jax.process_count()  # each process counts its own rows (~ the same)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - t0
+          if self.objective.summarize is not None:
+            metrics = self.objective.summarize(metrics)
 
           bad = [name for name in ("loss", "grad_norm") if int(metrics[f"nonfinite_{name}"])]
           if bad:
@@ -335,6 +401,7 @@ class _Run:
   writer: metrics_lib.MetricWriter
   peak: Optional[float]
   progress: Any
+  batch_fn: Optional[BatchFn] = None  # the objective's per-batch arrays (e.g. reference)
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -386,6 +453,17 @@ def _train_record(metrics: Mapping[str, Any], skipped_steps: int) -> dict[str, f
     record["train/token_accuracy"] = m.pop("correct_tokens") / max(m["supervised_tokens"], 1.0)
   record.update({f"train/{k}": v for k, v in m.items()})
   return record
+
+
+def _local_rows(arrays: Mapping[str, jax.Array], mesh) -> dict[str, np.ndarray]:
+  """This process's rows of batch-sharded global arrays, as numpy."""
+  out = {}
+  for key, x in arrays.items():
+    if not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      x = multihost_utils.global_array_to_host_local_array(x, mesh, batch_spec(x.ndim))
+    out[key] = np.asarray(x)
+  return out
 
 
 def _memory_stats() -> dict[str, float]:
