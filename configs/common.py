@@ -192,3 +192,94 @@ def tiny_config(stage: str) -> ml_collections.ConfigDict:
   config.checkpoint.max_to_keep = 2
   config.log.every_steps = 10
   return config
+
+
+# --- preference optimisation: ACPO and the DPO family (docs/acpo.md) -------------------------
+
+def preference_config(config: ml_collections.ConfigDict,
+                      loss: str = "acpo") -> ml_collections.ConfigDict:
+  """`config` (a stage config of the same model) turned into a preference stage.
+
+  The step scores chosen and rejected in one forward over packed prompt | chosen | rejected
+  rows; `loss.positions_per_row` (K) caps the response tokens of a row (and P = K // 2 pairs).
+  """
+  config.objective = "preference"  # neo_jax/train/preference.py
+  config.stage = "preference"  # every parameter trains
+  config.data.kind = "preference"
+  config.data.sources = ()  # empty: the embedded easy-vqa pairs
+  p = config.preference = ml_collections.ConfigDict()
+  # sigmoid (= dpo) | robust | hinge | ipo | sigmoid_norm | simpo | dpop | nca_pair | sppo_hard
+  # | apo_zero | apo_down | exo_pair | discopop | bco_pair | mpo | acpo
+  p.loss = loss
+  p.reference = "model"  # model: frozen copy of the start | batch: ref_*_logps keys | none
+  p.beta = 0.1  # TRL / MPO default
+  p.label_smoothing = 0.0  # cDPO / robust eps (exo_pair needs > 0, e.g. 1e-3)
+  p.gamma = 0.5  # SimPO target margin (TRL's simpo_gamma)
+  p.dpop_lambda = 50.0  # DPOP penalty weight
+  p.discopop_tau = 0.05
+  p.mpo_weights = (0.8, 0.2)  # MPO: DPO and BCO-pair weights
+  p.sft_weight = -1.0  # NLL on the chosen response (RPO); < 0: the loss's default (mpo 1, else 0)
+  p.sft_reduction = "token"  # token: token mean over the batch (TRL, MPO code) | sequence
+  # ACPO (reconstruction, spec/acpo.md 1.3): alpha = clip((r_w - tau) / r_l), tau = delta *
+  # (|y_w| + |y_l|) averaged over the batch; alpha = 1 where |r_l| < guard_eps
+  p.delta = 0.01  # per-token reward target (unknown in the paper; sweep 0 - 0.05)
+  p.alpha_mode = "per_sample"  # | batch (one alpha from the batch means of the rewards)
+  p.alpha_clip = (0.0, 1.0)  # (): no clipping
+  p.detach_alpha = True
+  p.guard_eps = 1e-6
+  return config
+
+
+# MPO's recipe (InternVL2-8B MPO script, spec/acpo.md 3.3); ACPO's own is not published
+MPO_RECIPE = dict(lr=5e-6, schedule="cosine", warmup_ratio=0.03, weight_decay=0.05, beta=0.1)
+
+
+def preference_stage_config(model: str, loss: str = "acpo") -> ml_collections.ConfigDict:
+  """NEO-2B / 9B preference stage on the MPO recipe, starting from the model's SFT run."""
+  config = preference_config(stage_config(model, "sft"), loss)
+  config.name = f"{model}_{loss}"
+  config.workdir = f"workdir/{model}_{loss}"
+  config.init.format = "neo"
+  opt = config.optimizer
+  opt.lr = MPO_RECIPE["lr"]
+  opt.schedule = MPO_RECIPE["schedule"]
+  opt.min_lr_ratio = 0.0
+  opt.warmup_steps = 0
+  opt.warmup_ratio = MPO_RECIPE["warmup_ratio"]
+  opt.weight_decay = MPO_RECIPE["weight_decay"]
+  config.preference.beta = MPO_RECIPE["beta"]
+  # one epoch of ~320K pairs (the size of ACPO's proprietary set) at ~256 pairs per update
+  # (MPO's global batch): 4 micro-batches of 8 packed 16,384-token rows, ~8 pairs per row
+  config.grad_accum_steps = 4
+  config.data.batch_size = 32
+  config.total_steps = 1250
+  config.data.seq_len = 16384
+  config.data.visual_budget = 8192
+  config.loss.positions_per_row = 4096  # response tokens per row (P = 2,048 pairs at most)
+  config.checkpoint.every_steps = 250
+  return config
+
+
+def tiny_preference_config(loss: str) -> ml_collections.ConfigDict:
+  """The tiny NEO's preference stage on the embedded easy-vqa pairs, from the tiny SFT run.
+
+  Sized for two CPU cores: ~30 updates of 8 rows x ~9 pairs; lr small enough that the SFT
+  model's VQA accuracy does not drop; one held-out evaluation (preference loss and easy-vqa
+  exact match on 100 test questions) after the last step.
+  """
+  config = preference_config(tiny_config("sft"), loss=loss)
+  config.name = f"tiny_vqa_{loss}"
+  config.workdir = f"workdir/tiny_vqa_{loss}"
+  config.total_steps = 30
+  config.optimizer.lr = 2e-4
+  config.optimizer.warmup_steps = 3
+  config.init.path = "workdir/tiny_vqa_sft"
+  config.init.format = "run"
+  config.data.visual_budget = 64
+  config.loss.positions_per_row = 64  # response tokens per row (~6 per pair)
+  config.log.every_steps = 1
+  config.checkpoint.every_steps = 30
+  config.eval.every_steps = 30  # once, at the end
+  config.eval.heldout_batches = 2  # preference loss on test pairs
+  config.eval.vqa_examples = 100  # greedy answers to easy-vqa test questions
+  return config
