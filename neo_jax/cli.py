@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("neo_jax.train.demo",
              "the main job: train the tiny NEO on easy-vqa (pretrain -> SFT -> ACPO) on CPU"),
     "train": ("neo_jax.train.cli", "train a NEO model from an ml_collections config"),
+    "compare-preference": ("neo_jax.train.compare_preference", "DPO vs ACPO from one SFT run"),
     "convert": ("neo_jax.convert.cli",
                 "convert checkpoints: hf-to-jax | jax-to-hf | qwen3-to-neo"),
     "compare-logits": ("neo_jax.convert.compare",
