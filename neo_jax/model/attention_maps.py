@@ -56,7 +56,8 @@ def capture_attention() -> Iterator[list[AttentionCall]]:
   calls: list[AttentionCall] = []
   original = attention_module.attention
 
-  def recording(q, k, v, q_ids, kv_ids=None, **kwargs):
+  def recording(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
+                kv_ids: Optional[AttnIds] = None, **kwargs: Any) -> jax.Array:
     out = original(q, k, v, q_ids, kv_ids, **kwargs)
     scale = kwargs.get("scale")
     calls.append(AttentionCall(q, k, v, q_ids, kv_ids,
@@ -82,7 +83,9 @@ def probabilities(q: jax.Array, k: jax.Array, q_ids: AttnIds, kv_ids: Optional[A
   return jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
 
 
-def _embed(model: NeoModel, input_ids, positions, segment_ids, pixels, pixel_rc, branch_ids):
+def _embed(model: NeoModel, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+           pixels: Optional[jax.Array], pixel_rc: Optional[jax.Array],
+           branch_ids: Optional[jax.Array]) -> tuple[jax.Array, LayerContext]:
   """The input of the first layer and the context every layer shares (as NeoModel builds)."""
   cfg = model.config
   x = model.embed_tokens(input_ids).astype(dtype_of(cfg.dtype))
@@ -109,7 +112,8 @@ def _model_inputs(batch: Mapping[str, Any]) -> dict:
   return {k: (jnp.asarray(batch[k]) if batch.get(k) is not None else None) for k in keys}
 
 
-def _walk(params: Mapping, config: NeoConfig, batch: Mapping[str, Any], stop: int):
+def _walk(params: Mapping, config: NeoConfig, batch: Mapping[str, Any],
+          stop: int) -> tuple[list[jax.Array], LayerContext]:
   """Hidden states entering layers 0..stop (inclusive of stop) and the shared context."""
   inputs = _model_inputs(batch)
   x, ctx = NeoModel(config).apply({"params": params}, **inputs, method=_embed)
