@@ -1,28 +1,14 @@
 """Embedded easy-vqa / pydoc data: labels, captions, wrong answers, builds, the eval reader."""
 
-import os
 import re
 
 import pytest
 
 from neo_jax.config import tiny
 from neo_jax.data import embedded as E
-from neo_jax.data.cache import CACHE_ENV
 from neo_jax.data.image import preprocess_image
 from neo_jax.data.pipeline import DataConfig, build_train_iterator
 from neo_jax.data.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="session")
-def neo_cache(tmp_path_factory):
-  root = tmp_path_factory.getbasetemp() / "neo_jax_cache"
-  old = os.environ.get(CACHE_ENV)
-  os.environ[CACHE_ENV] = str(root)
-  yield root
-  if old is None:
-    os.environ.pop(CACHE_ENV, None)
-  else:
-    os.environ[CACHE_ENV] = old
 
 
 def test_image_labels_from_questions():

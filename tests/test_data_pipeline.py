@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import os
 import re
 
 import grain
@@ -13,31 +12,12 @@ from PIL import Image
 
 from neo_jax.config import tiny
 from neo_jax.data import pipeline as P
-from neo_jax.data.cache import CACHE_ENV
 from neo_jax.data import stats as stats_lib
 from neo_jax.data.stats import DataError
 from neo_jax.data.tfds_sources import build_tfds
 from neo_jax.data.jsonl import JsonlSource
-from neo_jax.data.tokenizer import load_tokenizer
 
 N_ITEMS = 40
-
-
-@pytest.fixture(scope="session")
-def neo_cache(tmp_path_factory):
-  root = tmp_path_factory.getbasetemp() / "neo_jax_cache"
-  old = os.environ.get(CACHE_ENV)
-  os.environ[CACHE_ENV] = str(root)
-  yield root
-  if old is None:
-    os.environ.pop(CACHE_ENV, None)
-  else:
-    os.environ[CACHE_ENV] = old
-
-
-@pytest.fixture(scope="module")
-def tok(neo_cache):
-  return load_tokenizer()
 
 
 def png(h, w, seed=0):

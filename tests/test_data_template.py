@@ -1,30 +1,10 @@
 """neo1_0 chat template and SFT label masks (spec 4.2-4.3)."""
 
-import os
 
 import numpy as np
 import pytest
 
 from neo_jax.data import template as T
-from neo_jax.data.cache import CACHE_ENV
-from neo_jax.data.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="session")
-def neo_cache(tmp_path_factory):
-  root = tmp_path_factory.getbasetemp() / "neo_jax_cache"
-  old = os.environ.get(CACHE_ENV)
-  os.environ[CACHE_ENV] = str(root)
-  yield root
-  if old is None:
-    os.environ.pop(CACHE_ENV, None)
-  else:
-    os.environ[CACHE_ENV] = old
-
-
-@pytest.fixture(scope="module")
-def tok(neo_cache):
-  return load_tokenizer()
 
 
 def block(tok, n):

@@ -1,31 +1,12 @@
 """The offline Qwen3 + NEO tokenizer: published ids, added-token ids, HF compatibility."""
 
 import json
-import os
 import pickle
 
 import pytest
 
 from neo_jax import config as neo_config
 from neo_jax.data import tokenizer as tok_lib
-from neo_jax.data.cache import CACHE_ENV
-
-
-@pytest.fixture(scope="session")
-def neo_cache(tmp_path_factory):
-  root = tmp_path_factory.getbasetemp() / "neo_jax_cache"
-  old = os.environ.get(CACHE_ENV)
-  os.environ[CACHE_ENV] = str(root)
-  yield root
-  if old is None:
-    os.environ.pop(CACHE_ENV, None)
-  else:
-    os.environ[CACHE_ENV] = old
-
-
-@pytest.fixture(scope="module")
-def tok(neo_cache):
-  return tok_lib.load_tokenizer()
 
 
 PUBLISHED = {  # spec/environment.md

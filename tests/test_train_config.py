@@ -22,9 +22,10 @@ def _load(name, *overrides):
 
 def test_all_expected_configs_exist():
   names = {os.path.basename(p) for p in CONFIGS}
-  assert names == {"tiny_vqa_pretrain.py", "tiny_vqa_sft.py",
+  assert names == {"tiny_vqa_pretrain.py", "tiny_vqa_sft.py", "tiny_vqa_acpo.py",
+                   "tiny_vqa_dpo.py",
                    *(f"neo_{s}_{t}.py" for s in ("2b", "9b")
-                     for t in ("pretrain", "midtrain", "sft"))}
+                     for t in ("pretrain", "midtrain", "sft", "acpo"))}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -37,7 +38,8 @@ def test_config_loads_and_starts_with_its_command(path):
   assert "Expect" in doc
   config = config_lib.load_config(path)
   model = config_lib.model_config(config)
-  assert config.stage in ("pretrain", "midtrain", "sft")
+  assert config.stage in ("pretrain", "midtrain", "sft", "preference")
+  assert (config.stage == "preference") == (config.data.kind == "preference")
   assert model.param_dtype == "float32"
   json.loads(config_lib.to_json(config))
 
