@@ -14,10 +14,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from neo_jax import cli
+from neo_jax.config import IMG_CONTEXT_TOKEN_ID
 from neo_jax.convert import loading
 from neo_jax.convert.compare import model_logits
 from neo_jax.convert.hf_inputs import hf_inputs_to_batch
 from neo_jax.convert.qwen3 import neo_config_from_qwen3, q_proj_hw_from_q_proj, qwen3_to_neo
+from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, LAYERS, PREBUFFER = 4, 2, 32, 64, 2, 2
@@ -183,7 +185,10 @@ def test_cli_qwen3_to_neo_both_formats(tmp_path, capsys):
                      str(out), "--prebuffer-layers", str(PREBUFFER), "--format", fmt,
                      "--vision-hidden-size", "64", "--rope-theta-vision", "500"])
     assert code == 0, capsys.readouterr().err
-    assert (out / "tokenizer_config.json").exists() and (out / "generation_config.json").exists()
+    assert (out / "generation_config.json").exists()
+    # NEO's tokenizer, not the Qwen3 directory's (whose tokenizer_config.json is "{}")
+    assert (out / "tokenizer_config.json").read_text() != "{}"
+    assert load_tokenizer(str(out)).img_context_id == IMG_CONTEXT_TOKEN_ID
     params, config = loading.load_checkpoint(str(out))
     assert config.num_prebuffer_layers == PREBUFFER and config.vision_hidden_size == 64
     assert config.rope_theta_vision == 500.0

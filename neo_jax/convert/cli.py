@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 
 from neo_jax.config import DTYPES
 
@@ -59,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "safetensors): Qwen3 layer i becomes NEO layer i + E, the E "
                                  "pre-Buffer layers and the vision convs are freshly "
                                  "initialised, q_proj_hw is derived from q_proj and k_proj_hw "
-                                 "is zero, so on text the new model computes exactly Qwen3.")
+                                 "is zero, so on text the new model computes exactly Qwen3. "
+                                 "The output carries NEO's tokenizer (Qwen3's plus "
+                                 "<IMG_CONTEXT> and NEO's other added tokens) and the Qwen3 "
+                                 "directory's generation_config.json.")
   p.add_argument("--src", required=True, metavar="QWEN3_DIR", help="the Qwen3 directory to read")
   p.add_argument("--out", required=True, metavar="DIR", help="the NEO directory to write")
   p.add_argument("--prebuffer-layers", type=int, required=True, metavar="E",
@@ -86,16 +91,38 @@ def _dtype(args: argparse.Namespace):
   return None if args.dtype == KEEP else args.dtype
 
 
-def _write(args: argparse.Namespace, params, config, fmt: str, shard_bytes) -> str:
+def _write(args: argparse.Namespace, params, config, fmt: str, shard_bytes,
+           carry_from: str | None) -> str:
   from neo_jax.convert import hf_checkpoint, jax_checkpoint
   if fmt == "jax":
-    return jax_checkpoint.save_params(args.out, params, config, tokenizer_dir=args.src,
+    return jax_checkpoint.save_params(args.out, params, config, tokenizer_dir=carry_from,
                                       overwrite=args.overwrite)
   out = os.path.abspath(args.out)
   hf_checkpoint.write_hf_neo(out, params, config, dtype=_dtype(args),
-                             max_shard_bytes=shard_bytes, carry_from=args.src,
+                             max_shard_bytes=shard_bytes, carry_from=carry_from,
                              overwrite=args.overwrite, progress=args.progress)
   return out
+
+
+def _neo_tokenizer_files(qwen3_dir: str) -> str:
+  """A directory with NEO's tokenizer (Qwen3's plus NEO's added tokens at their ids) and the
+  Qwen3 directory's generation files: what a NEO checkpoint made from Qwen3 carries.
+
+  A Qwen3 tokenizer does not know `<IMG_CONTEXT>` and the other NEO tokens, so copying it
+  would leave a checkpoint that cannot build its own image prompts.
+  """
+  from neo_jax.convert import files
+  from neo_jax.data import tokenizer as tok_lib
+  staging = tempfile.mkdtemp(prefix="neo_jax_tokenizer_")
+  built = tok_lib.default_tokenizer_dir()  # built once into the cache
+  for name in os.listdir(built):
+    shutil.copy2(built / name, os.path.join(staging, name))
+  tokenizer_names = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "vocab.json", "merges.txt", "added_tokens.json"}
+  for name in files.carried_files(qwen3_dir):
+    if name not in tokenizer_names:
+      shutil.copy2(os.path.join(qwen3_dir, name), os.path.join(staging, name))
+  return staging
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
   if args.direction == "hf-to-jax":
     compute = {} if _dtype(args) is None else {"param_dtype": _dtype(args)}
     params, config = hf_checkpoint.read_hf_neo(args.src, progress=args.progress, **compute)
-    out = _write(args, params, config, "jax", shard_bytes)
+    out = _write(args, params, config, "jax", shard_bytes, carry_from=args.src)
   elif args.direction == "jax-to-hf":
     params, config = jax_checkpoint.load_params(args.src)
-    out = _write(args, params, config, "hf", shard_bytes)
+    out = _write(args, params, config, "hf", shard_bytes, carry_from=args.src)
   else:
     from neo_jax.convert.qwen3 import qwen3_to_neo
     if args.prebuffer_layers < 0:
@@ -118,7 +145,11 @@ def run(args: argparse.Namespace) -> int:
                                   vision_hidden_size=args.vision_hidden_size,
                                   rope_theta_vision=args.rope_theta_vision,
                                   rope_theta_hw=args.rope_theta_hw)
-    out = _write(args, params, config, args.format, shard_bytes)
+    carry = _neo_tokenizer_files(args.src)
+    try:
+      out = _write(args, params, config, args.format, shard_bytes, carry_from=carry)
+    finally:
+      shutil.rmtree(carry, ignore_errors=True)
   print(f"wrote {out}: {config.num_hidden_layers} layers ({config.num_prebuffer_layers} "
         f"pre-Buffer), hidden {config.hidden_size}, {_dtype(args) or config.param_dtype}, "
         f"{'tied' if config.tie_word_embeddings else 'untied'} head")
