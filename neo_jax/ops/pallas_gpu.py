@@ -157,7 +157,7 @@ def _fwd_kernel(qt_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, *, cfg: _C
 def _forward(q, k, v, tables: fc.Tables, cfg: _Config):
   lay = cfg.layout
   bq, g = cfg.block_q, lay.group
-  b, lp, hq, hkv = lay.batch, lay.padded, lay.num_q_heads, lay.num_kv_heads
+  b, lp, hq = lay.batch, lay.padded, lay.num_q_heads
   dqk, dv = q.shape[-1], v.shape[-1]
   nq = lp // bq
   kv_map = lambda i, bi, h: (bi, 0, jax.lax.div(h, g), 0)
@@ -281,7 +281,7 @@ def _dkv_kernel(qt_ref, kvt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, r
 def _dkv(q, k, v, do, lse, di, tables: fc.Tables, cfg: _Config):
   lay = cfg.layout
   bk, g = cfg.block_kv_bwd, lay.group
-  b, lp, hq, hkv = lay.batch, lay.padded, lay.num_q_heads, lay.num_kv_heads
+  b, lp, hkv = lay.batch, lay.padded, lay.num_kv_heads
   dqk, dv = q.shape[-1], v.shape[-1]
   nq = tables.q_blocks.shape[1]
   group_map = lambda j, bi, h: (bi, 0, h, 0, 0)
