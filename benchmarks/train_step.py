@@ -65,6 +65,8 @@ def main(argv=None) -> int:
   p.add_argument("--k", type=int, default=48, help="loss positions per row (0: all)")
   p.add_argument("--chunk", type=int, default=32, help="cross-entropy chunk (positions)")
   p.add_argument("--loss-remat", type=int, default=1, help="recompute logits chunks in backward")
+  p.add_argument("--vocab-chunk", type=int, default=0,
+                 help="stream the head over this many vocabulary entries (0: all at once)")
   p.add_argument("--accum", type=int, default=1)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--remat", default="none")
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
   schedule = O.learning_rate_schedule(1e-4, 1000, warmup=10)
   state = init_state(cfg, tx, trainable, mesh, seed=0)
   step = make_train_step(next_token_loss(cfg, chunk=args.chunk, positions_per_row=args.k,
-                                         remat=bool(args.loss_remat)), tx,
+                                         remat=bool(args.loss_remat),
+                                         vocab_chunk=args.vocab_chunk), tx,
                          schedule, trainable, grad_accum_steps=args.accum)
   batches = [synthetic_batch(spec, i) for i in range(min(args.steps, 4))]
   run = compile_step(step, mesh, state_shardings(cfg, tx, trainable, mesh),
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
       "model": args.model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
       "vocab": cfg.vocab_size, "stage": args.stage, "batch": args.batch,
       "seq_len": args.seq_len, "visual": args.visual, "k": args.k, "chunk": args.chunk,
+      "vocab_chunk": args.vocab_chunk,
       "dtype": args.dtype, "remat": args.remat, "first_step_s": round(first, 2),
       "step_s": round(step_s, 4), "tokens_per_s": round(statistics.mean(tokens) / step_s, 1),
       "model_tflops_per_step": round(model_flops / 1e12, 4),

@@ -1,4 +1,5 @@
-"""Chunked cross-entropy equals the plain one (values and gradients); K-position selection."""
+"""Chunked and vocabulary-streamed cross-entropy equal the plain one (values and gradients);
+K-position selection."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from neo_jax.train.losses import (chunked_token_cross_entropy, select_supervised,
-                                  token_cross_entropy, weighted_next_token_loss)
+                                  streamed_cross_entropy, token_cross_entropy,
+                                  weighted_next_token_loss)
 
 B, L, D, V = 2, 37, 16, 50
 
@@ -59,12 +61,8 @@ def test_chunked_gradients_equal_plain(remat):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_never_builds_full_logits():
-  """The jaxpr of the chunked loss holds no [B, L, V] array, forward or backward."""
-  hidden, head, targets, weights = _inputs()
-  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
-                                                      chunk=8).loss_sum, argnums=(0, 1))
-  jaxpr = jax.make_jaxpr(fn)(hidden, head)
+def _all_shapes(jaxpr) -> set:
+  """Shapes of every value a jaxpr computes, inside scans, maps and custom VJPs too."""
   shapes = set()
 
   def walk(j):
@@ -78,7 +76,16 @@ def test_chunked_never_builds_full_logits():
           elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
             walk(sub.jaxpr)
 
-  walk(jaxpr.jaxpr)
+  walk(jaxpr)
+  return shapes
+
+
+def test_chunked_never_builds_full_logits():
+  """The jaxpr of the chunked loss holds no [B, L, V] array, forward or backward."""
+  hidden, head, targets, weights = _inputs()
+  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
+                                                      chunk=8).loss_sum, argnums=(0, 1))
+  shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
   assert (B, L, V) not in shapes and (B, 40, V) not in shapes
   assert (B, 8, V) in shapes
 
@@ -141,3 +148,39 @@ def test_bfloat16_compute_stays_close():
   assert bf16.loss_sum.dtype == jnp.float32
   np.testing.assert_allclose(bf16.loss_sum / bf16.weight_sum, f32.loss_sum / f32.weight_sum,
                              rtol=2e-2)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 10, 49, 50, 64])
+def test_streamed_values_equal_plain(piece):
+  """Pieces that divide V, that leave a short last piece, and one piece for all of V."""
+  hidden, head, targets, _ = _inputs(6)
+  plain, plain_ok = token_cross_entropy(hidden, head, targets)
+  streamed, streamed_ok = jax.jit(streamed_cross_entropy, static_argnums=3)(
+      hidden, head, targets, piece)
+  np.testing.assert_allclose(streamed, plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(streamed_ok, plain_ok)
+
+
+@pytest.mark.parametrize("piece", [7, 16])
+def test_streamed_gradients_equal_plain(piece):
+  hidden, head, targets, weights = _inputs(7)
+
+  def streamed_loss(h, w):
+    out = weighted_next_token_loss(h, w, targets, weights, chunk=8, vocab_chunk=piece)
+    return out.loss_sum / out.weight_sum
+
+  value, grads = jax.jit(jax.value_and_grad(streamed_loss, argnums=(0, 1)))(hidden, head)
+  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(hidden, head, targets,
+                                                                          weights)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_never_builds_chunk_by_vocab_logits():
+  hidden, head, targets, weights = _inputs()
+  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8,
+                                                      vocab_chunk=16).loss_sum, argnums=(0, 1))
+  shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
+  assert not any(len(s) == 3 and s[-1] == V for s in shapes)
+  assert (B, 8, 16) in shapes

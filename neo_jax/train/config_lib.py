@@ -198,6 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.loss.chunk_size > 0, f"loss.chunk_size={config.loss.chunk_size} must be > 0"),
       (config.loss.positions_per_row >= 0,
        f"loss.positions_per_row={config.loss.positions_per_row} must be >= 0"),
+      (config.loss.vocab_chunk >= 0,
+       f"loss.vocab_chunk={config.loss.vocab_chunk} must be >= 0 (0: the whole vocabulary)"),
   ]
   for ok, message in checks:
     if not ok:

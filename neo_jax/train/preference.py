@@ -76,8 +76,8 @@ def num_pairs(gather_size: int) -> int:
 
 def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
                          batch: Mapping[str, jax.Array], *, chunk: int = 1024,
-                         compute_dtype: Any = jnp.float32, remat: bool = True
-                         ) -> tuple[jax.Array, jax.Array]:
+                         compute_dtype: Any = jnp.float32, remat: bool = True,
+                         vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """(log-prob, argmax-correct) of every gathered response token, float32 [B, K] each.
 
   Gathers the K predicting positions before the head, so the logits are [B, chunk, V] at a
@@ -86,7 +86,7 @@ def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
   index_bk = batch["gather_index"]
   hidden_bkd = jnp.take_along_axis(hidden_bld, index_bk[..., None], axis=1)
   ce_bk, correct_bk = chunked_token_cross_entropy(hidden_bkd, head_dv, batch["gather_targets"],
-                                                  chunk, compute_dtype, remat)
+                                                  chunk, compute_dtype, remat, vocab_chunk)
   real = batch["gather_weights"] != 0
   return jnp.where(real, -ce_bk, 0.0), jnp.where(real, correct_bk, 0.0)
 
@@ -115,8 +115,8 @@ def pair_logps(token_logps_bk: jax.Array, batch: Mapping[str, jax.Array],
 
 
 def sequence_logps(model: NeoModel, params: Any, config: NeoConfig,
-                   batch: Mapping[str, jax.Array], *, chunk: int = 1024, remat: bool = True
-                   ) -> tuple[PairLogps, dict[str, jax.Array]]:
+                   batch: Mapping[str, jax.Array], *, chunk: int = 1024, remat: bool = True,
+                   vocab_chunk: int = 0) -> tuple[PairLogps, dict[str, jax.Array]]:
   """One forward over the packed rows -> pair log-probs, plus token counts for logging."""
   missing = [k for k in GATHER_KEYS if k not in batch]
   if missing:
@@ -127,7 +127,7 @@ def sequence_logps(model: NeoModel, params: Any, config: NeoConfig,
                            batch["branch_ids"], return_hidden=True)
   logp_bk, correct_bk = response_token_logps(hidden_bld, head_weight(params, config), batch,
                                              chunk=chunk, compute_dtype=jnp.dtype(config.dtype),
-                                             remat=remat)
+                                             remat=remat, vocab_chunk=vocab_chunk)
   pairs = num_pairs(batch["gather_index"].shape[1])
   out = pair_logps(logp_bk, batch, pairs)
   chosen_bk = ((batch["gather_branch"] == 1) & (batch["gather_weights"] != 0))
@@ -149,7 +149,8 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: int = 1
+def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: int = 1,
+                      vocab_chunk: int = 0
                       ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
   """(reference params, batch) -> {ref_chosen_logps, ref_rejected_logps} [B, P], no gradient.
 
@@ -158,7 +159,8 @@ def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: in
   model = NeoModel(config)
 
   def one(params, mb):
-    pairs, _ = sequence_logps(model, params, config, mb, chunk=chunk, remat=False)
+    pairs, _ = sequence_logps(model, params, config, mb, chunk=chunk, remat=False,
+                              vocab_chunk=vocab_chunk)
     return {"ref_chosen_logps": pairs.chosen, "ref_rejected_logps": pairs.rejected}
 
   def reference_fn(params, batch):
@@ -177,8 +179,8 @@ def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: in
 # --- the loss the step differentiates -------------------------------------------------------------
 
 def make_preference_loss(config: NeoConfig, *, kind: str, hparams: Mapping[str, Any],
-                         reference: str = "model", chunk: int = 1024, remat: bool = True
-                         ) -> Callable[[Any, Mapping[str, jax.Array], Any],
+                         reference: str = "model", chunk: int = 1024, remat: bool = True,
+                         vocab_chunk: int = 0) -> Callable[[Any, Mapping[str, jax.Array], Any],
                                        tuple[LossOutput, Any]]:
   """(params, batch, objective state) -> (LossOutput of sums, new objective state).
 
@@ -194,7 +196,7 @@ def make_preference_loss(config: NeoConfig, *, kind: str, hparams: Mapping[str, 
 
   def loss_fn(params, batch, state):
     pairs, counts = sequence_logps(model, gather_embedding(params), config, batch,
-                                   chunk=chunk, remat=remat)
+                                   chunk=chunk, remat=remat, vocab_chunk=vocab_chunk)
     if uses_reference:
       if any(k not in batch for k in REF_KEYS):
         raise ValueError(f"preference.reference={reference!r}: the batch has no "
@@ -247,7 +249,7 @@ def _make_loss(model_config: NeoConfig, config: ml_collections.ConfigDict):
   p = config.preference
   return make_preference_loss(model_config, kind=p.loss, hparams=hparams_from_config(p),
                               reference=p.reference, chunk=config.loss.chunk_size,
-                              remat=config.loss.remat)
+                              remat=config.loss.remat, vocab_chunk=config.loss.vocab_chunk)
 
 
 def _init_state(model_config: NeoConfig, config: ml_collections.ConfigDict) -> Any:
@@ -302,7 +304,8 @@ def _make_batch_fn(setup: ObjectiveSetup):
   ref = reference_params(setup)
   mesh = setup.mesh
   fn = make_reference_fn(setup.model_config, chunk=config.loss.chunk_size,
-                         micro_batches=config.grad_accum_steps)
+                         micro_batches=config.grad_accum_steps,
+                         vocab_chunk=config.loss.vocab_chunk)
   out_sharding = NamedSharding(mesh, batch_spec(2))
   jitted = jax.jit(fn, out_shardings={k: out_sharding for k in REF_KEYS})
 

@@ -34,7 +34,7 @@ NAN_POLICIES = ("stop", "skip", "ignore")
 
 
 def next_token_loss(config: NeoConfig, *, chunk: int = 1024, positions_per_row: int = 0,
-                    remat: bool = True) -> LossFn:
+                    remat: bool = True, vocab_chunk: int = 0) -> LossFn:
   """Weighted next-token cross-entropy of NEO on a packed batch (the batch contract)."""
   model = NeoModel(config)
 
@@ -46,7 +46,8 @@ def next_token_loss(config: NeoConfig, *, chunk: int = 1024, positions_per_row: 
     out = weighted_next_token_loss(hidden_bld, head_weight(params, config), batch["targets"],
                                    batch["loss_weights"], chunk=chunk,
                                    positions_per_row=positions_per_row,
-                                   compute_dtype=jnp.dtype(config.dtype), remat=remat)
+                                   compute_dtype=jnp.dtype(config.dtype), remat=remat,
+                                   vocab_chunk=vocab_chunk)
     out.metrics["tokens"] = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
     return out
 

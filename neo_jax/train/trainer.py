@@ -87,7 +87,7 @@ class Objective:
 def _next_token_loss(model_config: NeoConfig, config: ml_collections.ConfigDict) -> LossFn:
   return next_token_loss(model_config, chunk=config.loss.chunk_size,
                          positions_per_row=config.loss.positions_per_row,
-                         remat=config.loss.remat)
+                         remat=config.loss.remat, vocab_chunk=config.loss.vocab_chunk)
 
 
 def _next_token_flops(model_config, batch, trainable, config) -> float:
