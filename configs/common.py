@@ -107,7 +107,7 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   config.loss.remat = True  # recompute each chunk's logits in the backward pass (less memory)
   config.loss.positions_per_row = loss_positions
   # > 0: stream the head over this many vocabulary entries at a time (online logsumexp, the
-  # backward recomputes each piece); pays off where [chunk, V] logits are bound by memory traffic
+  # backward recomputes each piece): logits memory [chunk, piece] instead of [chunk, V]
   config.loss.vocab_chunk = 0
 
   config.optimizer = ml_collections.ConfigDict()

@@ -9,9 +9,10 @@ supervise a few answer tokens among thousands); rows with more than K report the
 
 With `vocab_chunk` > 0 each chunk also streams over the vocabulary (`streamed_cross_entropy`):
 pieces of the head small enough to stay in cache, an online logsumexp, and a custom VJP that
-recomputes each piece in the backward pass. Where the step is bound by memory traffic over
-[chunk, V] logits (a small model with Qwen3's 152k vocabulary on CPU) this is faster than one
-big matmul plus softmax passes; the vocabulary must not be split over devices.
+recomputes each piece in the backward pass. It bounds the logits' memory by [chunk, piece]
+instead of [chunk, V] for one more head matmul; on the tiny model on CPU it runs at the speed
+of the plain chunk (benchmarks/README.md). Keep the vocabulary unsplit over devices with it
+(the pieces are dynamic slices along V).
 
 All losses return sums (loss_sum = sum(w * CE), weight_sum = sum(w)); the step divides once
 over the global batch and every micro-batch, so loss = sum(w * CE) / sum(w) exactly.
