@@ -42,21 +42,7 @@ def _losses(history):
   return [r["train/loss"] for r in history if "train/loss" in r]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs in this module compile the same programs: reuse them through jax's cache."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": 0}
-  saved = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
 
 
 N = 8  # steps before the interruption; the straight run takes 2N
