@@ -2,6 +2,7 @@
 frozen reference come back from the run directory, not from the (moved-on) starting point."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,13 +18,14 @@ from test_preference_step import _trainer_config
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
 
 
-def _run(workdir, steps, model_config):
-  cfg = _trainer_config(workdir, steps, "--config.preference.loss=mpo",
-                        "--config.optimizer.lr=3e-3", "--config.checkpoint.every_steps=2",
+def _run(workdir, model_config, on_step=None):
+  """4 steps (the schedule's length) of MPO; `on_step` may interrupt them."""
+  cfg = _trainer_config(workdir, 4, "--config.preference.loss=mpo",
+                        "--config.optimizer.lr=3e-3", "--config.checkpoint.every_steps=1000",
                         "--config.checkpoint.async_save=false")
   spec = PairSpec.for_model(model_config, batch_size=4, seq_len=96, visual_tokens=24,
                             gather_size=32, pairs_per_row=3, seed=2)
-  return Trainer(cfg, data_iterator=PairIterator(spec)).run()
+  return Trainer(cfg, data_iterator=PairIterator(spec), on_step=on_step).run()
 
 
 def _train_records(workdir):
@@ -36,9 +38,15 @@ def test_mpo_resume_is_exact(tmp_path):
   cfg = _trainer_config(tmp_path / "x", 1)
   mc = model_config(cfg)
   straight, split = tmp_path / "straight", tmp_path / "split"
-  assert _run(straight, 4, mc).status == "completed"
-  assert _run(split, 2, mc).step == 2
-  assert _run(split, 4, mc).step == 4
+
+  def interrupt(step, record):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  assert _run(straight, mc).status == "completed"
+  first = _run(split, mc, on_step=interrupt)  # SIGTERM saves step 2; the run stops there
+  assert (first.status, first.step) == ("interrupted", 2)
+  assert _run(split, mc).step == 4
   a, b = _train_records(straight), _train_records(split)
   for step in (3, 4):
     for name in ("train/loss", "train/bco/delta", "train/rewards/margins", "train/sft/nll"):

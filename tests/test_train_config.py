@@ -98,7 +98,7 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.optimizer=1"], "--config.optimizer: is a group of fields"),
     (["--config.stage=warmup"], "stage='warmup' is not one of"),
     (["--config.model.num_key_value_heads=3"], "config.model: NeoConfig: num_attention_heads"),
-    (["--config.grad_accum_steps=3"], "data.batch_size=8 is not divisible by grad_accum_steps=3"),
+    (["--config.grad_accum_steps=3"], "data.batch_size=4 is not divisible by grad_accum_steps=3"),
     (["stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_overrides_are_one_line_errors(capsys, args, message):
