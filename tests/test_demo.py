@@ -1,7 +1,7 @@
 """`neo-jax demo` (the README's main job): all three stages run, chain their weights, and leave
 checkpoints, TensorBoard logs, a loss plot and a summary with the VQA accuracy; a second run
 skips what is done. `--quick` (3 updates per stage, 16 questions) keeps this to a few minutes;
-the full demo's numbers are measured by hand and recorded in docs/training.md."""
+the full demo is run with `make demo` and its numbers are recorded in docs/training.md."""
 
 import glob
 import json
