@@ -60,6 +60,8 @@ def test_every_stage_trains_from_the_previous_one(quick_demo):
     assert stage["steps"] == demo.QUICK_STEPS and stage["skipped"] is False
     run_dir = os.path.join(workdir, name)
     assert demo.finished_step(run_dir) == demo.QUICK_STEPS
+    with open(os.path.join(run_dir, "tokenizer_config.json")) as f:  # loads on its own
+      assert "<IMG_CONTEXT>" in f.read()
     assert glob.glob(os.path.join(run_dir, "tensorboard", "**", "events.out.tfevents.*"),
                      recursive=True), f"no TensorBoard events in {run_dir}"
     with open(os.path.join(run_dir, "train_config.json")) as f:
@@ -75,6 +77,7 @@ def test_every_stage_trains_from_the_previous_one(quick_demo):
     assert f"VQA accuracy after {name}: " in "\n".join(lines)
   assert summary["vqa_accuracy"] == summary["stages"]["acpo"]["vqa"]["accuracy"]
   assert any(line.startswith("held-out VQA accuracy: ") for line in lines)
+  assert not any("no tokenizer.json" in line for line in lines)
 
 
 def test_loss_plot_is_a_png(quick_demo):

@@ -4,6 +4,7 @@ A run directory (WORKDIR) holds:
 
     config.json                HF NEO config of the model (architecture; like an HF / neo-jax dir)
     train_config.json          the resolved training config
+    tokenizer.json, ...        the HF tokenizer files the data was encoded with (grain data)
     checkpoints/<step>/
         params/                the parameter tree (orbax StandardSave): what a next stage,
                                `load_checkpoint(WORKDIR)` and `neo-jax generate` read

@@ -250,6 +250,9 @@ class Trainer:
       ran = ml_collections.ConfigDict(cfg.to_dict())
       ran.model = config_lib.model_fields(model_config)
       ckpt_lib.write_run_files(cfg.workdir, model_config, config_lib.to_json(ran))
+      if cfg.data.pipeline == "grain":  # the tokenizer the data is encoded with, so that the
+        from neo_jax.data.tokenizer import load_tokenizer  # run directory loads on its own
+        load_tokenizer().save(cfg.workdir)
 
     patterns = tuple(cfg.trainable) or opt_lib.stage_patterns(cfg.stage)
     abstract = abstract_params(model_config)
