@@ -114,13 +114,9 @@ def _neo_tokenizer_files(qwen3_dir: str) -> str:
   from neo_jax.convert import files
   from neo_jax.data import tokenizer as tok_lib
   staging = tempfile.mkdtemp(prefix="neo_jax_tokenizer_")
-  built = tok_lib.default_tokenizer_dir()  # built once into the cache
-  for name in os.listdir(built):
-    shutil.copy2(built / name, os.path.join(staging, name))
-  tokenizer_names = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "vocab.json", "merges.txt", "added_tokens.json"}
+  tok_lib.load_tokenizer().save(staging)  # built once into the cache
   for name in files.carried_files(qwen3_dir):
-    if name not in tokenizer_names:
+    if name not in tok_lib.HF_TOKENIZER_FILES:
       shutil.copy2(os.path.join(qwen3_dir, name), os.path.join(staging, name))
   return staging
 

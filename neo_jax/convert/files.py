@@ -15,14 +15,14 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from neo_jax.convert.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
+from neo_jax.data.tokenizer import HF_TOKENIZER_FILES
 from neo_jax.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # Tokenizer and generation files that travel with the weights in both directions.
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+CARRIED_FILES = HF_TOKENIZER_FILES + ("generation_config.json",)
 CARRIED_GLOBS = ("chat_template.*",)
 
 

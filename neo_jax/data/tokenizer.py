@@ -63,6 +63,8 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# every file an HF tokenizer directory may hold (the slow-tokenizer ones too)
+HF_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt", "added_tokens.json")
 _BUILD_VERSION = "1"  # bump when the built files change
 
 NEO1_0_CHAT_TEMPLATE = (
@@ -299,7 +301,7 @@ class NeoTokenizer:
     import shutil
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES + ("vocab.json", "merges.txt", "added_tokens.json"):
+    for name in HF_TOKENIZER_FILES:
       src = self.directory / name
       if src.exists() and src.resolve() != (directory / name).resolve():
         shutil.copyfile(src, directory / name)

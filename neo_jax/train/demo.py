@@ -126,8 +126,7 @@ def stage_config(stage: Stage, quick: bool) -> Any:
       config.eval.every_steps = QUICK_STEPS
       config.eval.heldout_batches = 1
   config.log.progress_bar = sys.stderr.isatty()
-  from neo_jax.train.config_lib import validate
-  validate(config)
+  config_lib.validate(config)
   return config
 
 
@@ -198,19 +197,18 @@ def answer_kind(answer: str) -> str:
   return "yes/no"
 
 
-def vqa_accuracy(run_dir: str, questions: int, batch_size: int = 32) -> dict:
-  """Greedy answers of the run's newest checkpoint to the first `questions` test questions."""
+def vqa_accuracy(run_dir: str, questions: int, data: Any, batch_size: int = 32) -> dict:
+  """Greedy answers of the run's newest checkpoint to the first `questions` test questions,
+  its images preprocessed with the stage's pixel range (`data`: the config's data group)."""
   import numpy as np
   from neo_jax.data.pipeline import read_vqa_eval
   from neo_jax.inference import load_for_inference, vqa_answer_fn, vqa_correct
   t0 = time.perf_counter()
   model = load_for_inference(run_dir)
-  config = json.load(open(os.path.join(run_dir, "train_config.json")))
   examples = read_vqa_eval("test", questions)
   answer = vqa_answer_fn(model.config, model.tokenizer, max_new_tokens=4,
                          batch_size=min(batch_size, len(examples)),
-                         min_pixels=config["data"]["min_pixels"],
-                         max_pixels=config["data"]["max_pixels"])
+                         min_pixels=data.min_pixels, max_pixels=data.max_pixels)
   predictions = answer(model.params, examples)
   hits = [vqa_correct(p, [e.answer]) for p, e in zip(predictions, examples)]
   by_kind: dict[str, list[bool]] = {}
@@ -343,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
       vqa = record.get("vqa")
       if vqa is None or vqa["questions"] != questions:
         say(f"stage {stage.name}: answering {questions} easy-vqa test questions")
-        vqa = vqa_accuracy(stage.workdir, questions)
+        vqa = vqa_accuracy(stage.workdir, questions, config.data)
         log_accuracy(stage.workdir, ran["steps"], vqa)
         record["vqa"] = vqa
       say(format_accuracy(stage.name, vqa))

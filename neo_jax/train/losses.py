@@ -176,15 +176,17 @@ def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
   targets_nbc = jnp.moveaxis(targets_bl.reshape(b, n_chunks, chunk), 1, 0)
   head = head_dv.astype(compute_dtype)
 
+  stream = 0 < vocab_chunk < head.shape[1]
+
   def one_chunk(args):
     h_bcd, t_bc = args
-    if 0 < vocab_chunk < head.shape[1]:
+    if stream:
       return streamed_cross_entropy(h_bcd, head, t_bc, vocab_chunk, compute_dtype)
     logits = jnp.einsum("bcd,dv->bcv", h_bcd.astype(compute_dtype), head,
                         preferred_element_type=jnp.float32)
     return _ce_from_logits(logits, t_bc)
 
-  if remat and not 0 < vocab_chunk < head.shape[1]:
+  if remat and not stream:  # a streamed chunk keeps nothing of size V to recompute
     one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
 
   ce_nbc, correct_nbc = jax.lax.map(one_chunk, (hidden_nbcd, targets_nbc))
