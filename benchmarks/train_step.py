@@ -4,9 +4,9 @@
     python benchmarks/train_step.py --model neo_2b --layers 2 --seq-len 1024 --batch 1
     python benchmarks/train_step.py --model neo_2b --seq-len 16384 --remat full --dtype bfloat16
 
-Synthetic packed batches (neo_jax.train.synthetic) with images; the real jitted step
-(neo_jax.train.step) under a mesh over all devices. MFU divides the model FLOPs of
-neo_jax.train.metrics.step_flops by the device's vendor peak; on CPU, where no vendor figure
+Synthetic packed batches (neo_jax.data.synthetic) with images; the real jitted step
+(neo_jax.trainer.step) under a mesh over all devices. MFU divides the model FLOPs of
+neo_jax.trainer.flops.step_flops by the device's vendor peak; on CPU, where no vendor figure
 applies, by the measured throughput of a large float32 matmul on this machine (labelled
 "gemm peak"). Peak memory is the device allocator's peak, or the process's peak RSS on CPU.
 """
@@ -30,12 +30,13 @@ import jax.numpy as jnp  # noqa: E402
 
 from neo_jax.config import preset  # noqa: E402
 from neo_jax.model import abstract_params  # noqa: E402
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch  # noqa: E402
+from neo_jax.objectives.next_token import next_token_loss  # noqa: E402
 from neo_jax.parallel import batch_shardings, make_mesh, shard_batch  # noqa: E402
-from neo_jax.train import metrics as M  # noqa: E402
-from neo_jax.train import optimizer as O  # noqa: E402
-from neo_jax.train.state import init_state, state_shardings  # noqa: E402
-from neo_jax.train.step import compile_step, make_train_step, next_token_loss  # noqa: E402
-from neo_jax.train.synthetic import SyntheticSpec, compact_vocab, synthetic_batch  # noqa: E402
+from neo_jax.trainer import flops as M  # noqa: E402
+from neo_jax.trainer import optimizer as O  # noqa: E402
+from neo_jax.trainer.state import init_state, state_shardings  # noqa: E402
+from neo_jax.trainer.step import compile_step, make_train_step  # noqa: E402
 
 
 def gemm_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

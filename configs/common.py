@@ -1,63 +1,62 @@
-"""Defaults shared by every training config, and NEO's published stage recipes (spec 5.1).
+"""What every training config shares: each field with its default, the config argument, the
+tiny model's CPU set-up and the `local` variant.
 
-A config file picks a model and a stage and changes only what differs:
+One file per stage (pretrain.py, midtrain.py, sft.py, preference.py) holds that stage's recipe
+for each model. Its argument, after the file name, picks the model and variants:
 
-    import common
-    def get_config(arg=None):
-      config = common.stage_config("neo_2b", "pretrain")
-      config.data.sources = ("tfds:/data/captions",)
-      return config
+    neo-jax train --config configs/sft.py:neo_2b          NEO-2B's recipe
+    neo-jax train --config configs/sft.py:tiny            the demo's tiny NEO on easy-vqa, CPU
+    neo-jax train --config configs/sft.py:tiny,local      seconds anywhere: a smoke test
 
-Every field below can be overridden on the command line, e.g.
-`neo-jax train --config configs/neo_2b_sft.py --config.optimizer.lr=3e-5 --config.mesh.tensor=4`.
+Every field can be overridden on the command line with the type of its default, e.g.
+`--config.optimizer.lr=3e-5 --config.mesh.tensor=4`; `--print-config` shows them all.
 """
 
 import ml_collections
 
 from neo_jax.config import preset
-from neo_jax.train.config_lib import model_fields
+from neo_jax.data.synthetic import compact_vocab
+from neo_jax.parallel.sharding import rules_table
+from neo_jax.trainer.config import model_config, model_fields
 
-# NEO's scripts (VLMTrainKit/scripts/*.sh): AdamW (0.9, 0.95), eps 1e-8, weight decay 0.01,
-# clip 1.0, bf16 with gradient checkpointing, one packed row per GPU, 8 GPUs (NNODES is never
-# passed to torchrun), seed 42. Per (model, stage):
-RECIPES = {
-    ("neo_2b", "pretrain"): dict(
-        init="qwen3", lr=8e-4, grad_accum_steps=5, total_steps=200_000, warmup_steps=1000,
-        warmup_ratio=0.0, schedule="cosine_with_min_lr", min_lr_ratio=0.1, seq_len=16384,
-        min_pixels=65_536, max_pixels=4_194_304),
-    ("neo_2b", "midtrain"): dict(
-        init="neo", lr=5e-5, grad_accum_steps=2, total_steps=50_000, warmup_steps=0,
-        warmup_ratio=0.03, schedule="cosine_with_min_lr", min_lr_ratio=0.2, seq_len=32768,
-        min_pixels=65_536, max_pixels=16_777_216),
-    ("neo_2b", "sft"): dict(
-        init="neo", lr=6e-5, grad_accum_steps=1, total_steps=4_500, warmup_steps=0,
-        warmup_ratio=0.03, schedule="cosine_with_min_lr", min_lr_ratio=0.1, seq_len=34816,
-        min_pixels=65_536, max_pixels=16_777_216),
-    ("neo_9b", "pretrain"): dict(
-        init="qwen3", lr=8e-4, grad_accum_steps=5, total_steps=200_000, warmup_steps=1000,
-        warmup_ratio=0.0, schedule="cosine_with_min_lr", min_lr_ratio=0.1, seq_len=16384,
-        min_pixels=65_536, max_pixels=4_194_304),
-    ("neo_9b", "midtrain"): dict(
-        init="neo", lr=5e-5, grad_accum_steps=2, total_steps=50_000, warmup_steps=200,
-        warmup_ratio=0.0, schedule="cosine_with_min_lr", min_lr_ratio=0.2, seq_len=18432,
-        min_pixels=65_536, max_pixels=16_777_216),
-    # the 8B SFT script asks for plain "cosine" (its min_lr_ratio is ignored): decays to 0
-    ("neo_9b", "sft"): dict(
-        init="neo", lr=6e-5, grad_accum_steps=1, total_steps=4_500, warmup_steps=200,
-        warmup_ratio=0.0, schedule="cosine", min_lr_ratio=0.0, seq_len=18432,
-        min_pixels=65_536, max_pixels=16_777_216),
-}
-
-# what each stage reads: pretrain learns from captions, midtrain and SFT from conversations
-STAGE_DATA_KIND = {"pretrain": "pretrain", "midtrain": "sft", "sft": "sft"}
+MODELS = ("tiny", "neo_2b", "neo_9b")
 
 
-def base_config(model: str, stage: str, **model_overrides) -> ml_collections.ConfigDict:
-  """Every field of a training config, with defaults; `model` is a NeoConfig preset."""
+def parse_arg(arg, *, models=MODELS, **defaults) -> ml_collections.ConfigDict:
+  """`MODEL[,FLAG|,KEY=VALUE]...` -> {model, each default updated}.
+
+  The first word names the model; a bare word sets a boolean default to True; KEY=VALUE takes
+  the type of KEY's default. `parse_arg("tiny,local", local=False)` -> {model: "tiny",
+  local: True}.
+  """
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  if not words or words[0] not in models:
+    raise ValueError(f"name the model after the file, FILE.py:MODEL, MODEL one of "
+                     f"{', '.join(models)} (got {arg!r})")
+  out = ml_collections.ConfigDict(dict(defaults, model=words[0]))
+  for word in words[1:]:
+    key, eq, value = word.partition("=")
+    if key not in defaults:
+      raise ValueError(f"{word!r}: not one of {', '.join(sorted(defaults))}")
+    if not eq:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f"{key} needs a value: {key}=...")
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      if value.lower() not in ("true", "false"):
+        raise ValueError(f"{word!r}: {key} is true or false")
+      out[key] = value.lower() == "true"
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
+def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
+  """Every field of a training config, with its default; `model` is a NeoConfig preset."""
   config = ml_collections.ConfigDict()
   config.name = f"{model}_{stage}"
   # pretrain trains vision/*, pre_buffer/* and the post-LLM's q/k_proj_hw and H/W norms;
-  # midtrain and sft train everything (neo_jax/train/optimizer.py, STAGE_TRAINABLE)
+  # midtrain, sft and preference train everything (neo_jax/trainer/optimizer.py)
   config.stage = stage
   config.workdir = f"workdir/{model}_{stage}"  # checkpoints, metrics.jsonl, tensorboard/
   config.seed = 42  # parameter init and the train state's RNG
@@ -65,11 +64,12 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   config.grad_accum_steps = 1  # micro-batches per update (data.batch_size is per update)
   config.nan_policy = "stop"  # non-finite loss/grad norm: stop | skip (the update) | ignore
   config.trainable = ()  # regexes over parameter paths; empty: the stage's set (see below)
+  config.objective = "next_token"  # what the step optimises: next_token | preference
 
-  # the model: every NeoConfig field (architecture, then how to compute)
-  compute = dict(dtype="bfloat16", param_dtype="float32", attention_impl="auto",
-                 remat_policy="full")
-  config.model = model_fields(preset(model), **{**compute, **model_overrides})
+  # the model: every NeoConfig field (architecture, how to compute, and the pixel range every
+  # image is resized into: the data pipeline and evaluation read it from here)
+  config.model = model_fields(preset(model), dtype="bfloat16", param_dtype="float32",
+                              attention_impl="auto", remat_policy="full")
 
   # where the parameters come from when the run directory has no checkpoint yet
   config.init = ml_collections.ConfigDict()
@@ -83,18 +83,15 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   # the data: neo_jax.data.DataConfig fields, plus the pipeline and the global batch
   config.data = ml_collections.ConfigDict()
   config.data.pipeline = "grain"  # grain: neo_jax.data | synthetic: random packed batches
-  config.data.kind = STAGE_DATA_KIND[stage]  # sft | pretrain | text | preference
+  config.data.kind = "sft"  # sft | pretrain | text | preference
   config.data.sources = ()  # empty: the embedded easy-vqa set for `kind`
   config.data.weights = ()  # mixing weights of `sources` (empty: equal)
   config.data.text_sources = ("pydoc/text",)
   config.data.text_ratio = 0.0  # fraction of plain-text samples
-  config.data.split = "train"
   config.data.batch_size = 8  # rows per update, all processes together (one row per GPU)
   config.data.seq_len = 4096  # L: tokens per packed row
   config.data.visual_budget = 1024  # N: visual tokens per row
   config.data.loss_token_budget = loss_positions
-  config.data.min_pixels = 65_536
-  config.data.max_pixels = 4_194_304
   config.data.loss_reduction = "square"  # NEO: each sample's tokens weigh 1/sqrt(count)
   config.data.system_prompt = ""
   config.data.seed = 42
@@ -127,6 +124,8 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   config.mesh.fsdp = -1  # -1: all remaining devices; parameters and optimizer state split
   config.mesh.tensor = 1  # heads / MLP / vocabulary split
   config.mesh.num_devices = 0  # 0: every device; n: the first n (single-process experiments)
+  # logical axis -> mesh axes (() = whole), weights and activations apart (docs/training.md)
+  config.mesh.rules = ml_collections.ConfigDict(rules_table())
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 1000
@@ -149,140 +148,46 @@ def base_config(model: str, stage: str, **model_overrides) -> ml_collections.Con
   return config
 
 
-def stage_config(model: str, stage: str, **model_overrides) -> ml_collections.ConfigDict:
-  """base_config with NEO's recipe for (model, stage) from RECIPES."""
-  recipe = RECIPES[(model, stage)]
-  config = base_config(model, stage, **model_overrides)
-  config.init.format = recipe["init"]
-  config.total_steps = recipe["total_steps"]
-  config.grad_accum_steps = recipe["grad_accum_steps"]
-  config.data.batch_size = 8 * recipe["grad_accum_steps"]  # 8 rows per micro-batch
-  config.data.seq_len = recipe["seq_len"]
-  config.data.visual_budget = recipe["seq_len"] // 2
-  config.data.min_pixels = recipe["min_pixels"]
-  config.data.max_pixels = recipe["max_pixels"]
-  config.model.min_pixels = recipe["min_pixels"]
-  config.model.max_pixels = recipe["max_pixels"]
-  opt = config.optimizer
-  opt.lr = recipe["lr"]
-  opt.schedule = recipe["schedule"]
-  opt.min_lr_ratio = recipe["min_lr_ratio"]
-  opt.warmup_steps = recipe["warmup_steps"]
-  opt.warmup_ratio = recipe["warmup_ratio"]
-  config.loss.chunk_size = 1024
-  config.checkpoint.every_steps = 1000
-  config.log.every_steps = 10
-  return config
-
-
-def tiny_config(stage: str) -> ml_collections.ConfigDict:
-  """The `tiny` NEO on the embedded easy-vqa data, sized for two CPU cores."""
-  config = base_config("tiny", stage, dtype="float32", remat_policy="none",
-                       attention_impl="xla", min_pixels=64 * 64, max_pixels=64 * 64)
-  config.name = f"tiny_vqa_{stage}"
-  config.workdir = f"workdir/tiny_vqa_{stage}"
+def tiny_cpu(config: ml_collections.ConfigDict) -> None:
+  """The `tiny` NEO on the embedded easy-vqa data, sized for two CPU cores (the demo)."""
+  config.name = f"tiny_vqa_{config.stage}"
+  config.workdir = f"workdir/tiny_vqa_{config.stage}"
+  config.model.dtype = "float32"
+  config.model.remat_policy = "none"
+  config.model.attention_impl = "xla"
+  config.model.min_pixels = 64 * 64  # easy-vqa images are 64x64: 2x2 visual tokens each
+  config.model.max_pixels = 64 * 64
   config.init.format = "run"
   config.data.batch_size = 8
   config.data.seq_len = 256
   config.data.visual_budget = 64
-  config.data.min_pixels = 64 * 64  # easy-vqa images are 64x64: 2x2 visual tokens each
-  config.data.max_pixels = 64 * 64
   config.loss.chunk_size = 128  # one chunk: K <= 128 positions per row, 8 x 128 x V fp32
   config.loss.remat = False  # CPU: keep the logits (0.5 GB) rather than recompute them
-  config.optimizer.schedule = "cosine_with_min_lr"
-  config.optimizer.min_lr_ratio = 0.1
   config.checkpoint.every_steps = 100
   config.checkpoint.max_to_keep = 2
-  config.log.every_steps = 10
-  return config
 
 
-# --- preference optimisation: ACPO and the DPO family (docs/acpo.md) -------------------------
-
-def preference_config(config: ml_collections.ConfigDict,
-                      loss: str = "acpo") -> ml_collections.ConfigDict:
-  """`config` (a stage config of the same model) turned into a preference stage.
-
-  The step scores chosen and rejected in one forward over packed prompt | chosen | rejected
-  rows; `loss.positions_per_row` (K) caps the response tokens of a row (and P = K // 2 pairs).
-  """
-  config.objective = "preference"  # neo_jax/train/preference.py
-  config.stage = "preference"  # every parameter trains
-  config.data.kind = "preference"
-  config.data.sources = ()  # empty: the embedded easy-vqa pairs
-  p = config.preference = ml_collections.ConfigDict()
-  # sigmoid (= dpo) | robust | hinge | ipo | sigmoid_norm | simpo | dpop | nca_pair | sppo_hard
-  # | apo_zero | apo_down | exo_pair | discopop | bco_pair | mpo | acpo
-  p.loss = loss
-  p.reference = "model"  # model: frozen copy of the start | batch: ref_*_logps keys | none
-  p.beta = 0.1  # TRL / MPO default
-  p.label_smoothing = 0.0  # cDPO / robust eps (exo_pair needs > 0, e.g. 1e-3)
-  p.gamma = 0.5  # SimPO target margin (TRL's simpo_gamma)
-  p.dpop_lambda = 50.0  # DPOP penalty weight
-  p.discopop_tau = 0.05
-  p.mpo_weights = (0.8, 0.2)  # MPO: DPO and BCO-pair weights
-  p.sft_weight = -1.0  # NLL on the chosen response (RPO); < 0: the loss's default (mpo 1, else 0)
-  p.sft_reduction = "token"  # token: token mean over the batch (TRL, MPO code) | sequence
-  # ACPO (reconstruction, spec/acpo.md 1.3): alpha = clip((r_w - tau) / r_l), tau = delta *
-  # (|y_w| + |y_l|) averaged over the batch; alpha = 1 where |r_l| < guard_eps
-  p.delta = 0.01  # per-token reward target (unknown in the paper; sweep 0 - 0.05)
-  p.alpha_mode = "per_sample"  # | batch (one alpha from the batch means of the rewards)
-  p.alpha_clip = (0.0, 1.0)  # (): no clipping
-  p.detach_alpha = True
-  p.guard_eps = 1e-6
-  return config
-
-
-# MPO's recipe (InternVL2-8B MPO script, spec/acpo.md 3.3); ACPO's own is not published
-MPO_RECIPE = dict(lr=5e-6, schedule="cosine", warmup_ratio=0.03, weight_decay=0.05, beta=0.1)
-
-
-def preference_stage_config(model: str, loss: str = "acpo") -> ml_collections.ConfigDict:
-  """NEO-2B / 9B preference stage on the MPO recipe, starting from the model's SFT run."""
-  config = preference_config(stage_config(model, "sft"), loss)
-  config.name = f"{model}_{loss}"
-  config.workdir = f"workdir/{model}_{loss}"
-  config.init.format = "neo"
-  opt = config.optimizer
-  opt.lr = MPO_RECIPE["lr"]
-  opt.schedule = MPO_RECIPE["schedule"]
-  opt.min_lr_ratio = 0.0
-  opt.warmup_steps = 0
-  opt.warmup_ratio = MPO_RECIPE["warmup_ratio"]
-  opt.weight_decay = MPO_RECIPE["weight_decay"]
-  config.preference.beta = MPO_RECIPE["beta"]
-  # one epoch of ~320K pairs (the size of ACPO's proprietary set) at ~256 pairs per update
-  # (MPO's global batch): 4 micro-batches of 8 packed 16,384-token rows, ~8 pairs per row
-  config.grad_accum_steps = 4
-  config.data.batch_size = 32
-  config.total_steps = 1250
-  config.data.seq_len = 16384
-  config.data.visual_budget = 8192
-  config.loss.positions_per_row = 4096  # response tokens per row (P = 2,048 pairs at most)
-  config.checkpoint.every_steps = 250
-  return config
-
-
-def tiny_preference_config(loss: str) -> ml_collections.ConfigDict:
-  """The tiny NEO's preference stage on the embedded easy-vqa pairs, from the tiny SFT run.
-
-  Sized for two CPU cores: ~30 updates of 8 rows x ~9 pairs; lr small enough that the SFT
-  model's VQA accuracy does not drop; one held-out evaluation (preference loss and easy-vqa
-  exact match on 100 test questions) after the last step.
-  """
-  config = preference_config(tiny_config("sft"), loss=loss)
-  config.name = f"tiny_vqa_{loss}"
-  config.workdir = f"workdir/tiny_vqa_{loss}"
-  config.total_steps = 30
-  config.optimizer.lr = 2e-4
-  config.optimizer.warmup_steps = 3
-  config.init.path = "workdir/tiny_vqa_sft"
-  config.init.format = "run"
-  config.data.visual_budget = 64
-  config.loss.positions_per_row = 64  # response tokens per row (~6 per pair)
+def local(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int,
+          visual_budget: int, positions_per_row: int, warmup_steps: int) -> None:
+  """The `local` variant: the stage as it runs anywhere in seconds, for smoke tests and the
+  test suite. The model keeps its width but has one pre-Buffer and one LLM layer and a
+  512-token vocabulary; random weights; synthetic batches of the given shapes; one device;
+  a record every step; no evaluation."""
+  small = model_config(config).replace(num_hidden_layers=2, num_prebuffer_layers=1)
+  config.model = model_fields(compact_vocab(small, 512))
+  config.name += "_local"
+  config.workdir += "_local"
+  config.init.path = ""
+  config.total_steps = 10
+  config.data.pipeline = "synthetic"
+  config.data.batch_size = batch_size
+  config.data.seq_len = seq_len
+  config.data.visual_budget = visual_budget
+  config.loss.positions_per_row = positions_per_row
+  config.loss.chunk_size = positions_per_row  # one chunk
+  config.optimizer.warmup_steps = warmup_steps
   config.log.every_steps = 1
-  config.checkpoint.every_steps = 30
-  config.eval.every_steps = 30  # once, at the end
-  config.eval.heldout_batches = 2  # preference loss on test pairs
-  config.eval.vqa_examples = 100  # greedy answers to easy-vqa test questions
-  return config
+  config.log.progress_bar = False
+  config.mesh.num_devices = 1
+  config.eval.every_steps = 0
+  config.eval.vqa_examples = 0

@@ -30,7 +30,7 @@ Slice:
   --queued             create through a queued resource and wait for it
   --spot               spot capacity (preemptible; resume by running train again)
 Run:
-  --config PATH        training config (default configs/neo_2b_pretrain.py) [$NEO_CONFIG]
+  --config FILE:ARG    training config (default configs/pretrain.py:neo_2b) [$NEO_CONFIG]
   --ref REF            git ref whose files are shipped (default HEAD)
   --steps LIST         comma-separated steps (default up,install,train); also logs, down
   --detach             start training in the background on the workers and return
@@ -50,7 +50,7 @@ PROJECT="${TPU_PROJECT:-}"
 TYPE="${TPU_TYPE:-v5litepod-16}"
 VERSION="${TPU_VERSION:-v2-alpha-tpuv5-lite}"
 WORKDIR="${NEO_WORKDIR:-}"
-CONFIG="${NEO_CONFIG:-configs/neo_2b_pretrain.py}"
+CONFIG="${NEO_CONFIG:-configs/pretrain.py:neo_2b}"
 REF=HEAD
 STEPS="up,install,train"
 QUEUED=0

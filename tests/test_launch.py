@@ -74,7 +74,7 @@ def test_help(script):
 def test_tpu_pod_dry_run_prints_every_step_and_calls_nothing(tmp_path):
   result = _run(LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "neo-v5e", "--zone", "us-west4-a",
                 "--project", "proj", "--type", "v5litepod-32", "--queued", "--spot",
-                "--workdir", "gs://bkt/runs/a", "--config", "configs/neo_2b_sft.py",
+                "--workdir", "gs://bkt/runs/a", "--config", "configs/sft.py:neo_2b",
                 "--steps", "up,install,train,logs,down", "--",
                 "--config.total_steps=10", "--config.name=two words", tmp=tmp_path)
   assert result.returncode == 0, result.stderr
@@ -104,7 +104,7 @@ def test_tpu_pod_dry_run_prints_every_step_and_calls_nothing(tmp_path):
   inner = re.search(r"\{ (cd neo-jax && .*?); \}", train)[1]
   words = shlex.split(inner)
   assert words[:4] == ["cd", "neo-jax", "&&", ".venv/bin/neo-jax"]
-  assert words[4:] == ["train", "--config", "configs/neo_2b_sft.py",
+  assert words[4:] == ["train", "--config", "configs/sft.py:neo_2b",
                        "--config.workdir=/tmp/gcs/bkt/runs/a", "--config.total_steps=10",
                        "--config.name=two words"]
   assert "tee -a neo-jax/logs/train.log" in train
@@ -145,7 +145,7 @@ def _train_args(cmd: list[str]) -> list[str]:
 
 
 def test_slurm_dry_run_one_process_per_gpu(tmp_path):
-  config = str(REPO / "configs" / "tiny_vqa_pretrain.py")
+  config = str(REPO / "configs" / "pretrain.py") + ":tiny"
   env = {**SLURM_JOB, "NEO_CONFIG": config,
          "NEO_WORKDIR": str(tmp_path / "run"), "NCCL_SOCKET_IFNAME": "ib0"}
   result = _run(LAUNCH / "gpu_slurm.sbatch", "--dry-run", "--config.total_steps=5", env=env,
@@ -178,7 +178,7 @@ def test_slurm_dry_run_one_process_per_node(tmp_path):
   assert result.returncode == 0, result.stderr
   (cmd,) = _commands(result.stdout)
   assert cmd[1:4] == ["--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=128"]
-  assert _train_args(cmd)[:2] == ["--config", "configs/neo_2b_pretrain.py"]
+  assert _train_args(cmd)[:2] == ["--config", "configs/pretrain.py:neo_2b"]
   assert _train_args(cmd)[2].endswith("/neo-jax-runs/neo-981")
   assert ("XLA_FLAGS=--xla_dump_to=/tmp/x --xla_gpu_enable_latency_hiding_scheduler=true"
           in result.stdout)

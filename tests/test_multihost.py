@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "tiny_vqa_pretrain.py")
+CONFIG = str(REPO / "configs" / "pretrain.py") + ":tiny"
 STEPS = 3
 # the tiny pretrain config, shrunk: 8 rows of 64 tokens, K = 16, one checkpoint at the end
 TRAIN_OVERRIDES = (
@@ -57,7 +57,7 @@ WORKER_TIMEOUT_S = 240
 def _save_state_shards(out_dir: str) -> None:
   """Wraps RunCheckpointer.save so each process records the state shards it holds."""
   import jax
-  from neo_jax.train import checkpoint as ckpt_lib
+  from neo_jax.trainer import checkpoint as ckpt_lib
   original = ckpt_lib.RunCheckpointer.save
 
   def save(self, state, data_state=None, meta=None):
@@ -105,11 +105,12 @@ def worker_restore(workdir: str, out_dir: str) -> int:
   jax.config.update("jax_num_cpu_devices", 8)
   from neo_jax.model import abstract_params
   from neo_jax.parallel import make_mesh
-  from neo_jax.train import checkpoint as ckpt_lib, config_lib, optimizer as opt_lib
-  from neo_jax.train.state import abstract_state, state_shardings
+  from neo_jax import run_dir
+  from neo_jax.trainer import checkpoint as ckpt_lib, config as config_lib, optimizer as opt_lib
+  from neo_jax.trainer.state import abstract_state, state_shardings
   with open(os.path.join(workdir, "train_config.json")) as f:
     cfg = config_lib.config_from_json(f.read())
-  model_config = ckpt_lib.run_model_config(workdir)
+  model_config = run_dir.run_model_config(workdir)
   trainable = opt_lib.trainable_paths(abstract_params(model_config), tuple(cfg.trainable))
   tx, _ = opt_lib.from_config(cfg.optimizer, cfg.total_steps)
   mesh = make_mesh(2, 2, 2)
@@ -122,7 +123,7 @@ def worker_restore(workdir: str, out_dir: str) -> int:
     assert leaf.sharding.is_equivalent_to(  # placed on the new mesh directly
         jax.tree.leaves(shardings)[k], leaf.ndim)
     arrays[f"a{k}"], names[f"a{k}"] = np.asarray(leaf), jax.tree_util.keystr(path)
-  params, _ = ckpt_lib.load_run_params(workdir)  # one device
+  params, _ = run_dir.load_run_params(workdir)  # one device
   for k, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
     arrays[f"p{k}"], names[f"p{k}"] = np.asarray(leaf), ".params" + jax.tree_util.keystr(path)
   np.savez(os.path.join(out_dir, "restored.npz"), **arrays)
@@ -137,7 +138,7 @@ def worker_data(out_dir: str, source: str) -> int:
   import jax
   from neo_jax.data.tokenizer import load_tokenizer
   from neo_jax.parallel import distributed, make_mesh, shard_batch
-  from neo_jax.train import config_lib, data as data_lib
+  from neo_jax.trainer import batches as data_lib, config as config_lib
   group = distributed.initialize()  # already joined: returns that group
   cfg = config_lib.load_config(CONFIG, [
       "--config.data.kind=text", f"--config.data.sources=('jsonl:{source}',)",

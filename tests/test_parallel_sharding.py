@@ -9,11 +9,15 @@ from neo_jax.config import neo_2b, tiny
 from neo_jax.model import abstract_params, init_params, logical_axes
 from neo_jax.parallel import (batch_shardings, explain, make_mesh, named_sharding, shard_batch,
                               tree_shardings)
+from neo_jax.model.attention import K_ACTIVATION, Q_ACTIVATION
+from neo_jax.model.layers import EMBED_ACTIVATION, MLP_ACTIVATION
 from neo_jax.parallel.mesh import resolve_mesh_shape
-from neo_jax.train import optimizer as O
-from neo_jax.train.state import init_state, state_shardings
-from neo_jax.train.step import compile_step, make_train_step, next_token_loss
-from neo_jax.train.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
+from neo_jax.parallel.sharding import RULES, rules_from_table, rules_table
+from neo_jax.trainer import optimizer as O
+from neo_jax.trainer.state import init_state, state_shardings
+from neo_jax.objectives.next_token import next_token_loss
+from neo_jax.trainer.step import compile_step, make_train_step
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
 SPEC = SyntheticSpec.for_model(CFG, batch_size=8, seq_len=64, visual_tokens=24,
@@ -91,7 +95,8 @@ def test_undivisible_dimension_falls_back_to_replicated():
   mesh = jax.sharding.AbstractMesh((1, 2, 4), ("data", "fsdp", "tensor"))
   # tiny k_proj: 2 KV heads x 32 = 64 columns divide 4; a 6-wide dim would not
   assert named_sharding(P("embed", "kv_heads"), (128, 6), mesh).spec == P("fsdp", None)
-  assert named_sharding(P("batch", "length"), (3, 8), mesh).spec == P("data", None)
+  assert named_sharding(P("activation_batch", "activation_length"), (3, 8),
+                        mesh).spec == P("data", None)
   lines = explain({"w": P("embed", "kv_heads")}, {"w": np.zeros((128, 6))}, mesh)
   assert "not divisible" in lines[0]
 
@@ -119,3 +124,31 @@ def test_tree_shardings_cover_the_whole_tree():
   mesh = make_mesh(1, 8, 1)
   shardings = tree_shardings(logical_axes(CFG), abstract_params(CFG), mesh)
   assert (jax.tree.structure(shardings) == jax.tree.structure(abstract_params(CFG)))
+
+
+def test_weights_and_activations_are_named_apart_so_rule_order_does_not_matter():
+  """Weights split fsdp x tensor; activations keep the model dimension whole and split the
+  batch; the same under any order of the rules (no rule relies on an earlier one)."""
+  mesh = jax.sharding.AbstractMesh((2, 16, 4), ("data", "fsdp", "tensor"))
+  weight_names = {name for spec in jax.tree.leaves(logical_axes(neo_2b()),
+                                                   is_leaf=lambda x: isinstance(x, P))
+                  for name in spec if name is not None}
+  rule_names = {name for name, _ in RULES}
+  activations = {n for n in rule_names if n.startswith("activation_")}
+  assert weight_names <= rule_names - activations
+  for rules in (RULES, tuple(reversed(RULES)), rules_from_table(rules_table())):
+    spec = lambda names, shape: named_sharding(P(*names), shape, mesh, rules).spec
+    assert spec(EMBED_ACTIVATION, (32, 64, 2048)) == P(("data", "fsdp"), None, None)
+    assert spec(MLP_ACTIVATION, (32, 64, 6144)) == P(("data", "fsdp"), None, "tensor")
+    assert spec(Q_ACTIVATION, (32, 64, 16, 256)) == P(("data", "fsdp"), None, "tensor", None)
+    assert spec(K_ACTIVATION, (32, 64, 8, 256)) == P(("data", "fsdp"), None, "tensor", None)
+    assert spec(("embed", "mlp"), (2048, 6144)) == P("fsdp", "tensor")
+    assert spec(("vocab", "embed"), (151936, 2048)) == P("tensor", "fsdp")
+
+
+def test_rules_table_round_trips_and_checks_mesh_axes():
+  assert rules_from_table(rules_table()) == RULES
+  assert rules_table()["activation_batch"] == ("data", "fsdp")
+  assert rules_table()["activation_embed"] == ()
+  with pytest.raises(ValueError, match="fspd"):
+    rules_from_table({"embed": ("fspd",)})

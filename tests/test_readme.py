@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from neo_jax import cli
-from neo_jax.train import config_lib
+from neo_jax.trainer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""`neo-jax compare-logits`: a checkpoint's float32 logits against a golden .npz file.
+"""A checkpoint's float32 logits against a golden .npz file (`neo-jax compare-logits`).
 
 The golden file holds the inputs and logits of the PyTorch model, in its own layout:
   input_ids     int [L]
@@ -10,15 +10,16 @@ The golden file holds the inputs and logits of the PyTorch model, in its own lay
 
 from __future__ import annotations
 
-import argparse
-import os
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from neo_jax.config import ATTENTION_IMPLS, NeoConfig
+from neo_jax.config import NeoConfig
 from neo_jax.convert.hf_inputs import hf_inputs_to_batch
 from neo_jax.errors import UserError
+from neo_jax.model import NeoModel
 
 GOLDEN_KEYS = ("input_ids", "pixel_values", "grid_hw", "logits")
 
@@ -46,9 +47,6 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
 
 def model_logits(params: Mapping, config: NeoConfig, batch: Mapping[str, np.ndarray]) -> np.ndarray:
   """float32 logits [B, L, V] of one forward pass."""
-  import jax
-  import jax.numpy as jnp
-  from neo_jax.model import NeoModel
   model = NeoModel(config)
   inputs = {k: jnp.asarray(v) for k, v in batch.items()}
   forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
@@ -72,33 +70,3 @@ def compare_logits(params: Mapping, config: NeoConfig,
   return {"max_abs_diff": float(diff.max()), "mean_kl": float(kl.mean()),
           "argmax_agreement": float((ours.argmax(-1) == expected.argmax(-1)).mean()),
           "positions": int(expected.shape[0]), "worst_position": int(diff.max(-1).argmax())}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                      help="HF NEO directory (config.json + safetensors) or neo-jax parameter "
-                           "directory (config.json + params/); loaded in float32")
-  parser.add_argument("--golden", required=True, metavar="FILE.npz",
-                      help="golden file with input_ids [L], pixel_values [N_patches, 768], "
-                           "grid_hw [n_images, 2] and logits [L, V] from the PyTorch model")
-  parser.add_argument("--atol", type=float, default=1e-4,
-                      help="largest allowed absolute logit difference (default: %(default)g); "
-                           "exit status 0 within it, 1 above it")
-  parser.add_argument("--attention-impl", default="xla", choices=ATTENTION_IMPLS, metavar="NAME",
-                      help=f"attention implementation to check, one of "
-                           f"{', '.join(ATTENTION_IMPLS)} (default: %(default)s)")
-
-
-def run(args: argparse.Namespace) -> int:
-  from neo_jax.convert.loading import load_checkpoint
-  golden = read_golden(args.golden)
-  params, config = load_checkpoint(args.checkpoint, dtype="float32", param_dtype="float32",
-                                   attention_impl=args.attention_impl)
-  result = compare_logits(params, config, golden)
-  ok = result["max_abs_diff"] <= args.atol
-  print(f"{os.path.basename(args.golden)}: max |logit diff| = {result['max_abs_diff']:.3e} "
-        f"(atol {args.atol:g}, worst position {result['worst_position']}), "
-        f"mean KL(golden || ours) = {result['mean_kl']:.3e}, argmax agreement "
-        f"{result['argmax_agreement']:.1%} over {result['positions']} positions: "
-        f"{'OK' if ok else 'FAIL'}")
-  return 0 if ok else 1

@@ -19,6 +19,7 @@ from neo_jax.convert.hf_checkpoint import (CONFIG_FILE, neo_config_from_dict, re
                                            stored_param_dtype)
 from neo_jax.convert.mapping import ParamPath, check_covers
 from neo_jax.errors import UserError
+from neo_jax.model import abstract_params
 
 PARAMS_DIR = "params"
 
@@ -52,7 +53,6 @@ def _path_str(path: ParamPath) -> str:
 
 def _check_shapes(stored: Mapping, config: NeoConfig, where: str) -> None:
   """Names the first parameter whose presence or shape disagrees with config.json."""
-  from neo_jax.model import abstract_params
   expected = {tuple(k.key for k in p): v.shape
               for p, v in jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]}
   found = {tuple(k.key for k in p): tuple(v.shape)

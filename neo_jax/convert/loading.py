@@ -1,8 +1,8 @@
 """`load_checkpoint(path)`: any kind of NEO checkpoint directory -> (params, NeoConfig).
 
-Kinds are a small registry, tried in order, each recognised by the files it holds. The
-training code adds its run directories with `register_kind(...)`, so every command that takes
-a checkpoint accepts them without knowing about training.
+Kinds are a small registry, tried in order, each recognised by the files it holds: training run
+directories (neo_jax/run_dir.py), neo-jax parameter directories and HF NEO directories, so
+every command that takes a checkpoint accepts all of them. `register_kind` adds another.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from neo_jax import run_dir
 from neo_jax.config import NeoConfig
 from neo_jax.convert import hf_checkpoint, jax_checkpoint
 from neo_jax.errors import UserError
@@ -77,13 +78,9 @@ def _load_hf(path: str, shardings: Optional[Any] = None, **compute: Any):
   return jax.device_put(params, target), config
 
 
+register_kind(run_dir.RUN_KIND, run_dir.is_run_dir, run_dir.load_run_params, run_dir.HOLDS)
 register_kind("neo-jax params", jax_checkpoint.is_params_dir, jax_checkpoint.load_params,
               f"{hf_checkpoint.CONFIG_FILE} + {jax_checkpoint.PARAMS_DIR}/")
 register_kind("HF NEO", hf_checkpoint.is_hf_dir, _load_hf,
               f"{hf_checkpoint.CONFIG_FILE} + model.safetensors or model.safetensors.index.json")
 
-# Training run directories (WORKDIR of `neo-jax train`): the kind is defined by the training
-# package in a module that imports nothing heavy.
-from neo_jax.train import run_dir as _run_dir  # noqa: E402
-
-_run_dir.register(register_kind)

@@ -22,6 +22,7 @@ import numpy as np
 
 from neo_jax.config import NeoConfig
 from neo_jax.errors import UserError
+from neo_jax.model import abstract_params
 
 Array = Any  # numpy or jax array (transforms use only methods both have)
 ParamPath = tuple[str, ...]
@@ -146,7 +147,6 @@ def _fmt(shape: Sequence[int]) -> str:
 
 def expected_hf_shapes(config: NeoConfig) -> dict[str, tuple[int, ...]]:
   """HF key -> PyTorch shape of every tensor of a model with this config."""
-  from neo_jax.model import abstract_params  # the model's own shapes are the ground truth
   shapes = abstract_params(config)
   check_covers(shapes, config)
   out = {}

@@ -29,6 +29,7 @@ from neo_jax.convert.mapping import (EMBED_KEY, GLOBAL_ENTRIES, LAYER_ENTRIES, L
                                      LM_HEAD_KEY, expected_hf_shapes, locations, params_from_hf)
 from neo_jax.convert.progress import progress_bar
 from neo_jax.errors import UserError
+from neo_jax.model.vision import PatchEmbedding
 
 PREBUFFER_STD = 0.02
 NORM_KEY = "language_model.model.norm.weight"
@@ -130,7 +131,6 @@ def q_proj_hw_from_q_proj(q_weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def vision_init_hf(config: NeoConfig, seed: int) -> dict[str, np.ndarray]:
   """Fresh vision tensors in HF layout, from the model's own (PyTorch-default) initialisers."""
-  from neo_jax.model.vision import PatchEmbedding
   cfg = config.replace(param_dtype="float32", dtype="float32")
   pixels = jnp.zeros((1, 1, cfg.merge_size**2, cfg.patch_dim), jnp.float32)
   rc = jnp.zeros((1, 1, 2), jnp.int32)

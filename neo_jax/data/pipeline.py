@@ -34,9 +34,10 @@ from neo_jax.config import NeoConfig
 from neo_jax.data import embedded
 from neo_jax.data.encode import ACCEPTED, SampleEncoder
 from neo_jax.data.jsonl import JsonlSource
-from neo_jax.data.packing import (STATS_KEY, PackedBatchIterator, PackedBatchIterDataset,
-                                  PackingConfig)
+from neo_jax.data.packing import (PackedBatchIterDataset, PackedBatchIterator, PackingConfig,
+                                  STATS_KEY)
 from neo_jax.data.stats import STAT_KEYS, summarize
+from neo_jax.data.template import render_text
 from neo_jax.data.tfds_sources import TfdsSource, is_built
 from neo_jax.data.tokenizer import NeoTokenizer
 from neo_jax.errors import UserError
@@ -293,7 +294,6 @@ def describe_batch(batch: dict[str, np.ndarray], tokenizer: NeoTokenizer,
                    rows: Sequence[int] = (0,), max_chars: int = 2000) -> str:
   """Human-readable rows: each segment's text with supervised tokens (those whose prediction
   is trained) in [[...]], image runs collapsed, preference branches marked, budget use."""
-  from neo_jax.data.template import render_text
   lines = []
   ids, seg, w = batch["input_ids"], batch["segment_ids"], batch["loss_weights"]
   branch = batch.get("branch_ids")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neo_jax.config import NeoConfig
+from neo_jax.data.inputs import prepare_generation_inputs
 from neo_jax.inference.sampling import GREEDY, Sampling, next_token
 from neo_jax.model.neo import KVCache, NeoModel, init_cache
 
@@ -302,7 +303,6 @@ def vqa_answer_fn(config: NeoConfig, tokenizer: Any, *, max_new_tokens: int = 16
   `neo_jax.data.pipeline.read_vqa_eval` returns. Prompts are built once per example object and
   reused on later calls; every call runs chunks of `batch_size`, so it compiles once.
   """
-  from neo_jax.data.inputs import prepare_generation_inputs
 
   prepared: dict[int, tuple[Any, Prompt]] = {}
   stops = (config.eos_token_id,)

@@ -14,6 +14,8 @@ import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 from neo_jax.config import NeoConfig
+from neo_jax.convert import load_checkpoint
+from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
 
 
@@ -31,7 +33,6 @@ def _warn_stderr(message: str) -> None:
 def load_tokenizer_for(checkpoint: str, tokenizer_dir: Optional[str] = None,
                        warn: Callable[[str], None] = _warn_stderr) -> Any:
   """The tokenizer of `checkpoint` (or of `tokenizer_dir` when given), else the built-in one."""
-  from neo_jax.data.tokenizer import load_tokenizer
   try:
     if tokenizer_dir is not None:
       return load_tokenizer(tokenizer_dir)
@@ -60,7 +61,6 @@ def load_for_inference(checkpoint: str, *, dtype: str = "float32",
                        tokenizer_dir: Optional[str] = None, attention_impl: str = "auto",
                        warn: Callable[[str], None] = _warn_stderr) -> InferenceModel:
   """Loads parameters (compute in `dtype`; stored dtypes kept) and the matching tokenizer."""
-  from neo_jax.convert import load_checkpoint
   checkpoint = os.fspath(checkpoint)
   params, config = load_checkpoint(checkpoint, dtype=dtype, attention_impl=attention_impl,
                                    remat_policy="none")

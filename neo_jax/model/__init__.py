@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from neo_jax.config import NeoConfig
-from neo_jax.model.neo import KVCache, NeoModel, head_weight, init_cache
+from neo_jax.model.neo import KVCache, NeoModel, gather_embedding, head_weight, init_cache
 
-__all__ = ["NeoModel", "KVCache", "head_weight", "init_cache", "init_params", "abstract_params",
-           "logical_axes", "dummy_inputs", "param_count"]
+__all__ = ["NeoModel", "KVCache", "gather_embedding", "head_weight", "init_cache", "init_params",
+           "abstract_params", "logical_axes", "dummy_inputs", "param_count"]
 
 
 def dummy_inputs(config: NeoConfig, batch: int = 1, length: int = 8, n_visual: int = 1) -> dict:

@@ -21,6 +21,12 @@ from neo_jax.model.rope import apply_rotate_half
 from neo_jax.ops.attention import attention
 from neo_jax.ops.masks import AttnIds
 
+# logical names of q, k, v and the attention output [B, L, heads, width]
+Q_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_qk")
+K_ACTIVATION = ("activation_batch", "activation_length", "activation_kv_heads", "activation_qk")
+V_ACTIVATION = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
+OUT_ACTIVATION = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
 
 class RopeTables(NamedTuple):
   """cos/sin of the T, H and W rotations, each [B, L, D], computed once per forward pass."""
@@ -71,10 +77,9 @@ class NativeAttention(nn.Module):
       w = apply_rotate_half(norm(f"{prefix}_norm_w")(hw[..., dhw:]), rope.cos_w, rope.sin_w)
       return jnp.concatenate([t, h, w], axis=-1)
 
-    q = nn.with_logical_constraint(sub_heads(q_t, q_hw, "q"), ("batch", "length", "heads", "qk"))
-    k = nn.with_logical_constraint(sub_heads(k_t, k_hw, "k"),
-                                   ("batch", "length", "kv_heads_act", "qk"))
-    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads_act", "kv"))
+    q = nn.with_logical_constraint(sub_heads(q_t, q_hw, "q"), Q_ACTIVATION)
+    k = nn.with_logical_constraint(sub_heads(k_t, k_hw, "k"), K_ACTIVATION)
+    v = nn.with_logical_constraint(v, V_ACTIVATION)
 
     new_cache = None
     if cache is not None:
@@ -85,7 +90,7 @@ class NativeAttention(nn.Module):
 
     out = attention(q, k, v, q_ids, kv_ids, impl=cfg.attention_impl, scale=d**-0.5,
                     q_chunk=cfg.attention_q_chunk)
-    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    out = nn.with_logical_constraint(out, OUT_ACTIVATION)
     out = Linear(cfg.hidden_size, ("q_heads", "embed"), dtype=dtype, param_dtype=param_dtype,
                  name="o_proj")(out.reshape(b, l, nh * d))
     return out, new_cache

@@ -1,7 +1,8 @@
 """Building blocks: float32 RMSNorm, bias-free projections, the SwiGLU MLP.
 
-Every parameter carries logical axis names (`embed`, `q_heads`, `mlp`, ...) that
-`neo_jax.parallel.sharding` maps onto the device mesh.
+Every parameter carries logical axis names (`embed`, `q_heads`, `mlp`, ...) and every
+constrained activation its own (`activation_batch`, `activation_embed`, ...), apart from the
+weights' names, which `neo_jax.parallel.sharding` maps onto the device mesh.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import jax.numpy as jnp
 Initializer = Callable[..., jax.Array]
 
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+# logical names of the activations [B, L, D] and the MLP's inner [B, L, F]
+EMBED_ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+MLP_ACTIVATION = ("activation_batch", "activation_length", "activation_mlp")
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -74,5 +79,5 @@ class MLP(nn.Module):
                                          name=name)
     gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x_bld)
     up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x_bld)
-    h_blf = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    h_blf = nn.with_logical_constraint(jax.nn.silu(gate) * up, MLP_ACTIVATION)
     return dense(x_bld.shape[-1], ("mlp", "embed"), "down_proj")(h_blf)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from neo_jax.config import NeoConfig
 from neo_jax.model.attention import LayerCache, NativeAttention, RopeTables
-from neo_jax.model.layers import DEFAULT_INIT, MLP, Linear, RMSNorm, dtype_of
+from neo_jax.model.layers import (DEFAULT_INIT, EMBED_ACTIVATION, MLP, Linear, RMSNorm,
+                                  dtype_of)
 from neo_jax.model.rope import rotate_half_cos_sin
 from neo_jax.model.vision import PatchEmbedding
 from neo_jax.ops.masks import AttnIds
@@ -67,7 +68,7 @@ class DecoderLayer(nn.Module):
                ) -> tuple[jax.Array, Optional[LayerCache]]:
     cfg = self.config
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-    x_bld = nn.with_logical_constraint(x_bld, ("batch", "length", "embed"))
+    x_bld = nn.with_logical_constraint(x_bld, EMBED_ACTIVATION)
     h = RMSNorm(cfg.rms_norm_eps, param_dtype, name="input_layernorm")(x_bld)
     attn, new_cache = NativeAttention(cfg, name="self_attn")(
         h, ctx.rope, ctx.q_ids, ctx.kv_ids, cache, ctx.cache_index)
@@ -140,7 +141,7 @@ class NeoModel(nn.Module):
     if pixels is not None:
       visual = self.vision(pixels, pixel_rc)
       x = place_visual_tokens(x, visual, input_ids, cfg.img_context_token_id)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
 
     img_ids = compute_image_ids(input_ids, positions[:, 0], cfg.img_context_token_id)
     q_ids = AttnIds(segment_ids.astype(jnp.int32), img_ids,
@@ -179,6 +180,17 @@ def head_weight(params: dict, config: NeoConfig) -> jax.Array:
   if config.tie_word_embeddings:
     return params["embed_tokens"]["embedding"].T
   return params["lm_head"]["kernel"]
+
+
+def gather_embedding(params: dict) -> dict:
+  """`params` with the token embedding constrained whole along `embed` (split over `vocab` only).
+
+  FSDP gathers every weight before use; for the embedding lookup saying so explicitly lets the
+  partitioner produce batch-sharded activations without a full rematerialisation. Losses apply
+  it to the parameters before calling the model.
+  """
+  emb = nn.with_logical_constraint(params["embed_tokens"]["embedding"], ("vocab", None))
+  return {**params, "embed_tokens": {**params["embed_tokens"], "embedding": emb}}
 
 
 def init_cache(config: NeoConfig, batch: int, max_len: int,

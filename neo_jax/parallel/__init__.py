@@ -2,7 +2,9 @@
 
 from neo_jax.parallel.mesh import BATCH_AXES, MESH_AXES, batch_divisor, make_mesh
 from neo_jax.parallel.sharding import (RULES, batch_shardings, explain, named_sharding,
-                                       replicated, shard_batch, tree_shardings)
+                                       replicated, rules_from_table, rules_table, shard_batch,
+                                       tree_shardings)
 
 __all__ = ["BATCH_AXES", "MESH_AXES", "RULES", "batch_divisor", "batch_shardings", "explain",
-           "make_mesh", "named_sharding", "replicated", "shard_batch", "tree_shardings"]
+           "make_mesh", "named_sharding", "replicated", "rules_from_table", "rules_table",
+           "shard_batch", "tree_shardings"]

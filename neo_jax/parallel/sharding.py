@@ -1,10 +1,12 @@
 """Logical axis names -> mesh axes: the one sharding table of NEO.
 
 Every parameter and activation names its dimensions logically (`neo_jax.model.logical_axes`,
-`nn.with_logical_constraint` in the model); `RULES` maps each name to mesh axes. Rules are
-applied in order and a mesh axis is used at most once per array, so an activation
-[batch, length, embed] puts (data, fsdp) on `batch` and leaves `embed` whole, while a parameter
-[embed, mlp] puts fsdp on `embed` and tensor on `mlp` (FSDP + tensor parallelism).
+`nn.with_logical_constraint` in the model); `RULES` maps each name to mesh axes. Weights and
+activations have names of their own: a weight [embed, mlp] is split fsdp x tensor (FSDP +
+tensor parallelism) while an activation [activation_batch, activation_length,
+activation_embed] puts (data, fsdp) on the batch and keeps the model dimension whole, whatever
+the order of the rules. A training config carries the table as `config.mesh.rules`, one field
+per name (`--config.mesh.rules.activation_mlp=` replicates it).
 
 A dimension that a mesh axis does not divide (e.g. 2 KV heads on a tensor axis of 4) is
 replicated instead; `explain` lists such fallbacks.
@@ -13,36 +15,57 @@ replicated instead; `explain` lists such fallbacks.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from neo_jax.parallel.mesh import BATCH_AXES
+from neo_jax.parallel.mesh import BATCH_AXES, MESH_AXES
 
-# (logical name, mesh axes or None), highest priority first.
-RULES: tuple[tuple[str, Any], ...] = (
-    # activations
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("heads", "tensor"),  # query heads of q / attention output [B, L, H, D]
-    ("kv_heads_act", "tensor"),  # key/value heads of k, v [B, L, Hkv, D]
-    ("qk", None),  # query/key width (T + H + W sub-heads)
-    ("kv", None),  # value width
-    # parameters (and activations sharing a name: `embed`, `mlp`)
-    ("vocab", "tensor"),
+Rules = tuple[tuple[str, Any], ...]
+
+RULES: Rules = (
+    # activations: the arrays the model constrains between its layers
+    ("activation_batch", BATCH_AXES),  # rows of the batch; also every input array
+    ("activation_length", None),
+    ("activation_embed", None),  # the model dimension D stays whole
+    ("activation_mlp", "tensor"),  # the MLP's inner F [B, L, F]
+    ("activation_heads", "tensor"),  # query heads of q / the attention output [B, L, H, D]
+    ("activation_kv_heads", "tensor"),  # key/value heads of k, v [B, L, Hkv, D]
+    ("activation_qk", None),  # query/key width (T + H + W sub-heads)
+    ("activation_kv", None),  # value width
+    # parameters
+    ("vocab", "tensor"),  # embedding rows / head columns
+    ("embed", "fsdp"),  # the model dimension of every weight
     ("q_heads", "tensor"),  # flattened heads x head_dim of q_proj, q_proj_hw, o_proj
     ("kv_heads", "tensor"),  # flattened kv heads x head_dim of k_proj, v_proj, k_proj_hw
     ("mlp", "tensor"),
     ("vision", "tensor"),  # width of the 16-px patch features
-    ("embed", "fsdp"),
     ("vision_merge", "tensor"),  # 4 * vision width, input of the 2x2 merge
     ("patch", None),  # 3 * 16 * 16 pixel values
     ("norm", None),
     ("layers", None),  # the stacked layer axis of nn.scan
 )
+
+
+def rules_table(rules: Rules = RULES) -> dict[str, tuple[str, ...]]:
+  """{logical name: mesh axes} with every entry a tuple (() = whole): a config's form."""
+  return {name: (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+          for name, axes in rules}
+
+
+def rules_from_table(table: Mapping[str, Sequence[str]]) -> Rules:
+  """The rules of a `rules_table` (e.g. config.mesh.rules); unknown mesh axes are an error."""
+  rules = []
+  for name, axes in table.items():
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding rule {name}: mesh axes {unknown} are not among {MESH_AXES}")
+    rules.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(rules)
 
 
 def logical_to_spec(logical: P | tuple, rules=RULES) -> P:

@@ -1,0 +1,93 @@
+"""Batches for the trainer from `config.data`: the grain pipeline of neo_jax.data, or synthetic
+ones (next-token rows, or preference pairs when `data.kind` is "preference").
+
+Both yield this process's rows of the global batch (`config.data.batch_size` rows over all
+processes) as numpy arrays following the batch contract, and expose `get_state()` /
+`set_state()` (exact resume) and `stats()` (skip / drop counters for the metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+
+from neo_jax.config import NeoConfig
+from neo_jax.data.pipeline import DataConfig, build_train_iterator
+from neo_jax.data.synthetic import SyntheticIterator, SyntheticSpec
+from neo_jax.data.synthetic_pairs import PairIterator, PairSpec
+from neo_jax.data.tokenizer import load_tokenizer
+from neo_jax.errors import UserError
+
+
+def rows_per_process(config: ml_collections.ConfigDict) -> int:
+  rows, processes = config.data.batch_size, jax.process_count()
+  if rows % processes:
+    raise UserError(f"data.batch_size={rows} is not divisible by the {processes} processes")
+  return rows // processes
+
+
+def _pixel_tokens(model_config: NeoConfig) -> tuple[int, int]:
+  """Visual tokens of the smallest and largest image the model's pixel range allows."""
+  side = model_config.token_pixels**2
+  return (max(1, model_config.min_pixels // side), max(1, model_config.max_pixels // side))
+
+
+def _synthetic_seed(config: ml_collections.ConfigDict, split: str) -> int:
+  return config.data.seed + (0 if split == "train" else 1_000_003)
+
+
+def synthetic_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
+                       split: str = "train") -> SyntheticIterator | PairIterator:
+  """Random batches of the config's shapes: packed next-token rows, or preference pairs."""
+  if config.data.kind == "preference":
+    spec = PairSpec.for_model(
+        model_config, batch_size=rows_per_process(config), seq_len=config.data.seq_len,
+        visual_tokens=config.data.visual_budget, gather_size=config.loss.positions_per_row,
+        pairs_per_row=max(1, config.loss.positions_per_row // 2),
+        seed=_synthetic_seed(config, split) + 7_919 * jax.process_index())
+    return PairIterator(spec)
+  lo, hi = _pixel_tokens(model_config)
+  hi = min(hi, config.data.visual_budget)
+  spec = SyntheticSpec.for_model(
+      model_config, batch_size=rows_per_process(config), seq_len=config.data.seq_len,
+      visual_tokens=config.data.visual_budget, min_image_tokens=min(lo, hi),
+      max_image_tokens=hi, text_vocab=min(model_config.vocab_size - 8, 4096),
+      seed=_synthetic_seed(config, split), num_processes=jax.process_count(),
+      process_index=jax.process_index())
+  return SyntheticIterator(spec)
+
+
+def data_config(config: ml_collections.ConfigDict, model_config: NeoConfig,
+                split: str = "train", **changes: Any) -> DataConfig:
+  """neo_jax.data.DataConfig from `config.data` (per-process batch, K = loss budget) and the
+  model's pixel range."""
+  d = config.data
+  k = config.loss.positions_per_row
+  fields = dict(kind=d.kind, sources=tuple(d.sources), weights=tuple(d.weights) or None,
+                split=split, text_sources=tuple(d.text_sources), text_ratio=d.text_ratio,
+                seq_len=d.seq_len, visual_budget=d.visual_budget,
+                loss_token_budget=k if k > 0 else None, batch_size=rows_per_process(config),
+                min_pixels=model_config.min_pixels, max_pixels=model_config.max_pixels,
+                loss_reduction=d.loss_reduction, system_prompt=d.system_prompt, seed=d.seed,
+                strict=d.strict, num_workers=d.num_workers, read_threads=d.read_threads)
+  fields.update(changes)
+  return DataConfig(**fields)
+
+
+def make_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
+                  split: str = "train", **changes: Any) -> Iterator[dict]:
+  """The data iterator a config asks for (`data.pipeline`: grain | synthetic)."""
+  if config.data.pipeline == "synthetic":  # `changes` name DataConfig fields: no effect here
+    return synthetic_iterator(config, model_config, split)
+  return build_train_iterator(data_config(config, model_config, split, **changes),
+                              load_tokenizer(), model_config,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+
+def iterator_stats(iterator: Any) -> dict[str, float]:
+  """The iterator's cumulative counters (skipped / dropped samples, ...), if it keeps any."""
+  stats = getattr(iterator, "stats", None)
+  return {f"data/{k}": float(v) for k, v in (stats() if callable(stats) else {}).items()}

@@ -1,0 +1,142 @@
+"""`neo-jax demo` (the README's main job): all three stages run, chain their weights, and leave
+checkpoints, TensorBoard logs, a loss plot and a summary with the VQA accuracy; a second run
+skips what is done. `--quick` (3 updates per stage, 16 questions) keeps this to a few minutes;
+the full demo is run with `make demo` and its numbers are recorded in docs/training.md."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from neo_jax import cli
+from neo_jax.cli import demo
+
+STAGE_NAMES = [name for name, _, _ in demo.STAGES]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory, neo_cache):
+  """One quick demo run, shared by the checks below: (work directory, printed lines)."""
+  del neo_cache  # the embedded data and the tokenizer come from the session cache
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  lines = []
+  args = cli_args(["--quick", "--workdir", workdir])
+  assert demo_run(args, lines) == 0
+  return workdir, lines
+
+
+def cli_args(argv):
+  import argparse
+  parser = argparse.ArgumentParser()
+  demo.add_arguments(parser)
+  return parser.parse_args(argv)
+
+
+def demo_run(args, lines):
+  """demo.run with its printed lines captured."""
+  import builtins
+  real_print = builtins.print
+
+  def capture(*parts, **kwargs):
+    lines.append(" ".join(str(p) for p in parts))
+    real_print(*parts, **kwargs)
+
+  builtins.print = capture
+  try:
+    return demo.run(args)
+  finally:
+    builtins.print = real_print
+
+
+def test_every_stage_trains_from_the_previous_one(quick_demo):
+  workdir, lines = quick_demo
+  with open(os.path.join(workdir, demo.SUMMARY_FILE)) as f:
+    summary = json.load(f)
+  assert list(summary["stages"]) == STAGE_NAMES == ["pretrain", "sft", "acpo"]
+  assert summary["quick"] is True and summary["final_stage"] == "acpo"
+  for name in STAGE_NAMES:
+    stage = summary["stages"][name]
+    assert stage["steps"] == demo.QUICK_STEPS and stage["skipped"] is False
+    run_dir = os.path.join(workdir, name)
+    assert demo.finished_step(run_dir) == demo.QUICK_STEPS
+    with open(os.path.join(run_dir, "tokenizer_config.json")) as f:  # loads on its own
+      assert "<IMG_CONTEXT>" in f.read()
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "**", "events.out.tfevents.*"),
+                     recursive=True), f"no TensorBoard events in {run_dir}"
+    with open(os.path.join(run_dir, "train_config.json")) as f:
+      init = json.load(f)["init"]
+    previous = STAGE_NAMES.index(name) - 1
+    expected = os.path.join(workdir, STAGE_NAMES[previous]) if previous >= 0 else ""
+    assert (init["path"], init["format"]) == (expected, "run")
+  for name in demo.EVAL_AFTER:
+    vqa = summary["stages"][name]["vqa"]
+    assert vqa["questions"] == demo.QUICK_QUESTIONS
+    assert 0.0 <= vqa["accuracy"] <= 1.0
+    assert sum(k["questions"] for k in vqa["by_kind"].values()) == demo.QUICK_QUESTIONS
+    assert f"VQA accuracy after {name}: " in "\n".join(lines)
+  assert summary["vqa_accuracy"] == summary["stages"]["acpo"]["vqa"]["accuracy"]
+  assert any(line.startswith("held-out VQA accuracy: ") for line in lines)
+  assert not any("no tokenizer.json" in line for line in lines)
+
+
+def test_loss_plot_is_a_png(quick_demo):
+  workdir, _ = quick_demo
+  with open(os.path.join(workdir, demo.PLOT_FILE), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_is_logged_at_the_stage_step(quick_demo):
+  workdir, _ = quick_demo
+  from neo_jax.trainer.metrics import read_jsonl
+  records = [r for r in read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
+             if "vqa/accuracy" in r]
+  assert [r["step"] for r in records] == [demo.QUICK_STEPS]
+  assert records[0]["vqa/examples"] == demo.QUICK_QUESTIONS
+
+
+def test_a_second_run_skips_finished_stages(quick_demo):
+  workdir, _ = quick_demo
+  lines = []
+  assert demo_run(cli_args(["--quick", "--workdir", workdir]), lines) == 0
+  text = "\n".join(lines)
+  for name in STAGE_NAMES:
+    assert f"stage {name}: already finished (step {demo.QUICK_STEPS}); skipped" in text
+  assert "answering" not in text  # the stored accuracies are reused
+
+
+def test_a_full_demo_directory_refuses_quick(quick_demo):
+  workdir, _ = quick_demo
+  with pytest.raises(ValueError, match="holds a quick demo"):
+    demo.run(cli_args(["--workdir", workdir]))
+
+
+def test_plan_chains_stages_and_drops_a_missing_acpo_config(tmp_path):
+  configs = tmp_path / "configs"
+  configs.mkdir()
+  for _, filename, _ in demo.STAGES[:2]:
+    (configs / filename).write_text("")
+  said = []
+  stages = demo.plan("wd", str(configs), skip_acpo=False, say=said.append)
+  assert [(s.name, s.workdir, s.init_from) for s in stages] == [
+      ("pretrain", os.path.join("wd", "pretrain"), None),
+      ("sft", os.path.join("wd", "sft"), os.path.join("wd", "pretrain"))]
+  assert "stage acpo" in said[0] and "does not exist" in said[0]
+  (configs / "sft.py").unlink()
+  with pytest.raises(FileNotFoundError, match="sft.py"):
+    demo.plan("wd", str(configs), skip_acpo=False, say=said.append)
+
+
+def test_skip_acpo_stops_after_sft():
+  stages = demo.plan("wd", demo.default_configs_dir(), skip_acpo=True)
+  assert [s.name for s in stages] == ["pretrain", "sft"]
+
+
+def test_help_names_the_stages(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["demo", "--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  for _, filename, arg in demo.STAGES:
+    assert f"configs/{filename}:{arg}" in out
+  assert "--quick" in out and "summary.json" in out and "loss.png" in out

@@ -1,0 +1,186 @@
+"""Chunked and vocabulary-streamed cross-entropy equal the plain one (values and gradients);
+K-position selection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neo_jax.objectives.cross_entropy import (chunked_token_cross_entropy, select_supervised,
+                                  streamed_cross_entropy, token_cross_entropy,
+                                  weighted_next_token_loss)
+
+B, L, D, V = 2, 37, 16, 50
+
+
+def _inputs(seed=0):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
+  hidden = jax.random.normal(k1, (B, L, D), jnp.float32)
+  head = jax.random.normal(k2, (D, V), jnp.float32) * 0.3
+  targets = jax.random.randint(k3, (B, L), 0, V)
+  weights = jnp.where(jax.random.uniform(k4, (B, L)) < 0.4,
+                      jax.random.uniform(k4, (B, L)) + 0.5, 0.0)
+  return hidden, head, targets, weights
+
+
+def _plain_loss(hidden, head, targets, weights):
+  ce, _ = token_cross_entropy(hidden, head, targets)
+  return jnp.sum(weights * ce) / jnp.sum(weights)
+
+
+def test_plain_cross_entropy_matches_log_softmax():
+  hidden, head, targets, _ = _inputs()
+  ce, _ = token_cross_entropy(hidden, head, targets)
+  logp = jax.nn.log_softmax(hidden @ head, axis=-1)
+  expected = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  np.testing.assert_allclose(ce, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 37, 64])
+def test_chunked_values_equal_plain(chunk):
+  hidden, head, targets, _ = _inputs()
+  plain, plain_ok = token_cross_entropy(hidden, head, targets)
+  chunked, chunked_ok = chunked_token_cross_entropy(hidden, head, targets, chunk)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(chunked_ok, plain_ok)
+
+
+@pytest.mark.parametrize("remat", [True, False])
+def test_chunked_gradients_equal_plain(remat):
+  hidden, head, targets, weights = _inputs(1)
+
+  def chunked_loss(h, w):
+    out = weighted_next_token_loss(h, w, targets, weights, chunk=8, remat=remat)
+    return out.loss_sum / out.weight_sum
+
+  value, grads = jax.value_and_grad(chunked_loss, argnums=(0, 1))(hidden, head)
+  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(hidden, head, targets,
+                                                                          weights)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def _all_shapes(jaxpr) -> set:
+  """Shapes of every value a jaxpr computes, inside scans, maps and custom VJPs too."""
+  shapes = set()
+
+  def walk(j):
+    for eqn in j.eqns:
+      for var in eqn.outvars:
+        shapes.add(tuple(getattr(var.aval, "shape", ())))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+            walk(sub.jaxpr)
+
+  walk(jaxpr)
+  return shapes
+
+
+def test_chunked_never_builds_full_logits():
+  """The jaxpr of the chunked loss holds no [B, L, V] array, forward or backward."""
+  hidden, head, targets, weights = _inputs()
+  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
+                                                      chunk=8).loss_sum, argnums=(0, 1))
+  shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
+  assert (B, L, V) not in shapes and (B, 40, V) not in shapes
+  assert (B, 8, V) in shapes
+
+
+def test_select_supervised_first_k_in_order_and_overflow():
+  weights = jnp.asarray([[0, 1, 0, 2, 3, 0, 4],
+                         [0, 0, 0, 0, 0, 0, 5],
+                         [0, 0, 0, 0, 0, 0, 0]], jnp.float32)
+  sel = select_supervised(weights, 3)
+  np.testing.assert_array_equal(sel.index_bk, [[1, 3, 4], [6, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(sel.valid_bk, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(sel.overflow_b, [1, 0, 0])
+
+
+def test_k_positions_equal_all_positions_when_k_suffices():
+  hidden, head, targets, weights = _inputs(2)
+  k = int((weights != 0).sum(-1).max())
+  full = weighted_next_token_loss(hidden, head, targets, weights, chunk=8)
+  gathered = weighted_next_token_loss(hidden, head, targets, weights, chunk=4,
+                                      positions_per_row=k)
+  np.testing.assert_allclose(gathered.loss_sum, full.loss_sum, rtol=1e-6)
+  np.testing.assert_allclose(gathered.weight_sum, full.weight_sum, rtol=1e-6)
+  assert float(gathered.metrics["overflow_tokens"]) == 0
+  g_full = jax.grad(lambda h: weighted_next_token_loss(h, head, targets, weights,
+                                                       chunk=8).loss_sum)(hidden)
+  g_k = jax.grad(lambda h: weighted_next_token_loss(h, head, targets, weights, chunk=4,
+                                                    positions_per_row=k).loss_sum)(hidden)
+  np.testing.assert_allclose(g_k, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_k_overflow_is_counted_and_excluded():
+  hidden, head, targets, weights = _inputs(3)
+  counts = (weights != 0).sum(-1)
+  k = int(counts.min()) - 1
+  out = weighted_next_token_loss(hidden, head, targets, weights, positions_per_row=k)
+  assert float(out.metrics["overflow_tokens"]) == float(jnp.sum(counts - k))
+  assert float(out.metrics["supervised_tokens"]) == B * k
+  # the kept positions are the first k supervised ones of each row
+  kept = np.zeros(weights.shape, bool)
+  for b in range(B):
+    kept[b, np.flatnonzero(np.asarray(weights[b]))[:k]] = True
+  w_kept = jnp.where(kept, weights, 0.0)
+  ref = weighted_next_token_loss(hidden, head, targets, w_kept)
+  np.testing.assert_allclose(out.loss_sum, ref.loss_sum, rtol=1e-6)
+
+
+def test_unsupervised_nonfinite_positions_do_not_leak():
+  hidden, head, targets, weights = _inputs(4)
+  hidden = hidden.at[0, 0].set(jnp.nan)
+  weights = weights.at[0, 0].set(0.0)
+  out = weighted_next_token_loss(hidden, head, targets, weights, chunk=8)
+  assert np.isfinite(float(out.loss_sum))
+
+
+def test_bfloat16_compute_stays_close():
+  hidden, head, targets, weights = _inputs(5)
+  f32 = weighted_next_token_loss(hidden, head, targets, weights)
+  bf16 = weighted_next_token_loss(hidden.astype(jnp.bfloat16), head, targets, weights,
+                                  compute_dtype=jnp.bfloat16)
+  assert bf16.loss_sum.dtype == jnp.float32
+  np.testing.assert_allclose(bf16.loss_sum / bf16.weight_sum, f32.loss_sum / f32.weight_sum,
+                             rtol=2e-2)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 10, 49, 50, 64])
+def test_streamed_values_equal_plain(piece):
+  """Pieces that divide V, that leave a short last piece, and one piece for all of V."""
+  hidden, head, targets, _ = _inputs(6)
+  plain, plain_ok = token_cross_entropy(hidden, head, targets)
+  streamed, streamed_ok = jax.jit(streamed_cross_entropy, static_argnums=3)(
+      hidden, head, targets, piece)
+  np.testing.assert_allclose(streamed, plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(streamed_ok, plain_ok)
+
+
+@pytest.mark.parametrize("piece", [7, 16])
+def test_streamed_gradients_equal_plain(piece):
+  hidden, head, targets, weights = _inputs(7)
+
+  def streamed_loss(h, w):
+    out = weighted_next_token_loss(h, w, targets, weights, chunk=8, vocab_chunk=piece)
+    return out.loss_sum / out.weight_sum
+
+  value, grads = jax.jit(jax.value_and_grad(streamed_loss, argnums=(0, 1)))(hidden, head)
+  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(hidden, head, targets,
+                                                                          weights)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_never_builds_chunk_by_vocab_logits():
+  hidden, head, targets, weights = _inputs()
+  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8,
+                                                      vocab_chunk=16).loss_sum, argnums=(0, 1))
+  shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
+  assert not any(len(s) == 3 and s[-1] == V for s in shapes)
+  assert (B, 8, 16) in shapes
