@@ -310,13 +310,13 @@ def md_mosaic_probe(res: dict) -> list[str]:
   out = []
   for r in res.get("rows", []):
     stages = [s for s in ("lowered", "compiled", "ran") if r.get(s)]
-    note = r.get("error", "")
+    note = r.get("error", "") + (f" (at {r['where']})" if r.get("where") else "")
     if "max_abs_diff_vs_triton" in r:
       note = f"max |Mosaic - Triton| = {r['max_abs_diff_vs_triton']:.2e}"
     if "correct" in r:
       note = f"correct: {_f(r['correct'])}"
     out.append([r["probe"], ", ".join(stages) or "nothing", note[:400]])
-  return [f"Pallas Mosaic GPU backend ({res.get('mode')})."] + _table(
+  return [f"Pallas Mosaic GPU backend ({res.get('mode')}; through {res.get('route')})."] + _table(
       ["probe", "reached", "error / check"], out)
 
 

@@ -553,20 +553,39 @@ def part_generate(p: Part) -> None:
 
 # --- mosaic_probe ------------------------------------------------------------------------------
 
-class _MosaicPallas(types.ModuleType):
-  """Stands in for `pallas` inside the GPU kernel's module: every pallas_call gets Mosaic GPU
-  compiler params instead of Triton's; everything else is Pallas itself."""
+def mosaic_pallas_call() -> tuple[str, Callable]:
+  """(how, pallas_call-like function) running a pallas_call kernel on Mosaic GPU: jax 0.10
+  selects the backend by compiler params; from 0.11 on, pallas_call-style kernels reach it
+  through a shim over `plgpu.kernel` and its pipeline."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  params = plgpu.CompilerParams()
+  try:
+    from jax._src.pallas.mosaic_gpu import pallas_call as shim  # jax >= 0.11
+  except ImportError:
+    shim = None
+  if shim is None or not hasattr(shim, "pallas_call"):
+    return ("pl.pallas_call(compiler_params=plgpu.CompilerParams())",
+            lambda *a, **kw: pl.pallas_call(*a, **dict(kw, compiler_params=params)))
+  keep = ("grid", "in_specs", "out_specs", "scratch_shapes")
+  return ("jax._src.pallas.mosaic_gpu.pallas_call.pallas_call (plgpu.kernel + pipeline)",
+          lambda kernel, out_shape, **kw: shim.pallas_call(
+              kernel, out_shape, compiler_params=params,
+              **{k: v for k, v in kw.items() if k in keep}))
 
-  def __init__(self, params):
+
+class _MosaicPallas(types.ModuleType):
+  """Stands in for `pallas` inside the GPU kernel's module: every pallas_call goes to Mosaic
+  GPU instead of Triton; everything else is Pallas itself."""
+
+  def __init__(self, call: Callable):
     super().__init__("pallas_mosaic_probe")
-    self._params = params
+    self._call = call
 
   def __getattr__(self, name):
     return getattr(pl, name)
 
   def pallas_call(self, *args, **kwargs):
-    kwargs["compiler_params"] = self._params
-    return pl.pallas_call(*args, **kwargs)
+    return self._call(*args, **kwargs)
 
 
 def _probe(name: str, fn: Callable, args_: tuple, compile_too: bool) -> dict:
@@ -588,6 +607,8 @@ def _probe(name: str, fn: Callable, args_: tuple, compile_too: bool) -> dict:
       row.update(ran=True, out=out)
   except Exception as e:  # noqa: BLE001 - the probe's answer
     row["error"] = first_lines(e, 4)
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    row["where"] = f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
   return row
 
 
@@ -595,18 +616,16 @@ def part_mosaic_probe(p: Part) -> str | None:
   if p.backend not in ("gpu", "cpu"):
     p.result["reason"] = "not a GPU"
     return "skipped"
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   on_gpu = p.backend == "gpu"
-  p.result["mode"] = ("compile and run on this GPU" if on_gpu
-                      else "lowering for CUDA only (no GPU here)")
-  params = plgpu.CompilerParams()
+  route, call = mosaic_pallas_call()
+  p.result.update(mode=("compile and run on this GPU" if on_gpu
+                        else "lowering for CUDA only (no GPU here)"), route=route)
 
   def add_one(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
 
   x = jnp.arange(2 * 128, dtype=jnp.float32).reshape(2, 128)
-  trivial = pl.pallas_call(add_one, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                           compiler_params=params)
+  trivial = call(add_one, jax.ShapeDtypeStruct(x.shape, x.dtype))
   row = _probe("trivial elementwise kernel", trivial, (x,), on_gpu)
   if "out" in row:
     row["correct"] = bool(jnp.all(row.pop("out") == x + 1.0))
@@ -614,7 +633,7 @@ def part_mosaic_probe(p: Part) -> str | None:
 
   s = FULL  # NEO widths: the probe is about the real kernel body
   saved = pallas_gpu.pl
-  pallas_gpu.pl = _MosaicPallas(params)
+  pallas_gpu.pl = _MosaicPallas(call)
   try:
     for length in (128, 256):
       if p.left() < 5 and not p.smoke:
@@ -630,7 +649,7 @@ def part_mosaic_probe(p: Part) -> str | None:
         want = pallas_gpu.flash_attention(q, k, v, ids, scale=s.scale, interpret=False)
         diff = jnp.abs(row.pop("out").astype(jnp.float32) - want.astype(jnp.float32))
         row["max_abs_diff_vs_triton"] = float(diff.max())
-        pallas_gpu.pl = _MosaicPallas(params)
+        pallas_gpu.pl = _MosaicPallas(call)
       p.add("rows", row)
   finally:
     pallas_gpu.pl = saved
