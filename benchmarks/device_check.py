@@ -381,12 +381,16 @@ def write_reports(report: dict, md: str, results_dir: str, out_dirs: list[str],
       with open(path, "w") as f:
         f.write(text)
       written.append(path)
-    if d != results_dir:  # the parts' logs travel with the extra copies only
-      logs = os.path.join(d, stem + "-logs")
-      os.makedirs(logs, exist_ok=True)
-      for name in os.listdir(work):
-        if name.endswith(".log"):
-          shutil.copy(os.path.join(work, name), logs)
+    if d != results_dir:  # the parts' logs, in one file, travel with the extra copies only
+      path = os.path.join(d, stem + "-logs.txt")
+      with open(path, "w") as out:
+        for name in report["parts"]:
+          out.write(f"===== {name} =====\n")
+          log = os.path.join(work, f"{name}.log")
+          if os.path.exists(log):
+            with open(log, errors="replace") as f:
+              shutil.copyfileobj(f, out)
+      written.append(path)
   return written
 
 
@@ -408,7 +412,7 @@ def main(argv=None) -> int:
                        "directory) between the parts")
   ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
   ap.add_argument("--out-dir", action="append", default=[],
-                  help="also write the reports (and the parts' logs) here")
+                  help="also write the reports and the parts' logs (one file) here")
   args = ap.parse_args(argv)
 
   t_start = time.perf_counter()

@@ -127,7 +127,7 @@ def test_smoke_reports_written(smoke_run):
   assert stem.endswith("-cpu-smoke")
   for d in ("results", "copy"):
     assert (tmp / d / f"{stem}.json").exists() and (tmp / d / f"{stem}.md").exists()
-  assert (tmp / "copy" / f"{stem}-logs" / "kernel_check.log").exists()
+  assert "===== kernel_check =====" in (tmp / "copy" / f"{stem}-logs.txt").read_text()
   md = (tmp / "results" / f"{stem}.md").read_text()
   for name in device_check.PARTS:
     assert f"## {name}" in md
