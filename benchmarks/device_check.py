@@ -204,7 +204,7 @@ def md_kernel_check(res: dict) -> list[str]:
       rows.append([r["layout"], str(r["length"]), "", "", "", "", "", "", "", "NO",
                    _not_measured(r) or r.get("kernel_error", "")])
       continue
-    rel = [f"{_e(m[o]['rel_l2'])} ({_e(base.get(o, {}).get('rel_l2'))})"
+    rel = [_e(m[o]["rel_l2"]) + (f" ({_e(base[o]['rel_l2'])})" if o in base else "")
            for o in ("out", "dq", "dk", "dv")]
     rows.append([r["layout"], str(r["length"]), f"{r['allowed_fraction']:.3f}", *rel,
                  _e(max(x["max_abs"] for x in m.values())),
@@ -268,10 +268,11 @@ def md_train_step(res: dict) -> list[str]:
   out = []
   for r in res.get("rows", []):
     if "step_s" not in r:
-      out.append([str(r.get("seq_len")), "", "", "", *[""] * len(labels), "", "",
+      out.append([str(r.get("seq_len")), "", "", "", "", *[""] * len(labels), "", "",
                   r.get("attention", ""), _not_measured(r)[:120]])
       continue
-    out.append([str(r["seq_len"]), f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+    out.append([str(r["seq_len"]), f"{r.get('row_fill', 0):.2f}", f"{r['step_s']:.3f}",
+                f"{r['tokens_per_s']:,.0f}",
                 f"{r['tflops_per_s_per_device']:.1f}",
                 *[f"{r['mfu'].get(label, 0):.1%}" for label in labels],
                 f"{r['peak_memory_gb']:.1f}", f"{r['compile_s']:.0f}", r["attention"], ""])
@@ -281,7 +282,7 @@ def md_train_step(res: dict) -> list[str]:
            f"remat {res.get('remat')}, stage {res.get('stage')}, one packed row per step, loss "
            f"on all positions; MFU = model FLOPs (neo_jax.train.metrics.step_flops) / step "
            f"time / peak ({peaks or 'no peak known'}). State init {res.get('init_s')} s."]
-  header = (["seq", "step s", "tokens/s", "model TFLOP/s"] + [f"MFU ({x})" for x in labels]
+  header = (["seq", "row fill", "step s", "tokens/s", "model TFLOP/s"] + [f"MFU ({x})" for x in labels]
             + ["peak mem GB", "compile s", "attention", "note"])
   return lines + _table(header, out)
 

@@ -498,7 +498,8 @@ def part_train_step(p: Part) -> None:
     if p.left() < 15 and not p.smoke:
       p.add("rows", dict(seq_len=seq, skipped="part budget spent"))
       continue
-    kw = dict(batch=1, seq_len=seq, visual=seq // 2, image_tokens=s.train_image_tokens, k=0,
+    # synthetic samples are an image and ~10 text tokens: a visual budget of L fills the row
+    kw = dict(batch=1, seq_len=seq, visual=seq, image_tokens=s.train_image_tokens, k=0,
               chunk=s.train_chunk, steps=s.train_steps, peaks=peaks)
     try:
       r = train_bench.measure(bench, **kw)
