@@ -26,7 +26,8 @@ test-all: $(STAMP)  ## everything, slow tests included
 # No install step: a GPU/TPU host runs it with its own python3 (jax, flax, optax, numpy).
 DEVICE_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 device-check:  ## one GPU or TPU host, <= 8 min: kernels, train step, generation (CPU: smoke mode)
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(DEVICE_PYTHON) benchmarks/device_check.py $(ARGS)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(DEVICE_PYTHON) benchmarks/device_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

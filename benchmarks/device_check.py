@@ -240,9 +240,11 @@ def md_kernel_speed(res: dict) -> list[str]:
                 f"compile {r['compile_s']:.1f} s"])
   header = ["L", "impl", "mode", "ms", "useful TFLOP/s", "dense-equiv TFLOP/s",
             "kernel / cuDNN", "kernel / xla (chunked if no dense)", "note"]
-  return [f"One NEO-like packed row (16 / 8 heads, widths 256 / 128, bf16); useful counts the "
-          f"allowed pairs (cuDNN: its causal pairs, V padded to 256); ratios are useful "
-          f"TFLOP/s."] + _table(header, out)
+  shape = res.get("shape", {})
+  return [f"One NEO-like packed row ({shape.get('heads')} / {shape.get('kv_heads')} heads, "
+          f"widths {shape.get('dqk')} / {shape.get('dv')}, bf16); useful counts the allowed "
+          f"pairs (cuDNN: its causal pairs, V padded to {shape.get('dqk')}); ratios are useful "
+          "TFLOP/s."] + _table(header, out)
 
 
 def md_block_sweep(res: dict) -> list[str]:
@@ -282,7 +284,8 @@ def md_train_step(res: dict) -> list[str]:
            f"remat {res.get('remat')}, stage {res.get('stage')}, one packed row per step, loss "
            f"on all positions; MFU = model FLOPs (neo_jax.train.metrics.step_flops) / step "
            f"time / peak ({peaks or 'no peak known'}). State init {res.get('init_s')} s."]
-  header = (["seq", "row fill", "step s", "tokens/s", "model TFLOP/s"] + [f"MFU ({x})" for x in labels]
+  header = (["seq", "row fill", "step s", "tokens/s", "model TFLOP/s"]
+            + [f"MFU ({x})" for x in labels]
             + ["peak mem GB", "compile s", "attention", "note"])
   return lines + _table(header, out)
 
@@ -330,9 +333,10 @@ RENDER: dict[str, Callable[[dict], list[str]]] = {
 
 def markdown(report: dict) -> str:
   env = report["parts"].get("env", {}).get("result", {})
+  smoke = ", SMOKE mode: tiny shapes, numbers mean nothing" if report["smoke"] else ""
   lines = [f"# device-check {report['date']}: {report['device']}", "",
            f"Command: `{report['command']}` (budget {report['budget_s']:.0f} s, wall "
-           f"{report['wall_s']:.0f} s{', SMOKE mode: tiny shapes, numbers mean nothing' if report['smoke'] else ''}).",
+           f"{report['wall_s']:.0f} s{smoke}).",
            f"Machine: {env.get('device_kind', '?')}, {env.get('host', report['host'])}; "
            f"jax {env.get('jax', '?')}."
            + (" Compile times are with a compilation cache shared by the parts: a program "

@@ -84,7 +84,8 @@ class Sizes:
 
 FULL = Sizes()
 SMOKE = Sizes(heads=4, kv_heads=2, dqk=64, dv=32, check_rows=(("neo", 256), ("neo_pref", 256)),
-              speed_lengths=(256,), speed_reference_modes=("fwd+bwd",), sweep_length=256, q_chunk=64, timed_iters=2,
+              speed_lengths=(256,), speed_reference_modes=("fwd+bwd",), sweep_length=256,
+              q_chunk=64, timed_iters=2,
               timed_max_s=0.5, matmul_n=256, copy_bytes=2**22, model="tiny", train_vocab=512,
               train_seqs=(128,), train_image_tokens=(4, 16), train_chunk=64, train_steps=2,
               gen_batches=(2,), gen_image_tokens=16, gen_text_tokens=8, gen_new_tokens=4,
