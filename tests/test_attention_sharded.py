@@ -1,7 +1,8 @@
 """Kernels under a mesh: `jax.shard_map` over batch and heads equals the reference.
 
 Uses the 8 virtual CPU devices of conftest.py and a (data, fsdp, tensor) mesh with Auto axes,
-activated with `jax.set_mesh`, as the training code does.
+activated with `jax.set_mesh`, as the training code does, and the same mesh with Explicit axes
+(`jax.make_mesh`'s default since jax 0.7).
 """
 
 import jax
@@ -9,14 +10,15 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from neo_jax.errors import UserError
 from neo_jax.ops import attention as attn_api
 from neo_jax.ops import reference
 from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
 
-def mesh(data, fsdp, tensor):
+def mesh(data, fsdp, tensor, axis_type=AxisType.Auto):
   return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(AxisType.Auto,) * 3)
+                       axis_types=(axis_type,) * 3)
 
 
 def run_sharded(m, impl, q, k, v, d_out, ids, scale=0.2):
@@ -86,3 +88,47 @@ def test_mesh_axis_names_are_configurable():
     assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, ids))
     out = jax.jit(fn)(q, k, v, ids)
   assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_kernel_under_explicit_axes(impl):
+  # Explicit axes: the inputs arrive sharded otherwise than the kernel splits them (q over
+  # data only, k over fsdp, v replicated) and are resharded to whole rows and heads per shard;
+  # the output is sharded like q
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, d_out, ids = make_inputs(14, 4, 128, 4, 2, 32, 16, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    put = lambda x, spec: jax.device_put(x, NamedSharding(m, spec))
+    qs, gs = put(q, P("data", None, "tensor")), put(d_out, P("data", None, "tensor"))
+    ks, vs = put(k, P("fsdp")), put(v, P())
+    ids_s = jax.tree.map(lambda a: put(a, P("data")), ids)
+    fn = lambda q, k, v, g, ids: value_and_grads(
+        lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2), q, k, v, g)
+    assert "shard_map" in str(jax.make_jaxpr(fn)(qs, ks, vs, gs, ids_s))
+    out, grads = jax.jit(fn)(qs, ks, vs, gs, ids_s)
+  assert out.sharding.spec == P("data", None, "tensor", None)
+  want_out, want_grads = reference_values(q, k, v, d_out, ids)
+  assert rel_err(out, want_out) <= 1e-5
+  for g, w in zip(grads, want_grads):
+    assert rel_err(g, w) <= 1e-5
+
+
+def test_explicit_axes_that_split_nothing():
+  # batch 1 and 3 query heads split over no axis: the kernel still runs inside a shard_map
+  # (pallas_call cannot take Explicit-typed arrays), replicated over the whole mesh
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, _, ids = make_inputs(15, 1, 64, 3, 1, 16, 8, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    out = jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
+                                                          scale=0.2))(q, k, v, ids)
+  assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
+
+
+def test_explicit_sequence_sharding_is_refused():
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, _, ids = make_inputs(16, 2, 64, 2, 2, 16, 8, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    q = jax.device_put(q, NamedSharding(m, P(None, "fsdp")))
+    with pytest.raises(UserError, match="sequence axis of q is sharded over mesh axis 'fsdp'"):
+      jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu",
+                                                      scale=0.2))(q, k, v, ids)
