@@ -54,10 +54,11 @@ MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query and key block sizes (tokens), shared by the forward, dq and dk/dv kernels."""
+  """Query and key block sizes (tokens), shared by the forward, dq and dk/dv kernels; None
+  takes the default for the row length (`default_block_sizes`)."""
 
-  block_q: int = 512
-  block_kv: int = 512
+  block_q: Optional[int] = None
+  block_kv: Optional[int] = None
 
 
 # Default blocks by row length: (longest L, blocks). Smaller blocks skip more of a packed row
@@ -488,7 +489,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   """Self-attention under the NEO rule. q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]; differentiable in q, k, v.
 
-  `block_sizes`: None takes `default_block_sizes(L)`. `interpret`: None runs compiled on TPU
+  `block_sizes`: None (or None fields) take `default_block_sizes(L)`. `interpret`: None runs compiled on TPU
   and interpreted elsewhere; True or a `pltpu.InterpretParams` forces interpret mode.
   `tpu_shapes`: None follows compilation; True pads widths to 128 lanes and keeps blocks at
   128 or more in interpret mode too (the shapes Mosaic gets).
@@ -501,10 +502,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   if tpu_shapes is None:
     tpu_shapes = interpret is False
   length = q.shape[1]
-  sizes = block_sizes or default_block_sizes(length)
+  sizes, default = block_sizes or BlockSizes(), default_block_sizes(length)
   minimum = LANES if tpu_shapes else 8
-  bq = fc.fit_block(sizes.block_q, length, minimum)
-  bk = fc.fit_block(sizes.block_kv, length, minimum)
+  bq = fc.fit_block(sizes.block_q or default.block_q, length, minimum)
+  bk = fc.fit_block(sizes.block_kv or default.block_kv, length, minimum)
   if tpu_shapes and (bq % LANES or bk % LANES):
     raise UserError(f"pallas_tpu: blocks {bq} x {bk} are not multiples of {LANES}")
   lay = fc.layout_of(q, k, v, max(bq, bk))
