@@ -7,12 +7,14 @@ activated with `jax.set_mesh`, as the training code does, and the same mesh with
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from neo_jax.errors import UserError
 from neo_jax.ops import attention as attn_api
-from neo_jax.ops import reference
+from neo_jax.ops import pallas_tpu, reference
+from neo_jax.ops.layouts import ids_from_arrays, random_batch
 from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
 
@@ -132,3 +134,25 @@ def test_explicit_sequence_sharding_is_refused():
     with pytest.raises(UserError, match="sequence axis of q is sharded over mesh axis 'fsdp'"):
       jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu",
                                                       scale=0.2))(q, k, v, ids)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_compiled_tpu_kernel_lowers_under_a_mesh(monkeypatch, axis_type):
+  # the compiled (Mosaic) kernel inside the entry point's shard_map, forward and backward,
+  # exported for TPU from this CPU host over the 8-device mesh
+  compiled = lambda q, k, v, q_ids, kv_ids, *, scale, q_chunk: pallas_tpu.flash_attention(
+      q, k, v, q_ids, scale=scale, interpret=False)
+  monkeypatch.setitem(attn_api._IMPLS, "pallas_tpu", attn_api._Impl(compiled, True))
+  b, length = 4, 600
+  ids = ids_from_arrays(*random_batch(np.random.default_rng(5), b, length, **LAYOUT))
+  m = mesh(2, 2, 2, axis_type)
+  spec = NamedSharding(m, P(("data", "fsdp"), None, "tensor"))
+  q = jax.ShapeDtypeStruct((b, length, 4, 256), jnp.bfloat16, sharding=spec)
+  k = jax.ShapeDtypeStruct((b, length, 2, 256), jnp.bfloat16, sharding=spec)
+  v = jax.ShapeDtypeStruct((b, length, 2, 128), jnp.bfloat16, sharding=spec)
+  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
+                                            scale=0.1).astype(jnp.float32).sum()
+  with jax.set_mesh(m):
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+                                 platforms=["tpu"])(q, k, v)
+  assert exported.mlir_module().count("tpu_custom_call") == 3

@@ -1,7 +1,7 @@
 """Pallas TPU flash attention for the NEO rule on a compressed, block-sparse grid.
 
 Grid. For each packed row the exact (q block, kv block) pairs the rule needs
-(`masks.exact_block_states`) become a list of steps, one int32 word each (`step_tables`): the
+(`masks.exact_block_states`) become a list of steps, one int32 word each (`step_table`): the
 two block indices, the block state (partial: masked in-kernel from the per-query key intervals
 `masks.kv_ranges`; full: no mask) and whether the step opens / closes its output block. The
 list is scalar-prefetched into SMEM, the index maps read the block indices from it (as splash
@@ -63,10 +63,12 @@ class BlockSizes:
 
 # Default blocks by row length: (longest L, blocks). Smaller blocks skip more of a packed row
 # (fewer masked-out pairs inside visited blocks); larger ones pay the fixed cost of a grid step
-# (~0.35 us) over more work. A model of both (steps x (0.35 us + block FLOPs / bf16 peak), on
-# NEO-like rows, benchmarks/README.md) favours 512 x 512 up to 8k on v5e and larger kv blocks
-# beyond; short rows take 256 so that padding to a block stays small. Multiples of 128 (lanes).
-# A model, not a measurement: the device benchmark's sweep is what should set these.
+# (~0.35 us) over more work. A model of both (steps x (0.35 us + block FLOPs / bf16 peak) on
+# NEO-like rows, benchmarks/README.md) puts 512 x 512 to 1024 x 1024 within ~10% of each other
+# on v5e and favours the larger on faster chips and longer rows; the table takes the middle,
+# and 1024 x 1024 beyond 32k also keeps a row's step list small. Short rows take 256 so that
+# padding to a block stays small. Multiples of 128 (lanes). A model, not a measurement: a
+# block sweep on the device is what should set these.
 DEFAULT_BLOCKS: tuple[tuple[int, BlockSizes], ...] = (
     (1024, BlockSizes(256, 256)),
     (8192, BlockSizes(512, 512)),
@@ -489,8 +491,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   """Self-attention under the NEO rule. q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]; differentiable in q, k, v.
 
-  `block_sizes`: None (or None fields) take `default_block_sizes(L)`. `interpret`: None runs compiled on TPU
-  and interpreted elsewhere; True or a `pltpu.InterpretParams` forces interpret mode.
+  `block_sizes`: None (or None fields) take `default_block_sizes(L)`. `interpret`: None runs
+  compiled on TPU and interpreted elsewhere; True or a `pltpu.InterpretParams` forces
+  interpret mode.
   `tpu_shapes`: None follows compilation; True pads widths to 128 lanes and keeps blocks at
   128 or more in interpret mode too (the shapes Mosaic gets).
   """
