@@ -54,11 +54,12 @@ def test_sharded_kernel_equals_reference(impl):
     assert rel_err(g, w) <= 1e-5
 
 
-def test_kv_heads_fewer_than_head_shards():
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_kv_heads_fewer_than_head_shards(axis_type):
   # 2 kv heads on tensor=4: each kv head is repeated once so that heads still split; the
   # gradients of the repeated copies add up in dk, dv
   q, k, v, d_out, ids = make_inputs(11, 2, 96, 8, 2, 32, 16, jnp.float32, **LAYOUT)
-  (out, grads), jaxpr = run_sharded(mesh(2, 1, 4), "pallas_tpu", q, k, v, d_out, ids)
+  (out, grads), jaxpr = run_sharded(mesh(2, 1, 4, axis_type), "pallas_tpu", q, k, v, d_out, ids)
   assert "shard_map" in jaxpr
   want_out, want_grads = reference_values(q, k, v, d_out, ids)
   assert rel_err(out, want_out) <= 1e-5

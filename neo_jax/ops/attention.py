@@ -178,16 +178,19 @@ def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *, scale, q_ch
     _refuse_split_rows(impl, dict(zip(names, (q, k, v) + arrays)))
   batch = _usable_axes(mesh, mesh_axes.batch, q.shape[0])
   heads = _usable_axes(mesh, mesh_axes.heads, q.shape[2])
+  b_spec = batch if batch else None
   n_heads = math.prod(mesh.shape[a] for a in heads)
   if heads and k.shape[2] % n_heads:
     repeat = n_heads // math.gcd(k.shape[2], n_heads)
     if (q.shape[2] // k.shape[2]) % repeat:
       heads = ()
     else:  # e.g. 2 kv heads on 4 head shards: each kv head twice, still grouped in order
-      k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
+      kv_spec = _only(P(b_spec), explicit) if explicit else None
+      if explicit:
+        k, v = jax.reshard(k, kv_spec), jax.reshard(v, kv_spec)
+      k, v = (jnp.repeat(x, repeat, axis=2, out_sharding=kv_spec) for x in (k, v))
   if not batch and not heads and not explicit:  # Auto axes that split nothing: XLA replicates
     return call(q, k, v, ids)
-  b_spec = batch if batch else None
   h_spec = heads if heads else None
   x_spec = P(b_spec, None, h_spec, None)
   id_spec = P(b_spec, None)
