@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all device-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)  ## the default (fast) test suite
 
 test-all: $(STAMP)  ## everything, slow tests included
 	$(BIN)/python -m pytest -m ""
+
+# No install step: a GPU/TPU host runs it with its own python3 (jax, flax, optax, numpy).
+DEVICE_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+device-check:  ## one GPU or TPU host, <= 8 min: kernels, train step, generation (CPU: smoke mode)
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	  $(DEVICE_PYTHON) benchmarks/device_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,43 +54,72 @@ def flops(pairs: float, hq: int, dqk: int, dv: int, mode: str) -> float:
   return fwd if mode == "fwd" else fwd + 2.0 * pairs * hq * (3 * dqk + 2 * dv)
 
 
-def build_row(args, length: int, seed: int):
+def build_row(length: int, seed: int, *, tiny: bool = False, preference: bool = False):
+  """(samples, AttnIds [1, length]) of one NEO-like packed row; branch ids always present."""
   rng = np.random.default_rng(seed)
-  if args.tiny:
+  if tiny:
     samples = neo_row(rng, length, image_len=(32, 96), prompt_len=(4, 12),
-                      answer_len=(16, 64), preference=args.layout == "neo_pref")
+                      answer_len=(16, 64), preference=preference)
   else:
-    samples = neo_row(rng, length, preference=args.layout == "neo_pref")
+    samples = neo_row(rng, length, preference=preference)
   seg, img, branch = row_ids(samples, length)
   return samples, ids_from_arrays(seg[None], img[None], branch[None])
 
 
-def attention_fn(impl: str, ids, scale: float, args):
+def make_inputs(length: int, hq: int, hkv: int, dqk: int, dv: int, dtype, seed: int):
+  """Random q, k, v and an output cotangent (never zeros) for one row."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
+  return (normal(keys[0], (1, length, hq, dqk)), normal(keys[1], (1, length, hkv, dqk)),
+          normal(keys[2], (1, length, hkv, dv)), normal(keys[3], (1, length, hq, dv)))
+
+
+def attention_fn(impl: str, scale: float, *, q_chunk: int = 1024, gpu_blocks=None,
+                 tpu_blocks=None):
+  """fn(q, k, v, ids) -> out for `impl`; ids are an argument so rows of one length share a
+  compiled program."""
   if impl == "xla":
-    return lambda q, k, v: reference.attention_dense(q, k, v, ids, scale=scale)
+    return lambda q, k, v, ids: reference.attention_dense(q, k, v, ids, scale=scale)
   if impl == "xla_chunked":
-    return lambda q, k, v: reference.attention_chunked(q, k, v, ids, scale=scale,
-                                                       q_chunk=args.q_chunk)
+    return lambda q, k, v, ids: reference.attention_chunked(q, k, v, ids, scale=scale,
+                                                            q_chunk=q_chunk)
   if impl == "pallas_tpu":
-    base = pallas_tpu.BlockSizes()
-    sizes = pallas_tpu.BlockSizes(args.block_q or base.block_q, args.block_kv or base.block_kv)
-    return functools.partial(pallas_tpu.flash_attention, ids=ids, scale=scale,
-                             block_sizes=sizes)
+    return lambda q, k, v, ids: pallas_tpu.flash_attention(q, k, v, ids, scale=scale,
+                                                           block_sizes=tpu_blocks)
   if impl == "pallas_gpu":
-    base = pallas_gpu.BlockSizes()
-    sizes = pallas_gpu.BlockSizes(args.block_q or base.block_q, args.block_kv or base.block_kv,
-                                  args.block_q_bwd or base.block_q_bwd,
-                                  args.block_kv_bwd or base.block_kv_bwd)
-    return functools.partial(pallas_gpu.flash_attention, ids=ids, scale=scale,
-                             block_sizes=sizes)
+    return lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=scale,
+                                                           block_sizes=gpu_blocks)
   if impl == "cudnn_causal":
-    def fn(q, k, v):
+    def fn(q, k, v, ids):
+      del ids  # plain causal
       v_pad = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])])
       out = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
                                          implementation="cudnn")
       return out[..., :v.shape[-1]]
     return fn
   raise ValueError(impl)
+
+
+def for_mode(fn, mode: str):
+  """fwd: fn(q, k, v, ids); fwd+bwd: (q, k, v, ids, d_out) -> (out, (dq, dk, dv))."""
+  if mode == "fwd":
+    return fn
+
+  def fwd_bwd(q, k, v, ids, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, ids), q, k, v)
+    return out, vjp(d_out)
+
+  return fwd_bwd
+
+
+def impl_flops(impl: str, allowed: float, length: int, hq: int, dqk: int, dv: int,
+               mode: str) -> tuple[float, float]:
+  """(useful, dense-equivalent) FLOPs of one call; cuDNN causal at its causal pairs and
+  padded value width."""
+  if impl == "cudnn_causal":
+    return (flops(length * (length + 1) / 2, hq, dqk, dqk, mode),
+            flops(float(length) ** 2, hq, dqk, dqk, mode))
+  return flops(allowed, hq, dqk, dv, mode), flops(float(length) ** 2, hq, dqk, dv, mode)
 
 
 def runnable(impl: str, backend: str, tiny: bool) -> str | None:
@@ -106,19 +135,33 @@ def runnable(impl: str, backend: str, tiny: bool) -> str | None:
   return None
 
 
-def time_call(fn, args_, iters: int, warmup: int) -> tuple[float, float]:
-  """(compile + first call seconds, median seconds per call)."""
+class Timing(NamedTuple):
+  compile_s: float  # lower + compile
+  first_s: float  # first call after compiling
+  median_s: float  # median of the timed calls (warm-up excluded)
+  iters: int
+
+
+def time_call(fn, args_, iters: int, warmup: int, max_s: float | None = None) -> Timing:
+  """Compiles `fn` (jitted here unless it is already), then times calls with
+  block_until_ready. `max_s` caps the timed loop (at least 3 calls)."""
+  jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
   t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args_))
+  compiled = jitted.lower(*args_).compile()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(compiled(*args_))
   first = time.perf_counter() - t0
+  if max_s is not None:
+    iters = max(3, min(iters, int(max_s / max(first, 1e-6))))
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args_))
+    jax.block_until_ready(compiled(*args_))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args_))
+    jax.block_until_ready(compiled(*args_))
     times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
+  return Timing(compile_s, first, statistics.median(times), iters)
 
 
 def run(args) -> dict:
@@ -126,15 +169,18 @@ def run(args) -> dict:
   dtype = jnp.dtype(args.dtype)
   hq, hkv, dqk, dv = args.heads, args.kv_heads, args.dqk, args.dv
   scale = args.scale if args.scale else (dv ** -0.5)
+  gpu_base, tpu_base = pallas_gpu.BlockSizes(), pallas_tpu.BlockSizes()
+  gpu_blocks = pallas_gpu.BlockSizes(
+      args.block_q or gpu_base.block_q, args.block_kv or gpu_base.block_kv,
+      args.block_q_bwd or gpu_base.block_q_bwd, args.block_kv_bwd or gpu_base.block_kv_bwd)
+  tpu_blocks = pallas_tpu.BlockSizes(args.block_q or tpu_base.block_q,
+                                     args.block_kv or tpu_base.block_kv)
   results = []
   for length in args.lengths:
-    samples, ids = build_row(args, length, args.seed)
+    samples, ids = build_row(length, args.seed, tiny=args.tiny,
+                             preference=args.layout == "neo_pref")
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
-    keys = jax.random.split(jax.random.key(args.seed), 4)
-    q = jax.random.normal(keys[0], (1, length, hq, dqk), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (1, length, hkv, dqk), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (1, length, hkv, dv), jnp.float32).astype(dtype)
-    d_out = jax.random.normal(keys[3], (1, length, hq, dv), jnp.float32).astype(dtype)
+    q, k, v, d_out = make_inputs(length, hq, hkv, dqk, dv, dtype, args.seed)
     print(f"\nL={length}: {describe(samples)}")
     print(f"  allowed pairs {allowed:,} = {allowed / length**2:.3f} of L^2 "
           f"(causal would be {0.5 * (length + 1) / length:.3f})")
@@ -146,35 +192,24 @@ def run(args) -> dict:
           row["skipped"] = why
           results.append(row)
           continue
-        fn = attention_fn(impl, ids, scale, args)
-        if mode == "fwd":
-          call = jax.jit(fn)
-          call_args = (q, k, v)
-        else:
-          def fwd_bwd(q, k, v, g, fn=fn):
-            out, vjp = jax.vjp(fn, q, k, v)
-            return out, vjp(g)
-          call = jax.jit(fwd_bwd)
-          call_args = (q, k, v, d_out)
+        fn = for_mode(attention_fn(impl, scale, q_chunk=args.q_chunk, gpu_blocks=gpu_blocks,
+                                   tpu_blocks=tpu_blocks), mode)
+        call_args = (q, k, v, ids) if mode == "fwd" else (q, k, v, ids, d_out)
         try:
-          first, sec = time_call(call, call_args, args.iters, args.warmup)
+          timing = time_call(fn, call_args, args.iters, args.warmup)
         except Exception as e:  # noqa: BLE001 - out of memory, unsupported shapes: recorded
           row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
           results.append(row)
           print(f"  {impl:13s} {mode:8s} error: {row['error']}")
           continue
-        if impl == "cudnn_causal":
-          useful = flops(length * (length + 1) / 2, hq, dqk, dqk, mode)
-          dense = flops(float(length) ** 2, hq, dqk, dqk, mode)
-        else:
-          useful = flops(allowed, hq, dqk, dv, mode)
-          dense = flops(float(length) ** 2, hq, dqk, dv, mode)
-        row.update(seconds=sec, first_call_seconds=first, useful_tflops=useful / sec / 1e12,
-                   dense_equiv_tflops=dense / sec / 1e12)
+        sec = timing.median_s
+        useful, dense = impl_flops(impl, allowed, length, hq, dqk, dv, mode)
+        row.update(seconds=sec, compile_seconds=timing.compile_s,
+                   useful_tflops=useful / sec / 1e12, dense_equiv_tflops=dense / sec / 1e12)
         results.append(row)
         print(f"  {impl:13s} {mode:8s} {sec * 1e3:10.3f} ms   useful {row['useful_tflops']:8.3f}"
               f" TFLOP/s   dense-equiv {row['dense_equiv_tflops']:8.3f} TFLOP/s"
-              f"   (compile + 1st call {first:.1f} s)")
+              f"   (compile {timing.compile_s:.1f} s)")
   return dict(
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       command=" ".join([os.path.basename(sys.executable)] + sys.argv),

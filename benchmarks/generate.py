@@ -29,28 +29,33 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neo_jax import config as neo_config  # noqa: E402
 from neo_jax.inference.generation import batch_prompts, decode, prefill, prompt_arrays  # noqa: E402
+from neo_jax.model import abstract_params  # noqa: E402
 from neo_jax.positions import grid_rc, native_rope_positions  # noqa: E402
 
 
 def random_params(config: neo_config.NeoConfig, seed: int = 0) -> dict:
-  """N(0, 0.02) weights and unit norms built with numpy (fast; the init's values don't matter
-  for timing)."""
-  from neo_jax.model import abstract_params
-  rng = np.random.default_rng(seed)
+  """N(0, 0.02) weights and unit norms, drawn on the device in one jitted call (the values
+  don't matter for timing; a 2B model builds in seconds without a host copy)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(config))
 
-  def leaf(path, spec):
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
-    if name.endswith("scale"):
-      x = np.ones(spec.shape, np.float32)
-    else:
-      x = (0.02 * rng.standard_normal(spec.shape, np.float32))
-    return jax.numpy.asarray(x, spec.dtype)
+  @jax.jit
+  def build(key):
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for key_i, (path, spec) in zip(keys, leaves):
+      name = "/".join(str(getattr(p, "key", p)) for p in path)
+      if name.endswith("scale"):
+        out.append(jnp.ones(spec.shape, spec.dtype))
+      else:
+        out.append((0.02 * jax.random.normal(key_i, spec.shape, jnp.float32)).astype(spec.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-  return jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
+  return build(jax.random.key(seed))
 
 
 def synthetic_prompt(config: neo_config.NeoConfig, text_tokens: int, images: int,
@@ -80,13 +85,14 @@ def _timed(fn):
   return out, time.perf_counter() - start
 
 
-def bench(params, config, batch: int, args) -> dict:
-  prompts = [synthetic_prompt(config, args.text_tokens, args.images, args.image_tokens, s)
+def bench(params, config, batch: int, *, text_tokens: int = 32, images: int = 1,
+          image_tokens: int = 64, new_tokens: int = 64, repeat: int = 3) -> dict:
+  prompts = [synthetic_prompt(config, text_tokens, images, image_tokens, s)
              for s in range(batch)]
   pb = batch_prompts(prompts, config)
   arrays = prompt_arrays(pb)
-  static = dict(config=config, cache_len=pb.input_ids.shape[1] + args.new_tokens,
-                max_new_tokens=args.new_tokens, stop_ids=(-1,))
+  static = dict(config=config, cache_len=pb.input_ids.shape[1] + new_tokens,
+                max_new_tokens=new_tokens, stop_ids=(-1,))
   key = jax.random.key(0)
   run_prefill = lambda: prefill(params, arrays, key, **static)
   run_decode = lambda state: decode(params, state, key, config=config, stop_ids=(-1,))
@@ -94,12 +100,12 @@ def bench(params, config, batch: int, args) -> dict:
   state, prefill_compile = _timed(run_prefill)
   _, decode_compile = _timed(lambda: run_decode(state))
   prefill_times, decode_times = [], []
-  for _ in range(args.repeat):
+  for _ in range(repeat):
     state, t = _timed(run_prefill)
     prefill_times.append(t)
     final, t = _timed(lambda: run_decode(state))
     decode_times.append(t)
-    assert int(final.step) == args.new_tokens
+    assert int(final.step) == new_tokens
   prompt_tokens = int(pb.prompt_lengths.sum())
   t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
   return {
@@ -107,12 +113,12 @@ def bench(params, config, batch: int, args) -> dict:
       "prompt_tokens_per_row": int(pb.prompt_lengths[0]),
       "padded_prompt_len": int(pb.input_ids.shape[1]),
       "visual_tokens_per_row": len(prompts[0]["pixel_rc"][0]),
-      "new_tokens": args.new_tokens,
+      "new_tokens": new_tokens,
       "prefill_s": t_prefill,
       "prefill_tokens_per_s": prompt_tokens / t_prefill,
       "decode_s": t_decode,
-      "decode_tokens_per_s": batch * (args.new_tokens - 1) / t_decode,
-      "decode_ms_per_step": 1000 * t_decode / (args.new_tokens - 1),
+      "decode_tokens_per_s": batch * (new_tokens - 1) / t_decode,
+      "decode_ms_per_step": 1000 * t_decode / (new_tokens - 1),
       "compile_prefill_s": prefill_compile,
       "compile_decode_s": decode_compile,
   }
@@ -155,7 +161,9 @@ def main() -> int:
         f"{'ms/step':>8} {'compile s (prefill/decode)':>27}")
   rows = []
   for batch in args.batch:
-    r = bench(params, config, batch, args)
+    r = bench(params, config, batch, text_tokens=args.text_tokens, images=args.images,
+              image_tokens=args.image_tokens, new_tokens=args.new_tokens,
+              repeat=args.repeat)
     rows.append({**header, **r})
     print(f"{r['batch']:>5} {r['prompt_tokens_per_row']:>6} {r['padded_prompt_len']:>6} "
           f"{r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "

@@ -14,6 +14,7 @@ applies, by the measured throughput of a large float32 matmul on this machine (l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -22,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -52,6 +54,104 @@ def gemm_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
+def depth_overrides(layers: int) -> dict:
+  """NeoConfig overrides for `layers` layers (half of them pre-Buffer); 0 keeps the preset."""
+  return dict(num_hidden_layers=layers, num_prebuffer_layers=layers // 2) if layers else {}
+
+
+def model_config(model: str, *, layers: int = 0, vocab: int = 0, dtype: str = "float32",
+                 remat: str = "none", attention: str = "xla"):
+  """The preset with fp32 master weights, `dtype` compute and the given depth."""
+  cfg = preset(model, dtype=dtype, param_dtype="float32", remat_policy=remat,
+               attention_impl=attention, **depth_overrides(layers))
+  return compact_vocab(cfg, vocab) if vocab else cfg
+
+
+@dataclasses.dataclass
+class Bench:
+  """A sharded train state and what the step needs; `state` advances with every step run."""
+
+  cfg: Any
+  mesh: Any
+  trainable: set
+  tx: Any
+  schedule: Any
+  state: Any
+
+
+def prepare(cfg, stage: str = "sft", mesh_shape: tuple[int, int, int] = (1, -1, 1),
+            seed: int = 0) -> Bench:
+  mesh = make_mesh(*mesh_shape)
+  trainable = O.trainable_paths(abstract_params(cfg), O.stage_patterns(stage))
+  tx = O.adamw()
+  schedule = O.learning_rate_schedule(1e-4, 1000, warmup=10)
+  state = init_state(cfg, tx, trainable, mesh, seed=seed)
+  return Bench(cfg, mesh, trainable, tx, schedule, state)
+
+
+def peak_memory() -> tuple[float, str]:
+  """(bytes, basis): the device allocator's peak, or the process's peak RSS where none."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if stats.get("peak_bytes_in_use") is not None:
+    return float(stats["peak_bytes_in_use"]), "device allocator"
+  return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "host peak RSS"
+
+
+def measure(bench: Bench, *, batch: int, seq_len: int, visual: int,
+            image_tokens: tuple[int, int], k: int, chunk: int, loss_remat: bool = True,
+            vocab_chunk: int = 0, accum: int = 1, steps: int = 10,
+            peaks: Optional[dict[str, float]] = None) -> dict:
+  """Compiles the step for these rows, runs one step, then times `steps` steps (median).
+
+  `peaks` maps a label to peak FLOP/s per device; MFU is reported against each.
+  """
+  cfg, mesh = bench.cfg, bench.mesh
+  spec = SyntheticSpec.for_model(cfg, batch_size=batch, seq_len=seq_len, visual_tokens=visual,
+                                 min_image_tokens=image_tokens[0],
+                                 max_image_tokens=image_tokens[1],
+                                 text_vocab=min(cfg.vocab_size - 8, 4096))
+  step = make_train_step(next_token_loss(cfg, chunk=chunk, positions_per_row=k,
+                                         remat=loss_remat, vocab_chunk=vocab_chunk), bench.tx,
+                         bench.schedule, bench.trainable, grad_accum_steps=accum)
+  batches = [synthetic_batch(spec, i) for i in range(min(steps, 4))]
+  run = compile_step(step, mesh, state_shardings(cfg, bench.tx, bench.trainable, mesh),
+                     batch_shardings(batches[0], mesh))
+  t = time.perf_counter()
+  bench.state, m = run(bench.state, shard_batch(batches[0], mesh))
+  jax.block_until_ready(m)
+  first = time.perf_counter() - t
+  times, flops, tokens = [], [], []
+  for i in range(steps):
+    b = batches[i % len(batches)]
+    sharded = shard_batch(b, mesh)
+    t = time.perf_counter()
+    bench.state, m = run(bench.state, sharded)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+    flops.append(M.step_flops(cfg, b, bench.trainable, k)["total"])
+    tokens.append(float((b["segment_ids"] != 0).sum()))
+  step_s = statistics.median(times)
+  n_dev = mesh.devices.size
+  model_flops = statistics.mean(flops)
+  per_device = model_flops / step_s / n_dev
+  mem, mem_basis = peak_memory()
+  return {
+      "device": f"{n_dev} x {jax.devices()[0].device_kind}", "layers": cfg.num_hidden_layers,
+      "hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "batch": batch, "seq_len": seq_len,
+      "visual": visual, "k": k, "chunk": chunk, "vocab_chunk": vocab_chunk, "dtype": cfg.dtype,
+      "remat": cfg.remat_policy, "attention": cfg.attention_impl,
+      "first_step_s": round(first, 2), "step_s": round(step_s, 4), "steps": steps,
+      "compile_s": round(max(first - step_s, 0.0), 2),
+      "tokens_per_s": round(statistics.mean(tokens) / step_s, 1),
+      "row_fill": round(statistics.mean(tokens) / (batch * seq_len), 3),
+      "model_tflops_per_step": round(model_flops / 1e12, 4),
+      "tflops_per_s_per_device": round(per_device / 1e12, 4),
+      "mfu": {label: round(per_device / peak, 4) for label, peak in (peaks or {}).items()},
+      "peak_memory_gb": round(mem / 2**30, 3), "memory_basis": mem_basis,
+      "loss": round(float(m["loss"]), 4),
+  }
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="tiny", help="NeoConfig preset: tiny | neo_2b | neo_9b")
@@ -77,71 +177,24 @@ def main(argv=None) -> int:
   p.add_argument("--json", default="", help="append the result as one JSON line to this file")
   args = p.parse_args(argv)
 
-  overrides = dict(dtype=args.dtype, param_dtype="float32", remat_policy=args.remat,
-                   attention_impl=args.attention)
-  if args.layers:
-    overrides.update(num_hidden_layers=args.layers, num_prebuffer_layers=args.layers // 2)
-  cfg = preset(args.model, **overrides)
-  if args.vocab:
-    cfg = compact_vocab(cfg, args.vocab)
-  lo, hi = (int(x) for x in args.image_tokens.split(","))
-  spec = SyntheticSpec.for_model(cfg, batch_size=args.batch, seq_len=args.seq_len,
-                                 visual_tokens=args.visual, min_image_tokens=lo,
-                                 max_image_tokens=hi, text_vocab=min(cfg.vocab_size - 8, 4096))
-  mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
-  trainable = O.trainable_paths(abstract_params(cfg), O.stage_patterns(args.stage))
-  tx = O.adamw()
-  schedule = O.learning_rate_schedule(1e-4, 1000, warmup=10)
-  state = init_state(cfg, tx, trainable, mesh, seed=0)
-  step = make_train_step(next_token_loss(cfg, chunk=args.chunk, positions_per_row=args.k,
-                                         remat=bool(args.loss_remat),
-                                         vocab_chunk=args.vocab_chunk), tx,
-                         schedule, trainable, grad_accum_steps=args.accum)
-  batches = [synthetic_batch(spec, i) for i in range(min(args.steps, 4))]
-  run = compile_step(step, mesh, state_shardings(cfg, tx, trainable, mesh),
-                     batch_shardings(batches[0], mesh))
-  t = time.perf_counter()
-  state, m = run(state, shard_batch(batches[0], mesh))
-  jax.block_until_ready(m)
-  first = time.perf_counter() - t
-  times, flops, tokens = [], [], []
-  for i in range(args.steps):
-    b = batches[i % len(batches)]
-    sharded = shard_batch(b, mesh)
-    t = time.perf_counter()
-    state, m = run(state, sharded)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-    flops.append(M.step_flops(cfg, b, trainable, args.k)["total"])
-    tokens.append(float((b["segment_ids"] != 0).sum()))
-  step_s = statistics.median(times)
-  n_dev = mesh.devices.size
+  cfg = model_config(args.model, layers=args.layers, vocab=args.vocab, dtype=args.dtype,
+                     remat=args.remat, attention=args.attention)
+  bench = prepare(cfg, args.stage, tuple(int(x) for x in args.mesh.split(",")))
   kind = jax.devices()[0].device_kind
   peak = M.peak_flops_per_device(kind)
-  peak_label = "vendor peak"
+  label = "vendor peak"
   if peak is None:
-    peak, peak_label = gemm_peak(), "float32 gemm peak (measured)"
-  model_flops = statistics.mean(flops)
-  stats = jax.local_devices()[0].memory_stats() or {}
-  peak_mem = stats.get("peak_bytes_in_use")
+    peak, label = gemm_peak(), "float32 gemm peak (measured)"
+  lo, hi = (int(x) for x in args.image_tokens.split(","))
+  r = measure(bench, batch=args.batch, seq_len=args.seq_len, visual=args.visual,
+              image_tokens=(lo, hi), k=args.k, chunk=args.chunk,
+              loss_remat=bool(args.loss_remat), vocab_chunk=args.vocab_chunk,
+              accum=args.accum, steps=args.steps, peaks={label: peak})
   result = {
       "date": datetime.date.today().isoformat(), "machine": platform.node(),
-      "device": f"{n_dev} x {kind}", "cpus": os.cpu_count(), "jax": jax.__version__,
-      "model": args.model, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
-      "vocab": cfg.vocab_size, "stage": args.stage, "batch": args.batch,
-      "seq_len": args.seq_len, "visual": args.visual, "k": args.k, "chunk": args.chunk,
-      "vocab_chunk": args.vocab_chunk,
-      "dtype": args.dtype, "remat": args.remat, "first_step_s": round(first, 2),
-      "step_s": round(step_s, 4), "tokens_per_s": round(statistics.mean(tokens) / step_s, 1),
-      "model_tflops_per_step": round(model_flops / 1e12, 4),
-      "tflops_per_s_per_device": round(model_flops / step_s / n_dev / 1e12, 4),
-      "mfu": round(model_flops / step_s / n_dev / peak, 4), "mfu_basis": peak_label,
-      "peak_tflops_per_device": round(peak / 1e12, 3),
-      "peak_memory_gb": round((peak_mem if peak_mem is not None else
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-                              / 2**30, 3),
-      "memory_basis": "device allocator" if peak_mem is not None else "host peak RSS",
-      "loss": round(float(m["loss"]), 4),
+      "cpus": os.cpu_count(), "jax": jax.__version__, "model": args.model,
+      "stage": args.stage, **{key: r[key] for key in r if key != "mfu"},
+      "mfu": r["mfu"][label], "mfu_basis": label, "peak_tflops_per_device": round(peak / 1e12, 3),
   }
   print(json.dumps(result))
   if args.json:

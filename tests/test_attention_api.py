@@ -1,5 +1,7 @@
 """The attention entry point: impl selection, kernels behind it, cross-attention fallback."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +57,19 @@ def test_kernel_on_a_foreign_backend_is_refused(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(ValueError, match="runs on tpu"):
     attn_api.attention(q, k, v, ids, impl="pallas_tpu")
+
+
+@pytest.mark.parametrize("dtype,highest", [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_reference_precision_is_explicit(dtype, highest):
+  # float32 products run at full precision whatever the global default (a TPU would round
+  # them to bfloat16), bfloat16 at the default: what the kernels do
+  q, k, v, _, ids = make_inputs(7, 1, 32, 4, 2, 16, 8, dtype)
+  fn = lambda q, k, v: reference.attention_dense(q, k, v, ids, scale=0.25)
+  with jax.default_matmul_precision("default"):  # the program carries it, not a global flag
+    jaxpr = jax.make_jaxpr(fn)(q, k, v)
+    dots = re.findall(r"dot_general.*", jax.jit(fn).lower(q, k, v).as_text())
+  eqns = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  want = (jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT,) * 2
+  assert len(eqns) == 2 and all(e.params["precision"] == want for e in eqns)
+  assert len(dots) == 2
+  assert all(("precision = [HIGHEST, HIGHEST]" in d) == highest for d in dots), dots

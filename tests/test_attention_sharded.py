@@ -1,22 +1,26 @@
 """Kernels under a mesh: `jax.shard_map` over batch and heads equals the reference.
 
 Uses the 8 virtual CPU devices of conftest.py and a (data, fsdp, tensor) mesh with Auto axes,
-activated with `jax.set_mesh`, as the training code does.
+activated with `jax.set_mesh`, as the training code does, and the same mesh with Explicit axes
+(`jax.make_mesh`'s default since jax 0.7).
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from neo_jax.errors import UserError
 from neo_jax.ops import attention as attn_api
-from neo_jax.ops import reference
+from neo_jax.ops import pallas_tpu, reference
+from neo_jax.ops.layouts import ids_from_arrays, random_batch
 from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
 
-def mesh(data, fsdp, tensor):
+def mesh(data, fsdp, tensor, axis_type=AxisType.Auto):
   return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(AxisType.Auto,) * 3)
+                       axis_types=(axis_type,) * 3)
 
 
 def run_sharded(m, impl, q, k, v, d_out, ids, scale=0.2):
@@ -50,11 +54,12 @@ def test_sharded_kernel_equals_reference(impl):
     assert rel_err(g, w) <= 1e-5
 
 
-def test_kv_heads_fewer_than_head_shards():
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_kv_heads_fewer_than_head_shards(axis_type):
   # 2 kv heads on tensor=4: each kv head is repeated once so that heads still split; the
   # gradients of the repeated copies add up in dk, dv
   q, k, v, d_out, ids = make_inputs(11, 2, 96, 8, 2, 32, 16, jnp.float32, **LAYOUT)
-  (out, grads), jaxpr = run_sharded(mesh(2, 1, 4), "pallas_tpu", q, k, v, d_out, ids)
+  (out, grads), jaxpr = run_sharded(mesh(2, 1, 4, axis_type), "pallas_tpu", q, k, v, d_out, ids)
   assert "shard_map" in jaxpr
   want_out, want_grads = reference_values(q, k, v, d_out, ids)
   assert rel_err(out, want_out) <= 1e-5
@@ -86,3 +91,69 @@ def test_mesh_axis_names_are_configurable():
     assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, ids))
     out = jax.jit(fn)(q, k, v, ids)
   assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_kernel_under_explicit_axes(impl):
+  # Explicit axes: the inputs arrive sharded otherwise than the kernel splits them (q over
+  # data only, k over fsdp, v replicated) and are resharded to whole rows and heads per shard;
+  # the output is sharded like q
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, d_out, ids = make_inputs(14, 4, 128, 4, 2, 32, 16, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    put = lambda x, spec: jax.device_put(x, NamedSharding(m, spec))
+    qs, gs = put(q, P("data", None, "tensor")), put(d_out, P("data", None, "tensor"))
+    ks, vs = put(k, P("fsdp")), put(v, P())
+    ids_s = jax.tree.map(lambda a: put(a, P("data")), ids)
+    fn = lambda q, k, v, g, ids: value_and_grads(
+        lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2), q, k, v, g)
+    assert "shard_map" in str(jax.make_jaxpr(fn)(qs, ks, vs, gs, ids_s))
+    out, grads = jax.jit(fn)(qs, ks, vs, gs, ids_s)
+  assert out.sharding.spec == P("data", None, "tensor", None)
+  want_out, want_grads = reference_values(q, k, v, d_out, ids)
+  assert rel_err(out, want_out) <= 1e-5
+  for g, w in zip(grads, want_grads):
+    assert rel_err(g, w) <= 1e-5
+
+
+def test_explicit_axes_that_split_nothing():
+  # batch 1 and 3 query heads split over no axis: the kernel still runs inside a shard_map
+  # (pallas_call cannot take Explicit-typed arrays), replicated over the whole mesh
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, _, ids = make_inputs(15, 1, 64, 3, 1, 16, 8, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    out = jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
+                                                          scale=0.2))(q, k, v, ids)
+  assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
+
+
+def test_explicit_sequence_sharding_is_refused():
+  m = mesh(2, 2, 2, AxisType.Explicit)
+  q, k, v, _, ids = make_inputs(16, 2, 64, 2, 2, 16, 8, jnp.float32, **LAYOUT)
+  with jax.set_mesh(m):
+    q = jax.device_put(q, NamedSharding(m, P(None, "fsdp")))
+    with pytest.raises(UserError, match="sequence axis of q is sharded over mesh axis 'fsdp'"):
+      jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu",
+                                                      scale=0.2))(q, k, v, ids)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_compiled_tpu_kernel_lowers_under_a_mesh(monkeypatch, axis_type):
+  # the compiled (Mosaic) kernel inside the entry point's shard_map, forward and backward,
+  # exported for TPU from this CPU host over the 8-device mesh
+  compiled = lambda q, k, v, q_ids, kv_ids, *, scale, q_chunk: pallas_tpu.flash_attention(
+      q, k, v, q_ids, scale=scale, interpret=False)
+  monkeypatch.setitem(attn_api._IMPLS, "pallas_tpu", attn_api._Impl(compiled, True))
+  b, length = 4, 600
+  ids = ids_from_arrays(*random_batch(np.random.default_rng(5), b, length, **LAYOUT))
+  m = mesh(2, 2, 2, axis_type)
+  spec = NamedSharding(m, P(("data", "fsdp"), None, "tensor"))
+  q = jax.ShapeDtypeStruct((b, length, 4, 256), jnp.bfloat16, sharding=spec)
+  k = jax.ShapeDtypeStruct((b, length, 2, 256), jnp.bfloat16, sharding=spec)
+  v = jax.ShapeDtypeStruct((b, length, 2, 128), jnp.bfloat16, sharding=spec)
+  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
+                                            scale=0.1).astype(jnp.float32).sum()
+  with jax.set_mesh(m):
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
+                                 platforms=["tpu"])(q, k, v)
+  assert exported.mlir_module().count("tpu_custom_call") == 3

@@ -116,6 +116,30 @@ def test_block_tables_cover_the_rule(ids, blocks):
   assert ((s2 == nk) & (e2 == nk))[~second].all()
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _exact(ranges, block_q, block_kv):
+  return masks.exact_block_states(ranges, block_q, block_kv)
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches, st.sampled_from([(8, 8), (16, 32), (32, 16), (32, 32), (96, 8)]))
+def test_exact_block_states_equal_the_blocked_rule(ids, blocks):
+  # skip exactly where no pair is allowed, full exactly where every pair is: what the TPU
+  # kernel's compressed grid visits; never more than the range hulls visit
+  block_q, block_kv = blocks
+  ranges, dense = _ranges_and_dense(ids)
+  states = np.asarray(_exact(ranges, block_q, block_kv))
+  dense = np.asarray(dense)
+  b, nq, nk = states.shape
+  blocked = dense.reshape(b, nq, block_q, nk, block_kv)
+  want = np.where(blocked.any(axis=(2, 4)),
+                  np.where(blocked.all(axis=(2, 4)), masks.BLOCK_FULL, masks.BLOCK_PARTIAL),
+                  masks.BLOCK_SKIP)
+  np.testing.assert_array_equal(states, want)
+  hull = np.asarray(_tables(ranges, block_q, block_kv)[1])
+  assert (hull[states != masks.BLOCK_SKIP] != masks.BLOCK_SKIP).all()
+
+
 def test_worked_example():
   # sample 1: t3 i4 t2; sample 2: prompt t2, chosen t2, rejected t2; then 3 padding tokens
   samples = [[Span(3), Span(4, image=True), Span(2)],

@@ -16,12 +16,15 @@ kernels are tested). Kernels handle self-attention of a packed row set (`kv_ids 
 cross-attention against a KV cache (`kv_ids` given, or explicit positions) goes to the
 chunked reference, which is what decoding needs (one or a few queries per step).
 
-Under a mesh (`jax.set_mesh`, Auto axes) a kernel runs inside `jax.shard_map`: batch split
-over the mesh axes named in `MeshAxes.batch` (default `data`, `fsdp`), query and kv heads
-over `MeshAxes.heads` (default `tensor`), each shard a whole set of rows and heads, so the
-kernel needs no communication. Axes that do not divide the dimension are left out (the
+Under a mesh (`jax.set_mesh`, Auto or Explicit axes) a kernel runs inside `jax.shard_map`:
+batch split over the mesh axes named in `MeshAxes.batch` (default `data`, `fsdp`), query and
+kv heads over `MeshAxes.heads` (default `tensor`), each shard a whole set of rows and heads, so
+the kernel needs no communication. Axes that do not divide the dimension are left out (the
 kernel is then replicated over them); when the kv heads do not divide over the head axes
-but the query heads do, K/V heads are repeated just enough to split.
+but the query heads do, K/V heads are repeated just enough to split. With Explicit axes the
+inputs are resharded to that layout first, and an input whose sequence or head width is split
+over an Explicit axis is refused with a `UserError` naming the axis. Inside a shard_map over
+every axis the kernel runs on the shard as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
+from neo_jax.errors import UserError
 from neo_jax.ops import pallas_gpu, pallas_tpu, reference
 from neo_jax.ops.masks import AttnIds
 
@@ -113,55 +117,98 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
     spec = _IMPLS[_AUTO_FALLBACK]  # cross-attention against a cache: the reference
   if not spec.kernel:
     return spec.fn(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
-  return _per_shard(spec.fn, q, k, v, q_ids, scale=scale, q_chunk=q_chunk,
+  return _per_shard(resolve(impl), spec.fn, q, k, v, q_ids, scale=scale, q_chunk=q_chunk,
                     mesh_axes=mesh_axes or DEFAULT_MESH_AXES)
 
 
 # --- sharding -----------------------------------------------------------------------------------
 
+def _is(mesh, name: str, kind: AxisType) -> bool:
+  return mesh.axis_types[mesh.axis_names.index(name)] == kind
+
+
 def _usable_axes(mesh, names: Sequence[str], size: int) -> tuple[str, ...]:
-  """Auto axes of `mesh` among `names` (in order) whose product divides `size`."""
+  """Auto or Explicit axes of `mesh` among `names` (in order) whose product divides `size`."""
   axes = []
   for name in names:
-    if name not in mesh.axis_names or mesh.shape[name] == 1:
-      continue
-    if mesh.axis_types[mesh.axis_names.index(name)] != AxisType.Auto:
-      continue  # manual (already inside a shard_map) or explicit: leave it to the caller
+    if name not in mesh.axis_names or mesh.shape[name] == 1 or _is(mesh, name, AxisType.Manual):
+      continue  # manual: already inside a shard_map over it
     if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[name]) == 0:
       axes.append(name)
   return tuple(axes)
 
 
-def _per_shard(fn: AttentionFn, q, k, v, ids: AttnIds, *, scale, q_chunk,
+def _spec_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _refuse_split_rows(impl: str, arrays: dict[str, jax.Array]) -> None:
+  """Under Explicit axes, a kernel takes whole rows and whole head widths: one-line error
+  naming the axis that splits them (the caller reshards or picks a reference impl)."""
+  for name, x in arrays.items():
+    spec = tuple(jax.typeof(x).sharding.spec)
+    for dim, what in ((1, "sequence"), (3, "head width")):
+      axes = _spec_axes(spec[dim]) if dim < min(len(spec), x.ndim) else ()
+      if axes:
+        raise UserError(f"attention impl {impl!r}: the {what} axis of {name} is sharded over "
+                        f"mesh axis {axes[0]!r}; the kernel needs whole rows: reshard it "
+                        "(jax.reshard) or use impl='xla_chunked'")
+
+
+def _only(spec: P, axes: Sequence[str]) -> P:
+  """`spec` with every mesh axis not in `axes` dropped."""
+  keep = lambda entry: tuple(a for a in _spec_axes(entry) if a in axes) or None
+  return P(*(keep(entry) for entry in spec))
+
+
+def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *, scale, q_chunk,
                mesh_axes: MeshAxes) -> jax.Array:
   call = lambda q, k, v, ids: fn(q, k, v, ids, None, scale=scale, q_chunk=q_chunk)
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  free = () if mesh.empty else tuple(a for a in mesh.axis_names
+                                     if not _is(mesh, a, AxisType.Manual))
+  if not free:  # no mesh, or inside a shard_map over every axis: the arrays are one shard
     return call(q, k, v, ids)
+  explicit = tuple(a for a in free if _is(mesh, a, AxisType.Explicit))
+  arrays = (ids.segment_ids, ids.image_ids) + (() if ids.branch_ids is None else (ids.branch_ids,))
+  if explicit:
+    names = ("q", "k", "v", "segment_ids", "image_ids", "branch_ids")
+    _refuse_split_rows(impl, dict(zip(names, (q, k, v) + arrays)))
   batch = _usable_axes(mesh, mesh_axes.batch, q.shape[0])
   heads = _usable_axes(mesh, mesh_axes.heads, q.shape[2])
+  b_spec = batch if batch else None
   n_heads = math.prod(mesh.shape[a] for a in heads)
   if heads and k.shape[2] % n_heads:
     repeat = n_heads // math.gcd(k.shape[2], n_heads)
     if (q.shape[2] // k.shape[2]) % repeat:
       heads = ()
     else:  # e.g. 2 kv heads on 4 head shards: each kv head twice, still grouped in order
-      k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
-  if not batch and not heads:
+      kv_spec = _only(P(b_spec), explicit) if explicit else None
+      if explicit:
+        k, v = jax.reshard(k, kv_spec), jax.reshard(v, kv_spec)
+      k, v = (jnp.repeat(x, repeat, axis=2, out_sharding=kv_spec) for x in (k, v))
+  if not batch and not heads and not explicit:  # Auto axes that split nothing: XLA replicates
     return call(q, k, v, ids)
-  b_spec = batch if batch else None
   h_spec = heads if heads else None
   x_spec = P(b_spec, None, h_spec, None)
   id_spec = P(b_spec, None)
-  arrays = (ids.segment_ids, ids.image_ids) + (() if ids.branch_ids is None else (ids.branch_ids,))
+  if explicit:  # Explicit inputs enter a shard_map exactly as its in_specs say
+    q_spec = tuple(jax.typeof(q).sharding.spec) + (None,) * 4
+    q, k, v = (jax.reshard(x, _only(x_spec, explicit)) for x in (q, k, v))
+    arrays = tuple(jax.reshard(a, _only(id_spec, explicit)) for a in arrays)
 
   def shard(q, k, v, *id_arrays):
     branch = id_arrays[2] if len(id_arrays) > 2 else None
     return call(q, k, v, AttnIds(id_arrays[0], id_arrays[1], branch, None))
 
   sharded = jax.shard_map(shard, mesh=mesh, in_specs=(x_spec,) * 3 + (id_spec,) * len(arrays),
-                          out_specs=x_spec, check_vma=False)
-  return sharded(q, k, v, *arrays)
+                          out_specs=x_spec, axis_names=set(free), check_vma=False)
+  out = sharded(q, k, v, *arrays)
+  if explicit:  # the output is sharded like q, as the reference's would be
+    out = jax.reshard(out, P(q_spec[0], None, q_spec[2], None))
+  return out
 
 
 # --- implementations ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ tables once (`masks.kv_ranges`, `masks.block_ranges`) and slice the padding off 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,12 @@ from neo_jax.ops.masks import AttnIds
 # inf - inf, and a row that has seen no allowed key yet keeps l = 0 (its output is 0).
 MASK_VALUE = float("-inf")
 M_INIT = -1e30
+
+
+def matmul_precision(dtype) -> Optional[jax.lax.Precision]:
+  """float32 products at full precision (TPUs otherwise round their inputs to bfloat16),
+  others at the default; the kernels and the reference agree on it."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -91,12 +97,17 @@ class Tables(NamedTuple):
   kv_blocks: jax.Array  # int32 [B, nk, 2]
 
 
-def tables_for(ids: AttnIds, padded: int, block_q: int, block_kv: int) -> Tables:
+def padded_ranges(ids: AttnIds, padded: int) -> jax.Array:
+  """`masks.kv_ranges` of the row set padded to `padded` tokens (padding is segment 0)."""
   seg = pad_length(ids.segment_ids.astype(jnp.int32), padded)
   img = pad_length(ids.image_ids.astype(jnp.int32), padded)
   branch = None if ids.branch_ids is None else pad_length(ids.branch_ids.astype(jnp.int32),
                                                            padded)
-  ranges = masks.kv_ranges(AttnIds(seg, img, branch, None))
+  return masks.kv_ranges(AttnIds(seg, img, branch, None))
+
+
+def tables_for(ids: AttnIds, padded: int, block_q: int, block_kv: int) -> Tables:
+  ranges = padded_ranges(ids, padded)
   blocks = masks.block_ranges(ranges, block_q, block_kv)
   return Tables(ranges, blocks.q_blocks, blocks.kv_blocks)
 

@@ -239,3 +239,32 @@ def block_states(q_blocks: jax.Array, num_kv_blocks: int) -> jax.Array:
   visit = within(QB_VISIT1_LO, QB_VISIT1_HI) | within(QB_VISIT2_LO, QB_VISIT2_HI)
   full = within(QB_FULL1_LO, QB_FULL1_HI) | within(QB_FULL2_LO, QB_FULL2_HI)
   return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL), BLOCK_SKIP).astype(jnp.int8)
+
+
+def exact_block_states(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> jax.Array:
+  """int8 [B, nq, nk]: the exact state of every (q block, kv block) pair from `kv_ranges`.
+
+  BLOCK_SKIP where no query of the block may see any key of the block, BLOCK_FULL where every
+  query may see every key, else BLOCK_PARTIAL. Unlike the range hulls of `block_ranges`, no
+  pair is visited that the rule does not need (what a compressed grid walks). Costs
+  O(L * nk) compares per row, fused into two reductions.
+  """
+  b, length, _ = ranges_bl4.shape
+  if length % block_q or length % block_kv:
+    raise ValueError(f"exact_block_states: length {length} is not a multiple of "
+                     f"block_q={block_q} and block_kv={block_kv}")
+  nq, nk = length // block_q, length // block_kv
+  r = ranges_bl4.reshape(b, nq, block_q, 4)[..., None, :]  # [B, nq, bq, 1, 4]
+  k_lo = jnp.arange(nk, dtype=jnp.int32) * block_kv  # first key of each kv block
+  k_hi = k_lo + block_kv
+
+  def touched_and_full(lo, hi):
+    touched = (hi > lo) & (lo < k_hi) & (hi > k_lo)
+    return touched, (lo <= k_lo) & (hi >= k_hi)  # the second implies a non-empty interval
+
+  t1, f1 = touched_and_full(r[..., RANGE_LO1], r[..., RANGE_HI1])
+  t2, f2 = touched_and_full(r[..., RANGE_LO2], r[..., RANGE_HI2])
+  visit = (t1 | t2).any(axis=2)
+  full = (f1 | f2).all(axis=2)
+  return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL),
+                   BLOCK_SKIP).astype(jnp.int8)

@@ -3,8 +3,10 @@
 Shapes: q [B, Lq, Hq, Dqk], k [B, Lk, Hkv, Dqk], v [B, Lk, Hkv, Dv] with Hq % Hkv == 0 (GQA:
 query head h reads KV head h // (Hq / Hkv)) and Dqk != Dv allowed (NEO: 256 and 128).
 Scores are accumulated in float32, the softmax runs in float32 and the probabilities are cast
-to the value dtype before the value product, as in the PyTorch reference. A query with no
-allowed key (padding) gets a zero output.
+to the value dtype before the value product, as in the PyTorch reference. Products of
+float32 inputs run at full precision (`Precision.HIGHEST`; a TPU would otherwise round them to
+bfloat16), others at the default, as in the kernels. A query with no allowed key (padding)
+gets a zero output.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from neo_jax.ops.flash_common import matmul_precision
 from neo_jax.ops.masks import AttnIds, dense_mask
 
 
@@ -31,13 +34,15 @@ def attention_with_mask(q: jax.Array, k: jax.Array, v: jax.Array, mask_bqk: jax.
   b, lq, hq, _ = q.shape
   hkv = k.shape[2]
   q_blkgd = _grouped(q, hkv)
-  scores = jnp.einsum("blkgd,bskd->bkgls", q_blkgd, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q_blkgd, k, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(q.dtype))
   scores = scores * scale
   mask = mask_bqk[:, None, None, :, :]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32,
+                   precision=matmul_precision(v.dtype))
   return out.reshape(b, lq, hq, v.shape[-1]).astype(v.dtype)
 
 

@@ -1,0 +1,1 @@
+"""Benchmark scripts; importable so device_check reuses their measurements."""

