@@ -282,7 +282,7 @@ def md_train_step(res: dict) -> list[str]:
   lines = [f"{res.get('model')} with {res.get('layers')} layers ({res.get('prebuffer_layers')} "
            f"pre-Buffer), {res.get('dtype')} compute, {res.get('param_dtype')} master weights, "
            f"remat {res.get('remat')}, stage {res.get('stage')}, one packed row per step, loss "
-           f"on all positions; MFU = model FLOPs (neo_jax.train.metrics.step_flops) / step "
+           f"on all positions; MFU = model FLOPs (neo_jax.trainer.flops.step_flops) / step "
            f"time / peak ({peaks or 'no peak known'}). State init {res.get('init_s')} s."]
   header = (["seq", "row fill", "step s", "tokens/s", "model TFLOP/s"]
             + [f"MFU ({x})" for x in labels]

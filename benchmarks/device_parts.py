@@ -40,7 +40,7 @@ from neo_jax import config as neo_config  # noqa: E402
 from neo_jax.ops import masks, pallas_gpu, pallas_tpu  # noqa: E402
 from neo_jax.ops.attention import attention, resolve  # noqa: E402
 from neo_jax.ops.layouts import describe  # noqa: E402
-from neo_jax.train.metrics import peak_flops_per_device  # noqa: E402
+from neo_jax.trainer.flops import peak_flops_per_device  # noqa: E402
 
 KERNEL_TOL = 2e-2  # ||kernel - fp32 ref|| / ||ref|| accepted for bf16 inputs, out and grads
 SEED = 0

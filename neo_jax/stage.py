@@ -16,7 +16,7 @@ import ml_collections
 
 from neo_jax import objectives
 from neo_jax.evals import evaluators
-from neo_jax.trainer import Trainer, TrainResult
+from neo_jax.trainer.loop import Trainer, TrainResult
 from neo_jax.trainer.hooks import Evaluate
 
 

@@ -14,7 +14,9 @@ import orbax.checkpoint as ocp
 
 from neo_jax import objectives, stage
 from neo_jax.run_dir import load_run_params
-from neo_jax.trainer import LossOutput, NonFiniteError, Objective, Trainer
+from neo_jax.trainer.hooks import NonFiniteError
+from neo_jax.trainer.loop import Trainer
+from neo_jax.trainer.objective import LossOutput, Objective
 from neo_jax.trainer import config as config_lib
 from neo_jax.trainer.batches import synthetic_iterator
 from neo_jax.trainer.checkpoint import RunCheckpointer

@@ -20,7 +20,7 @@ from neo_jax import stage
 from neo_jax.errors import UserError
 from neo_jax.parallel import distributed, make_mesh
 from neo_jax.parallel.distributed import parse_device_ids
-from neo_jax.trainer import NonFiniteError
+from neo_jax.trainer.hooks import NonFiniteError
 from neo_jax.trainer import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True

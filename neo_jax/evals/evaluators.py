@@ -23,7 +23,8 @@ from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import vqa_answer_fn
 from neo_jax.parallel.sharding import RULES, batch_shardings, batch_spec, replicated, shard_batch
-from neo_jax.trainer import Trainer, batches
+from neo_jax.trainer import batches
+from neo_jax.trainer.loop import Trainer
 from neo_jax.trainer.hooks import Evaluator
 from neo_jax.trainer.objective import LossFn
 from neo_jax.trainer.state import TrainState

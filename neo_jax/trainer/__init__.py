@@ -10,11 +10,7 @@ stage masks), state (TrainState and its shardings), step (the generic jitted ste
 metrics (JSONL / TensorBoard), flops (the MFU model), hooks (what runs around each step),
 loop (Trainer), config (config files and --config.* overrides). The core names no objective
 and no evaluator: neo_jax/objectives/ and neo_jax/evals/ plug in, neo_jax/stage.py assembles.
+
+Nothing is imported here, so that `import neo_jax.trainer.flops` (benchmarks, device checks)
+stays free of the data pipeline's packages.
 """
-
-from neo_jax.trainer.hooks import NonFiniteError, StepInfo
-from neo_jax.trainer.loop import Trainer, TrainResult
-from neo_jax.trainer.objective import LossOutput, Objective, ObjectiveSetup
-
-__all__ = ["LossOutput", "NonFiniteError", "Objective", "ObjectiveSetup", "StepInfo",
-           "TrainResult", "Trainer"]
