@@ -182,6 +182,7 @@ def _write(root: pathlib.Path, name: str, text: str) -> None:
 
 
 def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
+  """Code, markdown and notebooks: what must be reported and what must not."""
   # paths are assembled from parts so that this file itself cites nothing that is missing
   docs, code = "docs", "neo_jax"
   _write(tmp_path, f"{docs}/guide.md",
@@ -202,6 +203,11 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
       f"ignored: {code}/*.py, configs/neo_{{2b,9b}}.py, {docs}/, {code}/X.py",
   ])
   _write(tmp_path, f"{code}/user.py", body)
+  notebook = {"cells": [
+      {"cell_type": "markdown", "source": [f"[ok](../{docs}/guide.md#native-rope)\n",
+                                           "[gone](missing.md)"]},
+      {"cell_type": "code", "source": f"# see {docs}/giude.md", "outputs": []}]}
+  _write(tmp_path, "notebooks/demo.ipynb", json.dumps(notebook))
 
   broken = broken_references(tmp_path)
   expected = [
@@ -218,6 +224,8 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
       f"{code}/user.py:8: " + "spec" + "/neo.md (no such file)",
       f"{code}/user.py:8: " + "spec" + " 5.1 (cites a document that is not in the repository)",
       f"{code}/user.py:9: the " + "spec's (cites a document that is not in the repository)",
+      "notebooks/demo.ipynb:2: missing.md (no such file)",
+      f"notebooks/demo.ipynb:3: {docs}/giude.md (no such file)",
   ]
   assert sorted(broken) == sorted(expected)
 
