@@ -9,7 +9,7 @@ followed by a number). The test lists every such reference with its file and lin
 
 Not checked: paths of other repositories, written `owner/repo:path` or inside a URL; globs and
 templates (`configs/*.py`, `neo_{2b,9b}`, `<step>`); placeholders named by one capital letter
-(`configs/X.py`).
+or by a Python file name in capitals (`configs/X.py`, `configs/STAGE.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ LINK_RE = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 # the developer notes, cited by section number or as a document of their own
 SPEC_SECTION_RE = re.compile(r"\bspec(?:'s)?\s+(?:section\s+|§\s*)?\d+(?:\.\d+)*"
                              r"|\b[Tt]he spec(?:'s)?(?![\w/-])")
-PLACEHOLDER_RE = re.compile(r"(?:^|/)[A-Z](?:\.\w+)?/?$")  # configs/X.py
+# configs/X.py, configs/STAGE.py (no module of this repository is named in capitals)
+PLACEHOLDER_RE = re.compile(r"(?:^|/)(?:[A-Z](?:\.\w+)?|[A-Z][A-Z0-9_]*\.py)/?$")
 URL_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 HEADING_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t]*#*[ \t]*$")
 HTML_ANCHOR_RE = re.compile(r"<a\s+(?:id|name)=[\"']([^\"']+)[\"']", re.IGNORECASE)
@@ -117,7 +118,8 @@ def text_lines(path: pathlib.Path) -> list[tuple[int, str, bool]]:
 
 def references(path: pathlib.Path, root: pathlib.Path) -> Iterator[Reference]:
   """Every reference to a repository file in one file."""
-  for number, line, markdown in text_lines(path):
+  lines = text_lines(path)
+  for index, (number, line, markdown) in enumerate(lines):
     for match in PATH_RE.finditer(line):
       target = match.group(1).rstrip(".")
       if PLACEHOLDER_RE.search(target):
@@ -130,6 +132,12 @@ def references(path: pathlib.Path, root: pathlib.Path) -> Iterator[Reference]:
                       match.group(2))
     for match in SPEC_SECTION_RE.finditer(line):
       yield Reference(path, number, match.group(0), None, None)
+    if index + 1 < len(lines):  # "spec" at the end of a line, its number on the next
+      end = len(line.rstrip())
+      joined = line[:end] + " " + lines[index + 1][1].lstrip(" #*")
+      for match in SPEC_SECTION_RE.finditer(joined):
+        if match.start() < end < match.end():
+          yield Reference(path, number, match.group(0), None, None)
     if markdown:
       for match in LINK_RE.finditer(line):
         target = match.group(1)
@@ -195,12 +203,14 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
       f"see {docs}/guide.md#native-rpoe",  # typo'd heading
       f"see {docs}/guide.md#not-a-heading",  # a line inside a code fence is no heading
       f"uses {code}/real.py, then {code}/real.py.",  # fine, sentence full stop included
-      f"uses {code}/missing.py and {code}/real/",  # missing file, missing folder
+      f"uses {code}/missing.py and {code}/real/ and {docs}/GONE.md",  # missing file, folder
       "DESIGN" + ".md says so; README" + ".md too",  # missing bare names
       "as in " + "spec" + " 5.1 and the " + "spec" + "/neo.md notes",  # not in the repository
+      "from the (" + "spec",  # the number on the next line
+      "  # 5.4) the mesh spec",
       "from the " + "spec's formulas; a mesh spec, the specification",  # only the first counts
       f"ignored: owner/repo:{docs}/x.md, https://github.com/o/r/blob/main/{docs}/x.md,",
-      f"ignored: {code}/*.py, configs/neo_{{2b,9b}}.py, {docs}/, {code}/X.py",
+      f"ignored: {code}/*.py, configs/neo_{{2b,9b}}.py, {docs}/, {code}/X.py, configs/STAGE.py:M",
   ])
   _write(tmp_path, f"{code}/user.py", body)
   notebook = {"cells": [
@@ -220,11 +230,13 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
       "(no heading with anchor #not-a-heading)",
       f"{code}/user.py:6: {code}/missing.py (no such file)",
       f"{code}/user.py:6: {code}/real/ (no such file)",
+      f"{code}/user.py:6: {docs}/GONE.md (no such file)",
       f"{code}/user.py:7: DESIGN" + ".md (no such file)",
       f"{code}/user.py:7: README" + ".md (no such file)",
       f"{code}/user.py:8: " + "spec" + "/neo.md (no such file)",
       f"{code}/user.py:8: " + "spec" + " 5.1 (cites a document that is not in the repository)",
-      f"{code}/user.py:9: the " + "spec's (cites a document that is not in the repository)",
+      f"{code}/user.py:9: " + "spec" + " 5.4 (cites a document that is not in the repository)",
+      f"{code}/user.py:11: the " + "spec's (cites a document that is not in the repository)",
       f"{nb}:2: missing.md (no such file)",
       f"{nb}:3: {docs}/giude.md (no such file)",
   ]
