@@ -7,8 +7,8 @@
 
 Starts from the parameters of the pretrain run directory (or any NEO checkpoint: an HF NEO
 directory or a neo-jax params directory; init.format "neo" detects which) with a fresh
-optimizer. The recipe below is NEO's scripts' (spec 5.1); the 9B script trains on shorter rows
-and warms up for 200 steps instead of 3%.
+optimizer. The recipe below is NEO's scripts' (docs/reference/neo.md#scripted-hyperparameters);
+the 9B script trains on shorter rows and warms up for 200 steps instead of 3%.
 Expect: the loss continues from the pretrain level and falls slowly; checkpoints every 1000
 updates; restarting the command resumes exactly (data position included).
 

@@ -14,9 +14,9 @@ reference is saved to WORKDIR/reference/ once). Each packed row lays out prompt 
 rejected pairs; one forward scores both answers. ACPO as reconstructed in docs/acpo.md (beta
 0.1, delta 0.01, alpha per pair clipped to [0, 1] and detached).
 
-neo_2b, neo_9b: ACPO's own recipe is unpublished, so this is InternVL MPO's (spec/acpo.md
-3.3): lr 5e-6, cosine to 0, warm-up 3%, weight decay 0.05, beta 0.1, ~256 pairs per update,
-one epoch of ~320K pairs (the size of ACPO's data); images as in SFT.
+neo_2b, neo_9b: ACPO's own recipe is unpublished, so this is InternVL MPO's
+(docs/reference/acpo.md#mpo): lr 5e-6, cosine to 0, warm-up 3%, weight decay 0.05, beta 0.1,
+~256 pairs per update, one epoch of ~320K pairs (the size of ACPO's data); images as in SFT.
 Expect: loss ln 2 = 0.693 at step 1 (policy = reference), train/rewards/margins and
 rewards/accuracies rising; watch train/rewards/chosen and logps/chosen (they should not fall
 as they tend to under DPO) and acpo/alpha_mean.
@@ -56,8 +56,8 @@ def preference_options(loss: str) -> ml_collections.ConfigDict:
   p.mpo_weights = (0.8, 0.2)  # MPO: DPO and BCO-pair weights
   p.sft_weight = -1.0  # NLL on the chosen response (RPO); < 0: the loss's default (mpo 1, else 0)
   p.sft_reduction = "token"  # token: token mean over the batch (TRL, MPO code) | sequence
-  # ACPO (reconstruction, spec/acpo.md 1.3): alpha = clip((r_w - tau) / r_l), tau = delta *
-  # (|y_w| + |y_l|) averaged over the batch; alpha = 1 where |r_l| < guard_eps
+  # ACPO (docs/reference/acpo.md#acpo-reconstruction): alpha = clip((r_w - tau) / r_l),
+  # tau = delta * (|y_w| + |y_l|) averaged over the batch; alpha = 1 where |r_l| < guard_eps
   p.delta = 0.01  # per-token reward target (unknown in the paper; sweep 0 - 0.05)
   p.alpha_mode = "per_sample"  # | batch (one alpha from the batch means of the rewards)
   p.alpha_clip = (0.0, 1.0)  # (): no clipping

@@ -7,12 +7,13 @@
     neo-jax train --config configs/pretrain.py:tiny
     neo-jax train --config configs/pretrain.py:tiny,local
 
-neo_2b, neo_9b: NEO is initialised from the HF Qwen3 Base directory (spec 5.4: layers shifted
-by the pre-Buffer depth, 12 for 2B and 6 for 9B; q_proj_hw from q_proj, k_proj_hw = 0, a
-random pre-Buffer) and only vision/*, pre_buffer/* and the LLM's new H/W query/key
-projections and norms train; the Qwen3 layers, embeddings and head stay frozen and hold no
-optimizer state. The recipe below is NEO's scripts' (spec 5.1); bf16 compute with fp32
-master weights and full remat.
+neo_2b, neo_9b: NEO is initialised from the HF Qwen3 Base directory (layers shifted by the
+pre-Buffer depth, 12 for 2B and 6 for 9B; q_proj_hw from q_proj, k_proj_hw = 0, a random
+pre-Buffer: docs/reference/neo.md#initialisation-from-qwen3) and only vision/*, pre_buffer/*
+and the LLM's new H/W query/key projections and norms train; the Qwen3 layers, embeddings and
+head stay frozen and hold no optimizer state (docs/reference/neo.md#what-trains-in-each-stage).
+The recipe below is NEO's scripts' (docs/reference/neo.md#scripted-hyperparameters); bf16
+compute with fp32 master weights and full remat.
 Expect: the caption loss starts near the LLM's own text loss on the captions plus what the
 untrained pre-Buffer costs and falls over the first thousands of updates; a checkpoint every
 1000 updates. Set mesh.* for your slice (default: fsdp over every device).

@@ -8,9 +8,9 @@
     neo-jax train --config configs/sft.py:tiny,local
 
 neo_2b, neo_9b: starts from the midtrain run (params only). The recipe below is NEO's scripts'
-(spec 5.1): only answer tokens are supervised, with NEO's square weights; the 9B script trains
-on shorter rows, warms up for 200 steps and asks for plain "cosine" (its min_lr_ratio is
-ignored, so the rate decays to 0).
+(docs/reference/neo.md#scripted-hyperparameters): only answer tokens are supervised, with
+NEO's square weights; the 9B script trains on shorter rows, warms up for 200 steps and asks
+for plain "cosine" (its min_lr_ratio is ignored, so the rate decays to 0).
 Expect: the answer loss falls within the first few hundred updates; the final checkpoint in
 the run directory is what `neo-jax generate --checkpoint` and `neo-jax convert` read.
 

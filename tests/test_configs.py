@@ -1,6 +1,6 @@
 """Training configs: one file per stage, every variant its docstring runs loads, recipes match
-spec 5.1, the pixel range is one field, overrides are typed, and bad fields or arguments give
-one-line errors naming them."""
+NEO's scripts (docs/reference/neo.md#scripted-hyperparameters), the pixel range is one field,
+overrides are typed, and bad fields or arguments give one-line errors naming them."""
 
 import glob
 import json
@@ -63,8 +63,9 @@ def test_every_variant_the_docstrings_run_loads(name, arg):
   json.loads(config_lib.to_json(config))
 
 
-# spec 5.1: (lr, accum, steps, warmup steps, warmup ratio, schedule, min ratio, L, max pixels),
-# written here from NEO's scripts to check the config files against
+# (lr, accum, steps, warmup steps, warmup ratio, schedule, min ratio, L, max pixels), written
+# here from NEO's scripts (docs/reference/neo.md#scripted-hyperparameters) to check the config
+# files against
 RECIPES = {
     "neo_2b_pretrain": (8e-4, 5, 200_000, 1000, 0.0, "cosine_with_min_lr", 0.1, 16384, 4_194_304),
     "neo_2b_midtrain": (5e-5, 2, 50_000, 0, 0.03, "cosine_with_min_lr", 0.2, 32768, 16_777_216),

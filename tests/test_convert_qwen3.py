@@ -1,4 +1,6 @@
-"""Qwen3 -> NEO initialisation (spec/neo.md 5.4) against a real transformers Qwen3.
+"""Qwen3 -> NEO initialisation against a real transformers Qwen3.
+
+NEO's rules: docs/reference/neo.md#initialisation-from-qwen3.
 
 With k_proj_hw = 0 every H/W logit is 0, and text tokens have T = arange, so the new NEO
 must reproduce Qwen3's logits on text exactly (to float32 rounding).

@@ -1,4 +1,4 @@
-"""Image preprocessing: spec 4.1 token counts, patch layout, HF layout, bad images."""
+"""Image preprocessing: NEO's token counts, patch layout, HF layout, bad images."""
 
 import io
 
@@ -11,7 +11,7 @@ from neo_jax.data import image as image_lib
 EVAL = (1280 * 32 * 32, 4096 * 32 * 32)
 PT = (65_536, 4_194_304)
 SFT = (65_536, 16_777_216)
-# spec/neo.md 4.1: input (H, W) -> [(h, w, tokens) for eval SFT, PT, MT/SFT-train]
+# docs/reference/neo.md#token-counts: (H, W) -> [(h, w, tokens) for eval SFT, PT, MT/SFT-train]
 TABLE = {
     (500, 335): [(1408, 960, 1320), (512, 320, 160), (512, 320, 160)],
     (480, 640): [(992, 1344, 1302), (480, 640, 300), (480, 640, 300)],

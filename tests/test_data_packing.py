@@ -1,5 +1,6 @@
-"""Packing: budgets, loss weights, spec 1.5 positions per segment, the DESIGN.md mask rule on
-random packings, text splitting, preference rows, exact state restore."""
+"""Packing: budgets, loss weights, NEO's positions per segment (docs/reference/neo.md#index-rule),
+the mask rule (docs/architecture.md#the-attention-rule) on random packings, text splitting,
+preference rows, exact state restore."""
 
 import grain
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def pack_all(samples, cfg):
 
 
 def spec_positions(ids, grids):
-  """spec/neo.md 1.5 for one sample, written out token by token."""
+  """docs/reference/neo.md#index-rule for one sample, written out token by token."""
   t, out_t, out_h, out_w = -1, [], [], []
   image, k = -1, 0
   for i, x in enumerate(ids):
@@ -122,7 +123,7 @@ def test_budgets_order_weights_and_positions():
         placed.append(match[0])
         row_order.append(match[0])
         per_batch[-1].append(match[0])
-        # positions: spec 1.5 per sample, independently of packing
+        # positions: docs/reference/neo.md#index-rule per sample, independently of packing
         np.testing.assert_array_equal(batch["positions"][r][:, idx],
                                       spec_positions(sample["input_ids"], truth["grids"]))
         # pixels and their grid coordinates travel with the sample, in order

@@ -1,4 +1,8 @@
-"""neo1_0 chat template and SFT label masks (spec 4.2-4.3)."""
+"""neo1_0 chat template and SFT label masks.
+
+NEO's rules: docs/reference/neo.md#chat-template and
+docs/reference/neo.md#sft-labels-and-loss-weights.
+"""
 
 
 import numpy as np

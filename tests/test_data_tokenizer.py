@@ -9,7 +9,7 @@ from neo_jax import config as neo_config
 from neo_jax.data import tokenizer as tok_lib
 
 
-PUBLISHED = {  # spec/environment.md
+PUBLISHED = {  # encodings of Qwen's own tokenizer (docs/reference/neo.md#qwen3-tokenizer)
     "Hello, world!": [9707, 11, 1879, 0],
     "The quick brown fox.": [785, 3974, 13876, 38835, 13],
     "Describe this image in detail.": [74785, 419, 2168, 304, 7716, 13],
@@ -37,7 +37,7 @@ def test_added_token_ids(tok):
          "</box>", "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"]
   for i, t in enumerate(neo):
     assert tok.token_to_id(t) == 151669 + i, t
-  # the ids the model config relies on (spec 1.3: three confirmed)
+  # the ids the model config relies on (docs/reference/neo.md#special-tokens: three confirmed)
   assert tok.img_context_id == neo_config.IMG_CONTEXT_TOKEN_ID == 151669
   assert tok.img_start_id == neo_config.IMG_START_TOKEN_ID == 151670
   assert tok.img_end_id == neo_config.IMG_END_TOKEN_ID == 151671

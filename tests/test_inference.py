@@ -79,7 +79,7 @@ def test_left_padding_layout(model, three):
 
 
 def test_decoding_positions_continue_from_max_prompt_t(model, three):
-  """First generated token: T = max prompt T + 1, H = W = 0 (spec section 6), per row."""
+  """First new token: T = max prompt T + 1, H = W = 0, per row (docs/reference/neo.md#decoding)."""
   params, config = model
   batch = batch_prompts(three, config)
   state = prefill(params, prompt_arrays(batch), jax.random.key(0), config=config,

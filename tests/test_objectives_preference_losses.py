@@ -1,7 +1,8 @@
 """Preference losses (neo_jax/objectives/preference/losses.py) against values computed by hand.
 
-Every expected value below is recomputed from the spec's formulas (spec/acpo.md 1.3, 3.2, 3.3)
-with Python's math module on plain floats, independently of the jax code under test.
+Every expected value below is recomputed from the formulas of docs/reference/acpo.md
+(#acpo-reconstruction, #dpo-family-losses, #mpo) with Python's math module on plain floats,
+independently of the jax code under test.
 """
 
 import math
@@ -45,7 +46,7 @@ def run(kind, chosen=CHOSEN, rejected=REJECTED, ref_chosen=REF_CHOSEN, ref_rejec
 
 
 def hand(kind, **hp):
-  """Per-pair losses of `kind` from the spec formulas, on plain floats."""
+  """Per-pair losses of `kind` from docs/reference/acpo.md#dpo-family-losses, on plain floats."""
   out = []
   for i in range(len(CHOSEN)):
     rw, rl = rhos(i)
@@ -128,7 +129,7 @@ def test_simpo_ignores_the_reference():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-# --- the spec's vectors at policy = reference (every rho = 0) ------------------------------------
+# --- docs/reference/acpo.md#test-vectors: policy = reference (every rho = 0) ----------------------
 
 AT_REFERENCE = [
     ("sigmoid", {}, LN2), ("dpo", {}, LN2), ("sigmoid", {"label_smoothing": 0.1}, LN2),
@@ -155,7 +156,7 @@ def test_values_at_policy_equals_reference(kind, hp, expected):
 # --- ACPO ---------------------------------------------------------------------------------------
 
 def hand_acpo(delta, mode="per_sample", clip=(0.0, 1.0), guard=1e-6):
-  """(losses, alphas, clipped flags, tau) of the reconstruction in spec/acpo.md 1.3."""
+  """(losses, alphas, clipped flags, tau) of docs/reference/acpo.md#acpo-reconstruction."""
   n = len(CHOSEN)
   r = [(BETA * rhos(i)[0], BETA * rhos(i)[1]) for i in range(n)]
   tau = sum(delta * (CHOSEN_LEN[i] + REJECTED_LEN[i]) for i in range(n)) / n

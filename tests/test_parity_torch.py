@@ -1,4 +1,4 @@
-"""The Flax NEO against an independent PyTorch reference written from the spec.
+"""The Flax NEO against an independent PyTorch reference written from docs/reference/neo.md.
 
 Weights are random and non-zero everywhere (H/W sub-heads and their norms included), inputs
 contain several images of different grids, and the weights reach the Flax side through the

@@ -1,4 +1,7 @@
-"""Native-RoPE T/H/W positions: the spec's worked example, packing restarts, branches."""
+"""Native-RoPE T/H/W positions: NEO's worked example, packing restarts, branches.
+
+The example: docs/reference/neo.md#worked-example.
+"""
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +21,7 @@ def positions(ids, rc, seg=None, branch=None, xp=np):
 
 
 def test_worked_example_two_images():
-  # a 2x3 image, then a 1x2 image (spec 1.5)
+  # a 2x3 image, then a 1x2 image (docs/reference/neo.md#worked-example)
   ids = [X, X, X, I] + [C] * 6 + [E, X, X, I, C, C, E, X]
   rc = np.concatenate([grid_rc(2, 3), grid_rc(1, 2)])
   expected = np.array([

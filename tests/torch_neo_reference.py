@@ -1,8 +1,9 @@
-"""An independent PyTorch NEO written from spec/neo.md (1.2, 1.4-1.7), for parity tests.
+"""An independent PyTorch NEO written from docs/reference/neo.md, for parity tests.
 
 Functional code over an HF-keyed state dict and the HF config.json dict; it uses none of
 neo_jax's model, rope, mask or position code, so agreement with the Flax model means both
-read the spec the same way.
+read docs/reference/neo.md the same way (#patch-embedding, #decoder-layer,
+#multi-head-native-attention, #native-rope, #attention-mask, #output-head).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Dims:
     self.img_end = hf["img_end_token_id"]
 
 
-# --- positions (spec 1.5) -------------------------------------------------------------------
+# --- positions (docs/reference/neo.md#index-rule) ----------------------------------------------
 
 def thw_indexes(input_ids: Tensor, grid_hw: Tensor, dims: Dims) -> Tensor:
   """[3, L] T/H/W of one sequence: T = cumsum(s + n) - 1; image tokens take (row, col)."""
@@ -63,7 +64,8 @@ def thw_indexes(input_ids: Tensor, grid_hw: Tensor, dims: Dims) -> Tensor:
   return torch.stack([t, h_pos, w_pos])
 
 
-# --- decoder (spec 1.4, 1.6, 1.7) -----------------------------------------------------------
+# --- decoder (docs/reference/neo.md#decoder-layer, #multi-head-native-attention, #native-rope,
+# #attention-mask, #output-head) ----------------------------------------------------------------
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   x32 = x.float()
@@ -133,7 +135,7 @@ def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
   return h + mlp
 
 
-# --- vision (spec 1.2) ----------------------------------------------------------------------
+# --- vision (docs/reference/neo.md#patch-embedding) ---------------------------------------------
 
 def vision_rotary(f: Tensor, x_pos: Tensor, y_pos: Tensor, theta: float) -> Tensor:
   """Interleaved pairs; first half of channels rotated by column x, second half by row y."""
@@ -192,7 +194,7 @@ def neo_logits(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
 
 def random_state_dict(hf_config: Mapping, seed: int = 0, tied: bool = True,
                       dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-  """Every tensor of spec 3.1, random and non-zero (H/W projections and norms included).
+  """Every tensor of docs/reference/neo.md#state-dict-keys, random and non-zero (H/W included).
 
   Projections are N(0, 1/fan_in) so activations stay O(1); norm weights are 1 + N(0, 0.1^2)
   so a swapped norm shows.

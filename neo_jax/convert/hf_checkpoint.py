@@ -2,8 +2,9 @@
 
 Reading checks every key and shape against the config before reading data, keeps each
 tensor's stored dtype unless asked otherwise, and ties the head exactly when the checkpoint
-has no `language_model.lm_head.weight` (spec/neo.md 3.1). Writing streams tensors one at a
-time in the stored dtype (or an override), so HF -> JAX -> HF reproduces every byte.
+has no `language_model.lm_head.weight` (docs/reference/neo.md#state-dict-keys). Writing streams
+tensors one at a time in the stored dtype (or an override), so HF -> JAX -> HF reproduces
+every byte.
 """
 
 from __future__ import annotations

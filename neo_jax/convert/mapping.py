@@ -1,9 +1,10 @@
 """The one table between HF NEO state-dict keys and the neo-jax parameter tree.
 
-Every HF tensor (spec/neo.md section 3.1) maps to one parameter path plus a layout transform;
-both conversion directions read this table, so they cannot disagree. Per-layer keys of HF
-layer i land in group `pre_buffer` at index i when i < E (= num_prebuffer_layers), else in
-group `llm` at index i - E, stacked on the leading axis of each leaf.
+Every HF tensor (docs/reference/neo.md#state-dict-keys) maps to one parameter path plus a
+layout transform; both conversion directions read this table, so they cannot disagree.
+Per-layer keys of HF layer i land in group `pre_buffer` at index i when i < E
+(= num_prebuffer_layers), else in group `llm` at index i - E, stacked on the leading axis of
+each leaf.
 
 Layouts (PyTorch -> ours):
   linear      Linear weight [out, in] -> kernel [in, out] = W.T

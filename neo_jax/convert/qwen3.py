@@ -1,4 +1,6 @@
-"""Initialise NEO from a Qwen3 checkpoint (spec/neo.md 5.4, the training loader's rules).
+"""Initialise NEO from a Qwen3 checkpoint by the rules of NEO's training loader.
+
+The rules and their sources: docs/reference/neo.md#initialisation-from-qwen3.
 
 Qwen3 layer i becomes NEO layer i + E. Post-LLM layers copy every Qwen3 tensor; their
 `q_proj_hw` is built per head from `q_proj` rows (quarters w1..w4 of each head -> [w1, w3, w1,

@@ -1,4 +1,4 @@
-"""Image preprocessing (spec/neo.md 4.1): RGB, smart_resize to multiples of 32, patchify.
+"""Image preprocessing (docs/reference/neo.md#image-preprocessing): RGB, smart_resize, patchify.
 
 The model takes, per visual token (one 32-px block), its 2x2 block of 16-px patches in
 (dy, dx) order, each patch flattened (c, py, px), as uint8: `[n_tokens, 4, 768]`. ImageNet

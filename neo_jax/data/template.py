@@ -1,4 +1,7 @@
-"""NEO's `neo1_0` chat template (ChatML) and SFT label masking (spec/neo.md 4.2-4.3).
+"""NEO's `neo1_0` chat template (ChatML) and SFT label masking.
+
+NEO's rules and their sources: docs/reference/neo.md#chat-template and
+docs/reference/neo.md#sft-labels-and-loss-weights.
 
 Every encoder returns token ids and a per-token `supervised` flag: True where the token is a
 label (its prediction from the previous token is trained). Pieces are tokenised separately

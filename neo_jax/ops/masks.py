@@ -1,6 +1,6 @@
 """The attention rule of a packed NEO batch, derived from ids in one place.
 
-For query q and key k of one row (DESIGN.md):
+For query q and key k of one row (docs/architecture.md#the-attention-rule):
 
     allowed = seg[q] == seg[k] != 0
               and (branch[k] == 0 or branch[k] == branch[q])
@@ -8,7 +8,8 @@ For query q and key k of one row (DESIGN.md):
 
 `pos` is the index of the token in the sequence (or its cache slot), not the RoPE T index.
 Text is causal, every image is bidirectional within itself, packed samples never see each
-other, and a rejected branch never sees the chosen one.
+other, and a rejected branch never sees the chosen one (NEO's own mask, with its sources:
+docs/reference/neo.md#attention-mask).
 
 Three forms of the same rule: `dense_mask` ([B, Lq, Lk] bool, the reference), `kv_ranges`
 (at most two key intervals per query, O(L), what the kernels evaluate in-kernel) and

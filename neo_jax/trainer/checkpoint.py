@@ -168,8 +168,9 @@ def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: i
 
   fmt "run": a neo-jax training run directory (params of its newest checkpoint, or `step`);
   "neo": any NEO checkpoint `neo_jax.convert.load_checkpoint` reads (HF NEO directory, neo-jax
-  params directory, training run); "qwen3": an HF Qwen3 directory, initialised as NEO (spec
-  5.4) with config.model.num_prebuffer_layers pre-Buffer layers.
+  params directory, training run); "qwen3": an HF Qwen3 directory, initialised as NEO
+  (docs/reference/neo.md#initialisation-from-qwen3) with config.model.num_prebuffer_layers
+  pre-Buffer layers.
   """
   compute = {k: getattr(model_config, k) for k in COMPUTE_FIELDS}
   if fmt == "run" or (fmt == "neo" and run_dir.is_run_dir(path)):

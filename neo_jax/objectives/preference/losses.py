@@ -7,7 +7,7 @@ summed response log-probs of the policy and of the reference for the chosen (w) 
     rho_w = logp(y_w) - ref_logp(y_w),  rho_l likewise,  r_w = beta * rho_w,  r_l = beta * rho_l
 
 each kind returns a per-pair loss; the objective is their mean over the batch (TRL's
-reduction). docs/acpo.md derives each one and says where it comes from (spec/acpo.md).
+reduction). docs/acpo.md lists them; docs/reference/acpo.md gives each formula and its source.
 
     per_pair, metrics, state = preference_loss("acpo", chosen, rejected, ref_chosen,
                                                ref_rejected, chosen_len, rejected_len,
@@ -203,7 +203,7 @@ def _mpo(p: Pairs, state, *, beta: float, mpo_weights: tuple[float, float]) -> L
 def _acpo(p: Pairs, state, *, beta: float, delta: float, alpha_mode: str,
           alpha_clip: Optional[tuple[float, float]], detach_alpha: bool,
           guard_eps: float) -> LossResult:
-  """ACPO as reconstructed in spec/acpo.md 1.3 (the paper's equation is not public):
+  """ACPO as reconstructed in docs/reference/acpo.md#acpo-reconstruction (no published equation):
 
       tau_i = delta * (|y_w| + |y_l|),  tau = mean_i tau_i
       alpha* = (r_w - tau) / r_l        the coefficient with r_w - alpha * r_l = tau
