@@ -7,6 +7,8 @@ query/key width different from value width. `impl` picks how:
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
+  cudnn        cuDNN flash attention for text-only rows: packed segments, causal within each
+               (ops/cudnn.py); never chosen by auto (whether rows are text-only is data)
   auto         the best implementation registered for the current backend:
                cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu; a kernel registered
                with a compile check that fails here (shared memory, an unsupported op) is
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
-from neo_jax.ops import pallas_gpu, pallas_tpu, reference
+from neo_jax.ops import cudnn, pallas_gpu, pallas_tpu, reference
 from neo_jax.ops.masks import AttnIds
 
 AttentionFn = Callable[..., jax.Array]
@@ -237,8 +239,15 @@ def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
   return pallas_gpu.flash_attention(q, k, v, q_ids, scale=scale)
 
 
+def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+  del kv_ids, q_chunk
+  _native_or_cpu("cudnn", "gpu")
+  return cudnn.attention(q, k, v, q_ids, scale=scale)
+
+
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
 register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True,
          check=pallas_gpu.compile_check)
+register("cudnn", _cudnn, kernel=True)
