@@ -5,11 +5,10 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from neo_jax.ops import pallas_gpu
-from neo_jax.ops.layouts import ids_from_arrays, random_batch
+from test_attention_kernels import neo_width_inputs
 
 H100, A100, SM89 = 232448, 166912, 101376  # shared memory per block (opt-in), bytes
 
@@ -51,39 +50,28 @@ def test_device_smem_without_a_gpu_is_the_safe_fallback():
   assert pallas_gpu.device_smem_bytes() == pallas_gpu.SMEM_FALLBACK
 
 
-@pytest.mark.parametrize("smem", [H100, A100, SM89])
-def test_device_defaults_lower_for_cuda(smem):
-  # the Triton lowering of forward, dq and dk/dv with each device's default settings
-  b, length = 1, 700
-  seg, img, branch = random_batch(np.random.default_rng(5), b, length, image_len=(60, 300),
-                                  text_len=(10, 100))
-  ids = ids_from_arrays(seg, img, branch)
-  q = jnp.zeros((b, length, 4, 256), jnp.bfloat16)
-  k = jnp.zeros((b, length, 2, 256), jnp.bfloat16)
-  v = jnp.zeros((b, length, 2, 128), jnp.bfloat16)
-  sizes = pallas_gpu.block_sizes_for(256, 128, smem=smem)
+def lowered_fwd_bwd(sizes, length, seed) -> str:
+  """StableHLO for CUDA of the kernel's forward and backward with `sizes`, NEO's widths."""
+  ids, q, k, v = neo_width_inputs(length, seed)
   fwd = lambda q, k, v: pallas_gpu.flash_attention(q, k, v, ids, scale=128**-0.5,
                                                    block_sizes=sizes, interpret=False)
   bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  text = jax.jit(bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("triton") >= 3
+  return jax.jit(bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("smem", [H100, A100, SM89])
+def test_device_defaults_lower_for_cuda(smem):
+  # the Triton lowering of forward, dq and dk/dv with each device's default settings
+  text = lowered_fwd_bwd(pallas_gpu.block_sizes_for(256, 128, smem=smem), 700, 5)
+  assert text.count("xla.gpu.triton") == 3
 
 
 def test_forward_and_backward_launch_apart():
   # num_warps / num_stages reach the forward's Triton call and both backward calls separately
-  b, length = 1, 300
-  ids = ids_from_arrays(*random_batch(np.random.default_rng(6), b, length, image_len=(60, 100),
-                                      text_len=(10, 100)))
-  q = jnp.zeros((b, length, 4, 256), jnp.bfloat16)
-  k = jnp.zeros((b, length, 2, 256), jnp.bfloat16)
-  v = jnp.zeros((b, length, 2, 128), jnp.bfloat16)
   sizes = pallas_gpu.BlockSizes(64, 32, 32, 64, num_warps=4, num_stages=3, num_warps_bwd=8,
                                 num_stages_bwd=2)
-  fwd = lambda q, k, v: pallas_gpu.flash_attention(q, k, v, ids, scale=0.1, block_sizes=sizes,
-                                                   interpret=False)
-  bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
-  text = jax.jit(bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-  calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+  calls = [line for line in lowered_fwd_bwd(sizes, 300, 6).splitlines()
+           if "xla.gpu.triton" in line]
   launch = [(re.search(r"num_warps = (\d+)", c).group(1), re.search(r"num_stages = (\d+)",
                                                                     c).group(1)) for c in calls]
   assert launch == [("4", "3"), ("8", "2"), ("8", "2")]
