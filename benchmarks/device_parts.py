@@ -568,7 +568,7 @@ def part_train_step(p: Part) -> None:
   fallback = None  # auto's KernelFallbackWarning: it warns once, the choice holds for the run
   for seq in s.train_seqs:
     for remat in s.train_remats:  # in order of the memory they keep: each needs a compile
-      if p.left() < (15 if not p.result.get("rows") else 35) and not p.smoke:
+      if p.left() < (15 if not p.result.get("rows") else 25) and not p.smoke:
         p.add("rows", dict(seq_len=seq, remat=remat, skipped="part budget spent"))
         continue
       bench.cfg = bench.cfg.replace(remat_policy=remat)

@@ -209,8 +209,8 @@ def test_gpu_kernel_calls_lower_for_cuda():
 # The second H200 run: the new kernel's defaults checked and timed, a sweep around them, and
 # the train step's remat policies (see benchmarks/README.md).
 SECOND_RUN = ("--parts env,kernel_check,kernel_speed,block_sweep,train_step --budget-s 200 "
-              "--part-budget env=14 --part-budget kernel_check=28 --part-budget kernel_speed=35 "
-              "--part-budget block_sweep=27 --check-rows neo_pref:8192,text:8192 "
+              "--part-budget env=14 --part-budget kernel_check=26 --part-budget kernel_speed=32 "
+              "--part-budget block_sweep=30 --check-rows neo_pref:8192,text:8192 "
               "--xla-baseline 0 --speed-impls pallas_gpu,cudnn_causal "
               "--speed-lengths 8192,16384 --speed-text-lengths 8192 --train-seqs 8192 "
               "--remats full,dots_no_batch,none")
