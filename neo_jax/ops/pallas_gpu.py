@@ -96,7 +96,7 @@ class BlockSizes:
 
 # Largest shared memory per block (opt-in) by compute capability, from CUDA's tables.
 SMEM_BYTES = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
-              (10, 0): 232448, (10, 3): 232448, (12, 0): 101376}
+              (10, 0): 232448, (12, 0): 101376}
 SMEM_FALLBACK = 101376  # unknown device: the smallest figure of Ampere and later
 SMEM_MARGIN = 8192  # left for Triton's own scratch (layout conversions, reductions)
 
