@@ -17,6 +17,8 @@ Implementations (each skipped where it cannot run):
   cudnn_causal  jax.nn.dot_product_attention(implementation="cudnn", is_causal=True) on the
                 same q, k and v with V zero-padded to the query width (cuDNN needs Dv == Dqk);
                 plain causal, no segments: the yardstick for a dense causal flash kernel
+  cudnn         the `cudnn` attention impl (ops/cudnn.py): packed segments, causal within each;
+                text-only rows only (`--layout text`); XLA emulation off GPU
 
 FLOPs: forward 2 * pairs * Hq * (Dqk + Dv); backward 2 * pairs * Hq * (3 Dqk + 2 Dv) (recompute
 QK^T, dP, dV, dQ, dK). "useful" counts the (query, key) pairs the rule allows (from
@@ -42,10 +44,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neo_jax.ops import masks, pallas_gpu, pallas_tpu, reference  # noqa: E402
-from neo_jax.ops.layouts import describe, ids_from_arrays, neo_row, row_ids  # noqa: E402
+from neo_jax.ops import cudnn, masks, pallas_gpu, pallas_tpu, reference  # noqa: E402
+from neo_jax.ops.layouts import describe, ids_from_arrays, neo_row, row_ids, text_row  # noqa: E402
 
-IMPLS = ("xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "cudnn_causal")
+IMPLS = ("xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "cudnn_causal", "cudnn")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -54,10 +56,14 @@ def flops(pairs: float, hq: int, dqk: int, dv: int, mode: str) -> float:
   return fwd if mode == "fwd" else fwd + 2.0 * pairs * hq * (3 * dqk + 2 * dv)
 
 
-def build_row(length: int, seed: int, *, tiny: bool = False, preference: bool = False):
-  """(samples, AttnIds [1, length]) of one NEO-like packed row; branch ids always present."""
+def build_row(length: int, seed: int, *, tiny: bool = False, preference: bool = False,
+              text: bool = False):
+  """(samples, AttnIds [1, length]) of one NEO-like packed row (`text`: text-only samples);
+  branch ids always present."""
   rng = np.random.default_rng(seed)
-  if tiny:
+  if text:
+    samples = text_row(rng, length, sample_len=(16, 64) if tiny else (100, 2000))
+  elif tiny:
     samples = neo_row(rng, length, image_len=(32, 96), prompt_len=(4, 12),
                       answer_len=(16, 64), preference=preference)
   else:
@@ -89,6 +95,8 @@ def attention_fn(impl: str, scale: float, *, q_chunk: int = 1024, gpu_blocks=Non
   if impl == "pallas_gpu":
     return lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=scale,
                                                            block_sizes=gpu_blocks)
+  if impl == "cudnn":
+    return lambda q, k, v, ids: cudnn.attention(q, k, v, ids, scale=scale)
   if impl == "cudnn_causal":
     def fn(q, k, v, ids):
       del ids  # plain causal
@@ -126,6 +134,8 @@ def runnable(impl: str, backend: str, tiny: bool) -> str | None:
   """None if `impl` can run here, else why not."""
   if impl == "cudnn_causal" and backend != "gpu":
     return "needs a GPU"
+  if impl == "cudnn" and backend not in ("gpu", "cpu"):
+    return "cuDNN (XLA emulation only on CPU)"
   if impl == "pallas_tpu" and backend not in ("tpu", "cpu"):
     return "TPU kernel (interpret mode only on CPU)"
   if impl == "pallas_gpu" and backend not in ("gpu", "cpu"):
@@ -178,7 +188,7 @@ def run(args) -> dict:
   results = []
   for length in args.lengths:
     samples, ids = build_row(length, args.seed, tiny=args.tiny,
-                             preference=args.layout == "neo_pref")
+                             preference=args.layout == "neo_pref", text=args.layout == "text")
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
     q, k, v, d_out = make_inputs(length, hq, hkv, dqk, dv, dtype, args.seed)
     print(f"\nL={length}: {describe(samples)}")
@@ -245,7 +255,8 @@ def main(argv=None) -> None:
   p.add_argument("--lengths", type=int, nargs="+", help="row lengths (default 4096 8192 16384)")
   p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
   p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-  p.add_argument("--layout", choices=("neo", "neo_pref"), default="neo")
+  p.add_argument("--layout", choices=("neo", "neo_pref", "text"), default="neo",
+                 help="row layout (text: text-only samples, what impl cudnn takes)")
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--dqk", type=int, default=256, help="query/key width (NEO: 128 + 64 + 64)")

@@ -42,6 +42,17 @@ PARTS = {
     "mosaic_probe": 25,  # does the kernel body lower and compile with Mosaic GPU
     "block_sweep": 45,  # GPU/TPU kernel block sizes at 8k, fwd+bwd (takes any time left)
 }
+# Options passed on to every part (each part reads the ones it needs; device_parts.configure).
+PART_OPTIONS = {
+    "check-rows": "kernel_check rows as LAYOUT:LENGTH,... (layouts neo, neo_pref, text)",
+    "xla-baseline": "kernel_check: 0 skips plain bf16 XLA against the reference",
+    "speed-lengths": "kernel_speed: NEO-like row lengths, e.g. 8192,16384",
+    "speed-impls": "kernel_speed: implementations on NEO-like rows, e.g. pallas_gpu,cudnn_causal",
+    "speed-text-lengths": "kernel_speed: text-only row lengths (the kernel and impl cudnn)",
+    "train-seqs": "train_step: sequence lengths, e.g. 8192",
+    "remats": "train_step: remat policies, e.g. full,dots_no_batch (each a row per length)",
+}
+
 DEFAULT_BUDGET_S = 480.0
 RESERVE_S = 15.0  # for stopping a part that overruns and writing the reports
 MIN_START_S = 5.0  # a part with less time than this left is not started
@@ -200,51 +211,57 @@ def md_kernel_check(res: dict) -> list[str]:
   for r in res.get("rows", []):
     m = r.get("kernel")
     base = r.get("xla_bf16", {})
+    impl = r.get("impl", res.get("kernel", ""))
     if not m:
-      rows.append([r["layout"], str(r["length"]), "", "", "", "", "", "", "", "NO",
+      rows.append([r["layout"], impl, str(r["length"]), "", "", "", "", "", "", "", "NO",
                    _not_measured(r) or r.get("kernel_error", "")])
       continue
     rel = [_e(m[o]["rel_l2"]) + (f" ({_e(base[o]['rel_l2'])})" if o in base else "")
            for o in ("out", "dq", "dk", "dv")]
-    rows.append([r["layout"], str(r["length"]), f"{r['allowed_fraction']:.3f}", *rel,
+    rows.append([r["layout"], impl, str(r["length"]), f"{r['allowed_fraction']:.3f}", *rel,
                  _e(max(x["max_abs"] for x in m.values())),
                  _f(all(x["padding_zero"] for x in m.values())),
                  _f(r.get("pass")),
                  f"compile {r['kernel_s']['compile']:.1f} s"])
-  header = ["row", "L", "allowed", "out rel err (xla bf16)", "dq", "dk", "dv", "max abs err",
-            "padding 0", "pass", "note"]
-  lines = [f"Kernel `{res.get('kernel')}` (bf16 inputs) against the reference in fp32 on the "
-           f"same inputs; relative L2 error ||x - ref|| / ||ref||, pass below "
-           f"{res.get('tolerance_rel_l2')}, finite, and padding rows exactly 0. In brackets: "
-           "plain XLA attention in bf16 against the same reference."]
+  header = ["row", "impl", "L", "allowed", "out rel err (xla bf16)", "dq", "dk", "dv",
+            "max abs err", "padding 0", "pass", "note"]
+  lines = [f"Each row's implementation (`{res.get('kernel')}`; `cudnn` on text-only rows), bf16 "
+           f"inputs, against the reference in fp32 on the same inputs; relative L2 error "
+           f"||x - ref|| / ||ref||, pass below {res.get('tolerance_rel_l2')}, finite, and "
+           "padding rows exactly 0. In brackets, where measured: plain XLA attention in bf16 "
+           "against the same reference."]
   return lines + _table(header, [[c for c in row] for row in rows])
 
 
 def md_kernel_speed(res: dict) -> list[str]:
   rows = res.get("rows", [])
-  by = {(r["length"], r["impl"], r["mode"]): r for r in rows if "ms" in r}
+  key = lambda r, impl=None: (r.get("layout", "neo"), r["length"], impl or r["impl"], r["mode"])
+  by = {key(r): r for r in rows if "ms" in r}
   kernel = res.get("kernel")
   out = []
   for r in rows:
+    layout = r.get("layout", "neo")
     if "ms" not in r:
-      out.append([str(r["length"]), r["impl"], r["mode"], "", "", "", "", "",
+      out.append([layout, str(r["length"]), r["impl"], r["mode"], "", "", "", "", "",
                   _not_measured(r)[:120]])
       continue
     ratio = lambda other: (f"{r['useful_tflops'] / by[other]['useful_tflops']:.2f}"
                            if other in by and r["impl"] == kernel else "")
-    out.append([str(r["length"]), r["impl"], r["mode"], f"{r['ms']:.2f}",
+    cudnn = "cudnn" if layout == "text" else "cudnn_causal"
+    out.append([layout, str(r["length"]), r["impl"], r["mode"], f"{r['ms']:.2f}",
                 f"{r['useful_tflops']:.1f}", f"{r['dense_equiv_tflops']:.1f}",
-                ratio((r["length"], "cudnn_causal", r["mode"])),
-                ratio((r["length"], "xla", r["mode"])) or
-                ratio((r["length"], "xla_chunked", r["mode"])),
+                ratio(key(r, cudnn)),
+                ratio(key(r, "xla")) or ratio(key(r, "xla_chunked")),
                 f"compile {r['compile_s']:.1f} s"])
-  header = ["L", "impl", "mode", "ms", "useful TFLOP/s", "dense-equiv TFLOP/s",
+  header = ["row", "L", "impl", "mode", "ms", "useful TFLOP/s", "dense-equiv TFLOP/s",
             "kernel / cuDNN", "kernel / xla (chunked if no dense)", "note"]
   shape = res.get("shape", {})
-  return [f"One NEO-like packed row ({shape.get('heads')} / {shape.get('kv_heads')} heads, "
-          f"widths {shape.get('dqk')} / {shape.get('dv')}, bf16); useful counts the allowed "
-          f"pairs (cuDNN: its causal pairs, V padded to {shape.get('dqk')}); ratios are useful "
-          "TFLOP/s."] + _table(header, out)
+  return [f"One packed row ({shape.get('heads')} / {shape.get('kv_heads')} heads, widths "
+          f"{shape.get('dqk')} / {shape.get('dv')}, bf16): neo = NEO-like samples (image + "
+          f"text), text = text-only samples; useful counts the allowed pairs (cudnn_causal: "
+          f"its causal pairs, V padded to {shape.get('dqk')}); ratios are useful TFLOP/s, "
+          "against cudnn_causal on neo rows and against impl cudnn on the same text row."
+          ] + _table(header, out)
 
 
 def md_block_sweep(res: dict) -> list[str]:
@@ -269,24 +286,32 @@ def md_train_step(res: dict) -> list[str]:
   labels = list(res.get("peaks_tflops", {}))
   out = []
   for r in res.get("rows", []):
+    program = r.get("program_memory_gb")
+    program = "" if program is None else f"{program:.1f}"
     if "step_s" not in r:
-      out.append([str(r.get("seq_len")), "", "", "", "", *[""] * len(labels), "", "",
-                  r.get("attention", ""), _not_measured(r)[:120]])
+      out.append([str(r.get("seq_len")), r.get("remat", ""), "", "", "", "",
+                  *[""] * len(labels), "", program, "", r.get("attention", ""),
+                  _not_measured(r)[:120]])
       continue
-    out.append([str(r["seq_len"]), f"{r.get('row_fill', 0):.2f}", f"{r['step_s']:.3f}",
-                f"{r['tokens_per_s']:,.0f}",
+    out.append([str(r["seq_len"]), r.get("remat", ""), f"{r.get('row_fill', 0):.2f}",
+                f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
                 f"{r['tflops_per_s_per_device']:.1f}",
                 *[f"{r['mfu'].get(label, 0):.1%}" for label in labels],
-                f"{r['peak_memory_gb']:.1f}", f"{r['compile_s']:.0f}", r["attention"], ""])
+                f"{r['peak_memory_gb']:.1f}", program, f"{r['compile_s']:.0f}",
+                r["attention"], r.get("attention_fallback", "")[:120]])
   peaks = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in res.get("peaks_tflops", {}).items())
+  remats = res.get("remats") or [res.get("remat")]
   lines = [f"{res.get('model')} with {res.get('layers')} layers ({res.get('prebuffer_layers')} "
            f"pre-Buffer), {res.get('dtype')} compute, {res.get('param_dtype')} master weights, "
-           f"remat {res.get('remat')}, stage {res.get('stage')}, one packed row per step, loss "
-           f"on all positions; MFU = model FLOPs (neo_jax.trainer.flops.step_flops) / step "
-           f"time / peak ({peaks or 'no peak known'}). State init {res.get('init_s')} s."]
-  header = (["seq", "row fill", "step s", "tokens/s", "model TFLOP/s"]
+           f"remat {', '.join(str(x) for x in remats)}, stage {res.get('stage')}, one packed "
+           f"row per step, loss on all positions; MFU = model FLOPs "
+           f"(neo_jax.trainer.flops.step_flops) / step time / peak ({peaks or 'no peak known'})."
+           f" Peak mem: the process's allocator peak so far; program: XLA's memory analysis of "
+           f"the compiled step (arguments + outputs - donated + temporaries). State init "
+           f"{res.get('init_s')} s."]
+  header = (["seq", "remat", "row fill", "step s", "tokens/s", "model TFLOP/s"]
             + [f"MFU ({x})" for x in labels]
-            + ["peak mem GB", "compile s", "attention", "note"])
+            + ["peak mem GB", "program GB", "compile s", "attention", "note"])
   return lines + _table(header, out)
 
 
@@ -415,6 +440,8 @@ def main(argv=None) -> int:
   ap.add_argument("--no-compile-cache", action="store_true",
                   help="don't share jax's persistent compilation cache (a fresh temporary "
                        "directory) between the parts")
+  for name, text in PART_OPTIONS.items():
+    ap.add_argument(f"--{name}", default=None, help=text)
   ap.add_argument("--results-dir", default=os.path.join(HERE, "results"))
   ap.add_argument("--out-dir", action="append", default=[],
                   help="also write the reports and the parts' logs (one file) here")
@@ -427,6 +454,10 @@ def main(argv=None) -> int:
   extra = (["--smoke"] if args.smoke else []) + ["--layers", str(args.layers)]
   if args.kernel:
     extra += ["--kernel", args.kernel]
+  for name in PART_OPTIONS:
+    value = getattr(args, name.replace("-", "_"))
+    if value is not None:
+      extra += [f"--{name}", value]
   work = tempfile.mkdtemp(prefix="device_check_")
   cache_dir = None if args.no_compile_cache else os.path.join(work, "jax_cache")
   env = part_env(cache_dir)

@@ -1,13 +1,17 @@
 """The parts of `make device-check`; benchmarks/device_check.py runs each in its own process.
 
     python benchmarks/device_parts.py --part NAME --out RESULT.json [--budget-s S] [--smoke]
-        [--layers N] [--peak-tflops X] [--kernel IMPL]
+        [--layers N] [--peak-tflops X] [--kernel IMPL] [--check-rows neo_pref:8192,text:8192]
+        [--xla-baseline 0|1] [--speed-lengths 8192,...] [--speed-text-lengths 8192,...]
+        [--speed-impls pallas_gpu,...] [--train-seqs 8192,...] [--remats full,...]
 
 A part rewrites its result file after every measurement, so a part stopped at its time budget
 still leaves what it measured; it also checks its own clock and skips what no longer fits.
 `--smoke` (automatic on CPU) runs tiny shapes, interpret-mode kernels and the tiny model: the
-same code paths in seconds. Only model, ops, config, parallel, the train step and synthetic
-batches, and inference are imported: nothing of the data pipeline (grain, TFDS, tokenizers).
+same code paths in seconds; there the options that choose lengths keep the tiny ones (one per
+layout asked for), the ones that choose layouts, implementations and remat policies apply.
+Only model, ops, config, parallel, the train step and synthetic batches, and inference are
+imported: nothing of the data pipeline (grain, TFDS, tokenizers).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 import traceback
 import types
+import warnings
 from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,11 +39,13 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks import attention as attn_bench  # noqa: E402
+from benchmarks.device_check import PART_OPTIONS  # noqa: E402
 from benchmarks import generate as gen_bench  # noqa: E402
 from benchmarks import train_step as train_bench  # noqa: E402
 from neo_jax import config as neo_config  # noqa: E402
+from neo_jax.ops import flash_common as fc  # noqa: E402
 from neo_jax.ops import masks, pallas_gpu, pallas_tpu  # noqa: E402
-from neo_jax.ops.attention import attention, resolve  # noqa: E402
+from neo_jax.ops.attention import KernelFallbackWarning, attention, resolve  # noqa: E402
 from neo_jax.ops.layouts import describe  # noqa: E402
 from neo_jax.trainer.flops import peak_flops_per_device  # noqa: E402
 
@@ -55,7 +62,10 @@ class Sizes:
   dqk: int = 256
   dv: int = 128
   check_rows: tuple = (("neo", 8192), ("neo_pref", 8192), ("neo", 32768))
+  check_baseline: bool = True  # kernel_check: also plain bf16 XLA against the reference
   speed_lengths: tuple = (8192, 16384, 32768)
+  speed_impls: tuple = ()  # on NEO-like rows; () = kernel, cudnn_causal (GPU), xla_chunked, xla
+  speed_text_lengths: tuple = ()  # text-only rows: the kernel against impl cudnn, fwd+bwd
   speed_reference_modes: tuple = ("fwd+bwd", "fwd")  # of xla and xla_chunked
   sweep_length: int = 8192
   q_chunk: int = 1024
@@ -66,6 +76,7 @@ class Sizes:
   model: str = "neo_2b"
   train_vocab: int = 0
   train_seqs: tuple = (8192, 16384)
+  train_remats: tuple = ("full",)  # NeoConfig.remat_policy values, each a row per length
   train_image_tokens: tuple = (64, 1024)
   train_chunk: int = 1024
   train_steps: int = 3
@@ -91,18 +102,53 @@ SMOKE = Sizes(heads=4, kv_heads=2, dqk=64, dv=32, check_rows=(("neo", 256), ("ne
               gen_batches=(2,), gen_image_tokens=16, gen_text_tokens=8, gen_new_tokens=4,
               gen_repeat=1, compute_dtype="float32", tiny_rows=True)
 
+LAYOUTS = ("neo", "neo_pref", "text")  # kernel_check rows; text: checks impl cudnn
+
+
+def _names(text: str) -> tuple:
+  return tuple(x for x in text.split(",") if x)
+
+
+def configure(base: Sizes, args: argparse.Namespace, smoke: bool) -> Sizes:
+  """`base` with the command line's choices. Layouts, remat policies and the baseline apply in
+  both modes; lengths only on a device (smoke keeps its tiny length, one per layout)."""
+  tiny = base.speed_lengths[0]
+  over: dict[str, Any] = {}
+  if getattr(args, "check_rows", None):
+    rows = [row.split(":") for row in _names(args.check_rows)]
+    for row in rows:
+      if row[0] not in LAYOUTS or len(row) != 2:
+        raise SystemExit(f"--check-rows: LAYOUT:LENGTH with LAYOUT in {LAYOUTS}, got {row}")
+    over["check_rows"] = tuple((r[0], tiny if smoke else int(r[1])) for r in rows)
+  if getattr(args, "xla_baseline", None) is not None:
+    over["check_baseline"] = bool(int(args.xla_baseline))
+  if getattr(args, "speed_lengths", None) and not smoke:
+    over["speed_lengths"] = tuple(int(x) for x in _names(args.speed_lengths))
+  if getattr(args, "speed_impls", None):
+    over["speed_impls"] = _names(args.speed_impls)
+  if getattr(args, "speed_text_lengths", None):
+    given = tuple(int(x) for x in _names(args.speed_text_lengths))
+    over["speed_text_lengths"] = (tiny,) if smoke else given
+  if getattr(args, "train_seqs", None) and not smoke:
+    over["train_seqs"] = tuple(int(x) for x in _names(args.train_seqs))
+  if getattr(args, "remats", None):
+    over["train_remats"] = _names(args.remats)
+  return dataclasses.replace(base, **over)
+
+
 # pallas_gpu.BlockSizes candidates at L = 8k (fields absent from BlockSizes are ignored and
-# reported); the first is the kernel's default, the second JAX's own GPU attention backward.
+# reported; unset fields come from the kernel's table). The first is the default; each other
+# changes the forward or the backward alone, so a row's difference to the default is that
+# knob's. Shared memory (bytes, widths 256 / 128, bf16; pallas_gpu.smem_bytes) in comments.
 GPU_SWEEP = (
-    {},
-    dict(block_q=128, block_kv=64, block_q_bwd=32, block_kv_bwd=32, num_warps=4, num_stages=2),
-    dict(block_q=64, block_kv=64, block_q_bwd=32, block_kv_bwd=32, num_warps=4, num_stages=2),
-    dict(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=32, num_warps=8, num_stages=2),
-    dict(block_q=64, block_kv=64, block_q_bwd=64, block_kv_bwd=64, num_warps=4, num_stages=2),
-    dict(block_q=128, block_kv=64, block_q_bwd=64, block_kv_bwd=64, num_warps=8, num_stages=3),
-    dict(block_q=128, block_kv=128, block_q_bwd=64, block_kv_bwd=64, num_warps=8, num_stages=2),
-    dict(block_q=64, block_kv=32, block_q_bwd=32, block_kv_bwd=32, num_warps=4, num_stages=3),
-    dict(block_q=128, block_kv=32, block_q_bwd=32, block_kv_bwd=64, num_warps=4, num_stages=2),
+    {},  # fwd 128x32 s2 114688; dq 32x64 s2 122880; dk/dv 98304 (the measured best of run 1)
+    dict(num_stages=3),  # fwd 139264
+    dict(num_warps=8),
+    dict(block_kv=64, num_warps=8, num_stages=3),  # fwd 212992 (run 1's fastest forward)
+    dict(num_warps_bwd=8),
+    dict(num_stages_bwd=3),  # dq 172032, dk/dv 122880
+    dict(block_q_bwd=64, block_kv_bwd=64, num_warps_bwd=8),  # dq and dk/dv 147456
+    dict(block_q_bwd=32, block_kv_bwd=128, num_warps_bwd=8),  # dq 221184, dk/dv 147456
 )
 TPU_SWEEP = ({}, dict(block_q=256, block_kv=256), dict(block_q=1024, block_kv=512),
              dict(block_q=512, block_kv=1024), dict(block_q=256, block_kv=512),
@@ -124,7 +170,7 @@ class Part:
     self.deadline = self.t0 + 0.92 * budget_s - 1.0  # leave time to write and exit
     self.backend = jax.default_backend()
     self.smoke = bool(args.smoke) or self.backend == "cpu"
-    self.sizes = SMOKE if self.smoke else FULL
+    self.sizes = configure(SMOKE if self.smoke else FULL, args, self.smoke)
     default_kernel = {"tpu": "pallas_tpu"}.get(self.backend, "pallas_gpu")
     self.kernel = args.kernel or default_kernel
     self.result: dict[str, Any] = {}
@@ -323,20 +369,26 @@ def _summary(metrics: dict) -> dict:
 
 def part_kernel_check(p: Part) -> None:
   s = p.sizes
-  kernel_fn = attn_bench.for_mode(
-      lambda q, k, v, ids: attention(q, k, v, ids, impl=p.kernel, scale=s.scale), "fwd+bwd")
+  checked = {impl: attn_bench.for_mode(
+      lambda q, k, v, ids, impl=impl: attention(q, k, v, ids, impl=impl, scale=s.scale),
+      "fwd+bwd") for impl in (p.kernel, "cudnn")}
   fwd_bwd = {impl: attn_bench.for_mode(attn_bench.attention_fn(impl, s.scale, q_chunk=s.q_chunk),
                                        "fwd+bwd") for impl in ("xla", "xla_chunked")}
   p.result.update(kernel=p.kernel, tolerance_rel_l2=KERNEL_TOL,
                   shape=dict(heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv,
                              dtype="bfloat16", scale=s.scale))
   for layout, length in s.check_rows:
-    row: dict[str, Any] = dict(layout=layout, length=length)
+    impl = "cudnn" if layout == "text" else p.kernel  # text-only rows: what cudnn takes
+    row: dict[str, Any] = dict(layout=layout, length=length, impl=impl)
+    why = attn_bench.runnable(impl, p.backend, tiny=True)
+    if why:
+      p.add("rows", dict(row, skipped=why))
+      continue
     if p.left() < 10 and not p.smoke:
       p.add("rows", dict(row, skipped="part budget spent"))
       continue
     samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows,
-                                        preference=layout == "neo_pref")
+                                        preference=layout == "neo_pref", text=layout == "text")
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
     pad_l = _padding(ids)
     q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
@@ -356,7 +408,7 @@ def part_kernel_check(p: Part) -> None:
       p.add("rows", dict(row, error=f"reference: {first_lines(e)}"))
       continue
     try:
-      got, c, r = p.compiled(kernel_fn, q, k, v, ids, g)
+      got, c, r = p.compiled(checked[impl], q, k, v, ids, g)
       row["kernel_s"] = dict(compile=round(c, 2), run=round(r, 3))
       metrics = _summary(_compare(_flat(got), want, pad_l))
       del got
@@ -367,7 +419,7 @@ def part_kernel_check(p: Part) -> None:
       row["kernel_error"] = first_lines(e)
       row["pass"] = False
     p.add("rows", row)
-    if p.left() < 20 and not p.smoke:
+    if not s.check_baseline or (p.left() < 20 and not p.smoke):
       continue
     # what plain bf16 XLA attention gets against the same reference: the yardstick for the
     # kernel's error
@@ -383,19 +435,27 @@ def part_kernel_check(p: Part) -> None:
 
 def part_kernel_speed(p: Part) -> None:
   s = p.sizes
-  impls = [p.kernel] + (["cudnn_causal"] if p.backend == "gpu" else []) + ["xla_chunked", "xla"]
+  default = [p.kernel] + (["cudnn_causal"] if p.backend == "gpu" else []) + ["xla_chunked", "xla"]
+  usable = lambda names: [i for i in names if not attn_bench.runnable(i, p.backend, tiny=True)]
+  impls = usable(s.speed_impls or default)
+  rows = ([("neo", length, impls) for length in s.speed_lengths]
+          + [("text", length, usable([p.kernel, "cudnn"])) for length in s.speed_text_lengths])
   p.result.update(kernel=p.kernel, impls=impls,
                   shape=dict(heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv,
                              dtype="bfloat16", scale=s.scale))
-  for length in s.speed_lengths:
-    samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows)
+  for layout, length, row_impls in rows:
+    samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows, text=layout == "text")
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
     q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
                                         SEED)
-    for impl in impls:
-      modes = s.speed_reference_modes if impl.startswith("xla") else ("fwd+bwd", "fwd")
+    for impl in row_impls:
+      if impl.startswith("xla"):
+        modes = s.speed_reference_modes
+      else:  # text rows compare the kernel with cuDNN on the training path only
+        modes = ("fwd+bwd",) if layout == "text" else ("fwd+bwd", "fwd")
       for mode in modes:
-        row = dict(length=length, impl=impl, mode=mode, allowed_fraction=allowed / length**2)
+        row = dict(layout=layout, length=length, impl=impl, mode=mode,
+                   allowed_fraction=allowed / length**2)
         if impl == "xla" and not dense_fits(length, s.heads, mode):
           p.add("rows", dict(row, skipped="dense [H, L, L] scores do not fit in memory"))
           continue
@@ -432,19 +492,27 @@ def part_block_sweep(p: Part) -> None:
   if p.kernel == "pallas_gpu":
     cls, combos = pallas_gpu.BlockSizes, (SMOKE_SWEEP if p.smoke else GPU_SWEEP)
     make = lambda b: attn_bench.attention_fn("pallas_gpu", s.scale, gpu_blocks=b)
+    widths = (fc.next_pow2(s.dqk), fc.next_pow2(s.dv))  # what the kernel pads to
+    # the settings the kernel will use on this device (unset fields from its table)
+    complete = lambda b: pallas_gpu.block_sizes_for(*widths, jnp.bfloat16, b)
+    p.result["smem_limit"] = pallas_gpu.device_smem_bytes()
   else:
     cls, combos = pallas_tpu.BlockSizes, (SMOKE_SWEEP if p.smoke else TPU_SWEEP)
     make = lambda b: attn_bench.attention_fn("pallas_tpu", s.scale, tpu_blocks=b)
+    complete = lambda b: b
   length = s.sweep_length
   samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows)
   allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
   q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
                                       SEED)
   useful, _ = attn_bench.impl_flops(p.kernel, allowed, length, s.heads, s.dqk, s.dv, "fwd+bwd")
-  p.result.update(kernel=p.kernel, length=length, mode="fwd+bwd", default=repr(cls()))
+  p.result.update(kernel=p.kernel, length=length, mode="fwd+bwd", default=repr(complete(cls())))
   for combo in combos:
     sizes, ignored = block_sizes(cls, combo)
-    row = dict(block_sizes=repr(sizes), fields=dataclasses.asdict(sizes), default=not combo)
+    shown = complete(sizes)
+    row = dict(block_sizes=repr(shown), fields=dataclasses.asdict(shown), default=not combo)
+    if p.kernel == "pallas_gpu":
+      row["smem_bytes"] = pallas_gpu.smem_bytes(shown, *widths)
     if ignored:
       row["ignored_fields"] = ignored
     if p.left() < 8 and not p.smoke:
@@ -483,44 +551,62 @@ def part_train_step(p: Part) -> None:
     peaks["vendor"] = peak_flops_per_device(kind)
   attention_impl = "auto"
   cfg = train_bench.model_config(s.model, layers=layers, vocab=s.train_vocab,
-                                 dtype=s.compute_dtype, remat="full", attention=attention_impl)
+                                 dtype=s.compute_dtype, remat=s.train_remats[0],
+                                 attention=attention_impl)
   p.result.update(model=s.model, layers=cfg.num_hidden_layers,
                   prebuffer_layers=cfg.num_prebuffer_layers, hidden=cfg.hidden_size,
                   vocab=cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  remat=cfg.remat_policy, attention=resolve(attention_impl), stage="sft",
+                  remats=list(s.train_remats), attention=resolve(attention_impl), stage="sft",
                   peaks_tflops={k: v / 1e12 for k, v in peaks.items()})
+  limit = device_memory_bytes()
   t0 = time.perf_counter()
   bench = train_bench.prepare(cfg, "sft")
   jax.block_until_ready(bench.state)
   p.result["init_s"] = round(time.perf_counter() - t0, 2)
   p.compile_s += time.perf_counter() - t0
   p.save()
+  fallback = None  # auto's KernelFallbackWarning: it warns once, the choice holds for the run
   for seq in s.train_seqs:
-    if p.left() < 15 and not p.smoke:
-      p.add("rows", dict(seq_len=seq, skipped="part budget spent"))
-      continue
-    # synthetic samples are an image and ~10 text tokens: a visual budget of L fills the row
-    kw = dict(batch=1, seq_len=seq, visual=seq, image_tokens=s.train_image_tokens, k=0,
-              chunk=s.train_chunk, steps=s.train_steps, peaks=peaks)
-    try:
-      r = train_bench.measure(bench, **kw)
-    except Exception as e:  # noqa: BLE001 - e.g. the kernel does not compile: try the reference
-      p.add("rows", dict(seq_len=seq, attention=resolve(bench.cfg.attention_impl),
-                         error=first_lines(e)))
-      if resolve(bench.cfg.attention_impl) == "xla_chunked" or p.left() < 30:
+    for remat in s.train_remats:  # in order of the memory they keep: each needs a compile
+      if p.left() < (15 if not p.result.get("rows") else 25) and not p.smoke:
+        p.add("rows", dict(seq_len=seq, remat=remat, skipped="part budget spent"))
         continue
-      bench.cfg = bench.cfg.replace(attention_impl="xla_chunked")
-      if _state_deleted(bench):
+      bench.cfg = bench.cfg.replace(remat_policy=remat)
+      if _state_deleted(bench):  # donated to a step that failed
         bench = train_bench.prepare(bench.cfg, "sft")
+      # synthetic samples are an image and ~10 text tokens: a visual budget of L fills the row
+      kw = dict(batch=1, seq_len=seq, visual=seq, image_tokens=s.train_image_tokens, k=0,
+                chunk=s.train_chunk, steps=s.train_steps, peaks=peaks,
+                max_bytes=None if limit is None else 0.97 * limit)
       try:
-        r = train_bench.measure(bench, **kw)
-      except Exception as e2:  # noqa: BLE001 - recorded
-        p.add("rows", dict(seq_len=seq, attention="xla_chunked", error=first_lines(e2)))
-        continue
-    r["attention"] = resolve(r["attention"])
-    p.compile_s += r["compile_s"]
-    p.run_s += r["first_step_s"] - r["compile_s"] + r["steps"] * r["step_s"]
-    p.add("rows", r)
+        with warnings.catch_warnings(record=True) as caught:
+          warnings.simplefilter("always", KernelFallbackWarning)
+          r = train_bench.measure(bench, **kw)
+        fallback = next((str(w.message) for w in caught
+                         if issubclass(w.category, KernelFallbackWarning)), fallback)
+      except Exception as e:  # noqa: BLE001 - e.g. the kernel fails at run time: the reference
+        p.add("rows", dict(seq_len=seq, remat=remat,
+                           attention=resolve(bench.cfg.attention_impl), error=first_lines(e)))
+        out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+        if (out_of_memory or resolve(bench.cfg.attention_impl) == "xla_chunked"
+            or p.left() < 30):
+          continue
+        bench.cfg = bench.cfg.replace(attention_impl="xla_chunked")
+        if _state_deleted(bench):
+          bench = train_bench.prepare(bench.cfg, "sft")
+        try:
+          r = train_bench.measure(bench, **kw)
+        except Exception as e2:  # noqa: BLE001 - recorded
+          p.add("rows", dict(seq_len=seq, remat=remat, attention="xla_chunked",
+                             error=first_lines(e2)))
+          continue
+      r["attention"] = "xla_chunked" if fallback else resolve(r["attention"])
+      if fallback:
+        r["attention_fallback"] = fallback[:300]
+      p.compile_s += r["compile_s"]
+      if "step_s" in r:
+        p.run_s += r["first_step_s"] - r["compile_s"] + r["steps"] * r["step_s"]
+      p.add("rows", r)
 
 
 # --- generate ----------------------------------------------------------------------------------
@@ -687,6 +773,8 @@ def main(argv=None) -> int:
                   help="measured bf16 matmul TFLOP/s (from env) for train_step's MFU")
   ap.add_argument("--kernel", choices=("pallas_gpu", "pallas_tpu"), default=None,
                   help="kernel to check (default: the backend's; pallas_gpu on CPU)")
+  for name, text in PART_OPTIONS.items():
+    ap.add_argument(f"--{name}", default=None, help=text)
   args = ap.parse_args(argv)
   part = Part(args.part, args.out, args.budget_s, args)
   part.save()

@@ -97,13 +97,25 @@ def peak_memory() -> tuple[float, str]:
   return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "host peak RSS"
 
 
+def program_bytes(compiled) -> Optional[float]:
+  """Device bytes one call of a compiled step holds at its peak (arguments + outputs - donated
+  + temporaries), from XLA's memory analysis; None where the backend gives none."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
 def measure(bench: Bench, *, batch: int, seq_len: int, visual: int,
             image_tokens: tuple[int, int], k: int, chunk: int, loss_remat: bool = True,
             vocab_chunk: int = 0, accum: int = 1, steps: int = 10,
-            peaks: Optional[dict[str, float]] = None) -> dict:
+            peaks: Optional[dict[str, float]] = None,
+            max_bytes: Optional[float] = None) -> dict:
   """Compiles the step for these rows, runs one step, then times `steps` steps (median).
 
-  `peaks` maps a label to peak FLOP/s per device; MFU is reported against each.
+  `peaks` maps a label to peak FLOP/s per device; MFU is reported against each. A step whose
+  compiled program needs more than `max_bytes` of device memory is not run (`skipped`).
   """
   cfg, mesh = bench.cfg, bench.mesh
   spec = SyntheticSpec.for_model(cfg, batch_size=batch, seq_len=seq_len, visual_tokens=visual,
@@ -116,8 +128,21 @@ def measure(bench: Bench, *, batch: int, seq_len: int, visual: int,
   batches = [synthetic_batch(spec, i) for i in range(min(steps, 4))]
   run = compile_step(step, mesh, state_shardings(cfg, bench.tx, bench.trainable, mesh),
                      batch_shardings(batches[0], mesh))
+  first_batch = shard_batch(batches[0], mesh)
   t = time.perf_counter()
-  bench.state, m = run(bench.state, shard_batch(batches[0], mesh))
+  compiled = run.lower(bench.state, first_batch).compile()
+  compile_s = time.perf_counter() - t
+  need = program_bytes(compiled)
+  base = {"device": f"{mesh.devices.size} x {jax.devices()[0].device_kind}",
+          "layers": cfg.num_hidden_layers, "batch": batch, "seq_len": seq_len,
+          "remat": cfg.remat_policy, "attention": cfg.attention_impl,
+          "compile_s": round(compile_s, 2),
+          "program_memory_gb": None if need is None else round(need / 2**30, 3)}
+  if max_bytes is not None and need is not None and need > max_bytes:
+    return dict(base, skipped=f"needs {need / 2**30:.1f} GiB of device memory, "
+                              f"{max_bytes / 2**30:.1f} GiB usable")
+  t = time.perf_counter()
+  bench.state, m = compiled(bench.state, first_batch)
   jax.block_until_ready(m)
   first = time.perf_counter() - t
   times, flops, tokens = [], [], []
@@ -125,7 +150,7 @@ def measure(bench: Bench, *, batch: int, seq_len: int, visual: int,
     b = batches[i % len(batches)]
     sharded = shard_batch(b, mesh)
     t = time.perf_counter()
-    bench.state, m = run(bench.state, sharded)
+    bench.state, m = compiled(bench.state, sharded)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
     flops.append(M.step_flops(cfg, b, bench.trainable, k)["total"])
@@ -135,21 +160,17 @@ def measure(bench: Bench, *, batch: int, seq_len: int, visual: int,
   model_flops = statistics.mean(flops)
   per_device = model_flops / step_s / n_dev
   mem, mem_basis = peak_memory()
-  return {
-      "device": f"{n_dev} x {jax.devices()[0].device_kind}", "layers": cfg.num_hidden_layers,
-      "hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "batch": batch, "seq_len": seq_len,
-      "visual": visual, "k": k, "chunk": chunk, "vocab_chunk": vocab_chunk, "dtype": cfg.dtype,
-      "remat": cfg.remat_policy, "attention": cfg.attention_impl,
-      "first_step_s": round(first, 2), "step_s": round(step_s, 4), "steps": steps,
-      "compile_s": round(max(first - step_s, 0.0), 2),
-      "tokens_per_s": round(statistics.mean(tokens) / step_s, 1),
-      "row_fill": round(statistics.mean(tokens) / (batch * seq_len), 3),
-      "model_tflops_per_step": round(model_flops / 1e12, 4),
-      "tflops_per_s_per_device": round(per_device / 1e12, 4),
-      "mfu": {label: round(per_device / peak, 4) for label, peak in (peaks or {}).items()},
-      "peak_memory_gb": round(mem / 2**30, 3), "memory_basis": mem_basis,
-      "loss": round(float(m["loss"]), 4),
-  }
+  return dict(
+      base, hidden=cfg.hidden_size, vocab=cfg.vocab_size, visual=visual, k=k, chunk=chunk,
+      vocab_chunk=vocab_chunk, dtype=cfg.dtype, first_step_s=round(compile_s + first, 2),
+      step_s=round(step_s, 4), steps=steps,
+      tokens_per_s=round(statistics.mean(tokens) / step_s, 1),
+      row_fill=round(statistics.mean(tokens) / (batch * seq_len), 3),
+      model_tflops_per_step=round(model_flops / 1e12, 4),
+      tflops_per_s_per_device=round(per_device / 1e12, 4),
+      mfu={label: round(per_device / peak, 4) for label, peak in (peaks or {}).items()},
+      peak_memory_gb=round(mem / 2**30, 3), memory_basis=mem_basis,
+      loss=round(float(m["loss"]), 4))
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,8 @@
-"""The attention entry point: impl selection, kernels behind it, cross-attention fallback."""
+"""The attention entry point: impl selection, kernels behind it, cross-attention fallback,
+the compile-time fallback of `auto`."""
+
+import dataclasses
+import warnings
 
 import re
 
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 
 from neo_jax.ops import attention as attn_api
-from neo_jax.ops import reference
+from neo_jax.ops import pallas_gpu, reference
 from neo_jax.ops.layouts import ids_from_arrays
 from neo_jax.ops.masks import AttnIds
 from test_attention_kernels import LAYOUT, make_inputs, rel_err
@@ -73,3 +77,72 @@ def test_reference_precision_is_explicit(dtype, highest):
   assert len(eqns) == 2 and all(e.params["precision"] == want for e in eqns)
   assert len(dots) == 2
   assert all(("precision = [HIGHEST, HIGHEST]" in d) == highest for d in dots), dots
+
+def _fake_gpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attn_api, "_CHECKED", {})
+
+
+def test_auto_falls_back_when_the_kernel_does_not_compile(monkeypatch):
+  # A "GPU" that is a CPU: the Triton kernel really cannot be compiled here, so `auto` takes
+  # the chunked reference, with one warning naming the error, and warns no more for the shape
+  q, k, v, _, ids = make_inputs(9, 1, 64, 4, 2, 32, 16, jnp.float32, **LAYOUT)
+  want = reference.attention_dense(q, k, v, ids, scale=0.2)
+  _fake_gpu(monkeypatch)
+  assert attn_api.resolve("auto") == "pallas_gpu"
+  with pytest.warns(attn_api.KernelFallbackWarning, match="pallas_gpu does not compile") as w:
+    got = attn_api.attention(q, k, v, ids, impl="auto", scale=0.2, q_chunk=32)
+  assert len(w) == 1
+  assert rel_err(got, want) <= 1e-5
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="auto", scale=0.2,
+                                                    q_chunk=32))(q, k, v, ids)
+
+
+def test_explicit_kernel_never_falls_back(monkeypatch):
+  # the same forced failure: `auto` names it in its warning, an explicit impl raises it
+  q, k, v, _, ids = make_inputs(9, 1, 64, 4, 2, 32, 16, jnp.float32, **LAYOUT)
+  _fake_gpu(monkeypatch)
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded (forced)")
+
+  monkeypatch.setattr(pallas_gpu, "_forward", fail)
+  with pytest.warns(attn_api.KernelFallbackWarning, match="RuntimeError: RESOURCE_EXHAUSTED"):
+    attn_api.attention(q, k, v, ids, impl="auto", scale=0.2, q_chunk=32)
+  with pytest.raises(RuntimeError, match="forced"):
+    attn_api.attention(q, k, v, ids, impl="pallas_gpu", scale=0.2)
+
+
+def test_compile_check_runs_once_per_shape(monkeypatch):
+  calls = []
+  _fake_gpu(monkeypatch)
+  spec = attn_api._IMPLS["pallas_gpu"]
+  monkeypatch.setitem(attn_api._IMPLS, "pallas_gpu", dataclasses.replace(
+      spec, check=lambda q, k, v: calls.append((q.shape, v.shape))))
+  q, k, v = jnp.zeros((2, 8, 4, 32)), jnp.zeros((2, 8, 2, 32)), jnp.zeros((2, 8, 2, 16))
+  for length in (8, 16):  # rows of another length or batch share the check
+    pick = attn_api._compiling("pallas_gpu", q[:, :length], k[:, :length], v[:, :length])
+    assert pick == "pallas_gpu"
+  assert attn_api._compiling("pallas_gpu", q, k, v[..., :8]) == "pallas_gpu"
+  assert len(calls) == 2
+
+
+def test_compile_check_in_interpret_mode_and_its_errors(monkeypatch):
+  # what `auto` runs on a GPU, here interpreted: it passes inside a trace and under a mesh
+  # (its own thread), and hands the kernel's error to the caller
+  q, k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, 8, 2, 16), (1, 8, 1, 16),
+                                                            (1, 8, 1, 8)))
+  small = pallas_gpu.BlockSizes(8, 8, 8, 8)
+  check = lambda: pallas_gpu.compile_check(q, k, v, block_sizes=small, interpret=True)
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    assert float(jax.jit(lambda x: (check(), x + 1)[1])(jnp.float32(1))) == 2.0
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("forced")
+
+  monkeypatch.setattr(pallas_gpu, "_forward", fail)
+  with pytest.raises(RuntimeError, match="forced"):
+    check()

@@ -89,6 +89,15 @@ def test_tpu_kernel_under_tpu_interpret_params():
   check_against_reference(fn, q, k, v, d_out, ids, 0.25, TOL[jnp.float32])
 
 
+def neo_width_inputs(length, seed):
+  """ids of one random packed row and zero q, k, v at NEO's widths (4 / 2 heads, bf16): what
+  the lowering tests trace."""
+  seg, img, branch = random_batch(np.random.default_rng(seed), 1, length,
+                                  image_len=(length // 11, length // 3), text_len=(10, 100))
+  zeros = lambda h, d: jnp.zeros((1, length, h, d), jnp.bfloat16)
+  return ids_from_arrays(seg, img, branch), zeros(4, 256), zeros(2, 256), zeros(2, 128)
+
+
 @pytest.mark.parametrize("impl,platform,call", [
     ("pallas_tpu", "tpu", "tpu_custom_call"),
     ("pallas_gpu", "cuda", "triton"),
@@ -96,13 +105,7 @@ def test_tpu_kernel_under_tpu_interpret_params():
 def test_kernels_lower_for_their_hardware(impl, platform, call):
   # Pallas -> Mosaic / Triton lowering of the compiled (non-interpret) kernels, forward and
   # backward, at NEO's widths and bf16: catches ops or shapes the hardware path cannot take
-  b, length = 1, 1100
-  seg, img, branch = random_batch(np.random.default_rng(4), b, length, image_len=(100, 400),
-                                  text_len=(10, 100))
-  ids = ids_from_arrays(seg, img, branch)
-  q = jnp.zeros((b, length, 4, 256), jnp.bfloat16)
-  k = jnp.zeros((b, length, 2, 256), jnp.bfloat16)
-  v = jnp.zeros((b, length, 2, 128), jnp.bfloat16)
+  ids, q, k, v = neo_width_inputs(1100, 4)
   module = pallas_tpu if impl == "pallas_tpu" else pallas_gpu
   fwd = lambda q, k, v: module.flash_attention(q, k, v, ids, scale=128**-0.5, interpret=False)
   bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))

@@ -52,3 +52,19 @@ def test_query_block_inside_the_dkv_range_that_skips_the_key_block(impl):
   assert states[4, 2] == masks.BLOCK_SKIP and states[5, 2] != masks.BLOCK_SKIP
   q, k, v, d_out, _ = make_inputs(7, 1, 128, 2, 1, 32, 16, jnp.float32)
   check_against_reference(KERNELS[impl]((16, 16)), q, k, v, d_out, ids, 0.25, TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("impl", sorted(KERNELS))
+def test_rows_of_mostly_full_blocks(impl):
+  # long images and long texts at 16-token blocks: most visited blocks are allowed for every
+  # query (the unmasked loops), the rest partial (the masked loops); GQA group of 4 (the dk/dv
+  # pass loops over 4 query heads per kv head)
+  samples = [[Span(4), Span(120, image=True), Span(90)],
+             [Span(40, image=True), Span(9, branch=1), Span(7, branch=2)], [Span(40)]]
+  seg, img, branch = row_ids(samples, 320)
+  ids = ids_from_arrays(seg[None], img[None], branch[None])
+  tables = masks.block_ranges(masks.kv_ranges(ids), 16, 16)
+  states = np.asarray(masks.block_states(tables.q_blocks, 20))
+  assert (states == masks.BLOCK_FULL).sum() > (states == masks.BLOCK_PARTIAL).sum()
+  q, k, v, d_out, _ = make_inputs(8, 1, 320, 8, 2, 32, 16, jnp.float32)
+  check_against_reference(KERNELS[impl]((16, 16)), q, k, v, d_out, ids, 0.3, TOL[jnp.float32])

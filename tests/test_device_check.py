@@ -205,3 +205,64 @@ def test_gpu_kernel_calls_lower_for_cuda():
     text = jax.jit(fwd_bwd).trace(q, k, v, ids, g).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 3, sizes
+
+
+# The second H200 run: the new kernel's defaults checked and timed, a sweep around them, and
+# the train step's remat policies (see benchmarks/README.md).
+SECOND_RUN = ("--parts env,kernel_check,kernel_speed,block_sweep,train_step --budget-s 200 "
+              "--part-budget env=14 --part-budget kernel_check=26 --part-budget kernel_speed=32 "
+              "--part-budget block_sweep=30 --check-rows neo_pref:8192,text:8192 "
+              "--xla-baseline 0 --speed-impls pallas_gpu,cudnn_causal "
+              "--speed-lengths 8192,16384 --speed-text-lengths 8192 --train-seqs 8192 "
+              "--remats full,dots_no_batch,none")
+
+
+def test_part_options_configure_sizes():
+  args = device_parts.argparse.Namespace(
+      check_rows="neo_pref:8192,text:8192", xla_baseline="0", speed_lengths="8192,16384",
+      speed_impls="pallas_gpu,cudnn_causal", speed_text_lengths="8192", train_seqs="8192",
+      remats="full,dots_no_batch")
+  full = device_parts.configure(device_parts.FULL, args, smoke=False)
+  assert full.check_rows == (("neo_pref", 8192), ("text", 8192)) and not full.check_baseline
+  assert full.speed_lengths == (8192, 16384) and full.speed_text_lengths == (8192,)
+  assert full.speed_impls == ("pallas_gpu", "cudnn_causal") and full.train_seqs == (8192,)
+  assert full.train_remats == ("full", "dots_no_batch")
+  # smoke: the same layouts, implementations and policies at the tiny lengths
+  smoke = device_parts.configure(device_parts.SMOKE, args, smoke=True)
+  tiny = device_parts.SMOKE.speed_lengths[0]
+  assert smoke.check_rows == (("neo_pref", tiny), ("text", tiny))
+  assert smoke.speed_lengths == device_parts.SMOKE.speed_lengths
+  assert smoke.speed_text_lengths == (tiny,) and smoke.train_seqs == device_parts.SMOKE.train_seqs
+  assert smoke.train_remats == ("full", "dots_no_batch")
+  # every option reaches the parts from the command line
+  assert set(device_check.PART_OPTIONS) == {
+      "check-rows", "xla-baseline", "speed-lengths", "speed-impls", "speed-text-lengths",
+      "train-seqs", "remats"}
+
+
+@pytest.mark.slow
+def test_second_run_command_in_smoke_mode(tmp_path):
+  # the exact arguments of the second device run, end to end on CPU (~2 min)
+  env = blocked_env(tmp_path)
+  proc = subprocess.run(["make", "-s", "device-check",
+                         f"ARGS={SECOND_RUN} --results-dir {tmp_path / 'results'}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (path,) = glob.glob(str(tmp_path / "results" / "*.json"))
+  with open(path) as f:
+    report = json.load(f)
+  parts = report["parts"]
+  assert {n: p["status"] for n, p in parts.items()} == {
+      n: "ok" for n in ("env", "kernel_check", "kernel_speed", "block_sweep", "train_step")}
+  assert report["wall_s"] < 200
+  check = parts["kernel_check"]["result"]["rows"]
+  assert [(r["layout"], r["impl"]) for r in check] == [("neo_pref", "pallas_gpu"),
+                                                       ("text", "cudnn")]
+  assert all(r["pass"] and "xla_bf16" not in r for r in check)
+  speed = {(r["layout"], r["impl"]) for r in parts["kernel_speed"]["result"]["rows"]}
+  assert speed == {("neo", "pallas_gpu"), ("text", "pallas_gpu"), ("text", "cudnn")}
+  train = parts["train_step"]["result"]["rows"]
+  assert [r["remat"] for r in train] == ["full", "dots_no_batch", "none"]
+  assert all(r["tokens_per_s"] > 0 and r["program_memory_gb"] >= 0 for r in train)
+  sweep = parts["block_sweep"]["result"]
+  assert sweep["default"] == repr(pallas_gpu.block_sizes_for(64, 32))

@@ -139,6 +139,52 @@ def test_exact_block_states_equal_the_blocked_rule(ids, blocks):
   hull = np.asarray(_tables(ranges, block_q, block_kv)[1])
   assert (hull[states != masks.BLOCK_SKIP] != masks.BLOCK_SKIP).all()
 
+def _walks(ranges, block_q, block_kv):
+  t = masks.block_ranges(ranges, block_q, block_kv)
+  nk, nq = ranges.shape[1] // block_kv, ranges.shape[1] // block_q
+  qw = masks.q_block_walks(t.q_blocks, nk)
+  kw = masks.kv_block_walks(t.q_blocks, t.kv_blocks, nk)
+  full, part = masks.Q_WALK_FULL, masks.Q_WALK_PARTIAL
+  return (t, masks.block_states(t.q_blocks, nk),
+          masks.walk_blocks(qw[..., full:part], nk), masks.walk_blocks(qw[..., part:part + 8], nk),
+          masks.walk_blocks(kw[..., :2], nq), masks.walk_blocks(kw[..., 2:6], nq))
+
+
+def _visited(walk_row):
+  return [int(x) for x in walk_row if x >= 0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches, st.sampled_from([(8, 8), (16, 32), (32, 16), (8, 16)]))
+def test_walks_split_full_and_partial_blocks(ids, blocks):
+  # The kernels' two loops: per query block, the full walk visits exactly the BLOCK_FULL kv
+  # blocks and the partial walk exactly the BLOCK_PARTIAL ones, each once and in order (so no
+  # more intervals than the table has slots); per key block, the full walk visits only query
+  # blocks that see all of it and both walks together cover its query-block hull once.
+  ranges, _ = _ranges_and_dense(ids)
+  tables, *walks = _walks(ranges, *blocks)
+  states, q_full, q_part, kv_full, kv_part = (np.asarray(x) for x in walks)
+  b, nq, nk = states.shape
+  for r in range(b):
+    for i in range(nq):
+      full, part = _visited(q_full[r, i]), _visited(q_part[r, i])
+      assert full == np.flatnonzero(states[r, i] == masks.BLOCK_FULL).tolist()
+      assert part == np.flatnonzero(states[r, i] == masks.BLOCK_PARTIAL).tolist()
+    kv = np.asarray(tables.kv_blocks)[r]
+    for j in range(nk):
+      full, part = _visited(kv_full[r, j]), _visited(kv_part[r, j])
+      assert all(states[r, i, j] == masks.BLOCK_FULL for i in full)
+      assert sorted(full + part) == list(range(kv[j, 0], kv[j, 1]))
+
+
+def test_interval_walk_compacts_empty_intervals():
+  lo = jnp.array([[3, 5, 5, 9, 12, 20]])
+  hi = jnp.array([[4, 5, 2, 11, 15, 20]])  # non-empty: [3, 4), [9, 11), [12, 15)
+  walk = masks.interval_walk(lo, hi, 4)
+  # count 6; ends 1, 3, 6; bases 3, 8, 9 and -6 (unused: no step reaches it)
+  np.testing.assert_array_equal(walk, [[6, 1, 3, 6, 3, 8, 9, -6]])
+  np.testing.assert_array_equal(masks.walk_blocks(walk, 8), [[3, 9, 10, 12, 13, 14, -1, -1]])
+
 
 def test_worked_example():
   # sample 1: t3 i4 t2; sample 2: prompt t2, chosen t2, rejected t2; then 3 padding tokens

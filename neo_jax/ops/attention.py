@@ -7,8 +7,13 @@ query/key width different from value width. `impl` picks how:
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
+  cudnn        cuDNN flash attention for text-only rows: packed segments, causal within each
+               (ops/cudnn.py); never chosen by auto (whether rows are text-only is data)
   auto         the best implementation registered for the current backend:
-               cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu
+               cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu; a kernel registered
+               with a compile check that fails here (shared memory, an unsupported op) is
+               passed over for the next one, with one KernelFallbackWarning naming the error;
+               an explicit impl never falls back
 
 Kernels register themselves with `register(name, fn, auto_backends=..., kernel=True)`. A
 kernel runs compiled on its own backend and in interpret mode on CPU (slow, exact: how the
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -38,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from neo_jax.errors import UserError
-from neo_jax.ops import pallas_gpu, pallas_tpu, reference
+from neo_jax.ops import cudnn, pallas_gpu, pallas_tpu, reference
 from neo_jax.ops.masks import AttnIds
 
 AttentionFn = Callable[..., jax.Array]
@@ -59,21 +65,29 @@ DEFAULT_MESH_AXES = MeshAxes()
 class _Impl:
   fn: AttentionFn
   kernel: bool  # self-attention only, runs per shard under a mesh
+  check: Optional[Callable[..., None]] = None  # check(q, k, v) raises if it cannot compile
+
+
+class KernelFallbackWarning(UserWarning):
+  """`impl="auto"` passed over a kernel that does not compile here."""
 
 
 _IMPLS: dict[str, _Impl] = {}
 _AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": [], "gpu": [], "tpu": []}
 _AUTO_FALLBACK = "xla_chunked"
+_CHECKED: dict[tuple, Optional[str]] = {}  # (impl, head shapes, dtype) -> error or None
 
 
 def register(name: str, fn: AttentionFn, auto_backends: Sequence[str] = (),
-             kernel: bool = False) -> None:
+             kernel: bool = False, check: Optional[Callable[..., None]] = None) -> None:
   """Adds an implementation; `auto_backends` makes it the `auto` choice on those backends.
 
   fn(q, k, v, q_ids, kv_ids, *, scale, q_chunk) -> out. A `kernel` receives self-attention
-  only (kv_ids None, no explicit positions) and the arrays of one shard.
+  only (kv_ids None, no explicit positions) and the arrays of one shard. `check(q, k, v)`
+  raises if the implementation cannot compile for these head counts, widths and dtype on this
+  machine; `auto` runs it once per such shape before choosing the implementation.
   """
-  _IMPLS[name] = _Impl(fn, kernel)
+  _IMPLS[name] = _Impl(fn, kernel, check)
   for backend in auto_backends:
     _AUTO_PREFERENCE.setdefault(backend, []).insert(0, name)
 
@@ -96,6 +110,33 @@ def resolve(impl: str, backend: Optional[str] = None) -> str:
   return _AUTO_FALLBACK
 
 
+def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
+               backend: Optional[str] = None) -> str:
+  """`name` if its compile check passes for these shapes, else the next `auto` candidate
+  whose check passes (the fallback has none). Each failure warns once per process."""
+  backend = backend or jax.default_backend()
+  order = [n for n in _AUTO_PREFERENCE.get(backend, []) if n in _IMPLS] + [_AUTO_FALLBACK]
+  for candidate in order[order.index(name) if name in order else 0:]:
+    check = _IMPLS[candidate].check
+    if check is None:
+      return candidate
+    key = (candidate, q.shape[2:], k.shape[2:], v.shape[2:], str(q.dtype))
+    if key not in _CHECKED:
+      try:
+        check(q, k, v)
+        _CHECKED[key] = None
+      except Exception as e:  # noqa: BLE001 - any failure to build the kernel falls back
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        _CHECKED[key] = f"{type(e).__name__}: {first[:300]}"
+        warnings.warn(f"attention impl 'auto': {candidate} does not compile for heads "
+                      f"{q.shape[2]}/{k.shape[2]}, widths {q.shape[3]}/{v.shape[3]}, "
+                      f"{q.dtype} ({_CHECKED[key]}); using the next implementation",
+                      KernelFallbackWarning, stacklevel=3)
+    if _CHECKED[key] is None:
+      return candidate
+  return _AUTO_FALLBACK
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
               kv_ids: Optional[AttnIds] = None, *, impl: str = "xla",
               scale: Optional[float] = None, q_chunk: int = 512,
@@ -112,8 +153,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"attention: {q.shape[2]} query heads not a multiple of {k.shape[2]} "
                      "key/value heads")
-  spec = _IMPLS[resolve(impl)]
-  if spec.kernel and (kv_ids is not None or q_ids.positions is not None):
+  name = resolve(impl)
+  cross = kv_ids is not None or q_ids.positions is not None
+  if impl == "auto" and not cross:
+    name = _compiling(name, q, k, v)
+  spec = _IMPLS[name]
+  if spec.kernel and cross:
     spec = _IMPLS[_AUTO_FALLBACK]  # cross-attention against a cache: the reference
   if not spec.kernel:
     return spec.fn(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
@@ -241,7 +286,15 @@ def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
   return pallas_gpu.flash_attention(q, k, v, q_ids, scale=scale)
 
 
+def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+  del kv_ids, q_chunk
+  _native_or_cpu("cudnn", "gpu")
+  return cudnn.attention(q, k, v, q_ids, scale=scale)
+
+
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
-register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True)
+register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True,
+         check=pallas_gpu.compile_check)
+register("cudnn", _cudnn, kernel=True)

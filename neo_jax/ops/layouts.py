@@ -138,6 +138,19 @@ def neo_row(rng: np.random.Generator, length: int, *, image_len: tuple[int, int]
   return samples
 
 
+def text_row(rng: np.random.Generator, length: int, *,
+             sample_len: tuple[int, int] = (100, 2000)) -> list[list[Span]]:
+  """Text-only samples (SFT conversations) packed into a row until the next does not fit."""
+  samples, used = [], 0
+  while True:
+    n = int(rng.integers(*sample_len))
+    if used + n > length:
+      break
+    samples.append([Span(n)])
+    used += n
+  return samples or [[Span(length)]]
+
+
 def describe(samples: Sequence[Sample]) -> str:
   """Short text form of a row, e.g. 't12 i1024 t300 | t8 i2048 t99 b1:t50 b2:t40'."""
   def span(s: Span) -> str:

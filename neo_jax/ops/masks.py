@@ -269,3 +269,97 @@ def exact_block_states(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> ja
   full = (f1 | f2).all(axis=2)
   return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL),
                    BLOCK_SKIP).astype(jnp.int8)
+
+# --- walks: the visited blocks as a few intervals, fully allowed and partial apart ---------------
+#
+# A kernel that walks the fully allowed blocks and the partial ones in two loops needs no branch
+# in either loop body: the first never masks, the second always does. Each walk covers at most
+# `slots` intervals of blocks, stored as (count, ends[slots - 1], bases[slots]): step t of
+# [0, count) visits block bases[k] + t, where k is the first slot with t < ends[k] (or the last).
+
+def interval_walk(lo: jax.Array, hi: jax.Array, slots: int) -> jax.Array:
+  """int32 [..., 2 * slots]: the walk over the non-empty intervals [lo_k, hi_k) (in order,
+  disjoint; empty ones anywhere) of the last axis, at most `slots` of them non-empty."""
+  n = jnp.maximum(hi - lo, 0).astype(jnp.int32)
+  nonempty = n > 0
+  rank = jnp.cumsum(nonempty, axis=-1) - 1
+  pick = nonempty[..., None, :] & (rank[..., None, :] == jnp.arange(slots)[:, None])
+  slot_n = jnp.where(pick, n[..., None, :], 0).sum(axis=-1)  # [..., slots]
+  slot_lo = jnp.where(pick, lo[..., None, :].astype(jnp.int32), 0).sum(axis=-1)
+  ends = jnp.cumsum(slot_n, axis=-1)
+  starts = ends - slot_n
+  return jnp.concatenate([ends[..., -1:], ends[..., :-1], slot_lo - starts],
+                         axis=-1).astype(jnp.int32)
+
+
+def walk_blocks(walk: jax.Array, max_steps: int) -> jax.Array:
+  """int32 [..., max_steps]: the blocks a walk visits, in order, -1 past its count (what a
+  kernel loop computes step by step)."""
+  slots = walk.shape[-1] // 2
+  count, ends, bases = walk[..., 0], walk[..., 1:slots], walk[..., slots:]
+  t = jnp.arange(max_steps, dtype=jnp.int32)
+  k = (t[:, None] >= ends[..., None, :]).sum(axis=-1)  # [..., max_steps]
+  base = jnp.take_along_axis(bases, k, axis=-1)
+  return jnp.where(t < count[..., None], base + t, -1)
+
+
+WALK_FULL_SLOTS = 2
+WALK_PARTIAL_SLOTS = 4
+Q_WALK_FIELDS = 16  # full walk (4) | partial walk (8) | padding (a power of two for Triton)
+Q_WALK_FULL, Q_WALK_PARTIAL = 0, 2 * WALK_FULL_SLOTS
+
+
+def q_block_walks(q_blocks: jax.Array, num_kv_blocks: int) -> jax.Array:
+  """int32 [B, nq, Q_WALK_FIELDS]: per query block, the walk over its fully allowed kv blocks
+  (at Q_WALK_FULL, 2 slots) and over its other visited kv blocks (at Q_WALK_PARTIAL, 4 slots),
+  from `block_ranges`' q_blocks. Together they visit what `block_states` marks, once each."""
+  col = lambda c: q_blocks[..., c]
+  nk = num_kv_blocks
+  f1s, f1e, f2s, f2e = (col(c) for c in (QB_FULL1_LO, QB_FULL1_HI, QB_FULL2_LO, QB_FULL2_HI))
+  # Both full intervals lie inside the visited ones, the first before the second. Empty ones
+  # are moved where they split nothing: x1 <= y1 <= x2 <= y2.
+  f2_empty = f2e <= f2s
+  x2, y2 = jnp.where(f2_empty, nk, f2s), jnp.where(f2_empty, nk, f2e)
+  f1_empty = f1e <= f1s
+  x1, y1 = jnp.where(f1_empty, x2, f1s), jnp.where(f1_empty, x2, f1e)
+
+  def minus_full(lo, hi):  # [lo, hi) minus [x1, y1) and [x2, y2): three pieces, in order
+    return [(lo, jnp.minimum(hi, x1)), (jnp.maximum(lo, y1), jnp.minimum(hi, x2)),
+            (jnp.maximum(lo, y2), hi)]
+
+  # Visit interval 1 holds the first full interval, so at most 4 of the 6 pieces are non-empty.
+  pieces = (minus_full(col(QB_VISIT1_LO), col(QB_VISIT1_HI))
+            + minus_full(col(QB_VISIT2_LO), col(QB_VISIT2_HI)))
+  stack = lambda xs: jnp.stack(xs, axis=-1)
+  full = interval_walk(stack([f1s, f2s]), stack([f1e, f2e]), WALK_FULL_SLOTS)
+  partial = interval_walk(stack([p[0] for p in pieces]), stack([p[1] for p in pieces]),
+                          WALK_PARTIAL_SLOTS)
+  pad = jnp.zeros(full.shape[:-1] + (Q_WALK_FIELDS - full.shape[-1] - partial.shape[-1],),
+                  jnp.int32)
+  return jnp.concatenate([full, partial, pad], axis=-1)
+
+
+KV_WALK_FIELDS = 8  # full walk (2) | partial walk (4) | padding
+KV_WALK_FULL, KV_WALK_PARTIAL = 0, 2
+
+
+def kv_block_walks(q_blocks: jax.Array, kv_blocks: jax.Array, num_kv_blocks: int) -> jax.Array:
+  """int32 [B, nk, KV_WALK_FIELDS]: per key block, the walk over the longest run of query
+  blocks that see all of it (at KV_WALK_FULL, 1 slot) and over the rest of its query-block
+  hull [q_lo, q_hi) (at KV_WALK_PARTIAL, 2 slots). Hull blocks that do not visit the key block
+  are in the partial walk: masked throughout, they add exactly zero."""
+  full = block_states(q_blocks, num_kv_blocks) == BLOCK_FULL  # [B, nq, nk]
+  nq = full.shape[1]
+  idx = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
+  last_break = jax.lax.cummax(jnp.where(full, -1, idx), axis=1)
+  run = jnp.where(full, idx - last_break, 0)  # length of the full run ending at each block
+  end = jnp.argmax(run, axis=1).astype(jnp.int32)  # [B, nk]
+  length = jnp.max(run, axis=1)
+  q_lo, q_hi = kv_blocks[..., 0], kv_blocks[..., 1]
+  r_lo = jnp.where(length > 0, end + 1 - length, q_hi)
+  r_hi = jnp.where(length > 0, end + 1, q_hi)
+  stack = lambda xs: jnp.stack(xs, axis=-1)
+  full_walk = interval_walk(stack([r_lo]), stack([r_hi]), 1)
+  partial = interval_walk(stack([q_lo, r_hi]), stack([r_lo, q_hi]), 2)
+  pad = jnp.zeros(q_lo.shape + (KV_WALK_FIELDS - 2 - 4,), jnp.int32)
+  return jnp.concatenate([full_walk, partial, pad], axis=-1)

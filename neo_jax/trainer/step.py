@@ -136,5 +136,10 @@ def compile_step(step_fn: StepFn, mesh: Mesh, state_shardings: TrainState,
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, dict(batch))
 
+  def lower(state: TrainState, batch: Mapping[str, jax.Array]):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(state, dict(batch))
+
   run.jitted = jitted
+  run.lower = lower  # .compile() gives the executable and its memory_analysis()
   return run
