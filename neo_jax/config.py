@@ -23,6 +23,8 @@ PAD_TOKEN_ID = 151643  # <|endoftext|>
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
+# "" = the backend of the process that traces the model; others lower for that platform
+PLATFORMS = ("", "cpu", "gpu", "cuda", "rocm", "tpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -65,6 +67,9 @@ class NeoConfig:
   param_dtype: str = "float32"  # stored parameters (fp32 master weights for training)
   attention_impl: str = "xla"
   attention_q_chunk: int = 512  # query block of the chunked XLA attention
+  # the platform the model is traced for: "" = this process's backend; "tpu" / "cuda" on a
+  # host without that device choose and trace the compiled kernels for it (jax.export)
+  platform: str = ""
   remat_policy: str = "none"
 
   def __post_init__(self):
@@ -84,6 +89,7 @@ class NeoConfig:
         (self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}"),
         (self.attention_impl in ATTENTION_IMPLS,
          f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}"),
+        (self.platform in PLATFORMS, f"platform={self.platform!r} is not one of {PLATFORMS}"),
         (self.remat_policy in REMAT_POLICIES,
          f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}"),
     ]

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from neo_jax.errors import UserError
 from neo_jax.ops import attention as attn_api
-from neo_jax.ops import pallas_tpu, reference
+from neo_jax.ops import reference
 from neo_jax.ops.layouts import ids_from_arrays, random_batch
 from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
@@ -138,12 +138,9 @@ def test_explicit_sequence_sharding_is_refused():
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-def test_compiled_tpu_kernel_lowers_under_a_mesh(monkeypatch, axis_type):
+def test_compiled_tpu_kernel_lowers_under_a_mesh(axis_type):
   # the compiled (Mosaic) kernel inside the entry point's shard_map, forward and backward,
   # exported for TPU from this CPU host over the 8-device mesh
-  compiled = lambda q, k, v, q_ids, kv_ids, *, scale, q_chunk: pallas_tpu.flash_attention(
-      q, k, v, q_ids, scale=scale, interpret=False)
-  monkeypatch.setitem(attn_api._IMPLS, "pallas_tpu", attn_api._Impl(compiled, True))
   b, length = 4, 600
   ids = ids_from_arrays(*random_batch(np.random.default_rng(5), b, length, **LAYOUT))
   m = mesh(2, 2, 2, axis_type)
@@ -151,8 +148,8 @@ def test_compiled_tpu_kernel_lowers_under_a_mesh(monkeypatch, axis_type):
   q = jax.ShapeDtypeStruct((b, length, 4, 256), jnp.bfloat16, sharding=spec)
   k = jax.ShapeDtypeStruct((b, length, 2, 256), jnp.bfloat16, sharding=spec)
   v = jax.ShapeDtypeStruct((b, length, 2, 128), jnp.bfloat16, sharding=spec)
-  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
-                                            scale=0.1).astype(jnp.float32).sum()
+  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.1,
+                                            platform="tpu").astype(jnp.float32).sum()
   with jax.set_mesh(m):
     exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
                                  platforms=["tpu"])(q, k, v)

@@ -9,14 +9,19 @@ query/key width different from value width. `impl` picks how:
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
   cudnn        cuDNN flash attention for text-only rows: packed segments, causal within each
                (ops/cudnn.py); never chosen by auto (whether rows are text-only is data)
-  auto         the best implementation registered for the current backend:
+  auto         the best implementation registered for the platform:
                cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu; a kernel registered
                with a compile check that fails here (shared memory, an unsupported op) is
                passed over for the next one, with one KernelFallbackWarning naming the error;
                an explicit impl never falls back
 
+`platform` is the platform the call is lowered for: by default this process's backend
+(`jax.default_backend()`); "tpu", "cuda" or "rocm" on a host without that device trace the
+compiled kernel for it, for `jax.export` or `.lower(lowering_platforms=...)` (the compile
+check is skipped: nothing here can compile for another platform).
+
 Kernels register themselves with `register(name, fn, auto_backends=..., kernel=True)`. A
-kernel runs compiled on its own backend and in interpret mode on CPU (slow, exact: how the
+kernel runs compiled on its own platform and in interpret mode on CPU (slow, exact: how the
 kernels are tested). Kernels handle self-attention of a packed row set (`kv_ids is None`);
 cross-attention against a KV cache (`kv_ids` given, or explicit positions) goes to the
 chunked reference, which is what decoding needs (one or a few queries per step).
@@ -35,6 +40,7 @@ every axis the kernel runs on the shard as it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Callable, Optional, Sequence
@@ -82,10 +88,11 @@ def register(name: str, fn: AttentionFn, auto_backends: Sequence[str] = (),
              kernel: bool = False, check: Optional[Callable[..., None]] = None) -> None:
   """Adds an implementation; `auto_backends` makes it the `auto` choice on those backends.
 
-  fn(q, k, v, q_ids, kv_ids, *, scale, q_chunk) -> out. A `kernel` receives self-attention
-  only (kv_ids None, no explicit positions) and the arrays of one shard. `check(q, k, v)`
-  raises if the implementation cannot compile for these head counts, widths and dtype on this
-  machine; `auto` runs it once per such shape before choosing the implementation.
+  fn(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform) -> out, `platform` the one the
+  call is lowered for. A `kernel` receives self-attention only (kv_ids None, no explicit
+  positions) and the arrays of one shard. `check(q, k, v)` raises if the implementation cannot
+  compile for these head counts, widths and dtype on this machine; `auto` runs it once per
+  such shape before choosing the implementation.
   """
   _IMPLS[name] = _Impl(fn, kernel, check)
   for backend in auto_backends:
@@ -96,8 +103,27 @@ def available() -> list[str]:
   return sorted(_IMPLS) + ["auto"]
 
 
+# jax names GPU backends "gpu"; lowering (jax.export) names them by vendor
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def _family(platform: str) -> str:
+  return "gpu" if platform in _GPU_PLATFORMS else platform
+
+
+def target_platform(platform: Optional[str] = None) -> str:
+  """The platform a call is lowered for: `platform`, or this process's default backend."""
+  return platform or jax.default_backend()
+
+
+def is_local(platform: str) -> bool:
+  """Whether this process's backend is `platform` (so kernels for it can be compiled here)."""
+  return _family(platform) == _family(jax.default_backend())
+
+
 def resolve(impl: str, backend: Optional[str] = None) -> str:
-  """The concrete implementation name that `impl` stands for on `backend`."""
+  """The concrete implementation name that `impl` stands for on `backend` (a platform name;
+  default: this process's backend)."""
   if impl != "auto":
     if impl not in _IMPLS:
       raise ValueError(f"attention impl {impl!r} is not available here; choose one of "
@@ -113,8 +139,11 @@ def resolve(impl: str, backend: Optional[str] = None) -> str:
 def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
                backend: Optional[str] = None) -> str:
   """`name` if its compile check passes for these shapes, else the next `auto` candidate
-  whose check passes (the fallback has none). Each failure warns once per process."""
-  backend = backend or jax.default_backend()
+  whose check passes (the fallback has none). Each failure warns once per process. For a
+  platform other than this process's, `name` as it is: there is nothing to compile with."""
+  backend = target_platform(backend)
+  if not is_local(backend):
+    return name
   order = [n for n in _AUTO_PREFERENCE.get(backend, []) if n in _IMPLS] + [_AUTO_FALLBACK]
   for candidate in order[order.index(name) if name in order else 0:]:
     check = _IMPLS[candidate].check
@@ -140,11 +169,13 @@ def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
               kv_ids: Optional[AttnIds] = None, *, impl: str = "xla",
               scale: Optional[float] = None, q_chunk: int = 512,
-              mesh_axes: Optional[MeshAxes] = None) -> jax.Array:
+              mesh_axes: Optional[MeshAxes] = None, platform: Optional[str] = None
+              ) -> jax.Array:
   """q [B, Lq, Hq, Dqk], k [B, Lk, Hkv, Dqk], v [B, Lk, Hkv, Dv] -> [B, Lq, Hq, Dv].
 
   `q_ids` / `kv_ids` carry the segment, image, branch and sequence-position ids of the query
-  and key tokens; `kv_ids=None` means self-attention over the same tokens.
+  and key tokens; `kv_ids=None` means self-attention over the same tokens. `platform`: the
+  one the call is lowered for (default: this process's backend).
   """
   if scale is None:
     scale = q.shape[-1] ** -0.5
@@ -153,16 +184,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"attention: {q.shape[2]} query heads not a multiple of {k.shape[2]} "
                      "key/value heads")
-  name = resolve(impl)
+  platform = target_platform(platform)
+  name = resolve(impl, platform)
   cross = kv_ids is not None or q_ids.positions is not None
   if impl == "auto" and not cross:
-    name = _compiling(name, q, k, v)
+    name = _compiling(name, q, k, v, platform)
   spec = _IMPLS[name]
   if spec.kernel and cross:
     spec = _IMPLS[_AUTO_FALLBACK]  # cross-attention against a cache: the reference
+  fn = functools.partial(spec.fn, scale=scale, q_chunk=q_chunk, platform=platform)
   if not spec.kernel:
-    return spec.fn(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
-  return _per_shard(resolve(impl), spec.fn, q, k, v, q_ids, scale=scale, q_chunk=q_chunk,
+    return fn(q, k, v, q_ids, kv_ids)
+  return _per_shard(resolve(impl, platform), fn, q, k, v, q_ids,
                     mesh_axes=mesh_axes or DEFAULT_MESH_AXES)
 
 
@@ -208,9 +241,9 @@ def _only(spec: P, axes: Sequence[str]) -> P:
   return P(*(keep(entry) for entry in spec))
 
 
-def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *, scale, q_chunk,
+def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *,
                mesh_axes: MeshAxes) -> jax.Array:
-  call = lambda q, k, v, ids: fn(q, k, v, ids, None, scale=scale, q_chunk=q_chunk)
+  call = lambda q, k, v, ids: fn(q, k, v, ids, None)
   mesh = jax.sharding.get_abstract_mesh()
   free = () if mesh.empty else tuple(a for a in mesh.axis_names
                                      if not _is(mesh, a, AxisType.Manual))
@@ -258,38 +291,43 @@ def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *, scale, q_ch
 
 # --- implementations ----------------------------------------------------------------------------
 
-def _xla(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
-  del q_chunk
+def _xla(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
+  del q_chunk, platform
   return reference.attention_dense(q, k, v, q_ids, kv_ids, scale=scale)
 
 
-def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
+  del platform
   return reference.attention_chunked(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
 
 
-def _native_or_cpu(impl: str, native: str) -> None:
-  backend = jax.default_backend()
-  if backend not in (native, "cpu"):
+def _emulated(impl: str, native: str, platform: str) -> bool:
+  """False for a kernel lowered for its own platform (compiled), True for cpu (interpret mode
+  or emulation); any other platform is an error."""
+  if _family(platform) == native:
+    return False
+  if platform != "cpu":
     raise ValueError(f"attention impl {impl!r} runs on {native} (compiled) or cpu (interpret "
-                     f"mode), not on {backend}; use impl='auto'")
+                     f"mode), not on {platform}; use impl='auto'")
+  return True
 
 
-def _pallas_tpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+def _pallas_tpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  _native_or_cpu("pallas_tpu", "tpu")
-  return pallas_tpu.flash_attention(q, k, v, q_ids, scale=scale)
+  return pallas_tpu.flash_attention(q, k, v, q_ids, scale=scale,
+                                    interpret=_emulated("pallas_tpu", "tpu", platform))
 
 
-def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  _native_or_cpu("pallas_gpu", "gpu")
-  return pallas_gpu.flash_attention(q, k, v, q_ids, scale=scale)
+  return pallas_gpu.flash_attention(q, k, v, q_ids, scale=scale,
+                                    interpret=_emulated("pallas_gpu", "gpu", platform))
 
 
-def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  _native_or_cpu("cudnn", "gpu")
-  return cudnn.attention(q, k, v, q_ids, scale=scale)
+  return cudnn.attention(q, k, v, q_ids, scale=scale,
+                         emulate=_emulated("cudnn", "gpu", platform))
 
 
 register("xla", _xla)

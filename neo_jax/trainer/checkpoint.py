@@ -27,7 +27,8 @@ logger = logging.getLogger("neo_jax.train")
 
 
 # NeoConfig fields that say how to compute, not what the model is
-COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_q_chunk", "remat_policy")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_q_chunk", "platform",
+                  "remat_policy")
 # ... and how its images are preprocessed: the training config's pixel range is the one the
 # data is made with, so it wins over an initial checkpoint's (the next stage's may be larger)
 IMAGE_FIELDS = ("min_pixels", "max_pixels")
