@@ -70,3 +70,5 @@ def test_bad_config_names_the_field(tmp_path):
     C.NeoConfig.from_hf_file(tmp_path)
   with pytest.raises(ValueError, match="attention_impl"):
     C.tiny(attention_impl="flash")
+  with pytest.raises(ValueError, match="platform='gpus'"):
+    C.tiny(platform="gpus")
