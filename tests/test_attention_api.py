@@ -129,6 +129,31 @@ def test_compile_check_runs_once_per_shape(monkeypatch):
   assert len(calls) == 2
 
 
+@pytest.mark.parametrize("platform,targets", [
+    ("tpu", {"tpu_custom_call"}),
+    ("cuda", {"__gpu$xla.gpu.triton", "triton_kernel_call_ffi"}),  # jaxlib <= 0.10.2, later
+    ("cpu", set()),
+])
+def test_platform_decides_what_auto_lowers(monkeypatch, platform, targets):
+  # lowering for another platform from this CPU host: `auto` resolves for that platform and
+  # its kernel is traced compiled (the Mosaic / Triton call, not the interpreter); the compile
+  # check is never run for a platform this host does not have
+  checked = []
+  spec = attn_api._IMPLS["pallas_gpu"]
+  monkeypatch.setitem(attn_api._IMPLS, "pallas_gpu", dataclasses.replace(
+      spec, check=lambda q, k, v: checked.append(q.shape)))
+  q, k, v, _, ids = make_inputs(3, 1, 256, 4, 2, 64, 32, jnp.bfloat16, **LAYOUT)
+  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="auto", scale=0.2,
+                                            platform=platform).astype(jnp.float32).sum()
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
+      lowering_platforms=(platform,)).as_text()
+  calls = re.findall(r"stablehlo\.custom_call @([^(\s]+)\(", text)
+  assert set(calls) <= targets and len(calls) == (3 if targets else 0)  # fwd, dq, dk/dv
+  assert not checked
+  with pytest.raises(ValueError, match="'pallas_tpu' runs on tpu .* not on cuda"):
+    attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.2, platform="cuda")
+
+
 def test_compile_check_in_interpret_mode_and_its_errors(monkeypatch):
   # what `auto` runs on a GPU, here interpreted: it passes inside a trace and under a mesh
   # (its own thread), and hands the kernel's error to the caller
