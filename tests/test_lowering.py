@@ -34,22 +34,22 @@ from neo_jax.trainer.step import compile_step, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"next_token": "sft.py:neo_2b", "preference": "preference.py:neo_2b"}
-ROWS, LENGTH, FSDP, TENSOR = 4, 1024, 4, 2
+ROWS, LENGTH, FSDP, TENSOR = 4, 1024, 4, 2  # rows per micro-batch: one per fsdp shard
 OVERRIDES = (
     "--config.model.num_hidden_layers=2", "--config.model.num_prebuffer_layers=1",
     "--config.model.attention_impl=auto", "--config.model.remat_policy=full",
     "--config.data.pipeline=synthetic", f"--config.data.seq_len={LENGTH}",
-    f"--config.data.batch_size={ROWS}", "--config.data.visual_budget=256",
+    "--config.data.visual_budget=256",
     "--config.mesh.data=1", f"--config.mesh.fsdp={FSDP}", f"--config.mesh.tensor={TENSOR}",
 )
 
-# The kernels' custom calls: Triton's target changed name after jaxlib 0.10.2; both are allowed
-# into an export (no compatibility guarantee, which a step exported to run at once needs not).
+# The kernels' custom calls (Triton's target was renamed after jaxlib 0.10.2). jax.export refuses
+# a custom call without a stability guarantee unless told; Triton's has none.
 TARGETS = {"tpu": ("tpu_custom_call",),
            "cuda": ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")}
 NAME_ATTR = {"tpu": "kernel_name", "cuda": "name"}
 SUFFIX = {"tpu": "", "cuda": "_gpu"}
-# q as one device's kernel sees it: 1 of 4 rows, 8 of 16 heads, width 256 (TPU: [B, L, H * D])
+# q as one device's kernel sees it: 1 row, 8 of 16 heads, width 256 (TPU: [B, L, H * D])
 Q_SHARD = {"tpu": f"1x{LENGTH}x{8 * 256}xbf16", "cuda": f"1x{LENGTH}x8x256xbf16"}
 # per layer: the forward, again in the remat recomputation, dq and dk/dv once each
 STEP_CALLS = {"fwd": 4, "dq": 2, "dkv": 2}
@@ -57,11 +57,14 @@ REFERENCE_CALLS = {"fwd": 2}  # forward only, no gradient
 
 
 def setup(objective_name: str, platform: str):
-  """The step the trainer would compile for this config, over abstract state and batch."""
+  """The step the trainer would compile for this config, over abstract state and batch; the
+  recipe's micro-batches (preference: 4) of ROWS rows each."""
   config = config_lib.load_config(os.path.join(REPO, "configs", RECIPES[objective_name]),
                                   OVERRIDES + (f"--config.model.platform={platform}",) + (
                                       ("--config.loss.positions_per_row=256",)
                                       if objective_name == "preference" else ()))
+  config.data.batch_size = ROWS * config.grad_accum_steps
+  config_lib.validate(config)
   objective = objectives.from_config(config)
   model_config = config_lib.model_config(config)
   assert (model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size,
@@ -85,7 +88,8 @@ def setup(objective_name: str, platform: str):
   host = next(batches.synthetic_iterator(config, model_config))
   if objective_name == "preference":  # what the reference pass adds to each batch
     pairs = preference.num_pairs(host["gather_index"].shape[1])
-    host.update({k: np.zeros((ROWS, pairs), np.float32) for k in preference.REF_KEYS})
+    rows = host["input_ids"].shape[0]
+    host.update({k: np.zeros((rows, pairs), np.float32) for k in preference.REF_KEYS})
   in_batch = batch_shardings(host, mesh)
   batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=in_batch[k])
            for k, x in host.items()}
@@ -124,9 +128,10 @@ def check_kernels(exported: jax.export.Exported, platform: str, expected: dict) 
   counts, targets, operands = kernel_calls(text, platform)
   assert targets <= set(TARGETS[platform]), targets  # no other custom call, no interpreter
   assert counts == {f"neo_flash_{k}{SUFFIX[platform]}": n for k, n in expected.items()}
-  # the kernels run inside the shard_map on one device's rows and heads, never on the whole q
+  # the kernels run inside the shard_map on one device's row and heads, never on the whole q
   assert Q_SHARD[platform] in operands, sorted(set(operands))
-  assert not any(o.startswith(f"{ROWS}x{LENGTH}x") for o in operands), sorted(set(operands))
+  rows = [o.split("x")[0] for o in operands if f"x{LENGTH}x" in o]
+  assert rows and set(rows) == {"1"}, sorted(set(operands))
   assert f'"fsdp"={FSDP}, "tensor"={TENSOR}' in text  # the mesh the module is partitioned on
 
 
