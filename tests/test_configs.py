@@ -125,12 +125,12 @@ def test_loss_positions_and_packer_budget_are_one_field():
 def test_bad_overrides_are_one_line_errors(capsys, args, message):
   rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py:tiny"), *args])
   err = capsys.readouterr().err.strip()
-  assert rc == 1
+  assert rc == 2
   assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_missing_config_file_and_print_config(capsys, tmp_path):
-  assert cli.main(["train", "--config", str(tmp_path / "none.py")]) == 1
+  assert cli.main(["train", "--config", str(tmp_path / "none.py")]) == 2
   assert "no such file" in capsys.readouterr().err
   assert cli.main(["train", "--config", os.path.join(REPO, "configs", "pretrain.py:tiny"),
                    "--print-config", "--config.seed=5"]) == 0
@@ -161,7 +161,7 @@ def test_bad_config_arguments_are_one_line_errors(capsys, arg, message):
   rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py") + arg,
                  "--print-config"])
   err = capsys.readouterr().err.strip()
-  assert rc == 1
+  assert rc == 2
   assert len(err.splitlines()) == 1 and message in err, err
   assert "tiny" not in _load("midtrain.py:neo_2b").name
   with pytest.raises(UserError, match="MODEL one of neo_2b, neo_9b"):
