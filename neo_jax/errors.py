@@ -19,11 +19,13 @@ import os
 import re
 import sys
 import threading
-from typing import Any, Iterator, Optional
+import warnings
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "NEO_JAX_DEBUG"
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -93,9 +95,24 @@ def quiet_failures() -> Iterator[None]:
   for log in logs:
     log.setLevel(logging.CRITICAL)
   try:
-    yield
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+      yield
   finally:
-    gc.collect()  # the abandoned reads are finalised here, under the quiet hook
     sys.unraisablehook = previous_hook
     for log, level in zip(logs, levels):
       log.setLevel(level)
+
+
+def read_or_reason(read: Callable[[], T]) -> tuple[Optional[T], Optional[str]]:
+  """(read(), None), or (None, a one-line reason) when it raises: a damaged file under orbax
+  or tensorstore. The failed read's leftovers (abandoned coroutines, their threads) are
+  finalised here, silenced, instead of surfacing later as stray tracebacks."""
+  with quiet_failures():
+    try:
+      return read(), None
+    except Exception as e:  # noqa: BLE001 -- whatever the damage, it is reported as a reason
+      reason = e.reason if isinstance(e, UserError) and hasattr(e, "reason") else (
+          describe_failure(e))
+    gc.collect()  # `e` is gone: what it held is collected under the quiet hooks
+  return None, reason

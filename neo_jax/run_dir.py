@@ -37,7 +37,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from neo_jax.config import NeoConfig
-from neo_jax.errors import UserError, describe_failure, quiet_failures
+from neo_jax.errors import UserError, describe_failure, read_or_reason
 from neo_jax.model import abstract_params
 
 logger = logging.getLogger("neo_jax.checkpoint")
@@ -83,13 +83,10 @@ def read_step(directory: str, step: int, items: Iterable[str], read: Callable[[]
   for item in items:
     if not os.path.isdir(os.path.join(directory, str(step), item)):
       raise UnreadableStep(directory, step, f"{item}/ is missing")
-  try:
-    with quiet_failures():
-      return read()
-  except UnreadableStep:
-    raise
-  except Exception as e:  # whatever the damage: orbax, tensorstore, json, grain
-    raise UnreadableStep(directory, step, describe_failure(e)) from e
+  result, reason = read_or_reason(read)
+  if reason is not None:
+    raise UnreadableStep(directory, step, reason)
+  return result
 
 
 def read_newest(directory: str, steps: Iterable[int],

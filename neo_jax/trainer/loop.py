@@ -112,8 +112,6 @@ class Trainer:
                                                  max_to_keep=config.checkpoint.max_to_keep,
                                                  async_save=config.checkpoint.async_save)
     self.model_config, initial_params = self._model_and_params()
-    if self.primary:
-      self._write_run_files()
     abstract = abstract_params(self.model_config)
     patterns = tuple(config.trainable) or opt_lib.stage_patterns(config.stage)
     self.trainable = opt_lib.trainable_paths(abstract, patterns)
@@ -124,6 +122,8 @@ class Trainer:
                        else None)
     self.state, self.state_shardings = self._initial_state(tx, initial_params, objective_state,
                                                            resuming)
+    if self.primary:  # once the state is there: a failed resume leaves the run files as they were
+      self._write_run_files()
     self.param_shardings = param_shardings(self.model_config, self.mesh, self.rules)
     setup = ObjectiveSetup(config=config, model_config=self.model_config, mesh=self.mesh,
                            rules=self.rules, param_shardings=self.param_shardings,
