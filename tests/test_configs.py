@@ -120,6 +120,14 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.stage=warmup"], "stage='warmup' is not one of"),
     (["--config.model.num_key_value_heads=3"], "config.model: NeoConfig: num_attention_heads"),
     (["--config.grad_accum_steps=3"], "data.batch_size=4 is not divisible by grad_accum_steps=3"),
+    (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
+    (["--config.data.weights=(1,)"], "data.weights has 1 entries for 2 data.sources"),
+    (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),
+    (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
+    (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),
+    (["--config.eval.every_steps=-5"], "eval.every_steps=-5 must be >= 0 (0: off)"),
+    (["--config.mesh.fsdp=0"], "mesh.fsdp=0 must be >= 1, or -1"),
+    (["--config.max_skipped_share=1.5"], "max_skipped_share=1.5 must be within [0, 1]"),
     (["stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_overrides_are_one_line_errors(capsys, args, message):
