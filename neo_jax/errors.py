@@ -112,7 +112,6 @@ def read_or_reason(read: Callable[[], T]) -> tuple[Optional[T], Optional[str]]:
     try:
       return read(), None
     except Exception as e:  # noqa: BLE001 -- whatever the damage, it is reported as a reason
-      reason = e.reason if isinstance(e, UserError) and hasattr(e, "reason") else (
-          describe_failure(e))
+      reason = describe_failure(e)
     gc.collect()  # `e` is gone: what it held is collected under the quiet hooks
   return None, reason

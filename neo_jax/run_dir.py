@@ -77,15 +77,14 @@ class UnreadableStep(UserError):
     self.step, self.reason = step, reason
 
 
-def read_step(directory: str, step: int, items: Iterable[str], read: Callable[[], T]) -> T:
-  """`read()` of one step whose item folders `items` must exist; any failure (a missing item,
-  a truncated or missing file orbax or tensorstore trips over) becomes UnreadableStep."""
-  for item in items:
-    if not os.path.isdir(os.path.join(directory, str(step), item)):
-      raise UnreadableStep(directory, step, f"{item}/ is missing")
+def read_step(directory: str, step: int, item: str, read: Callable[[], T]) -> T:
+  """`read()` of the folder `item` of one step; any failure (the folder missing, a file in it
+  truncated or removed) becomes UnreadableStep naming the item."""
+  if not os.path.isdir(os.path.join(directory, str(step), item)):
+    raise UnreadableStep(directory, step, f"{item}/ is missing")
   result, reason = read_or_reason(read)
   if reason is not None:
-    raise UnreadableStep(directory, step, reason)
+    raise UnreadableStep(directory, step, f"{item}/: {reason}")
   return result
 
 
@@ -192,7 +191,7 @@ def load_run_params(path: str, shardings: Optional[Any] = None, step: Optional[i
   manager = checkpoint_manager(path, async_save=False, read_only=True)
 
   def attempt(s: int) -> dict:
-    return read_step(directory, s, ("params",), lambda: manager.restore(
+    return read_step(directory, s, "params", lambda: manager.restore(
         s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"])
 
   try:

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
 from neo_jax.convert import load_checkpoint, qwen3_to_neo
-from neo_jax.errors import UserError, describe_failure
+from neo_jax.errors import UserError
 from neo_jax.trainer.state import TrainState
 
 logger = logging.getLogger("neo_jax.train")
@@ -121,7 +121,11 @@ class RunCheckpointer:
       if data_iterator is not None:
         import grain
         items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
-      return run_dir.read_step(self.directory, s, items, lambda: self._read(s, items))
+      for name in items:  # every folder there before reading any
+        if not os.path.isdir(os.path.join(self.directory, str(s), name)):
+          raise run_dir.UnreadableStep(self.directory, s, f"{name}/ is missing")
+      return {name: run_dir.read_step(self.directory, s, name, functools.partial(
+          self._read_item, s, name, args)) for name, args in items.items()}
 
     saved = self.all_steps()
     if step is not None:
@@ -142,16 +146,9 @@ class RunCheckpointer:
                        rng=ts["rng"], objective_state=ts.get("objective_state"))
     return state, dict(restored["meta"], step=step)
 
-  def _read(self, step: int, items: Mapping[str, Any]) -> dict:
-    """Each item on its own, so that a failure names the item it is in."""
-    out = {}
-    for name, args in items.items():
-      try:
-        out[name] = self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
-      except Exception as e:  # noqa: BLE001 -- reported as the step's damage
-        raise run_dir.UnreadableStep(self.directory, step,
-                                     f"{name}/: {describe_failure(e)}") from e
-    return out
+  def _read_item(self, step: int, name: str, args: Any) -> Any:
+    """One item on its own, so that a failure names the item it is in."""
+    return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged steps out of the manager's way (process 0; every process waits for it and
