@@ -100,8 +100,8 @@ def load_params(directory: str, shardings: Optional[Any] = None,
   if reason is not None:
     raise UserError(f"{params_path}: unreadable ({reason}){damaged}")
   if not stored or not jax.tree.leaves(stored):
-    raise UserError(f"{params_path}: lists no parameters (its _METADATA is missing or "
-                    f"unreadable){damaged}")
+    raise UserError(f"{params_path}: lists no parameters (its _METADATA or array index is "
+                    f"missing or unreadable){damaged}")
   _check_shapes(stored, config, params_path)
   cast = compute.get("param_dtype")
   if shardings is None:
