@@ -63,6 +63,8 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
   config.total_steps = 1000  # optimizer updates
   config.grad_accum_steps = 1  # micro-batches per update (data.batch_size is per update)
   config.nan_policy = "stop"  # non-finite loss/grad norm: stop | skip (the update) | ignore
+  # nan_policy=skip: a run that skipped more than this share of its updates fails (exit 1)
+  config.max_skipped_share = 0.1
   config.trainable = ()  # regexes over parameter paths; empty: the stage's set (see below)
   config.objective = "next_token"  # what the step optimises: next_token | preference
 

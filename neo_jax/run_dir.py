@@ -13,6 +13,12 @@ A run directory (WORKDIR of `neo-jax train`) holds:
         meta/                  JSON: step, stage, time, last metrics
     reference/                 the frozen reference policy of a preference run
     metrics.jsonl, tensorboard/
+    damaged_checkpoints/<step>/  steps a resumed run found unreadable, moved out of its way
+
+Reading picks the newest step that reads back whole: a damaged newer step (a file truncated or
+removed) is named in one warning and the next older one is tried; it is never deleted. A
+resumed run moves it to damaged_checkpoints/ (so that the step can be saved again); read-only
+loading leaves it where it is.
 
 Training writes it (neo_jax.trainer.checkpoint saves the steps); `neo_jax.convert` registers it
 as a checkpoint kind, so `neo-jax generate|eval|compare-logits|convert --checkpoint WORKDIR`
@@ -23,15 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
 from neo_jax.config import NeoConfig
-from neo_jax.errors import UserError
+from neo_jax.errors import UserError, describe_failure, read_or_reason
 from neo_jax.model import abstract_params
+
+logger = logging.getLogger("neo_jax.checkpoint")
+T = TypeVar("T")
 
 RUN_KIND = "neo-jax training run"
 CHECKPOINT_DIR = "checkpoints"
@@ -40,6 +50,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REFERENCE_DIR = "reference"
+DAMAGED_DIR = "damaged_checkpoints"
 HOLDS = f"{MODEL_CONFIG_FILE} + {TRAIN_CONFIG_FILE} + {CHECKPOINT_DIR}/<step>/"
 
 
@@ -56,6 +67,66 @@ def saved_steps(workdir: str) -> list[int]:
     return []
   return sorted(int(n) for n in os.listdir(directory)
                 if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+class UnreadableStep(UserError):
+  """A saved step that does not read back; `reason` says what is wrong with it."""
+
+  def __init__(self, directory: str, step: int, reason: str):
+    super().__init__(f"checkpoint step {step} in {directory} is unreadable ({reason})")
+    self.step, self.reason = step, reason
+
+
+def read_step(directory: str, step: int, item: str, read: Callable[[], T]) -> T:
+  """`read()` of the folder `item` of one step; any failure (the folder missing, a file in it
+  truncated or removed) becomes UnreadableStep naming the item."""
+  if not os.path.isdir(os.path.join(directory, str(step), item)):
+    raise UnreadableStep(directory, step, f"{item}/ is missing")
+  result, reason = read_or_reason(read)
+  if reason is not None:
+    raise UnreadableStep(directory, step, f"{item}/: {reason}")
+  return result
+
+
+def read_newest(directory: str, steps: Iterable[int],
+                attempt: Callable[[int], T]) -> tuple[int, T, dict[int, str]]:
+  """(step, attempt(step), {damaged step: reason}) for the newest step `attempt` reads; each
+  unreadable newer step is named in one warning and left in place. A UserError saying so when
+  none reads."""
+  steps = sorted(steps, reverse=True)
+  if not steps:
+    raise UserError(f"{directory}: no checkpoint yet")
+  damaged: dict[int, str] = {}
+  for i, step in enumerate(steps):
+    try:
+      return step, attempt(step), damaged
+    except UnreadableStep as e:
+      damaged[step] = e.reason
+      then = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
+              else "no earlier step")
+      logger.warning("%s; %s", e, then)
+  listed = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
+  raise UserError(f"{directory}: no readable checkpoint ({listed}); restore the steps from a "
+                  "copy, or move them out of the directory to start the run from the beginning")
+
+
+def set_aside(workdir: str, steps: Iterable[int]) -> list[str]:
+  """Moves the step folders `steps` to WORKDIR/damaged_checkpoints/ (kept, never deleted), so
+  that a resumed run can save those steps again; returns where they went."""
+  moved = []
+  for step in steps:
+    source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
+    if not os.path.isdir(source):
+      continue
+    target = os.path.join(workdir, DAMAGED_DIR, str(step))
+    n = 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(workdir, DAMAGED_DIR, f"{step}.{n}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(source, target)
+    moved.append(target)
+  return moved
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
@@ -81,8 +152,16 @@ def run_model_config(workdir: str, **compute: Any) -> NeoConfig:
   """The NeoConfig a run trains: every field, from train_config.json's `model` section
   (config.json is the HF form for other tools; it does not carry every field)."""
   path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-  with open(path) as f:
-    recipe = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      recipe = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: not valid JSON ({describe_failure(e)}); the run directory's "
+                    "recipe is damaged: restore it from a copy (its `model` section says what "
+                    "the checkpoints hold)") from None
+  if not isinstance(recipe, dict) or not isinstance(recipe.get("model", {}), dict):
+    raise UserError(f"{path}: expected a JSON object with a `model` section; restore the "
+                    "file from a copy")
   names = {f.name for f in dataclasses.fields(NeoConfig)}
   fields = {k: v for k, v in recipe.get("model", {}).items() if k in names}
   fields.update(compute)
@@ -103,18 +182,30 @@ def load_run_params(path: str, shardings: Optional[Any] = None, step: Optional[i
   if not is_run_dir(path):
     raise UserError(f"{path}: not a training run directory (expected {HOLDS})")
   config = run_model_config(path, **compute)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_params(config))
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_params(config), shardings)
+  directory = os.path.join(path, CHECKPOINT_DIR)
   manager = checkpoint_manager(path, async_save=False, read_only=True)
+
+  def attempt(s: int) -> dict:
+    return read_step(directory, s, "params", lambda: manager.restore(
+        s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"])
+
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    saved = list(manager.all_steps())
+    if step is not None:
+      if step not in saved:
+        raise UserError(f"{directory}: no checkpoint step {step} (saved: {saved or 'none'})")
+      try:
+        return attempt(step), config
+      except UnreadableStep as e:
+        raise UserError(f"{e}; read another step (saved: {saved})") from None
+    if not saved:
       raise UserError(f"{path}: the run has no checkpoint yet")
-    if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, abstract_params(config))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params(config), shardings)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    _, params, _ = read_newest(directory, saved, attempt)
   finally:
     manager.close()
-  return restored["params"], config
+  return params, config

@@ -81,15 +81,15 @@ def test_flag_and_file_errors_are_one_line(hf_dir, tmp_path, capsys):
   src, _ = hf_dir
   assert cli.main(["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "j")]) == 0
   capsys.readouterr()
-  assert cli.main(["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "j")]) == 1
+  assert cli.main(["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "j")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "pass --overwrite" in err
   assert cli.main(["convert", "jax-to-hf", "--src", str(tmp_path / "j"), "--out",
-                   str(tmp_path / "h"), "--max-shard-size", "lots"]) == 1
+                   str(tmp_path / "h"), "--max-shard-size", "lots"]) == 2
   assert "--max-shard-size: cannot read 'lots'" in capsys.readouterr().err
-  assert cli.main(["convert", "jax-to-hf", "--src", str(src), "--out", str(tmp_path / "h")]) == 1
+  assert cli.main(["convert", "jax-to-hf", "--src", str(src), "--out", str(tmp_path / "h")]) == 2
   assert "not a neo-jax parameter directory" in capsys.readouterr().err
   assert cli.main(["convert", "qwen3-to-neo", "--src", str(src), "--out", str(tmp_path / "q"),
-                   "--prebuffer-layers", "1"]) == 1
+                   "--prebuffer-layers", "1"]) == 2
   assert "model_type is 'neo_chat', expected 'qwen3'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "h")

@@ -99,7 +99,7 @@ def test_pope_end_to_end_and_strict(ckpt, data, capsys):
   assert all(metrics[k] == expected[k] for k in expected)
 
   rc, _, stderr = run_eval(capsys, *args, "--strict")
-  assert rc == 1 and "pope.jsonl:3" in stderr and len(stderr.strip().splitlines()) == 1
+  assert rc == 2 and "pope.jsonl:3" in stderr and len(stderr.strip().splitlines()) == 1
 
 
 def test_training_hook_answers_equal_the_eval_predictions(ckpt, tmp_path, capsys):
@@ -120,10 +120,10 @@ def test_training_hook_answers_equal_the_eval_predictions(ckpt, tmp_path, capsys
 def test_eval_flag_errors(ckpt, data, capsys):
   base = ["--checkpoint", ckpt, "--task", "vqa"]
   rc, _, err = run_eval(capsys, *base, "--data", str(data / "nope.jsonl"))
-  assert rc == 1 and "nope.jsonl" in err
+  assert rc == 2 and "nope.jsonl" in err
   rc, _, err = run_eval(capsys, *base, "--data", str(data / "vqa.jsonl"), "--batch-size", "0")
-  assert rc == 1 and "--batch-size" in err
+  assert rc == 2 and "--batch-size" in err
   empty = data / "empty.jsonl"
   empty.write_text("{oops\n")
   rc, _, err = run_eval(capsys, *base, "--data", str(empty))
-  assert rc == 1 and "no usable samples" in err and "bad_json 1" in err
+  assert rc == 2 and "no usable samples" in err and "bad_json 1" in err

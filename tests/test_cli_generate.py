@@ -99,10 +99,10 @@ def test_plain_output_is_the_text(dirs, capsys):
 def test_bad_flags_give_one_line_errors(dirs, capsys, extra, message):
   rc = cli.main(["generate", "--checkpoint", dirs["jax"], "--prompt", "hi", *extra])
   err = capsys.readouterr().err
-  assert rc == 1
+  assert rc == 2
   assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
-  assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 1
+  assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
   assert "not a checkpoint directory" in capsys.readouterr().err

@@ -121,17 +121,25 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.stage=warmup"], "stage='warmup' is not one of"),
     (["--config.model.num_key_value_heads=3"], "config.model: NeoConfig: num_attention_heads"),
     (["--config.grad_accum_steps=3"], "data.batch_size=4 is not divisible by grad_accum_steps=3"),
+    (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
+    (["--config.data.weights=(1,)"], "data.weights has 1 entries for 2 data.sources"),
+    (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),
+    (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
+    (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),
+    (["--config.eval.every_steps=-5"], "eval.every_steps=-5 must be >= 0 (0: off)"),
+    (["--config.mesh.fsdp=0"], "mesh.fsdp=0 must be >= 1, or -1"),
+    (["--config.max_skipped_share=1.5"], "max_skipped_share=1.5 must be within [0, 1]"),
     (["stray"], "unexpected argument 'stray'"),
 ])
 def test_bad_overrides_are_one_line_errors(capsys, args, message):
   rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py:tiny"), *args])
   err = capsys.readouterr().err.strip()
-  assert rc == 1
+  assert rc == 2
   assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_missing_config_file_and_print_config(capsys, tmp_path):
-  assert cli.main(["train", "--config", str(tmp_path / "none.py")]) == 1
+  assert cli.main(["train", "--config", str(tmp_path / "none.py")]) == 2
   assert "no such file" in capsys.readouterr().err
   assert cli.main(["train", "--config", os.path.join(REPO, "configs", "pretrain.py:tiny"),
                    "--print-config", "--config.seed=5"]) == 0
@@ -162,7 +170,7 @@ def test_bad_config_arguments_are_one_line_errors(capsys, arg, message):
   rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py") + arg,
                  "--print-config"])
   err = capsys.readouterr().err.strip()
-  assert rc == 1
+  assert rc == 2
   assert len(err.splitlines()) == 1 and message in err, err
   assert "tiny" not in _load("midtrain.py:neo_2b").name
   with pytest.raises(UserError, match="MODEL one of neo_2b, neo_9b"):

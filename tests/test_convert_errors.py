@@ -206,7 +206,7 @@ def test_cli_prints_one_line(tmp_path, capsys):
   path = make_hf(tmp_path / "hf", lambda sd: sd.__setitem__(key, torch.zeros(64, 128)))
   code = cli.main(["convert", "hf-to-jax", "--src", path, "--out", str(tmp_path / "jax")])
   err = capsys.readouterr().err
-  assert code == 1
+  assert code == 2
   assert err == (f"neo-jax convert: error: {key}: checkpoint has [64, 128], model expects "
                  f"[128, 128]\n")
 

@@ -242,7 +242,7 @@ def test_cli_inspect_prints_a_decoded_batch(tok, data_dir, capsys):
              "--max-pixels", "4096"])
   out = capsys.readouterr().out
   assert rc == 0 and "segment 1" in out and "[[It is item" in out and "stats:" in out
-  assert main(["data", "inspect", "--source", "jsonl:/missing.jsonl"]) == 1
+  assert main(["data", "inspect", "--source", "jsonl:/missing.jsonl"]) == 2
 
 
 @pytest.mark.slow

@@ -57,7 +57,9 @@ def test_saved_files_and_merges(tok):
   assert len(data["model"]["merges"]) == 151387  # one merge per multi-byte token
   assert data["normalizer"] == {"type": "NFC"}
   config = json.loads((tok.directory / "tokenizer_config.json").read_text())
-  assert config["eos_token"] == "<|im_end|>" and config["pad_token"] == "<|endoftext|>"
+  # as the official NEO files (Qwen3-Base settings); chat generation stops at <|im_end|>
+  assert config["eos_token"] == "<|endoftext|>" and config["pad_token"] == "<|endoftext|>"
+  assert tok.eos_id == tok.im_end_id == 151645
   assert config["added_tokens_decoder"]["151669"]["content"] == "<IMG_CONTEXT>"
   assert (tok.directory / "special_tokens_map.json").exists()
 
@@ -102,7 +104,8 @@ def test_transformers_loads_the_saved_directory(tok):
     assert auto.encode(text, add_special_tokens=False) == ours, text
     assert fast.encode(text, add_special_tokens=False) == ours, text
   assert auto.convert_tokens_to_ids("<IMG_CONTEXT>") == 151669
-  assert auto.eos_token_id == 151645 and auto.pad_token_id == 151643
+  assert auto.eos_token_id == 151643 and auto.pad_token_id == 151643  # as the official files
+  assert auto.decode([151669, 151645], skip_special_tokens=True) == ""
   prompt = auto.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                     add_generation_prompt=True)
   assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -183,6 +183,6 @@ def test_train_refuses_a_bucket_url_as_run_directory(capsys):
   from pathlib import Path
   from neo_jax.cli import main
   config = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py") + ":tiny"
-  assert main(["train", "--config", config, "--config.workdir=gs://bucket/run"]) == 1
+  assert main(["train", "--config", config, "--config.workdir=gs://bucket/run"]) == 2
   err = capsys.readouterr().err
   assert "gs://bucket/run" in err and "gcsfuse" in err

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from neo_jax.errors import RunError
 from neo_jax.trainer.hooks import (Cadence, Evaluate, LogMetrics, NanPolicy, NonFiniteError,
-                                   ProgressBar, SaveCheckpoint, StepInfo, Throughput,
-                                   memory_stats, train_record)
+                                   ProgressBar, SaveCheckpoint, SkippedUpdatesError, StepInfo,
+                                   Throughput, memory_stats, train_record)
 from neo_jax.trainer.metrics import MetricWriter, read_jsonl
 
 
@@ -43,6 +44,18 @@ def test_nan_policy_skip_counts_and_reports():
   ignore = NanPolicy("ignore")
   ignore(info(1, loss=float("nan"), nonfinite_loss=1))
   assert ignore.report() == {"train/skipped_steps": 0.0}
+
+
+def test_nan_policy_continues_a_resumed_count_and_fails_past_its_share():
+  policy = NanPolicy("skip", last_checkpoint=lambda: 8, skipped=2, max_share=0.25)
+  policy(info(9, loss=float("nan"), nonfinite_loss=1))
+  assert policy.report() == {"train/skipped_steps": 3.0}
+  policy.check_share(12)  # 3 of 12 = 0.25: at the limit, not over it
+  with pytest.raises(SkippedUpdatesError, match=r"3 of 11 updates were skipped .* "
+                     r"max_skipped_share=0.25; the run ended at step 11 \(last checkpoint: "
+                     r"step 8\)"):
+    policy.check_share(11)
+  assert issubclass(SkippedUpdatesError, RunError) and issubclass(NonFiniteError, RunError)
 
 
 def test_throughput_window_excludes_the_compiling_step():
@@ -112,10 +125,11 @@ def test_save_checkpoint_passes_state_data_position_and_meta():
     def save(self, state, data_state, meta):
       saved.append((state, data_state, meta))
 
-  SaveCheckpoint(Recorder(), "sft")(info(5, loss=1.25))
+  SaveCheckpoint(Recorder(), "sft", lambda: {"skipped_steps": 3})(info(5, loss=1.25))
   (state, data_state, meta), = saved
   assert state == "STATE" and data_state == {"step": 5}
   assert meta["stage"] == "sft" and meta["loss"] == 1.25 and meta["time"] > 0
+  assert meta["skipped_steps"] == 3
   json.dumps(meta)
 
 

@@ -1,5 +1,6 @@
 """The metric writer: metrics.jsonl and TensorBoard, only on the writing process."""
 
+import json
 import math
 
 import numpy as np
@@ -28,3 +29,13 @@ def test_disabled_writer_writes_nothing(tmp_path):
   w.write(1, {"a": 1.0})
   w.close()
   assert not (tmp_path / "x").exists()
+
+
+def test_drop_records_after_a_resumed_step(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = [json.dumps({"step": s, "train/loss": float(s)}) for s in (1, 2, 3, 4)]
+  path.write_text("\n".join(lines) + "\n" + '{"step": 5, "train/lo')  # killed mid-write
+  assert M.drop_records_after(str(tmp_path), 2) == 3
+  assert [r["step"] for r in M.read_jsonl(str(path))] == [1, 2]
+  assert M.drop_records_after(str(tmp_path), 2) == 0  # nothing to drop: the file is kept
+  assert M.drop_records_after(str(tmp_path / "none"), 2) == 0

@@ -1,14 +1,20 @@
-"""`neo-jax convert hf-to-jax | jax-to-hf | qwen3-to-neo`."""
+"""`neo-jax convert hf-to-jax | jax-to-hf | qwen3-to-neo`.
+
+Each tensor holding NaN or Inf is named in a warning line on stderr; it is converted as it
+is (the conversion is exact either way).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 
 from neo_jax.config import DTYPES
 from neo_jax.convert import files, hf_checkpoint, jax_checkpoint
+from neo_jax.convert.mapping import nonfinite_tensors
 from neo_jax.convert.qwen3 import qwen3_to_neo
 from neo_jax.data import tokenizer as tok_lib
 from neo_jax.errors import UserError
@@ -122,14 +128,22 @@ def _neo_tokenizer_files(qwen3_dir: str) -> str:
   return staging
 
 
+def warn_nonfinite(params, config) -> None:
+  """A warning line on stderr for each tensor holding NaN or Inf (converted as it is)."""
+  for line in nonfinite_tensors(params, config):
+    print(f"warning: non-finite values in {line}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
   shard_bytes = files.parse_size(args.max_shard_size) if hasattr(args, "max_shard_size") else None
   if args.direction == "hf-to-jax":
     compute = {} if _dtype(args) is None else {"param_dtype": _dtype(args)}
     params, config = hf_checkpoint.read_hf_neo(args.src, progress=args.progress, **compute)
+    warn_nonfinite(params, config)
     out = _write(args, params, config, "jax", shard_bytes, carry_from=args.src)
   elif args.direction == "jax-to-hf":
     params, config = jax_checkpoint.load_params(args.src)
+    warn_nonfinite(params, config)
     out = _write(args, params, config, "hf", shard_bytes, carry_from=args.src)
   else:
     if args.prebuffer_layers < 0:
@@ -139,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
                                   vision_hidden_size=args.vision_hidden_size,
                                   rope_theta_vision=args.rope_theta_vision,
                                   rope_theta_hw=args.rope_theta_hw)
+    warn_nonfinite(params, config)
     carry = _neo_tokenizer_files(args.src)
     try:
       out = _write(args, params, config, args.format, shard_bytes, carry_from=carry)

@@ -20,7 +20,6 @@ from neo_jax import stage
 from neo_jax.errors import UserError
 from neo_jax.parallel import distributed, make_mesh
 from neo_jax.parallel.distributed import parse_device_ids
-from neo_jax.trainer.hooks import NonFiniteError
 from neo_jax.trainer import config as config_lib
 
 ACCEPTS_CONFIG_OVERRIDES = True
@@ -31,8 +30,12 @@ Overrides: any field of the config, with the type of its default, e.g.
   --config.data.sources='("easy_vqa/vqa", "jsonl:/data/x.jsonl")' --config.workdir=runs/a
 A config file may take an argument: --config configs/X.py:ARG.
 Fields and their defaults: configs/common.py (or --print-config).
-Running the same command again resumes from the newest checkpoint in config.workdir;
-SIGTERM or Ctrl-C saves a checkpoint after the current step and exits (status 143 / 130)."""
+Running the same command again resumes from the newest readable checkpoint in
+config.workdir (a damaged newer step is reported and moved to WORKDIR/damaged_checkpoints/);
+SIGTERM or Ctrl-C saves a checkpoint after the current step and exits (status 143 / 130).
+Exit status: 0 finished; 2 a bad flag, config value or file (one line says which); 1 the run
+failed (non-finite values under nan_policy=stop, or more than max_skipped_share of the updates
+skipped under nan_policy=skip); 143 / 130 stopped by a signal. --debug: tracebacks."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,11 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          getattr(args, "process_id", None),
                          getattr(args, "local_device_ids", None))
   _log_topology(config)
-  try:
-    result = stage.train(config)
-  except NonFiniteError as e:
-    print(f"neo-jax train: error: {e}", file=sys.stderr)
-    return 1
+  result = stage.train(config)  # NonFiniteError / SkippedUpdatesError: one line, status 1
   where = os.path.abspath(result.workdir)
   if result.status == "interrupted":
     print(f"neo-jax train: stopped by {result.signal} at step {result.step}; checkpoint saved "

@@ -18,7 +18,7 @@ from neo_jax.convert import files
 from neo_jax.convert.hf_checkpoint import (CONFIG_FILE, neo_config_from_dict, read_config_json,
                                            stored_param_dtype)
 from neo_jax.convert.mapping import ParamPath, check_covers
-from neo_jax.errors import UserError
+from neo_jax.errors import UserError, read_or_reason
 from neo_jax.model import abstract_params
 
 PARAMS_DIR = "params"
@@ -93,10 +93,15 @@ def load_params(directory: str, shardings: Optional[Any] = None,
                                 os.path.join(directory, CONFIG_FILE), **compute)
   checkpointer = _checkpointer()
   params_path = os.path.join(directory, PARAMS_DIR)
-  try:
-    stored = _plain(checkpointer.metadata(params_path).item_metadata)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise UserError(f"{params_path}: unreadable orbax checkpoint ({e})") from None
+  damaged = (f"; the parameter directory is damaged: convert or save it again (e.g. "
+             f"`neo-jax convert hf-to-jax`) or restore {PARAMS_DIR}/ from a copy")
+  stored, reason = read_or_reason(
+      lambda: _plain(checkpointer.metadata(params_path).item_metadata))
+  if reason is not None:
+    raise UserError(f"{params_path}: unreadable ({reason}){damaged}")
+  if not stored or not jax.tree.leaves(stored):
+    raise UserError(f"{params_path}: lists no parameters (its _METADATA or array index is "
+                    f"missing or unreadable){damaged}")
   _check_shapes(stored, config, params_path)
   cast = compute.get("param_dtype")
   if shardings is None:
@@ -106,7 +111,9 @@ def load_params(directory: str, shardings: Optional[Any] = None,
       lambda meta, sharding: jax.ShapeDtypeStruct(
           tuple(meta.shape), np.dtype(cast) if cast else meta.dtype, sharding=sharding),
       stored, shardings)
-  params = checkpointer.restore(params_path, target)
+  params, reason = read_or_reason(lambda: checkpointer.restore(params_path, target))
+  if reason is not None:  # a truncated or missing array file
+    raise UserError(f"{params_path}: unreadable ({reason}){damaged}")
   if cast is None:
     config = config.replace(param_dtype=stored_param_dtype(params))
   return params, config

@@ -258,3 +258,24 @@ class HFTensors:
     loc = self.locations[key]
     value = np.asarray(loc.entry.transform.to_hf(np.asarray(self._leaf(key)), self.config))
     return np.ascontiguousarray(value.astype(self.dtype or value.dtype, copy=False))
+
+
+def nonfinite_tensors(params: Mapping, config: NeoConfig) -> list[str]:
+  """One line per HF tensor holding NaN or Inf ("KEY: n NaN, m Inf of N values"), in
+  checkpoint order: what a conversion warns about (it still converts them as they are)."""
+  order = {key: i for i, key in enumerate(locations(config))}
+  by_leaf: dict[ParamPath, list[tuple[str, Location]]] = {}
+  for key, loc in locations(config).items():
+    by_leaf.setdefault(loc.path, []).append((key, loc))
+  found = []
+  for path, keys in by_leaf.items():  # one host copy per (stacked) leaf
+    leaf = np.asarray(jax.device_get(_get(params, path)))
+    if not np.issubdtype(leaf.dtype, np.floating):
+      leaf = leaf.astype(np.float32)  # bfloat16 and other ml_dtypes floats
+    for key, loc in keys:
+      value = leaf if loc.index is None else leaf[loc.index]
+      nan = int(np.count_nonzero(np.isnan(value)))
+      inf = int(np.count_nonzero(np.isinf(value)))
+      if nan or inf:
+        found.append((order[key], f"{key}: {nan} NaN, {inf} Inf of {value.size} values"))
+  return [line for _, line in sorted(found)]

@@ -62,7 +62,10 @@ class SampleEncoder:
   def __call__(self, record: Mapping[str, Any]) -> dict:
     record_id = record.get("id", "")
     try:
-      return self._encode(record)
+      sample = self._encode(record)
+      if record_id and not is_skip(sample):
+        sample["id"] = str(record_id)  # names the sample if the packer has to drop it
+      return sample
     except (image_lib.ImageError, template.TemplateError) as e:
       return self._skip(e.reason, f"{record_id}: {e}" if record_id else str(e))
     except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:

@@ -54,7 +54,8 @@ import numpy as np
 
 from neo_jax.data.encode import is_skip
 from neo_jax.data.image import PATCH_DIM
-from neo_jax.data.stats import DROP_REASONS, SKIP_REASONS, STAT_INDEX, STAT_KEYS, DataError
+from neo_jax.data.stats import (DROP_REASONS, SKIP_REASONS, STAT_INDEX, STAT_KEYS, DataError,
+                                report_drop)
 from neo_jax.positions import native_rope_positions
 
 STATS_KEY = "_stats"  # per-batch int64 [len(STAT_KEYS)] deltas; the pipeline iterator pops it
@@ -193,6 +194,19 @@ def _fits_fresh_row(tokens: int, visual: int, loss: int, cfg: PackingConfig) -> 
   if k is not None and loss > k:
     return "too_many_loss_tokens"
   return None
+
+
+def _drop_detail(sample: dict, reason: str, cfg: PackingConfig) -> str:
+  """Which sample, and how far over an empty row's budget it is."""
+  name = str(sample.get("id") or "a sample without an id")
+  if reason == "too_many_tokens":
+    what = f"{len(sample['input_ids'])} tokens > data.seq_len {cfg.seq_len}"
+  elif reason == "too_many_visual_tokens":
+    what = f"{len(sample['pixels'])} visual tokens > data.visual_budget {cfg.visual_budget}"
+  else:
+    what = (f"{int(np.count_nonzero(sample['supervised'][1:]))} supervised tokens > the "
+            f"loss-token budget {cfg.loss_token_budget}")
+  return f"{name}: {what}"
 
 
 def _text_piece_end(supervised: np.ndarray, offset: int, cfg: PackingConfig) -> int:
@@ -353,6 +367,7 @@ class PackedBatchIterator(grain.DatasetIterator):
       sample, offset, state = item
       piece, rest, reason = self._piece(sample, offset)
       if reason is not None:
+        report_drop(reason, _drop_detail(sample, reason, cfg))
         delta[STAT_INDEX[f"dropped/{reason}"]] += 1
         self._count_bad(delta)
         continue

@@ -1,7 +1,8 @@
 """Counters for skipped and dropped samples, and the warning / strict-mode policy.
 
-Bad input never crashes a run and is never lost silently: each skipped record is counted
-under a reason, the first few per reason (per process) are named in a logging warning, and
+Bad input never crashes a run and is never lost silently: each skipped record (and each good
+one too large to pack) is counted under a reason, the first few per reason (per process) are
+named in a logging warning, and
 `strict=True` turns the first one into a `DataError` instead. Counts travel with each batch
 from the process that packed it (grain workers included) and are summed by the iterator,
 which exposes them through `iterator.stats()` for the training metrics.
@@ -65,11 +66,23 @@ def report_skip(reason: str, detail: str, strict: bool) -> None:
     raise ValueError(f"unknown skip reason {reason!r}")
   if strict:
     raise DataError(f"bad input ({reason}): {detail}")
+  _name_first(reason, f"skipping a sample ({reason}): {detail}")
+
+
+def report_drop(reason: str, detail: str) -> None:
+  """Names the first few samples of each drop reason (too large for an empty row) in a
+  warning; they are counted under dropped/<reason> either way."""
+  if reason not in DROP_REASONS:
+    raise ValueError(f"unknown drop reason {reason!r}")
+  _name_first(reason, f"dropping a sample ({reason}): {detail}")
+
+
+def _name_first(reason: str, message: str) -> None:
   _named[reason] += 1
   if _named[reason] <= MAX_NAMED_PER_REASON:
     suffix = (" (further ones of this kind are counted, not named)"
               if _named[reason] == MAX_NAMED_PER_REASON else "")
-    logger.warning("skipping a sample (%s): %s%s", reason, detail, suffix)
+    logger.warning("%s%s", message, suffix)
 
 
 def reset_skip_warnings() -> None:

@@ -66,7 +66,7 @@ ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # every file an HF tokenizer directory may hold (the slow-tokenizer ones too)
 HF_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt", "added_tokens.json")
-_BUILD_VERSION = "1"  # bump when the built files change
+_BUILD_VERSION = "2"  # bump when the built files change
 
 NEO1_0_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -190,19 +190,27 @@ def _token_entry(tok: str, special: bool = True) -> dict:
           "single_word": False, "special": special}
 
 
+# Qwen3's own additional_special_tokens; NEO adds its tokens with `add_tokens(...,
+# special_tokens=True)`, which marks them special in added_tokens_decoder but leaves this list
+QWEN3_ADDITIONAL_SPECIAL_TOKENS: tuple[str, ...] = tuple(
+    tok for tok, _ in QWEN3_ADDED_TOKENS[1:14])
+
+
 def _tokenizer_config() -> dict:
+  """tokenizer_config.json with the meaning of the official NEO files: Qwen3-Base's settings
+  (eos and pad `<|endoftext|>`, no bos) plus NEO's added tokens. Chat generation stops at
+  `<|im_end|>` all the same: the stop token is config.json's eos_token_id (the template's
+  separator), and NeoTokenizer.eos_id is `<|im_end|>` whatever this file says."""
   table = added_token_table()
-  extra = [tok for _, tok, special in table
-           if special and tok not in (ENDOFTEXT,)]
   return {
       "add_bos_token": False,
       "add_prefix_space": False,
       "added_tokens_decoder": {str(i): _token_entry(tok, special) for i, tok, special in table},
-      "additional_special_tokens": extra,
+      "additional_special_tokens": list(QWEN3_ADDITIONAL_SPECIAL_TOKENS),
       "bos_token": None,
       "chat_template": NEO1_0_CHAT_TEMPLATE,
       "clean_up_tokenization_spaces": False,
-      "eos_token": IM_END,
+      "eos_token": ENDOFTEXT,
       "errors": "replace",
       "model_max_length": 131072,
       "pad_token": ENDOFTEXT,
@@ -216,7 +224,7 @@ def _special_tokens_map() -> dict:
   config = _tokenizer_config()
   return {
       "additional_special_tokens": [_token_entry(t) for t in config["additional_special_tokens"]],
-      "eos_token": _token_entry(IM_END),
+      "eos_token": _token_entry(ENDOFTEXT),
       "pad_token": _token_entry(ENDOFTEXT),
   }
 

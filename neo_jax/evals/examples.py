@@ -124,18 +124,23 @@ def read_eval_file(path: str, task: str, *, image_root: Optional[str] = None,
     raise UserError(f"--image-root {image_root}: no such directory")
   examples = []
   try:
-    f = open(path, encoding="utf-8")
+    f = open(path, "rb")  # decoded line by line: one bad line is skipped, not the file
   except FileNotFoundError:
     raise UserError(f"{path}: no such data file") from None
   except IsADirectoryError:
     raise UserError(f"{path}: is a directory, expected a JSONL file") from None
   with f:
-    for line_no, line in enumerate(f, 1):
+    for line_no, raw in enumerate(f, 1):
       if limit is not None and len(examples) >= limit:
         break
-      if not line.strip():
+      if not raw.strip():
         continue
       where = f"{path}:{line_no}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        skips.skip("bad_json", f"{where}: not UTF-8 text (byte {e.start}: {e.reason})")
+        continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:

@@ -2,7 +2,9 @@
 
 The run directory's layout is neo_jax/run_dir.py. Saving is asynchronous (orbax writes in a
 background thread while training continues) and keeps the newest `max_to_keep` steps.
-Restoring places every array directly on its sharding.
+Restoring places every array directly on its sharding, from the newest step that reads back
+whole: a damaged newer step is named in one warning, moved to WORKDIR/damaged_checkpoints/
+(never deleted) and the run resumes from the step before it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
@@ -69,7 +72,8 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), run_dir.CHECKPOINT_DIR)
+    self.workdir, self.read_only = os.path.abspath(workdir), read_only
+    self.directory = os.path.join(self.workdir, run_dir.CHECKPOINT_DIR)
     self.manager = run_dir.checkpoint_manager(workdir, max_to_keep=max_to_keep,
                                               async_save=async_save, read_only=read_only)
 
@@ -104,28 +108,58 @@ class RunCheckpointer:
 
   def restore(self, abstract: TrainState, step: Optional[int] = None,
               data_iterator: Any = None) -> tuple[TrainState, dict]:
-    """TrainState (on the shardings of `abstract`) and meta; sets the iterator's state."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"{self.directory}: no checkpoint to restore")
+    """TrainState (on the shardings of `abstract`) and meta of `step`, or of the newest step
+    that reads back whole (a writable checkpointer moves the damaged newer ones to
+    WORKDIR/damaged_checkpoints/); sets the iterator's state."""
     train_abs = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
     if abstract.objective_state is not None:
       train_abs["objective_state"] = abstract.objective_state
-    items = {"params": ocp.args.StandardRestore(abstract.params),
-             "train_state": ocp.args.StandardRestore(train_abs),
-             "meta": ocp.args.JsonRestore()}
-    if data_iterator is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
-        raise UserError(f"{self.directory}/{step}: the checkpoint holds no data-iterator state")
-      import grain
-      items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+
+    def attempt(s: int) -> dict:
+      items = {"params": ocp.args.StandardRestore(abstract.params),
+               "train_state": ocp.args.StandardRestore(train_abs),
+               "meta": ocp.args.JsonRestore()}
+      if data_iterator is not None:
+        import grain
+        items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
+      for name in items:  # every folder there before reading any
+        if not os.path.isdir(os.path.join(self.directory, str(s), name)):
+          raise run_dir.UnreadableStep(self.directory, s, f"{name}/ is missing")
+      return {name: run_dir.read_step(self.directory, s, name, functools.partial(
+          self._read_item, s, name, args)) for name, args in items.items()}
+
+    saved = self.all_steps()
+    if step is not None:
+      if step not in saved:
+        raise UserError(f"{self.directory}: no checkpoint step {step} (saved: {saved})")
+      try:
+        restored = attempt(step)
+      except run_dir.UnreadableStep as e:
+        raise UserError(f"{e}; restore another step (saved: {saved})") from None
+    else:
+      step, restored, damaged = run_dir.read_newest(self.directory, saved, attempt)
+      if damaged and not self.read_only:
+        self._set_aside(sorted(damaged))
     if data_iterator is not None:
       data_iterator.set_state(restored["data"].state)
     ts = restored["train_state"]
     state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"],
                        rng=ts["rng"], objective_state=ts.get("objective_state"))
-    return state, dict(restored["meta"])
+    return state, dict(restored["meta"], step=step)
+
+  def _read_item(self, step: int, name: str, args: Any) -> Any:
+    """One item on its own, so that a failure names the item it is in."""
+    return self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps out of the manager's way (process 0; every process waits for it and
+    re-reads the step list), so that the resumed run can save those steps again."""
+    if jax.process_index() == 0:
+      for where in run_dir.set_aside(self.workdir, steps):
+        logger.warning("moved the damaged checkpoint to %s", where)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("neo_jax_set_aside_damaged_steps")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

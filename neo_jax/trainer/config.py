@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 from typing import Any, Sequence
 
@@ -193,13 +194,82 @@ def sharding_rules(config: ml_collections.ConfigDict) -> Rules:
     raise UserError(f"config.mesh.rules: {e}") from None
 
 
+# sequence fields and what each element must be (a tuple of anything passes the override
+# parser: `--config.data.sources=5` gives (5,))
+_SEQUENCE_FIELDS = (
+    ("trainable", str, "regexes over parameter paths, e.g. '(\"llm/.*\",)'"),
+    ("data.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
+    ("data.weights", (int, float), "positive numbers, one per source"),
+    ("data.text_sources", str, "source specs such as 'pydoc/text'"),
+    ("eval.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
+)
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "get") or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def _check_sequences(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+  checks = []
+  for name, kind, what in _SEQUENCE_FIELDS:
+    value = _field(config, name, ())
+    ok = (isinstance(value, (tuple, list))
+          and all(isinstance(v, kind) and not isinstance(v, bool) for v in value))
+    checks.append((ok, f"{name}={value!r} must be a tuple of {what}"))
+  weights, sources = _field(config, "data.weights", ()), _field(config, "data.sources", ())
+  if checks[2][0] and weights:
+    checks.append((all(w > 0 for w in weights),
+                   f"data.weights={tuple(weights)!r} must all be > 0"))
+    checks.append((len(weights) == len(sources),
+                   f"data.weights has {len(weights)} entries for {len(sources)} data.sources"))
+  return checks
+
+
+def _cadence_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+  """Counts and cadences: a zero or negative one would fail (or never fire) mid-run."""
+  positive = ("checkpoint.every_steps", "checkpoint.max_to_keep", "log.every_steps",
+              "data.batch_size", "data.seq_len", "eval.max_new_tokens", "mesh.data",
+              "mesh.tensor")
+  non_negative = ("eval.every_steps", "eval.heldout_batches", "eval.vqa_examples",
+                  "data.visual_budget", "data.num_workers", "data.read_threads",
+                  "optimizer.warmup_steps", "mesh.num_devices")
+  checks = []
+  for name in positive:
+    value = _field(config, name)
+    if value is not None:
+      checks.append((value > 0, f"{name}={value} must be > 0"))
+  for name in non_negative:
+    value = _field(config, name)
+    if value is not None:
+      note = " (0: off)" if name.startswith("eval.") else ""
+      checks.append((value >= 0, f"{name}={value} must be >= 0{note}"))
+  fsdp = _field(config, "mesh.fsdp")
+  if fsdp is not None:
+    checks.append((fsdp >= 1 or fsdp == -1,
+                   f"mesh.fsdp={fsdp} must be >= 1, or -1 (all remaining devices)"))
+  for name in ("max_skipped_share", "data.text_ratio", "optimizer.warmup_ratio",
+               "optimizer.min_lr_ratio"):
+    value = _field(config, name)
+    if value is not None:
+      checks.append((0.0 <= value <= 1.0, f"{name}={value} must be within [0, 1]"))
+  return checks
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Cross-field checks that would otherwise fail deep inside a run."""
+  """Types, ranges and cross-field checks, before any work starts: what would otherwise fail
+  deep inside a run (or after its first step). The message names the field; the fix is the
+  config file or `--config.FIELD=VALUE`."""
   checks = [
       (config.stage in STAGE_TRAINABLE,
        f"stage={config.stage!r} is not one of {sorted(STAGE_TRAINABLE)}"),
       (config.total_steps > 0, f"total_steps={config.total_steps} must be > 0"),
       (config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1"),
+      *_cadence_checks(config),
       (config.data.batch_size % config.grad_accum_steps == 0,
        f"data.batch_size={config.data.batch_size} is not divisible by grad_accum_steps="
        f"{config.grad_accum_steps}"),
@@ -216,10 +286,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"loss.positions_per_row={config.loss.positions_per_row} must be >= 0"),
       (config.loss.vocab_chunk >= 0,
        f"loss.vocab_chunk={config.loss.vocab_chunk} must be >= 0 (0: the whole vocabulary)"),
+      *_check_sequences(config),
   ]
-  for ok, message in checks:
+  for ok, message in checks:  # each message starts with the field it names
     if not ok:
-      raise UserError(f"config: {message}")
+      field = re.match(r"[\w.]+", message).group(0)
+      raise UserError(f"config: {message}; fix it in the config file or with "
+                      f"--config.{field}=...")
   model_config(config)
   sharding_rules(config)
 

@@ -6,6 +6,7 @@ calls the due ones after each update, in the order they were added. Each hook be
 job and is usable (and tested) on its own:
 
     NanPolicy       every step: stop on a non-finite loss / gradient norm, or count skips
+                    (the count is saved with each checkpoint and fails a run past its share)
     Throughput      every step: step time, tokens/s, TFLOP/s and MFU since its last report
     ProgressBar     every step: tqdm with the loss and learning rate (process 0, if enabled)
     LogMetrics      every log.every_steps (and the first and last step): one record of the
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from neo_jax.errors import RunError
 from neo_jax.trainer.checkpoint import RunCheckpointer
 from neo_jax.trainer.metrics import MetricWriter
 from neo_jax.trainer.state import TrainState
@@ -66,18 +68,27 @@ class Cadence:
             or (self.first and info.first) or (self.last and info.last))
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunError):
   """A step produced a non-finite loss or gradient norm under nan_policy="stop"."""
+
+
+class SkippedUpdatesError(RunError):
+  """A run under nan_policy="skip" skipped more than its allowed share of updates."""
 
 
 class NanPolicy:
   """Acts on the step's `nonfinite_*` flags (the step has already kept the state unchanged):
   "stop" raises NonFiniteError naming the step, the values and the last checkpoint; "skip"
-  counts and warns; "ignore" does nothing (the update was applied)."""
+  counts and warns; "ignore" does nothing (the update was applied).
 
-  def __init__(self, policy: str, last_checkpoint: Callable[[], Optional[int]] = lambda: None):
+  `skipped` starts from the count a resumed checkpoint saved (SaveCheckpoint writes it), so
+  `train/skipped_steps` and `check_share` cover the whole run, not only its last part.
+  """
+
+  def __init__(self, policy: str, last_checkpoint: Callable[[], Optional[int]] = lambda: None,
+               *, skipped: int = 0, max_share: float = 1.0):
     self.policy, self.last_checkpoint = policy, last_checkpoint
-    self.skipped = 0
+    self.skipped, self.max_share = int(skipped), float(max_share)
 
   def __call__(self, info: StepInfo) -> None:
     bad = [name for name in ("loss", "grad_norm") if int(info.metrics[f"nonfinite_{name}"])]
@@ -94,6 +105,16 @@ class NanPolicy:
 
   def report(self) -> dict[str, float]:
     return {"train/skipped_steps": float(self.skipped)}
+
+  def check_share(self, step: int) -> None:
+    """Raises SkippedUpdatesError when more than `max_share` of the `step` updates so far
+    were skipped (what a finished run calls; a skipped update changed nothing)."""
+    if step > 0 and self.skipped / step > self.max_share:
+      raise SkippedUpdatesError(
+          f"{self.skipped} of {step} updates were skipped for non-finite values "
+          f"(nan_policy=skip), more than max_skipped_share={self.max_share:g}; the run ended at "
+          f"step {step} (last checkpoint: step {self.last_checkpoint()}); lower the learning "
+          "rate or check the data, or raise --config.max_skipped_share to accept it")
 
 
 class Throughput:
@@ -213,12 +234,14 @@ class Evaluate:
 
 
 class SaveCheckpoint:
-  """Saves the state and the data position (async); the meta records stage, time and loss."""
+  """Saves the state and the data position (async); the meta records stage, time, loss and
+  what `meta_fn` adds (counters a resumed run continues from, e.g. skipped_steps)."""
 
-  def __init__(self, checkpointer: RunCheckpointer, stage: str):
-    self.checkpointer, self.stage = checkpointer, stage
+  def __init__(self, checkpointer: RunCheckpointer, stage: str,
+               meta_fn: Callable[[], Mapping[str, Any]] = dict):
+    self.checkpointer, self.stage, self.meta_fn = checkpointer, stage, meta_fn
 
   def __call__(self, info: StepInfo) -> None:
     self.checkpointer.save(info.state, info.data_state,
                            meta={"stage": self.stage, "time": time.time(),
-                                 "loss": float(info.metrics["loss"])})
+                                 "loss": float(info.metrics["loss"]), **self.meta_fn()})

@@ -39,7 +39,7 @@ from neo_jax.trainer import config as config_lib
 from neo_jax.trainer import optimizer as opt_lib
 from neo_jax.trainer.hooks import (Cadence, Hook, LogMetrics, NanPolicy, ProgressBar,
                                    SaveCheckpoint, StepInfo, Throughput, memory_stats)
-from neo_jax.trainer.metrics import MetricWriter
+from neo_jax.trainer.metrics import MetricWriter, drop_records_after
 from neo_jax.trainer.objective import LossFn, Objective, ObjectiveSetup
 from neo_jax.trainer.state import (TrainState, abstract_state, init_state, param_shardings,
                                    state_shardings)
@@ -112,8 +112,6 @@ class Trainer:
                                                  max_to_keep=config.checkpoint.max_to_keep,
                                                  async_save=config.checkpoint.async_save)
     self.model_config, initial_params = self._model_and_params()
-    if self.primary:
-      self._write_run_files()
     abstract = abstract_params(self.model_config)
     patterns = tuple(config.trainable) or opt_lib.stage_patterns(config.stage)
     self.trainable = opt_lib.trainable_paths(abstract, patterns)
@@ -124,6 +122,8 @@ class Trainer:
                        else None)
     self.state, self.state_shardings = self._initial_state(tx, initial_params, objective_state,
                                                            resuming)
+    if self.primary:  # once the state is there: a failed resume leaves the run files as they were
+      self._write_run_files()
     self.param_shardings = param_shardings(self.model_config, self.mesh, self.rules)
     setup = ObjectiveSetup(config=config, model_config=self.model_config, mesh=self.mesh,
                            rules=self.rules, param_shardings=self.param_shardings,
@@ -156,7 +156,9 @@ class Trainer:
 
   def _add_default_hooks(self) -> None:
     cfg = self.config
-    self.nan_policy = NanPolicy(cfg.nan_policy, self.checkpointer.latest_step)
+    self.nan_policy = NanPolicy(cfg.nan_policy, self.checkpointer.latest_step,
+                                skipped=self.resumed_meta.get("skipped_steps", 0),
+                                max_share=cfg.get("max_skipped_share", 1.0))
     self.throughput = Throughput(self._step_flops, self.mesh.devices.size, _peak_flops(cfg))
     self.add_hook(self.nan_policy)
     self.add_hook(self.throughput)
@@ -165,8 +167,9 @@ class Trainer:
     sources = (self.nan_policy.report, self.throughput.report,
                lambda: batches.iterator_stats(self.data), memory_stats)
     self.add_hook(LogMetrics(self.writer, sources), cfg.log.every_steps, first=True, last=True)
-    self.add_hook(SaveCheckpoint(self.checkpointer, cfg.stage), cfg.checkpoint.every_steps,
-                  last=True, on_stop=True)
+    self.add_hook(SaveCheckpoint(self.checkpointer, cfg.stage,
+                                 lambda: {"skipped_steps": self.nan_policy.skipped}),
+                  cfg.checkpoint.every_steps, last=True, on_stop=True)
 
   def _call_hooks(self, info: StepInfo) -> None:
     ran = set()
@@ -207,6 +210,8 @@ class Trainer:
           batch = upcoming
       finally:
         self.close()
+    if step >= self.config.total_steps:  # finished: fails when too many updates were skipped
+      self.nan_policy.check_share(step)
     return self._result(step, self._stop.received)
 
   def _next_batch(self, step: int) -> Optional[_Batch]:
@@ -282,6 +287,7 @@ class Trainer:
                      resuming: bool) -> tuple[TrainState, TrainState]:
     """(state, its shardings): restored on resume (with the data position), else built."""
     cfg, mc, mesh = self.config, self.model_config, self.mesh
+    self.resumed_meta: dict = {}  # the restored checkpoint's meta (counters to continue from)
     obj_shardings = jax.tree.map(lambda _: replicated(mesh), objective_state)
     shardings = state_shardings(mc, tx, self.trainable, mesh, self.rules)
     if resuming:
@@ -292,9 +298,14 @@ class Trainer:
           objective_state=jax.tree.map(
               lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
               objective_state, obj_shardings))
-      state, _ = self.checkpointer.restore(target, data_iterator=restorable)
-      logger.info("resumed from %s at step %d", self.checkpointer.directory,
-                  self.checkpointer.latest_step())
+      state, self.resumed_meta = self.checkpointer.restore(target, data_iterator=restorable)
+      step = self.resumed_meta["step"]
+      logger.info("resumed from %s at step %d", self.checkpointer.directory, step)
+      if self.primary:  # the steps after it are redone: their old records go
+        dropped = drop_records_after(cfg.workdir, step)
+        if dropped:
+          logger.info("%s: removed %d records after step %d (they are redone)",
+                      run_dir.METRICS_FILE, dropped, step)
     else:
       state = init_state(mc, tx, self.trainable, mesh, cfg.seed, params=params, rules=self.rules)
       state = state.replace(objective_state=jax.device_put(objective_state, obj_shardings))

@@ -2,7 +2,9 @@
 
 One JSON record per write, {"step": N, "train/loss": ..., ...}; NaN / Inf are kept (JSONL
 writes them as NaN / Infinity, TensorBoard skips them). Only process 0 writes; every process
-keeps the records it was given in `history` (what `Trainer.run` returns).
+keeps the records it was given in `history` (what `Trainer.run` returns). A resumed run first
+drops the records after the step it resumes from (`drop_records_after`), so that the steps it
+redoes appear once.
 """
 
 from __future__ import annotations
@@ -63,6 +65,34 @@ def _number(value: Any) -> Optional[float]:
     return float(np.asarray(value))
   except (TypeError, ValueError):
     return None
+
+
+def drop_records_after(workdir: str, step: int) -> int:
+  """Removes from WORKDIR/metrics.jsonl the records of steps after `step` (and a line cut off
+  by a killed process); returns how many lines went. The file is replaced atomically."""
+  path = os.path.join(workdir, run_dir.METRICS_FILE)
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if _record_step(line) is not None
+          and _record_step(line) <= step]
+  if len(kept) == len(lines):
+    return 0
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> Optional[int]:
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if isinstance(step, int) else None
 
 
 def read_jsonl(path: str) -> list[dict]:
