@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
@@ -49,12 +51,33 @@ logger = logging.getLogger("neo_jax.train")
 
 
 class StopSignal(contextlib.AbstractContextManager):
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (then saves, exits)."""
+  """One stop decision for all processes: SIGTERM, SIGHUP or SIGINT to any process (or JAX's
+  preemption notice) makes every process stop after the same update, which is then saved.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  `decide()` is called once after every update, on every process, and returns the same answer
+  everywhere. How the answer is reached (`mode`):
+
+    local   one process: the signal handlers set a flag.
+    jax     several processes with JAX's preemption service (the default): SIGTERM stays with
+            JAX's own handler; SIGHUP and SIGINT are turned into a SIGTERM to this process.
+            When any process gets one, JAX's service picks the next update no process has
+            passed yet, max(updates so far) + 1, and `reached_preemption_sync_point` returns
+            True there on every process. Per update this is one local check (no
+            communication) until a notice arrives.
+    gather  several processes without that service (jax_enable_preemption_service off, or
+            SIGTERM taken by another handler): the flags of all processes are gathered after
+            every update (a small collective each step).
+
+  A second SIGINT raises KeyboardInterrupt at once (no checkpoint).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+  _updates = 0  # updates decided in this process so far, over every run (JAX's sync counter)
 
   def __init__(self):
-    self.received: Optional[int] = None
+    self.received: Optional[int] = None  # the signal this process got, if any
+    self.stopped = False  # decided: the run stops after the current update
+    self.mode = "local"
     self._previous = {}
 
   def _handle(self, signum, frame):
@@ -62,19 +85,48 @@ class StopSignal(contextlib.AbstractContextManager):
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop at once
     self.received = signum
-    logger.warning("received %s: saving a checkpoint after this step, then stopping",
-                   signal.Signals(signum).name)
+    logger.warning("received %s: every process saves a checkpoint after the same step, then "
+                   "stops", signal.Signals(signum).name)
+    if self.mode == "jax" and signum != signal.SIGTERM:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler starts the agreement
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      self.mode = "jax" if distributed.preemption_service_active(StopSignal._updates) else "gather"
+      if self.mode == "gather":
+        logger.warning("JAX's preemption service is off: the processes agree on stopping by a "
+                       "collective after every step")
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if not (self.mode == "jax" and sig == signal.SIGTERM):
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+  def decide(self) -> bool:
+    """Whether every process stops after the update just made (call once per update)."""
+    StopSignal._updates += 1
+    if self.mode == "jax":
+      stop = multihost_utils.reached_preemption_sync_point(StopSignal._updates)
+    elif self.mode == "gather":
+      flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+      stop = bool(np.max(flags))
+    else:
+      stop = self.received is not None
+    self.stopped = self.stopped or stop
+    return self.stopped
+
+  @property
+  def reason(self) -> Optional[str]:
+    """The signal that stopped the run, as this process saw it (SIGTERM: another process's
+    signal or a preemption notice); None when it was not stopped."""
+    if not self.stopped:
+      return None
+    return signal.Signals(self.received or signal.SIGTERM).name
 
 
 @dataclasses.dataclass
@@ -168,13 +220,13 @@ class Trainer:
     self.add_hook(SaveCheckpoint(self.checkpointer, cfg.stage), cfg.checkpoint.every_steps,
                   last=True, on_stop=True)
 
-  def _call_hooks(self, info: StepInfo) -> None:
+  def _call_hooks(self, info: StepInfo, stopping: bool = False) -> None:
     ran = set()
     for i, (hook, cadence) in enumerate(self.hooks):
       if cadence.due(info):
         hook(info)
         ran.add(i)
-    if self._stop is not None and self._stop.received is not None:  # the run ends here
+    if stopping:  # the run ends here (every process decided so after this same update)
       for i, (hook, cadence) in enumerate(self.hooks):
         if cadence.on_stop and i not in ran:
           hook(info)
@@ -192,22 +244,24 @@ class Trainer:
     with StopSignal() as self._stop:
       try:
         batch = self._next_batch(start)
-        while batch is not None and self._stop.received is None:
+        stopping = False
+        while batch is not None and not stopping:
           t0 = time.perf_counter()
           self.state, metrics = self._train_step(batch.arrays)  # runs on, asynchronously
           step += 1
           upcoming = self._next_batch(step)  # read while the device computes
           metrics = jax.device_get(metrics)
+          stopping = self._stop.decide()  # the same answer on every process
           if self.objective.summarize is not None:
             metrics = self.objective.summarize(metrics)
           self._call_hooks(StepInfo(step=step, state=self.state, metrics=metrics,
                                     batch=batch.arrays, data_state=batch.data_state,
                                     seconds=time.perf_counter() - t0, first=step == start + 1,
-                                    last=step == self.config.total_steps))
+                                    last=step == self.config.total_steps), stopping)
           batch = upcoming
       finally:
         self.close()
-    return self._result(step, self._stop.received)
+    return self._result(step, self._stop.reason)
 
   def _next_batch(self, step: int) -> Optional[_Batch]:
     """The batch of update `step + 1` with the iterator's state right after it (so a batch
@@ -231,10 +285,9 @@ class Trainer:
     return (self.objective.step_flops(self.model_config, batch, self.trainable, self.config)
             * jax.process_count())
 
-  def _result(self, step: int, received: Optional[int]) -> TrainResult:
-    status = ("interrupted" if received is not None and step < self.config.total_steps
+  def _result(self, step: int, signame: Optional[str]) -> TrainResult:
+    status = ("interrupted" if signame is not None and step < self.config.total_steps
               else "completed")
-    signame = signal.Signals(received).name if received is not None else None
     if signame:
       logger.warning("stopped by %s at step %d; checkpoint saved in %s", signame, step,
                      self.checkpointer.directory)
