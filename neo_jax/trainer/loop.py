@@ -33,6 +33,7 @@ from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 from neo_jax.parallel import distributed
+from neo_jax.parallel.layout import BatchLayout, batch_layout
 from neo_jax.parallel.mesh import batch_divisor, make_mesh
 from neo_jax.parallel.sharding import batch_shardings, replicated, shard_batch
 from neo_jax.trainer import batches, flops
@@ -147,9 +148,9 @@ class Trainer:
   """Runs one training stage from a config (configs/common.py lists every field).
 
   Attributes the set-up leaves for hooks and evaluators: `config`, `model_config`, `mesh`,
-  `rules`, `param_shardings`, `trainable`, `state`, `data`, `checkpointer`, `writer`,
-  `eval_loss_fn` ((params, batch) -> LossOutput) and `batch_fn` (the objective's arrays added
-  to each sharded batch, or None).
+  `layout` (the rows each process feeds), `rules`, `param_shardings`, `trainable`, `state`,
+  `data`, `checkpointer`, `writer`, `eval_loss_fn` ((params, batch) -> LossOutput) and
+  `batch_fn` (the objective's arrays added to each sharded batch, or None).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, objective: Objective, *,
@@ -159,6 +160,7 @@ class Trainer:
     self.hooks: list[tuple[Hook, Cadence]] = []
     distributed.initialize()
     self.mesh, self.rules = _make_mesh(config), config_lib.sharding_rules(config)
+    self.layout = run_layout(config, self.mesh)
     self.primary = distributed.is_primary()
     self.checkpointer = ckpt_lib.RunCheckpointer(config.workdir,
                                                  max_to_keep=config.checkpoint.max_to_keep,
@@ -170,7 +172,8 @@ class Trainer:
     patterns = tuple(config.trainable) or opt_lib.stage_patterns(config.stage)
     self.trainable = opt_lib.trainable_paths(abstract, patterns)
     tx, schedule = opt_lib.from_config(config.optimizer, config.total_steps)
-    self.data = data_iterator or batches.make_iterator(config, self.model_config)
+    self.data = data_iterator or batches.make_iterator(config, self.model_config,
+                                                       layout=self.layout)
     resuming = self.checkpointer.latest_step() is not None
     objective_state = (objective.init_state(self.model_config, config) if objective.stateful
                        else None)
@@ -281,9 +284,10 @@ class Trainer:
     return self._compiled(self.state, batch)
 
   def _step_flops(self, batch: Mapping[str, np.ndarray]) -> float:
-    """Model FLOPs of a step over all processes (each counts its own rows, ~ the same)."""
+    """Model FLOPs of a step over all processes (each data group counts its own rows, ~ the
+    same)."""
     return (self.objective.step_flops(self.model_config, batch, self.trainable, self.config)
-            * jax.process_count())
+            * self.layout.groups)
 
   def _result(self, step: int, signame: Optional[str]) -> TrainResult:
     status = ("interrupted" if signame is not None and step < self.config.total_steps
@@ -327,6 +331,7 @@ class Trainer:
     cfg = self.config
     ran = ml_collections.ConfigDict(cfg.to_dict())
     ran.model = config_lib.model_fields(self.model_config)
+    ran.data.batch_size = self.layout.rows  # as resolved for this mesh
     run_dir.write_run_files(cfg.workdir, self.model_config, config_lib.to_json(ran))
     if cfg.data.pipeline == "grain":
       load_tokenizer().save(cfg.workdir)
@@ -355,16 +360,27 @@ class Trainer:
 
 
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of config.mesh over this run's devices; a one-line UserError when it does not
+  fit them."""
   if config.mesh.num_devices and jax.process_count() > 1:
     raise UserError("mesh.num_devices selects devices of a single process; leave it 0 for "
                     "multi-process runs")
   devices = jax.devices()[:config.mesh.num_devices or None]
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  micro_rows, shards = config.data.batch_size // config.grad_accum_steps, batch_divisor(mesh)
-  if micro_rows % shards:
-    raise UserError(f"data.batch_size / grad_accum_steps = {micro_rows} rows per micro-batch "
-                    f"is not divisible by mesh data*fsdp = {shards}")
-  return mesh
+  try:
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  except ValueError as e:
+    raise UserError(f"config.{e} ({jax.process_count()} process(es) x "
+                    f"{jax.local_device_count()} device(s))") from None
+
+
+def run_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> BatchLayout:
+  """The rows of each update and which of them this process feeds, checked against the mesh
+  and the processes before anything is built (one-line UserErrors)."""
+  rows = batches.global_rows(config, batch_divisor(mesh))
+  if config.data.batch_size > 0 and config.data.get("rows_per_shard", 0) > 0:
+    logger.warning("data.rows_per_shard=%d is ignored: data.batch_size=%d is set",
+                   config.data.rows_per_shard, config.data.batch_size)
+  return batch_layout(mesh, rows, config.grad_accum_steps)
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> Optional[float]:
