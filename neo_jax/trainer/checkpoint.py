@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -68,7 +67,7 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), run_dir.CHECKPOINT_DIR)
+    self.directory = str(run_dir.path(workdir, run_dir.CHECKPOINT_DIR))
     self.manager = run_dir.checkpoint_manager(workdir, max_to_keep=max_to_keep,
                                               async_save=async_save, read_only=read_only)
 
@@ -114,7 +113,7 @@ class RunCheckpointer:
              "train_state": ocp.args.StandardRestore(train_abs),
              "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
-      if not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      if not run_dir.path(self.directory, str(step), "data").is_dir():
         raise UserError(f"{self.directory}/{step}: the checkpoint holds no data-iterator state")
       import grain
       items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())

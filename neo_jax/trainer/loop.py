@@ -334,7 +334,8 @@ class Trainer:
     ran.data.batch_size = self.layout.rows  # as resolved for this mesh
     run_dir.write_run_files(cfg.workdir, self.model_config, config_lib.to_json(ran))
     if cfg.data.pipeline == "grain":
-      load_tokenizer().save(cfg.workdir)
+      with run_dir.staged(cfg.workdir) as local:
+        load_tokenizer().save(local)
 
   def _initial_state(self, tx: optax.GradientTransformation, params: Any, objective_state: Any,
                      resuming: bool) -> tuple[TrainState, TrainState]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -28,10 +27,9 @@ class MetricWriter:
     self._tb = None
 
   def _open(self) -> None:  # on the first write: a writer that writes nothing creates nothing
-    os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, run_dir.METRICS_FILE), "a")
+    self._jsonl = run_dir.open_append(self.workdir, run_dir.METRICS_FILE)
     if self.tensorboard:
-      self._tb = Writer(os.path.join(self.workdir, run_dir.TENSORBOARD_DIR))
+      self._tb = Writer(str(run_dir.path(self.workdir, run_dir.TENSORBOARD_DIR)))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     self.history.append({"step": int(step), **metrics})
