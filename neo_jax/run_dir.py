@@ -156,7 +156,8 @@ def load_run_params(workdir: str, shardings: Optional[Any] = None, step: Optiona
   """(params, NeoConfig) of the newest (or `step`) checkpoint of a training run directory.
 
   Same contract as the loaders of `neo_jax.convert.load_checkpoint`: `compute` sets NeoConfig
-  computation fields (`param_dtype` casts), `shardings` places the leaves (default: device 0).
+  computation fields (`param_dtype` casts), `shardings` places the leaves (a tree, or a
+  function of the run's NeoConfig; default: device 0).
   """
   where = path(workdir)
   if not is_run_dir(where):
@@ -167,8 +168,10 @@ def load_run_params(workdir: str, shardings: Optional[Any] = None, step: Optiona
     step = manager.latest_step() if step is None else step
     if step is None:
       raise UserError(f"{where}: the run has no checkpoint yet")
+    if callable(shardings):  # of the run's model: orbax reads only what they hold
+      shardings = shardings(config)
     if shardings is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, abstract_params(config))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params(config), shardings)

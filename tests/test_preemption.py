@@ -48,9 +48,9 @@ def worker(workdir: str, port: int, process_id: int, steps: int) -> int:
   from neo_jax.trainer import loop
   call_hooks = loop.Trainer._call_hooks
 
-  def slow_hooks(self, info, stopping=False):  # time for a signal to land mid-run
+  def slow_hooks(self, info):  # time for a signal to land mid-run
     time.sleep(STEP_SLEEP_S)
-    return call_hooks(self, info, stopping)
+    return call_hooks(self, info)
 
   loop.Trainer._call_hooks = slow_hooks
   return main(["train", "--config", CONFIG, "--coordinator", f"127.0.0.1:{port}",

@@ -72,14 +72,14 @@ def test_tiny_pretrain_loss_falls_and_logs(straight):
 def test_resume_after_interrupt_is_exact(straight, tmp_path):
   straight_dir, straight_result = straight
 
-  def interrupt(info):  # the stop is decided after each update, before its hooks run
-    if info.step == N - 1:
+  def interrupt(info):
+    if info.step == N:
       os.kill(os.getpid(), signal.SIGTERM)
 
   # no periodic checkpoint: the one resumed from is the one SIGTERM saves
   args = ("--config.checkpoint.every_steps=1000", "--config.trainable=()")
   trainer = stage.build_trainer(small_config(tmp_path, 2 * N, *args))
-  trainer.add_hook(interrupt)  # during the hooks of update N - 1: the run stops after N
+  trainer.add_hook(interrupt)  # after the default hooks: the stop still saves step N
   first = trainer.run()
   assert (first.status, first.step, first.signal) == ("interrupted", N, "SIGTERM")
   assert RunCheckpointer(str(tmp_path), read_only=True).all_steps() == [N]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -162,8 +162,13 @@ def reconcile(arch_from: NeoConfig, compute_from: NeoConfig) -> NeoConfig:
 
 
 def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: int = 0,
-                        step: Optional[int] = None) -> tuple[Any, NeoConfig]:
-  """(host params, NeoConfig) a stage starts from.
+                        step: Optional[int] = None,
+                        shardings: Optional[Callable[[NeoConfig], Any]] = None
+                        ) -> tuple[Any, NeoConfig]:
+  """(params, NeoConfig) a stage starts from: host arrays, or with `shardings(config)` (the
+  parameter shardings of the checkpoint's model) jax arrays on them, each process reading only
+  the parts its devices hold (orbax restores to those shardings; safetensors are read a slice
+  of a tensor at a time).
 
   fmt "run": a neo-jax training run directory (params of its newest checkpoint, or `step`);
   "neo": any NEO checkpoint `neo_jax.convert.load_checkpoint` reads (HF NEO directory, neo-jax
@@ -172,14 +177,16 @@ def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: i
   """
   compute = {k: getattr(model_config, k) for k in COMPUTE_FIELDS}
   if fmt == "run" or (fmt == "neo" and run_dir.is_run_dir(path)):
-    params, loaded = run_dir.load_run_params(path, step=step, **compute)
+    params, loaded = run_dir.load_run_params(path, shardings, step=step, **compute)
   elif fmt == "neo":
-    params, loaded = load_checkpoint(path, **compute)
+    params, loaded = load_checkpoint(path, shardings, **compute)
   elif fmt == "qwen3":
     extra = {k: getattr(model_config, k) for k in ("vision_hidden_size", "rope_theta_vision",
                                                    "rope_theta_hw", "min_pixels", "max_pixels")}
     params, loaded = qwen3_to_neo(path, model_config.num_prebuffer_layers, seed=seed,
-                                  dtype=model_config.param_dtype, **extra)
+                                  dtype=model_config.param_dtype, shardings=shardings, **extra)
   else:
     raise UserError(f"init.format={fmt!r} is not one of 'run', 'neo', 'qwen3'")
-  return jax.device_get(params), reconcile(loaded, model_config)
+  if shardings is None:
+    params = jax.device_get(params)
+  return params, reconcile(loaded, model_config)

@@ -223,16 +223,20 @@ class Trainer:
     self.add_hook(SaveCheckpoint(self.checkpointer, cfg.stage), cfg.checkpoint.every_steps,
                   last=True, on_stop=True)
 
-  def _call_hooks(self, info: StepInfo, stopping: bool = False) -> None:
+  def _call_hooks(self, info: StepInfo) -> bool:
+    """Runs the due hooks, then takes the stop decision (the same on every process); when the
+    run stops here, also the on_stop hooks that did not run yet. Returns the decision."""
     ran = set()
     for i, (hook, cadence) in enumerate(self.hooks):
       if cadence.due(info):
         hook(info)
         ran.add(i)
-    if stopping:  # the run ends here (every process decided so after this same update)
+    stopping = self._stop is not None and self._stop.decide()
+    if stopping:  # the run ends after this update, on every process
       for i, (hook, cadence) in enumerate(self.hooks):
         if cadence.on_stop and i not in ran:
           hook(info)
+    return stopping
 
   # -- the loop --------------------------------------------------------------------------------
 
@@ -254,13 +258,12 @@ class Trainer:
           step += 1
           upcoming = self._next_batch(step)  # read while the device computes
           metrics = jax.device_get(metrics)
-          stopping = self._stop.decide()  # the same answer on every process
           if self.objective.summarize is not None:
             metrics = self.objective.summarize(metrics)
-          self._call_hooks(StepInfo(step=step, state=self.state, metrics=metrics,
-                                    batch=batch.arrays, data_state=batch.data_state,
-                                    seconds=time.perf_counter() - t0, first=step == start + 1,
-                                    last=step == self.config.total_steps), stopping)
+          stopping = self._call_hooks(StepInfo(
+              step=step, state=self.state, metrics=metrics, batch=batch.arrays,
+              data_state=batch.data_state, seconds=time.perf_counter() - t0,
+              first=step == start + 1, last=step == self.config.total_steps))
           batch = upcoming
       finally:
         self.close()
@@ -308,7 +311,8 @@ class Trainer:
   # -- set-up ----------------------------------------------------------------------------------
 
   def _model_and_params(self) -> tuple[NeoConfig, Any]:
-    """(NeoConfig, host params or None): resume wins, then config.init, then random."""
+    """(NeoConfig, params on their shardings or None): resume wins, then config.init, then
+    random."""
     cfg = self.config
     model_config = config_lib.model_config(cfg)
     if self.checkpointer.latest_step() is not None:
@@ -316,9 +320,11 @@ class Trainer:
     if not cfg.init.path:
       return model_config, None
     step = None if cfg.init.step < 0 else cfg.init.step
-    try:
+    shardings = lambda loaded: param_shardings(loaded, self.mesh, self.rules)
+    try:  # each process reads the parts of the checkpoint its devices hold
       params, loaded = ckpt_lib.load_initial_params(cfg.init.path, cfg.init.format,
-                                                    model_config, seed=cfg.seed, step=step)
+                                                    model_config, seed=cfg.seed, step=step,
+                                                    shardings=shardings)
     except (UserError, FileNotFoundError) as e:
       raise UserError(f"config.init.path (format {cfg.init.format!r}): {e}; set "
                       "--config.init.path='' to start from random weights") from None
