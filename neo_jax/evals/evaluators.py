@@ -91,7 +91,7 @@ def heldout_batches(config: ml_collections.ConfigDict, trainer: Trainer) -> list
   objective's per-batch arrays (e.g. reference log-probs) added once: they are fixed."""
   changes = {"sources": tuple(config.eval.sources)} if config.eval.sources else {}
   held = batches.make_iterator(config, trainer.model_config, split=config.eval.split,
-                               layout=trainer.layout, **changes)
+                               layout=getattr(trainer, "layout", None), **changes)
   out = [next(held) for _ in range(config.eval.heldout_batches)]
   if trainer.batch_fn is not None:
     out = [{**b, **{k: local_rows(v, trainer.mesh)
