@@ -61,7 +61,7 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
   config.workdir = f"workdir/{model}_{stage}"  # checkpoints, metrics.jsonl, tensorboard/
   config.seed = 42  # parameter init and the train state's RNG
   config.total_steps = 1000  # optimizer updates
-  config.grad_accum_steps = 1  # micro-batches per update (data.batch_size is per update)
+  config.grad_accum_steps = 1  # micro-batches per update (data.batch_size counts per update)
   config.nan_policy = "stop"  # non-finite loss/grad norm: stop | skip (the update) | ignore
   # nan_policy=skip: a run that skipped more than this share of its updates fails (exit 1)
   config.max_skipped_share = 0.1
@@ -90,7 +90,11 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
   config.data.weights = ()  # mixing weights of `sources` (empty: equal)
   config.data.text_sources = ("pydoc/text",)
   config.data.text_ratio = 0.0  # fraction of plain-text samples
-  config.data.batch_size = 8  # rows per update, all processes together (one row per GPU)
+  # rows per update over all processes; 0: data.rows_per_shard for every batch shard (a device,
+  # or a group of tensor-parallel devices) of every micro-batch, so the global batch grows
+  # with the mesh: rows_per_shard x data x fsdp x grad_accum_steps (NEO: one row per GPU)
+  config.data.batch_size = 0
+  config.data.rows_per_shard = 1  # used when data.batch_size is 0
   config.data.seq_len = 4096  # L: tokens per packed row
   config.data.visual_budget = 1024  # N: visual tokens per row
   config.data.loss_token_budget = loss_positions
@@ -160,7 +164,7 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   config.model.min_pixels = 64 * 64  # easy-vqa images are 64x64: 2x2 visual tokens each
   config.model.max_pixels = 64 * 64
   config.init.format = "run"
-  config.data.batch_size = 8
+  config.data.rows_per_shard = 8  # one CPU device: 8 rows per update
   config.data.seq_len = 256
   config.data.visual_budget = 64
   config.loss.chunk_size = 128  # one chunk: K <= 128 positions per row, 8 x 128 x V fp32
@@ -183,6 +187,7 @@ def local(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int,
   config.total_steps = 10
   config.data.pipeline = "synthetic"
   config.data.batch_size = batch_size
+  config.data.rows_per_shard = 0  # the batch is global: the same on any device count
   config.data.seq_len = seq_len
   config.data.visual_budget = visual_budget
   config.loss.positions_per_row = positions_per_row

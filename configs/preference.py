@@ -90,8 +90,7 @@ def get_config(arg=None):
     # one epoch of ~320K pairs at ~256 pairs per update (MPO's global batch): 4 micro-batches
     # of 8 packed 16,384-token rows, ~8 pairs per row
     config.total_steps = 1250
-    config.grad_accum_steps = 4
-    config.data.batch_size = 8 * config.grad_accum_steps
+    config.grad_accum_steps = 4  # one row per GPU: 32 rows per update on 8 GPUs
     config.data.seq_len = 16384
     config.data.visual_budget = config.data.seq_len // 2
     config.loss.positions_per_row = 4096  # response tokens per row (P = 2,048 pairs at most)

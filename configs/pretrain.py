@@ -40,7 +40,7 @@ def get_config(arg=None):
   if a.model == "tiny":
     common.tiny_cpu(config)
     config.trainable = (".*",)  # a random LLM has nothing to preserve
-    config.data.batch_size = 4  # more, smaller updates learn vision sooner (docs/training.md)
+    config.data.rows_per_shard = 4  # more, smaller updates learn vision sooner (training.md)
     config.total_steps = 200
     config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 20
@@ -48,8 +48,7 @@ def get_config(arg=None):
   else:  # NEO's scripts: one packed row per GPU, 8 GPUs, seed 42
     config.init.format = "qwen3"
     config.total_steps = 200_000
-    config.grad_accum_steps = 5
-    config.data.batch_size = 8 * config.grad_accum_steps
+    config.grad_accum_steps = 5  # 8 GPUs: 40 rows per update
     config.data.seq_len = 16384
     config.data.visual_budget = config.data.seq_len // 2
     config.model.min_pixels = 256**2

@@ -38,7 +38,7 @@ def get_config(arg=None):
   if a.model == "tiny":
     common.tiny_cpu(config)
     config.init.path = "workdir/tiny_vqa_pretrain"
-    config.data.batch_size = 4
+    config.data.rows_per_shard = 4
     config.total_steps = 400
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_ratio = 0.03
@@ -51,8 +51,7 @@ def get_config(arg=None):
     config.eval.vqa_examples = 100  # greedy answers to easy-vqa test questions
   else:  # NEO's scripts: one packed row per GPU, 8 GPUs, seed 42
     config.init.format = "neo"
-    config.total_steps = 4_500
-    config.data.batch_size = 8
+    config.total_steps = 4_500  # one row per GPU: 8 rows per update on 8 GPUs
     config.data.seq_len = 34816
     config.model.min_pixels = 256**2
     config.model.max_pixels = 4096**2

@@ -62,4 +62,7 @@ else
   sed 's/\[[^]]*\]//' "$ROOT/requirements.txt" > "$CONSTRAINTS"
 fi
 run "$VENV/bin/pip" install -q --upgrade pip
-run "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "jax[$PLATFORM]==$JAX_VERSION" -e "$ROOT"
+# TPU runs write their run directory to gs:// (gcsfs, the `gcs` extra)
+EXTRA=""
+[[ $PLATFORM == tpu ]] && EXTRA="[gcs]"
+run "$VENV/bin/pip" install -q -c "$CONSTRAINTS" "jax[$PLATFORM]==$JAX_VERSION" -e "$ROOT$EXTRA"

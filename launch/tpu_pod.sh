@@ -2,17 +2,25 @@
 # Runs `neo-jax train` on every worker of a Cloud TPU VM slice.
 #
 # Steps (--steps, in this order):
-#   up       reuse the slice if it exists, else create it (directly, or through a queued
-#            resource with --queued, waiting until it is ACTIVE)
-#   install  ship this checkout (git archive of --ref) to every worker, install it with
-#            launch/install.sh tpu, and mount the bucket of --workdir with gcsfuse
+#   up       reuse the slice if it is READY (queued resource: ACTIVE); create it if there is
+#            none (directly, or through a queued resource with --queued, waiting until it is
+#            ACTIVE); a slice that is PREEMPTED, TERMINATED, STOPPED or FAILED (queued
+#            resource: SUSPENDED, SUSPENDING or FAILED) is deleted and created again
+#   install  ship this checkout (git archive of --ref) to every worker and install it with
+#            launch/install.sh tpu
 #   train    start `neo-jax train` on all workers at once; every worker appends to
-#            ~/neo-jax/logs/train.log and the output of all of them streams here
+#            ~/neo-jax/logs/train.log and the output of all of them streams here. When the
+#            workers stop with an error, the slice's state decides: preempted, suspended or
+#            failed -> up (delete + create) and install again, then train resumes from the
+#            newest checkpoint; still READY after a stop by signal (maintenance event, dropped
+#            connection) -> train resumes on the same slice; else the script stops. At most
+#            --restarts times.
 #   logs     follow the train logs of all workers (after --detach, or from another terminal)
 #   down     delete the slice (and its queued resource)
 # Each worker is one process: neo_jax.parallel finds the slice's workers itself (TPU metadata),
-# so no coordinator flags are passed. Checkpoints go to --workdir gs://BUCKET/PATH, seen by
-# every worker as the same gcsfuse mount (the run directory must be shared by all processes).
+# so no coordinator flags are passed. Checkpoints go to --workdir gs://BUCKET/PATH, written by
+# orbax directly (a step counts once its commit marker is written, so a preemption in the
+# middle of a save never leaves a step that resume would read).
 set -euo pipefail
 
 usage() {
@@ -28,12 +36,14 @@ Slice:
   --type TYPE          accelerator type (default v5litepod-16)              [$TPU_TYPE]
   --version VERSION    TPU runtime (default v2-alpha-tpuv5-lite)            [$TPU_VERSION]
   --queued             create through a queued resource and wait for it
-  --spot               spot capacity (preemptible; resume by running train again)
+  --spot               spot capacity (preemptible; the train step re-creates and resumes)
 Run:
   --config FILE:ARG    training config (default configs/pretrain.py:neo_2b) [$NEO_CONFIG]
   --ref REF            git ref whose files are shipped (default HEAD)
   --steps LIST         comma-separated steps (default up,install,train); also logs, down
+  --restarts N         re-creations / resumes after a preemption (default 10)
   --detach             start training in the background on the workers and return
+                       (no watching: run the same command again to re-create and resume)
   --dry-run            print every command instead of running it (no gcloud needed)
   -h, --help           this text
 ARGS after -- go to `neo-jax train`, e.g. -- --config.total_steps=1000
@@ -57,6 +67,9 @@ QUEUED=0
 SPOT=0
 DETACH=0
 DRY_RUN=0
+RESTARTS=10
+# seconds between state queries while a slice or queued resource is being provisioned
+POLL_S="${TPU_POLL_S:-30}"
 TRAIN_ARGS=()
 need() { [[ $# -ge 2 && -n $2 ]] || { echo "tpu_pod.sh: $1 needs a value" >&2; exit 2; }; }
 while [[ $# -gt 0 ]]; do
@@ -70,6 +83,7 @@ while [[ $# -gt 0 ]]; do
     --config) need "$@"; CONFIG="$2"; shift ;;
     --ref) need "$@"; REF="$2"; shift ;;
     --steps) need "$@"; STEPS="$2"; shift ;;
+    --restarts) need "$@"; RESTARTS="$2"; shift ;;
     --queued) QUEUED=1 ;;
     --spot) SPOT=1 ;;
     --detach) DETACH=1 ;;
@@ -84,6 +98,7 @@ done
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 [[ -n $NAME ]] || die "--name is required"
 [[ -n $ZONE ]] || die "--zone is required"
+[[ $RESTARTS =~ ^[0-9]+$ ]] || die "--restarts needs a number, not '$RESTARTS'"
 IFS=, read -r -a STEP_LIST <<< "$STEPS"
 for step in "${STEP_LIST[@]}"; do
   case "$step" in up|install|train|logs|down) ;; *) die "unknown step '$step'" ;; esac
@@ -91,12 +106,8 @@ done
 if [[ ",$STEPS," == *,install,* || ",$STEPS," == *,train,* ]]; then
   [[ $WORKDIR =~ ^gs://([^/]+)(/(.*))?$ ]] || die "--workdir must be gs://BUCKET/PATH"
 fi
-BUCKET="${BASH_REMATCH[1]:-}"
-RUN_PATH="${BASH_REMATCH[3]:-}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QR_ID="$NAME-qr"
-# where each worker sees gs://BUCKET: the same path on all of them
-MOUNT="/tmp/gcs/$BUCKET"
 REMOTE_DIR="neo-jax"  # relative to the worker's home
 LOG="$REMOTE_DIR/logs/train.log"
 
@@ -127,33 +138,79 @@ PREFIX='sed -u "s/^/[$(hostname)] /"'
 
 quote_all() { local out="" a; for a in "$@"; do out+=" $(printf '%q' "$a")"; done; echo "${out# }"; }
 
-step_up() {
-  if [[ $DRY_RUN == 0 ]] && "${GCLOUD_TPU[@]}" tpu-vm describe "$NAME" "${LOCATION[@]}" \
-      --format='value(state)' > /dev/null 2>&1; then
-    echo "tpu_pod.sh: reusing TPU VM $NAME"
-    return
+# the slice's state: READY, PREEMPTED, ... (queued resource: ACTIVE, SUSPENDED, ...); ABSENT
+# when there is none
+slice_state() {
+  local state
+  if [[ $QUEUED == 1 ]]; then
+    state="$("${GCLOUD_TPU[@]}" queued-resources describe "$QR_ID" "${LOCATION[@]}" \
+      --format='value(state.state)' 2> /dev/null)" || state=ABSENT
+  else
+    state="$("${GCLOUD_TPU[@]}" tpu-vm describe "$NAME" "${LOCATION[@]}" \
+      --format='value(state)' 2> /dev/null)" || state=ABSENT
   fi
-  [[ $DRY_RUN == 1 ]] && echo "# when '${GCLOUD_TPU[*]} tpu-vm describe $NAME' finds no slice:"
+  echo "${state:-ABSENT}"
+}
+
+# states in which the slice is gone for good: delete it and create it again
+dead_state() {
+  case "$1" in
+    PREEMPTED|TERMINATED|STOPPED|FAILED|SUSPENDED|SUSPENDING) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+create_slice() {
   local capacity=()
   [[ $SPOT == 1 ]] && capacity=(--spot)
   if [[ $QUEUED == 1 ]]; then
     run "${GCLOUD_TPU[@]}" queued-resources create "$QR_ID" "${LOCATION[@]}" --node-id="$NAME" \
       --accelerator-type="$TYPE" --runtime-version="$VERSION" "${capacity[@]}"
-    echo "# wait until '${GCLOUD_TPU[*]} queued-resources describe $QR_ID' says ACTIVE"
-    local state=""
-    while [[ $DRY_RUN == 0 && $state != ACTIVE ]]; do
-      state="$("${GCLOUD_TPU[@]}" queued-resources describe "$QR_ID" "${LOCATION[@]}" \
-        --format='value(state.state)')"
-      case "$state" in
-        FAILED|SUSPENDED) die "queued resource $QR_ID is $state" ;;
-        ACTIVE) ;;
-        *) sleep 60 ;;
-      esac
-    done
   else
     run "${GCLOUD_TPU[@]}" tpu-vm create "$NAME" "${LOCATION[@]}" --accelerator-type="$TYPE" \
       --version="$VERSION" "${capacity[@]}"
   fi
+}
+
+delete_slice() {
+  if [[ $QUEUED == 1 ]]; then  # --force deletes the node with its queued resource
+    run "${GCLOUD_TPU[@]}" queued-resources delete "$QR_ID" "${LOCATION[@]}" --force --quiet
+  else
+    run "${GCLOUD_TPU[@]}" tpu-vm delete "$NAME" "${LOCATION[@]}" --quiet
+  fi
+}
+
+step_up() {
+  if [[ $DRY_RUN == 1 ]]; then
+    echo "# when the slice is absent (a dead one is deleted first: delete, then create):"
+    create_slice
+    if [[ $QUEUED == 1 ]]; then
+      echo "# wait until '${GCLOUD_TPU[*]} queued-resources describe $QR_ID' says ACTIVE"
+    fi
+    return 0
+  fi
+  local state created=0
+  state="$(slice_state)"
+  while true; do
+    if [[ $state == READY || $state == ACTIVE ]]; then
+      echo "tpu_pod.sh: slice $NAME is $state"
+      return 0
+    elif [[ $state == ABSENT ]]; then
+      echo "tpu_pod.sh: no slice $NAME: creating it" >&2
+      create_slice
+      created=1
+    elif dead_state "$state"; then
+      [[ $created == 0 ]] || die "slice $NAME is $state right after it was created"
+      echo "tpu_pod.sh: slice $NAME is $state: deleting it and creating it again" >&2
+      delete_slice
+      create_slice
+      created=1
+    else  # CREATING, WAITING_FOR_RESOURCES, PROVISIONING, ...: wait
+      echo "tpu_pod.sh: slice $NAME is $state; waiting" >&2
+      sleep "$POLL_S"
+    fi
+    state="$(slice_state)"
+  done
 }
 
 step_install() {
@@ -164,7 +221,7 @@ step_install() {
     echo "tpu_pod.sh: note: uncommitted changes are not shipped (only $REF)" >&2
   fi
   run "${GCLOUD_TPU[@]}" tpu-vm scp "$archive" "$NAME:neo-jax.tar.gz" "${LOCATION[@]}" --worker=all
-  # replace the code, keep the venv and the logs; install; mount the bucket where all see it
+  # replace the code, keep the venv and the logs; install
   on_all_workers "set -euo pipefail
 mkdir -p $REMOTE_DIR/logs
 find $REMOTE_DIR -mindepth 1 -maxdepth 1 ! -name .venv ! -name logs -exec rm -rf {} +
@@ -175,20 +232,36 @@ if [ -z \"\$PY\" ]; then
   sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv
   PY=python3.11
 fi
-bash $REMOTE_DIR/launch/install.sh --python \"\$PY\" tpu
-if ! command -v gcsfuse > /dev/null; then
-  echo 'deb https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list
-  curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /etc/apt/trusted.gpg.d/gcsfuse.asc > /dev/null
-  sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
-fi
-mkdir -p $MOUNT
-mountpoint -q $MOUNT || gcsfuse --implicit-dirs --rename-dir-limit=200000 $BUCKET $MOUNT"
+bash $REMOTE_DIR/launch/install.sh --python \"\$PY\" tpu"
 }
+
+# XLA flags of TPU training (libtpu reads LIBTPU_INIT_ARGS), each for overlapping the
+# collectives that FSDP and data parallelism add with the matmuls:
+#   xla_tpu_enable_async_collective_fusion (+ _fuse_all_gather, _multiple_steps)
+#       run the all-gathers of sharded weights as asynchronous fusions that the scheduler
+#       can start several steps (layers) ahead, so the next layer's weights arrive while
+#       this one computes
+#   xla_tpu_overlap_compute_collective_tc
+#       let the TensorCore compute while those collectives run
+#   xla_enable_async_all_gather / xla_enable_async_all_reduce
+#       split the collectives into start/done pairs the latency-hiding scheduler moves apart
+#   xla_tpu_enable_data_parallel_all_reduce_opt, xla_tpu_data_parallel_opt_different_sized_ops
+#       pipeline the gradient reductions of the data axis (over DCN between slices) across
+#       the backward pass instead of one reduction at its end
+# LIBTPU_INIT_ARGS set on the workers is appended (a flag given twice: the last one wins).
+TPU_XLA_FLAGS="--xla_tpu_enable_async_collective_fusion=true \
+--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true \
+--xla_tpu_enable_async_collective_fusion_multiple_steps=true \
+--xla_tpu_overlap_compute_collective_tc=true \
+--xla_enable_async_all_gather=true --xla_enable_async_all_reduce=true \
+--xla_tpu_enable_data_parallel_all_reduce_opt=true \
+--xla_tpu_data_parallel_opt_different_sized_ops=true"
 
 step_train() {
   local cmd
-  cmd="cd $REMOTE_DIR && .venv/bin/neo-jax train $(quote_all --config "$CONFIG" \
-    "--config.workdir=$MOUNT/$RUN_PATH" "${TRAIN_ARGS[@]}")"
+  cmd="cd $REMOTE_DIR && LIBTPU_INIT_ARGS=\"$TPU_XLA_FLAGS \${LIBTPU_INIT_ARGS:-}\" \
+.venv/bin/neo-jax train $(quote_all --config "$CONFIG" "--config.workdir=$WORKDIR" \
+    "${TRAIN_ARGS[@]}")"
   if [[ $DETACH == 1 ]]; then
     on_all_workers "mkdir -p $REMOTE_DIR/logs && nohup bash -c $(printf '%q' "$cmd") \
 >> $LOG 2>&1 < /dev/null & echo started on \$(hostname)"
@@ -197,19 +270,46 @@ step_train() {
   fi
 }
 
+# train, and after a preemption re-create the slice (or keep it) and resume, --restarts times
+step_train_watched() {
+  local restarts=0 rc state
+  while true; do
+    rc=0
+    step_train || rc=$?
+    [[ $rc == 0 ]] && return 0
+    state="$(slice_state)"
+    if [[ $state == READY || $state == ACTIVE ]]; then
+      # a stop by signal (143 SIGTERM: maintenance event; 129 SIGHUP; 255: ssh lost) on a slice
+      # that is still up resumes there; any other failure is the run's own: stop
+      case "$rc" in
+        129|130|143|255) ;;
+        *) die "training failed (exit status $rc) on slice $NAME ($state); not restarting" ;;
+      esac
+    fi
+    (( restarts < RESTARTS )) || die "slice $NAME is $state after $restarts restart(s) (--restarts)"
+    restarts=$((restarts + 1))
+    echo "tpu_pod.sh: training stopped (exit status $rc), slice $NAME is $state: restart" \
+      "$restarts of $RESTARTS, resuming from the newest checkpoint in $WORKDIR" >&2
+    if [[ $state != READY && $state != ACTIVE ]]; then
+      step_up
+      step_install
+    fi
+  done
+}
+
 step_logs() {
   on_all_workers "tail -n 50 -F $LOG | $PREFIX"
 }
 
 step_down() {
-  if [[ $QUEUED == 1 ]]; then
-    run "${GCLOUD_TPU[@]}" queued-resources delete "$QR_ID" "${LOCATION[@]}" --force --quiet
-  else
-    run "${GCLOUD_TPU[@]}" tpu-vm delete "$NAME" "${LOCATION[@]}" --quiet
-  fi
+  delete_slice
 }
 
 for step in "${STEP_LIST[@]}"; do
   echo "== $step" >&2
-  "step_$step"
+  if [[ $step == train && $DETACH == 0 && $DRY_RUN == 0 ]]; then
+    step_train_watched
+  else
+    "step_$step"
+  fi
 done

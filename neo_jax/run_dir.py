@@ -23,18 +23,26 @@ loading leaves it where it is.
 Training writes it (neo_jax.trainer.checkpoint saves the steps); `neo_jax.convert` registers it
 as a checkpoint kind, so `neo-jax generate|eval|compare-logits|convert --checkpoint WORKDIR`
 read the newest checkpoint of a run. Both import this module; it imports neither.
+
+WORKDIR is a local path or a URL that etils.epath and orbax both write, e.g. gs://BUCKET/PATH
+(gcsfs installed). Every file of the run goes through `path()`; orbax writes the steps to the
+bucket itself and marks a finished step with a commit file (a local step is renamed into place
+when finished), so a save cut short never leaves a step that `latest_step` would return.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Iterable, Optional, TypeVar
+import tempfile
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from neo_jax.config import NeoConfig
 from neo_jax.errors import UserError, describe_failure, read_or_reason
@@ -54,19 +62,29 @@ DAMAGED_DIR = "damaged_checkpoints"
 HOLDS = f"{MODEL_CONFIG_FILE} + {TRAIN_CONFIG_FILE} + {CHECKPOINT_DIR}/<step>/"
 
 
-def is_run_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
-          and os.path.isfile(os.path.join(path, TRAIN_CONFIG_FILE))
-          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+def is_remote(workdir: str | os.PathLike) -> bool:
+  """A URL (gs://...) rather than a local path."""
+  return "://" in os.fspath(workdir)
+
+
+def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
+  """WORKDIR/parts as an epath.Path: local paths absolute, URLs as they are."""
+  text = os.fspath(workdir)
+  return epath.Path(text if is_remote(text) else os.path.abspath(text)).joinpath(*parts)
+
+
+def is_run_dir(workdir: str | os.PathLike) -> bool:
+  return (path(workdir, MODEL_CONFIG_FILE).is_file()
+          and path(workdir, TRAIN_CONFIG_FILE).is_file()
+          and path(workdir, CHECKPOINT_DIR).is_dir())
 
 
 def saved_steps(workdir: str) -> list[int]:
   """The steps with a checkpoint directory, oldest first (a listing: no orbax involved)."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  directory = path(workdir, CHECKPOINT_DIR)
+  if not directory.is_dir():
     return []
-  return sorted(int(n) for n in os.listdir(directory)
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 class UnreadableStep(UserError):
@@ -80,7 +98,7 @@ class UnreadableStep(UserError):
 def read_step(directory: str, step: int, item: str, read: Callable[[], T]) -> T:
   """`read()` of the folder `item` of one step; any failure (the folder missing, a file in it
   truncated or removed) becomes UnreadableStep naming the item."""
-  if not os.path.isdir(os.path.join(directory, str(step), item)):
+  if not path(directory, str(step), item).is_dir():
     raise UnreadableStep(directory, step, f"{item}/ is missing")
   result, reason = read_or_reason(read)
   if reason is not None:
@@ -115,17 +133,17 @@ def set_aside(workdir: str, steps: Iterable[int]) -> list[str]:
   that a resumed run can save those steps again; returns where they went."""
   moved = []
   for step in steps:
-    source = os.path.join(workdir, CHECKPOINT_DIR, str(step))
-    if not os.path.isdir(source):
+    source = path(workdir, CHECKPOINT_DIR, str(step))
+    if not source.is_dir():
       continue
-    target = os.path.join(workdir, DAMAGED_DIR, str(step))
+    target = path(workdir, DAMAGED_DIR, str(step))
     n = 0
-    while os.path.exists(target):
+    while target.exists():
       n += 1
-      target = os.path.join(workdir, DAMAGED_DIR, f"{step}.{n}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(source, target)
-    moved.append(target)
+      target = path(workdir, DAMAGED_DIR, f"{step}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    moved.append(os.fspath(target))
   return moved
 
 
@@ -136,59 +154,103 @@ def checkpoint_manager(workdir: str, *, max_to_keep: Optional[int] = 3, async_sa
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep, create=not read_only,
       enable_async_checkpointing=async_save and not read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options)
+  return ocp.CheckpointManager(path(workdir, CHECKPOINT_DIR), options=options)
+
+
+@contextlib.contextmanager
+def staged(workdir: str | os.PathLike) -> Iterator[str]:
+  """A local directory whose files end up in WORKDIR: WORKDIR itself when it is local, else a
+  temporary directory copied to the URL on exit (for writers that only know local files)."""
+  if not is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    yield os.fspath(workdir)
+    return
+  with tempfile.TemporaryDirectory() as local:
+    yield local
+    target = path(workdir)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(local)):
+      epath.Path(local, name).copy(target / name, overwrite=True)
+
+
+class _Rewritten:
+  """A text file opened for appending on storage that cannot append (object stores): the
+  whole file is written again at every flush."""
+
+  def __init__(self, target: epath.Path):
+    self.target = target
+    self.text = target.read_text() if target.exists() else ""
+
+  def write(self, text: str) -> None:
+    self.text += text
+
+  def flush(self) -> None:
+    self.target.write_text(self.text)
+
+  def close(self) -> None:
+    self.flush()
+
+
+def open_append(workdir: str | os.PathLike, name: str):
+  """WORKDIR/name opened for appending text (created with WORKDIR if missing)."""
+  if not is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
+    return open(os.path.join(workdir, name), "a")
+  path(workdir).mkdir(parents=True, exist_ok=True)
+  return _Rewritten(path(workdir, name))
 
 
 def write_run_files(workdir: str, model_config: NeoConfig, train_config_json: str) -> None:
   """config.json (architecture, HF NEO form) and train_config.json (the whole recipe)."""
-  os.makedirs(workdir, exist_ok=True)
-  model_config.save_hf(workdir, torch_dtype=model_config.param_dtype)
-  with open(os.path.join(workdir, TRAIN_CONFIG_FILE), "w") as f:
-    f.write(train_config_json)
+  with staged(workdir) as local:
+    model_config.save_hf(local, torch_dtype=model_config.param_dtype)
+    with open(os.path.join(local, TRAIN_CONFIG_FILE), "w") as f:
+      f.write(train_config_json)
 
 
 def run_model_config(workdir: str, **compute: Any) -> NeoConfig:
   """The NeoConfig a run trains: every field, from train_config.json's `model` section
   (config.json is the HF form for other tools; it does not carry every field)."""
-  path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+  config_path = path(workdir, TRAIN_CONFIG_FILE)
   try:
-    with open(path, encoding="utf-8") as f:
-      recipe = json.load(f)
+    recipe = json.loads(config_path.read_bytes().decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: not valid JSON ({describe_failure(e)}); the run directory's "
-                    "recipe is damaged: restore it from a copy (its `model` section says what "
-                    "the checkpoints hold)") from None
+    raise UserError(f"{config_path}: not valid JSON ({describe_failure(e)}); the run "
+                    "directory's recipe is damaged: restore it from a copy (its `model` section "
+                    "says what the checkpoints hold)") from None
   if not isinstance(recipe, dict) or not isinstance(recipe.get("model", {}), dict):
-    raise UserError(f"{path}: expected a JSON object with a `model` section; restore the "
-                    "file from a copy")
+    raise UserError(f"{config_path}: expected a JSON object with a `model` section; restore "
+                    "the file from a copy")
   names = {f.name for f in dataclasses.fields(NeoConfig)}
   fields = {k: v for k, v in recipe.get("model", {}).items() if k in names}
   fields.update(compute)
   try:
     return NeoConfig(**fields)
   except (TypeError, ValueError) as e:
-    raise UserError(f"{path}: bad model section ({e})") from None
+    raise UserError(f"{config_path}: bad model section ({e})") from None
 
 
-def load_run_params(path: str, shardings: Optional[Any] = None, step: Optional[int] = None,
+def load_run_params(workdir: str, shardings: Optional[Any] = None, step: Optional[int] = None,
                     **compute: Any) -> tuple[dict, NeoConfig]:
   """(params, NeoConfig) of the newest (or `step`) checkpoint of a training run directory.
 
   Same contract as the loaders of `neo_jax.convert.load_checkpoint`: `compute` sets NeoConfig
-  computation fields (`param_dtype` casts), `shardings` places the leaves (default: device 0).
+  computation fields (`param_dtype` casts), `shardings` places the leaves (a tree, or a
+  function of the run's NeoConfig; default: device 0).
   """
-  path = os.path.abspath(os.fspath(path))
-  if not is_run_dir(path):
-    raise UserError(f"{path}: not a training run directory (expected {HOLDS})")
-  config = run_model_config(path, **compute)
+  where = path(workdir)
+  if not is_run_dir(where):
+    raise UserError(f"{where}: not a training run directory (expected {HOLDS})")
+  config = run_model_config(where, **compute)
+  if callable(shardings):  # of the run's model: orbax reads only what they hold
+    shardings = shardings(config)
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_params(config))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_params(config), shardings)
-  directory = os.path.join(path, CHECKPOINT_DIR)
-  manager = checkpoint_manager(path, async_save=False, read_only=True)
+  directory = os.fspath(path(where, CHECKPOINT_DIR))
+  manager = checkpoint_manager(where, async_save=False, read_only=True)
 
   def attempt(s: int) -> dict:
     return read_step(directory, s, "params", lambda: manager.restore(
@@ -204,7 +266,7 @@ def load_run_params(path: str, shardings: Optional[Any] = None, step: Optional[i
       except UnreadableStep as e:
         raise UserError(f"{e}; read another step (saved: {saved})") from None
     if not saved:
-      raise UserError(f"{path}: the run has no checkpoint yet")
+      raise UserError(f"{where}: the run has no checkpoint yet")
     _, params, _ = read_newest(directory, saved, attempt)
   finally:
     manager.close()

@@ -87,7 +87,9 @@ def test_stage_recipes_match_the_published_scripts(name):
   assert o.min_lr_ratio == pytest.approx(min_ratio)
   assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.95, 1e-8, 0.01, 1.0)
   assert (c.data.seq_len, c.model.min_pixels, c.model.max_pixels) == (seq_len, 65_536, max_px)
-  assert c.data.batch_size == 8 * accum
+  # one packed row per GPU: the global batch of NEO's 8 GPUs, and twice it on 16
+  assert (c.data.batch_size, c.data.rows_per_shard) == (0, 1)
+  assert batches.global_rows(c, 8) == 8 * accum and batches.global_rows(c, 16) == 16 * accum
   model = config_lib.model_config(c)
   assert (model.dtype, model.param_dtype, model.remat_policy) == ("bfloat16", "float32", "full")
   assert c.init.format == ("qwen3" if name.endswith("pretrain") else "neo")
@@ -120,7 +122,8 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.optimizer=1"], "--config.optimizer: is a group of fields"),
     (["--config.stage=warmup"], "stage='warmup' is not one of"),
     (["--config.model.num_key_value_heads=3"], "config.model: NeoConfig: num_attention_heads"),
-    (["--config.grad_accum_steps=3"], "data.batch_size=4 is not divisible by grad_accum_steps=3"),
+    (["--config.grad_accum_steps=3", "--config.data.batch_size=4"],
+     "data.batch_size=4 is not divisible by grad_accum_steps=3"),
     (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
     (["--config.data.weights=(1,)"], "data.weights has 1 entries for 2 data.sources"),
     (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),

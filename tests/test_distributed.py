@@ -177,12 +177,3 @@ def test_topology_describes_the_mesh_over_processes():
   assert info["processes_per_axis"] == {"data": 1, "fsdp": 1, "tensor": 1}
   assert "1 process(es), this is 0; 8 local / 8 global cpu devices" in \
       distributed.describe_topology(mesh)
-
-
-def test_train_refuses_a_bucket_url_as_run_directory(capsys):
-  from pathlib import Path
-  from neo_jax.cli import main
-  config = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py") + ":tiny"
-  assert main(["train", "--config", config, "--config.workdir=gs://bucket/run"]) == 2
-  err = capsys.readouterr().err
-  assert "gs://bucket/run" in err and "gcsfuse" in err

@@ -182,12 +182,14 @@ def _env(**extra: str) -> dict[str, str]:
   return env
 
 
-def _run(commands: Sequence[tuple[list[str], dict[str, str]]], log_dir: Path) -> list[str]:
-  """Starts the processes together, waits for all; returns their logs. Fails on any error."""
+def _run(commands: Sequence[tuple[list[str], dict[str, str]]], log_dir: Path,
+         script: str = __file__) -> list[str]:
+  """Starts the processes (`script` with each command's arguments) together, waits for all;
+  returns their logs. Fails on any error."""
   procs = []
   for k, (args, env) in enumerate(commands):
     log = open(log_dir / f"proc{k}.log", "w")
-    procs.append((subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=REPO,
+    procs.append((subprocess.Popen([sys.executable, script, *args], env=env, cwd=REPO,
                                    stdout=log, stderr=subprocess.STDOUT), log))
   deadline = time.monotonic() + WORKER_TIMEOUT_S
   try:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 
 import jax
 from absl import logging as absl_logging
 
-from neo_jax import stage
-from neo_jax.errors import UserError
+from neo_jax import run_dir, stage
 from neo_jax.parallel import distributed, make_mesh
 from neo_jax.parallel.distributed import parse_device_ids
 from neo_jax.trainer import config as config_lib
@@ -97,10 +95,6 @@ def run(args: argparse.Namespace) -> int:
     print(config_lib.to_json(config), end="")
     return 0
   setup_logging(args.log_level)
-  if "://" in config.workdir:
-    raise UserError(f"config.workdir={config.workdir!r}: the run directory is a local or "
-                    "mounted path; mount a bucket with gcsfuse (launch/tpu_pod.sh does) and "
-                    "give its mount point (docs/multihost.md)")
   # before anything touches a device: joining a process group must come first
   distributed.initialize(getattr(args, "coordinator", None),
                          getattr(args, "num_processes", None),
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                          getattr(args, "local_device_ids", None))
   _log_topology(config)
   result = stage.train(config)  # NonFiniteError / SkippedUpdatesError: one line, status 1
-  where = os.path.abspath(result.workdir)
+  where = run_dir.path(result.workdir)
   if result.status == "interrupted":
     print(f"neo-jax train: stopped by {result.signal} at step {result.step}; checkpoint saved "
           f"in {where}; run the same command to resume", file=sys.stderr)

@@ -83,6 +83,10 @@ class TensorSet:
   def __getitem__(self, key: str) -> np.ndarray:
     return self._files[self._where[key]][key]
 
+  def read(self, key: str, index: tuple = ()) -> np.ndarray:
+    """A copy of one slice of a tensor, its pages released after (SafetensorsFile.read)."""
+    return self._files[self._where[key]].read(key, index)
+
 
 def parse_size(text: str) -> int:
   """"5GB" / "500MB" / "2GiB" / "123" -> bytes (decimal units as HF, binary with "i")."""

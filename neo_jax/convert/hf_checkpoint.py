@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from neo_jax.config import DTYPES, NeoConfig
 from neo_jax.convert import files
-from neo_jax.convert.mapping import EMBED_KEY, LM_HEAD_KEY, HFTensors, params_from_hf
+from neo_jax.convert.mapping import (EMBED_KEY, LM_HEAD_KEY, HFTensors, params_from_hf,
+                                     sharded_params_from_hf)
 from neo_jax.convert.progress import progress_bar
 from neo_jax.convert.safetensors_io import TensorSpec
 from neo_jax.errors import UserError
@@ -62,11 +63,14 @@ def stored_param_dtype(params: Mapping) -> str:
 
 
 def read_hf_neo(directory: str, *, progress: Optional[bool] = None,
+                shardings: Optional[Callable[[NeoConfig], Any]] = None,
                 **compute: Any) -> tuple[dict, NeoConfig]:
   """Loads an HF NEO directory as (numpy parameter tree, NeoConfig).
 
   `compute` sets NeoConfig's computation fields; `param_dtype` there casts every leaf,
   otherwise leaves keep their stored dtypes and config.param_dtype names the embedding's.
+  `shardings(config)` (a tree of shardings) gives jax arrays on them instead, each process
+  reading only the slices of the tensors its devices hold.
   """
   directory = os.fspath(directory)
   hf = read_config_json(directory)
@@ -75,11 +79,15 @@ def read_hf_neo(directory: str, *, progress: Optional[bool] = None,
   config = neo_config_from_dict(hf, os.path.join(directory, CONFIG_FILE), **compute)
   config = config.replace(tie_word_embeddings=LM_HEAD_KEY not in tensors)
   shapes = tensors.shapes()
-  with progress_bar(len(shapes), f"reading {os.path.basename(directory.rstrip('/'))}",
-                    progress) as bar:
-    params = params_from_hf(tensors.__getitem__, shapes, tensors.dtypes(), config,
-                            dtype=None if cast is None else np.dtype(cast),
-                            on_tensor=lambda _: bar.update())
+  if shardings is not None:
+    params = sharded_params_from_hf(tensors.read, shapes, tensors.dtypes(), config,
+                                    shardings(config), dtype=None if cast is None else cast)
+  else:
+    with progress_bar(len(shapes), f"reading {os.path.basename(directory.rstrip('/'))}",
+                      progress) as bar:
+      params = params_from_hf(tensors.__getitem__, shapes, tensors.dtypes(), config,
+                              dtype=None if cast is None else np.dtype(cast),
+                              on_tensor=lambda _: bar.update())
   if cast is None:
     config = config.replace(param_dtype=stored_param_dtype(params))
   return params, config

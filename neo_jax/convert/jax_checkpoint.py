@@ -104,8 +104,10 @@ def load_params(directory: str, shardings: Optional[Any] = None,
                     f"missing or unreadable){damaged}")
   _check_shapes(stored, config, params_path)
   cast = compute.get("param_dtype")
+  if callable(shardings):
+    shardings = shardings(config)
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, stored)
   target = jax.tree.map(
       lambda meta, sharding: jax.ShapeDtypeStruct(

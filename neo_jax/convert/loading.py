@@ -66,15 +66,18 @@ def load_checkpoint(path: str, shardings: Optional[Any] = None,
   """(params, NeoConfig) from any registered kind of checkpoint directory.
 
   `compute` sets NeoConfig's computation fields (dtype, param_dtype, attention_impl, ...);
-  `param_dtype` casts the parameters. `shardings` (a tree of jax.sharding.Sharding) places
-  them; by default they land on the first device.
+  `param_dtype` casts the parameters. `shardings` (a tree of jax.sharding.Sharding, or a
+  function of the checkpoint's NeoConfig returning one) places them, each process reading
+  only what its devices hold; by default they land on this process's first device.
   """
   return detect_kind(path).load(os.fspath(path), shardings=shardings, **compute)
 
 
 def _load_hf(path: str, shardings: Optional[Any] = None, **compute: Any):
+  if callable(shardings):  # each process reads the slices its devices hold
+    return hf_checkpoint.read_hf_neo(path, shardings=shardings, **compute)
   params, config = hf_checkpoint.read_hf_neo(path, **compute)
-  target = shardings if shardings is not None else jax.devices()[0]
+  target = shardings if shardings is not None else jax.local_devices()[0]
   return jax.device_put(params, target), config
 
 

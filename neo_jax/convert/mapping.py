@@ -228,6 +228,52 @@ def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Seque
   return params
 
 
+def _leaf_slice(read: Callable[[str, tuple], np.ndarray], key: str, loc: Location,
+                index: tuple, config: NeoConfig) -> np.ndarray:
+  """`index` of one HF tensor's leaf layout, reading only that slice where the layout is a
+  transpose or a copy (every large tensor), else the whole (small) tensor."""
+  transform = loc.entry.transform
+  if transform is COPY:
+    return read(key, index)
+  if transform is LINEAR:
+    rows, cols = index
+    return read(key, (cols, rows)).T
+  return np.asarray(transform.to_params(read(key, ()), config))[index]
+
+
+def sharded_params_from_hf(read: Callable[[str, tuple], np.ndarray],
+                           shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, np.dtype],
+                           config: NeoConfig, shardings: Any,
+                           dtype: Optional[np.dtype] = None) -> dict:
+  """HF tensors -> parameter tree of jax arrays placed on `shardings`, each process reading
+  only the slices its devices hold (`read(key, index)` returns a slice of one HF tensor)."""
+  check_tensors(shapes, config)
+  locs = locations(config)
+  groups: dict[ParamPath, list[str]] = {}
+  for key, loc in locs.items():
+    groups.setdefault(loc.path, []).append(key)
+  params: dict = {}
+  for path, keys in groups.items():
+    loc0 = locs[keys[0]]
+    leaf_dtype = (np.dtype(dtype) if dtype is not None
+                  else np.result_type(*(dtypes[k] for k in keys)))
+    shape = _leaf_shape(shapes[keys[0]], loc0, config)
+    stacked = loc0.index is not None
+    if stacked:
+      shape = (len(keys),) + shape
+
+    def piece(index, keys=keys, loc0=loc0, stacked=stacked, leaf_dtype=leaf_dtype):
+      index = tuple(index)
+      if not stacked:
+        return _leaf_slice(read, keys[0], loc0, index, config).astype(leaf_dtype, copy=False)
+      layers = range(*index[0].indices(len(keys)))
+      return np.stack([_leaf_slice(read, keys[i], locs[keys[i]], index[1:], config)
+                       for i in layers]).astype(leaf_dtype, copy=False)
+
+    _set(params, path, jax.make_array_from_callback(shape, _get(shardings, path), piece))
+  return params
+
+
 class HFTensors:
   """The HF view of a parameter tree: specs up front, each tensor computed on demand."""
 

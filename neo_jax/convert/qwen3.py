@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ from neo_jax.config import NeoConfig
 from neo_jax.convert import files
 from neo_jax.convert.hf_checkpoint import read_config_json, stored_param_dtype
 from neo_jax.convert.mapping import (EMBED_KEY, GLOBAL_ENTRIES, LAYER_ENTRIES, LAYER_PREFIX,
-                                     LM_HEAD_KEY, expected_hf_shapes, locations, params_from_hf)
+                                     LM_HEAD_KEY, expected_hf_shapes, locations, params_from_hf,
+                                     sharded_params_from_hf)
 from neo_jax.convert.progress import progress_bar
 from neo_jax.errors import UserError
 from neo_jax.model.vision import PatchEmbedding
@@ -150,11 +151,14 @@ def vision_init_hf(config: NeoConfig, seed: int) -> dict[str, np.ndarray]:
 
 def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
                  dtype: Optional[str] = None, progress: Optional[bool] = None,
+                 shardings: Optional[Callable[[NeoConfig], Any]] = None,
                  **fields: Any) -> tuple[dict, NeoConfig]:
   """(numpy params, NeoConfig) of a NEO initialised from the Qwen3 directory `src`.
 
   Leaves take the dtype of Qwen3's embedding unless `dtype` is given; `fields` are extra
   NeoConfig fields (vision_hidden_size, rope_theta_vision, rope_theta_hw, ...).
+  `shardings(config)` gives jax arrays on those shardings instead, each process reading only
+  the slices of Qwen3's tensors its devices hold (new tensors are made whole, then sliced).
   """
   src = os.fspath(src)
   qwen = read_config_json(src)
@@ -188,6 +192,17 @@ def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
       return q_proj_hw_from_q_proj(np.asarray(tensors[qwen_q]), config.num_attention_heads)
     raise AssertionError(f"no rule for {key}")
 
+  if shardings is not None:
+    def read_slice(key: str, index: tuple) -> np.ndarray:
+      if key in neo_to_qwen:
+        return tensors.read(neo_to_qwen[key], index)
+      if key == LM_HEAD_KEY:
+        return tensors.read("model.embed_tokens.weight", index)
+      return np.asarray(read(key))[index]
+
+    params = sharded_params_from_hf(read_slice, neo_shapes, {k: out_dtype for k in locs},
+                                    config, shardings(config), dtype=out_dtype)
+    return params, config.replace(param_dtype=stored_param_dtype(params))
   with progress_bar(len(locs), "initialising NEO from Qwen3", progress) as bar:
     params = params_from_hf(read, neo_shapes, {k: out_dtype for k in locs}, config,
                             dtype=out_dtype, on_tensor=lambda _: bar.update())

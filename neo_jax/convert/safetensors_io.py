@@ -119,6 +119,19 @@ class SafetensorsFile:
     array = np.frombuffer(self._map, dtype=dtype, count=count, offset=self._data_start + begin)
     return array.reshape(shape)
 
+  def read(self, name: str, index: tuple = ()) -> np.ndarray:
+    """A copy of `file[name][index]`; the file's pages it touched are handed back to the OS, so
+    reading one slice of each tensor keeps only those slices in memory (sharded loading)."""
+    out = np.array(self[name][index])
+    dtype, shape, begin = self._entries[name]
+    start = self._data_start + begin
+    length = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    page = mmap.PAGESIZE
+    aligned = start - start % page
+    if length and hasattr(self._map, "madvise"):
+      self._map.madvise(mmap.MADV_DONTNEED, aligned, start + length - aligned)
+    return out
+
 
 class TensorSpec:
   """What a writer needs to lay out a tensor before computing it: name, shape, dtype."""

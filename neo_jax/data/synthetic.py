@@ -11,7 +11,7 @@ and resume is exact.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class SyntheticSpec:
   seed: int = 0
   num_processes: int = 1
   process_index: int = 0
+  # global row index of each row this process makes (default: the process's block,
+  # process_index * batch_size + 0 .. batch_size - 1)
+  row_ids: Optional[tuple[int, ...]] = None
 
   @classmethod
   def for_model(cls, config: NeoConfig, **fields) -> "SyntheticSpec":
@@ -128,10 +131,13 @@ def synthetic_row(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, np
 
 
 def synthetic_batch(spec: SyntheticSpec, step: int) -> dict[str, np.ndarray]:
-  """This process's rows of global batch `step`."""
+  """This process's rows of global batch `step` (row r of the global batch is a function of
+  (seed, step, r) alone)."""
   first = spec.process_index * spec.batch_size
-  rows = [synthetic_row(np.random.default_rng([spec.seed, step, first + r]), spec)
-          for r in range(spec.batch_size)]
+  ids = spec.row_ids if spec.row_ids is not None else range(first, first + spec.batch_size)
+  if len(ids) != spec.batch_size:
+    raise ValueError(f"{len(ids)} row ids for a batch of {spec.batch_size} rows")
+  rows = [synthetic_row(np.random.default_rng([spec.seed, step, r]), spec) for r in ids]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 

@@ -15,14 +15,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from neo_jax.data.pipeline import read_vqa_eval
 from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import vqa_answer_fn
-from neo_jax.parallel.sharding import RULES, batch_shardings, batch_spec, replicated, shard_batch
+from neo_jax.parallel.sharding import RULES, batch_shardings, local_rows, replicated, shard_batch
 from neo_jax.trainer import batches
 from neo_jax.trainer.loop import Trainer
 from neo_jax.trainer.hooks import Evaluator
@@ -91,10 +90,12 @@ def heldout_batches(config: ml_collections.ConfigDict, trainer: Trainer) -> list
   """`eval.heldout_batches` batches of `eval.split` (of `eval.sources` when set), with the
   objective's per-batch arrays (e.g. reference log-probs) added once: they are fixed."""
   changes = {"sources": tuple(config.eval.sources)} if config.eval.sources else {}
-  held = batches.make_iterator(config, trainer.model_config, split=config.eval.split, **changes)
+  held = batches.make_iterator(config, trainer.model_config, split=config.eval.split,
+                               layout=getattr(trainer, "layout", None), **changes)
   out = [next(held) for _ in range(config.eval.heldout_batches)]
   if trainer.batch_fn is not None:
-    out = [{**b, **_local_rows(trainer.batch_fn(shard_batch(b, trainer.mesh)), trainer.mesh)}
+    out = [{**b, **{k: local_rows(v, trainer.mesh)
+                     for k, v in trainer.batch_fn(shard_batch(b, trainer.mesh)).items()}}
            for b in out]
   return out
 
@@ -114,14 +115,3 @@ def from_config(config: ml_collections.ConfigDict, trainer: Trainer) -> list[Eva
                                 min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
     evaluators.append(VqaExactMatch(read_vqa_eval("test", e.vqa_examples), generate_fn))
   return evaluators
-
-
-def _local_rows(arrays: Mapping[str, jax.Array], mesh: Mesh) -> dict[str, np.ndarray]:
-  """This process's rows of batch-sharded global arrays, as numpy."""
-  out = {}
-  for key, x in arrays.items():
-    if not x.is_fully_addressable:
-      x = multihost_utils.global_array_to_host_local_array(x, mesh, batch_spec(x.ndim))
-    out[key] = np.asarray(x)
-  return out
-

@@ -34,10 +34,12 @@ import logging
 import math
 import os
 import re
+import signal
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from neo_jax.errors import UserError
 
@@ -365,6 +367,21 @@ def process_group() -> Optional[ProcessGroup]:
 def is_primary() -> bool:
   """True on the process that writes logs and metadata (process 0)."""
   return jax.process_index() == 0
+
+
+def preemption_service_active(counter: int = 0) -> bool:
+  """True when JAX's preemption service can coordinate a stop: a process group with the
+  service on, whose SIGTERM handler (installed by JAX in C) is not replaced by a Python one.
+  `counter` is the caller's current sync-point counter (the probe reports it). Every process
+  gets the same answer (the processes compare theirs), so all of them stop the same way."""
+  if jax.process_count() <= 1:
+    return False
+  try:
+    multihost_utils.reached_preemption_sync_point(counter)  # raises without the service
+    usable = not callable(signal.getsignal(signal.SIGTERM))
+  except RuntimeError:
+    usable = False
+  return bool(np.min(multihost_utils.process_allgather(np.int32(usable))))
 
 
 def topology(mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from neo_jax.parallel.layout import shards_by_process
 from neo_jax.parallel.mesh import BATCH_AXES, MESH_AXES
 
 Rules = tuple[tuple[str, Any], ...]
@@ -137,19 +138,42 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                 shardings: Optional[Mapping[str, NamedSharding]] = None) -> dict[str, jax.Array]:
-  """Global jax arrays from this process's slice of the batch (multi-process safe).
+  """Global jax arrays from this process's rows of the batch (multi-process safe).
 
-  Each process passes its own rows [B_local, ...]; the global batch is their concatenation in
-  process order, split over (data, fsdp).
+  Each process passes the rows of the batch shards its devices hold, in shard order
+  (neo_jax/parallel/layout.py): with one process, the whole batch; with processes holding
+  distinct shards, their blocks in order; processes of one tensor group pass the same rows.
   """
   shardings = shardings or batch_shardings(local_batch, mesh)
+  held = shards_by_process(mesh)[jax.process_index()]
+  n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   out = {}
   for key, value in local_batch.items():
     value = np.asarray(value)
-    n_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-    global_rows = value.shape[0] * jax.process_count()
-    if global_rows % n_shards:
-      raise ValueError(f"batch: global batch {global_rows} (key {key!r}) is not divisible by "
-                       f"data*fsdp = {n_shards}; change data.batch_size or the mesh")
-    out[key] = jax.make_array_from_process_local_data(shardings[key], value)
+    if value.shape[0] % len(held):
+      raise ValueError(f"batch: {value.shape[0]} local rows (key {key!r}) do not split over "
+                       f"the {len(held)} batch shards this process holds; change "
+                       "data.batch_size or the mesh")
+    per = value.shape[0] // len(held)
+    offset = {k: i * per for i, k in enumerate(held)}
+
+    def rows(index, value=value, per=per, offset=offset):
+      start = index[0].start or 0
+      at = offset[start // per] + start % per
+      stop = at + ((index[0].stop or n_shards * per) - start)
+      return value[(slice(at, stop),) + tuple(index[1:])]
+
+    out[key] = jax.make_array_from_callback((n_shards * per,) + value.shape[1:],
+                                            shardings[key], rows)
   return out
+
+
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (its shards in order), as numpy:
+  the inverse of `shard_batch`."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  held = shards_by_process(mesh)[jax.process_index()]
+  per = x.shape[0] // math.prod(mesh.shape[a] for a in BATCH_AXES)
+  by_start = {(s.index[0].start or 0): s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(by_start[k * per]) for k in held])

@@ -1,14 +1,17 @@
 """Batches for the trainer from `config.data`: the grain pipeline of neo_jax.data, or synthetic
 ones (next-token rows, or preference pairs when `data.kind` is "preference").
 
-Both yield this process's rows of the global batch (`config.data.batch_size` rows over all
-processes) as numpy arrays following the batch contract, and expose `get_state()` /
-`set_state()` (exact resume) and `stats()` (skip / drop counters for the metrics).
+Both yield this process's rows of the global batch as numpy arrays following the batch
+contract: the rows of the batch shards its devices hold (a `BatchLayout`,
+neo_jax/parallel/layout.py; processes of one data group read the same stream), and expose
+`get_state()` / `set_state()` (exact resume) and `stats()` (skip / drop counters for the
+metrics). The global batch is `config.data.batch_size` rows per update, or, when that is 0,
+`data.rows_per_shard` rows for each batch shard of each micro-batch (`global_rows`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -19,13 +22,23 @@ from neo_jax.data.synthetic import SyntheticIterator, SyntheticSpec
 from neo_jax.data.synthetic_pairs import PairIterator, PairSpec
 from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
+from neo_jax.parallel.layout import BatchLayout
 
 
-def rows_per_process(config: ml_collections.ConfigDict) -> int:
-  rows, processes = config.data.batch_size, jax.process_count()
-  if rows % processes:
-    raise UserError(f"data.batch_size={rows} is not divisible by the {processes} processes")
-  return rows // processes
+def global_rows(config: ml_collections.ConfigDict, shards: int) -> int:
+  """Rows per update over all processes: data.batch_size, or when it is 0, data.rows_per_shard
+  x the mesh's batch shards (data x fsdp) x grad_accum_steps."""
+  d = config.data
+  if d.batch_size > 0:
+    return d.batch_size
+  if d.get("rows_per_shard", 0) <= 0:
+    raise UserError("config: set data.batch_size (rows per update) or data.rows_per_shard")
+  return d.rows_per_shard * shards * config.grad_accum_steps
+
+
+def default_layout(config: ml_collections.ConfigDict) -> BatchLayout:
+  """The layout without a mesh: one batch shard per process."""
+  return BatchLayout.by_process(global_rows(config, jax.process_count()))
 
 
 def _pixel_tokens(model_config: NeoConfig) -> tuple[int, int]:
@@ -39,36 +52,41 @@ def _synthetic_seed(config: ml_collections.ConfigDict, split: str) -> int:
 
 
 def synthetic_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
-                       split: str = "train") -> SyntheticIterator | PairIterator:
-  """Random batches of the config's shapes: packed next-token rows, or preference pairs."""
+                       split: str = "train", layout: Optional[BatchLayout] = None
+                       ) -> SyntheticIterator | PairIterator:
+  """Random batches of the config's shapes: packed next-token rows (each a function of its
+  global row index, so any layout gives the same global batch), or preference pairs (one
+  stream per data group)."""
+  layout = layout or default_layout(config)
   if config.data.kind == "preference":
     spec = PairSpec.for_model(
-        model_config, batch_size=rows_per_process(config), seq_len=config.data.seq_len,
+        model_config, batch_size=layout.local_rows, seq_len=config.data.seq_len,
         visual_tokens=config.data.visual_budget, gather_size=config.loss.positions_per_row,
         pairs_per_row=max(1, config.loss.positions_per_row // 2),
-        seed=_synthetic_seed(config, split) + 7_919 * jax.process_index())
+        seed=_synthetic_seed(config, split) + 7_919 * layout.group)
     return PairIterator(spec)
   lo, hi = _pixel_tokens(model_config)
   hi = min(hi, config.data.visual_budget)
   spec = SyntheticSpec.for_model(
-      model_config, batch_size=rows_per_process(config), seq_len=config.data.seq_len,
+      model_config, batch_size=layout.local_rows, seq_len=config.data.seq_len,
       visual_tokens=config.data.visual_budget, min_image_tokens=min(lo, hi),
       max_image_tokens=hi, text_vocab=min(model_config.vocab_size - 8, 4096),
-      seed=_synthetic_seed(config, split), num_processes=jax.process_count(),
-      process_index=jax.process_index())
+      seed=_synthetic_seed(config, split), row_ids=tuple(int(r) for r in layout.row_ids()))
   return SyntheticIterator(spec)
 
 
 def data_config(config: ml_collections.ConfigDict, model_config: NeoConfig,
-                split: str = "train", **changes: Any) -> DataConfig:
-  """neo_jax.data.DataConfig from `config.data` (per-process batch, K = loss budget) and the
+                split: str = "train", layout: Optional[BatchLayout] = None,
+                **changes: Any) -> DataConfig:
+  """neo_jax.data.DataConfig from `config.data` (this process's rows, K = loss budget) and the
   model's pixel range."""
+  layout = layout or default_layout(config)
   d = config.data
   k = config.loss.positions_per_row
   fields = dict(kind=d.kind, sources=tuple(d.sources), weights=tuple(d.weights) or None,
                 split=split, text_sources=tuple(d.text_sources), text_ratio=d.text_ratio,
                 seq_len=d.seq_len, visual_budget=d.visual_budget,
-                loss_token_budget=k if k > 0 else None, batch_size=rows_per_process(config),
+                loss_token_budget=k if k > 0 else None, batch_size=layout.local_rows,
                 min_pixels=model_config.min_pixels, max_pixels=model_config.max_pixels,
                 loss_reduction=d.loss_reduction, system_prompt=d.system_prompt, seed=d.seed,
                 strict=d.strict, num_workers=d.num_workers, read_threads=d.read_threads)
@@ -77,14 +95,16 @@ def data_config(config: ml_collections.ConfigDict, model_config: NeoConfig,
 
 
 def make_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
-                  split: str = "train", **changes: Any) -> Iterator[dict]:
-  """The data iterator a config asks for (`data.pipeline`: grain | synthetic)."""
+                  split: str = "train", layout: Optional[BatchLayout] = None,
+                  **changes: Any) -> Iterator[dict]:
+  """The data iterator a config asks for (`data.pipeline`: grain | synthetic), feeding this
+  process's rows of `layout` (default: one batch shard per process)."""
+  layout = layout or default_layout(config)
   if config.data.pipeline == "synthetic":  # `changes` name DataConfig fields: no effect here
-    return synthetic_iterator(config, model_config, split)
-  return build_train_iterator(data_config(config, model_config, split, **changes),
-                              load_tokenizer(), model_config,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+    return synthetic_iterator(config, model_config, split, layout)
+  return build_train_iterator(data_config(config, model_config, split, layout, **changes),
+                              load_tokenizer(), model_config, process_index=layout.group,
+                              process_count=layout.groups)
 
 
 def iterator_stats(iterator: Any) -> dict[str, float]:

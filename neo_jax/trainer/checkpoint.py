@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -72,8 +72,8 @@ class RunCheckpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
                async_save: bool = True, read_only: bool = False):
-    self.workdir, self.read_only = os.path.abspath(workdir), read_only
-    self.directory = os.path.join(self.workdir, run_dir.CHECKPOINT_DIR)
+    self.workdir, self.read_only = os.fspath(run_dir.path(workdir)), read_only
+    self.directory = os.fspath(run_dir.path(workdir, run_dir.CHECKPOINT_DIR))
     self.manager = run_dir.checkpoint_manager(workdir, max_to_keep=max_to_keep,
                                               async_save=async_save, read_only=read_only)
 
@@ -123,7 +123,7 @@ class RunCheckpointer:
         import grain
         items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
       for name in items:  # every folder there before reading any
-        if not os.path.isdir(os.path.join(self.directory, str(s), name)):
+        if not run_dir.path(self.directory, str(s), name).is_dir():
           raise run_dir.UnreadableStep(self.directory, s, f"{name}/ is missing")
       return {name: run_dir.read_step(self.directory, s, name, functools.partial(
           self._read_item, s, name, args)) for name, args in items.items()}
@@ -198,8 +198,13 @@ def reconcile(arch_from: NeoConfig, compute_from: NeoConfig) -> NeoConfig:
 
 
 def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: int = 0,
-                        step: Optional[int] = None) -> tuple[Any, NeoConfig]:
-  """(host params, NeoConfig) a stage starts from.
+                        step: Optional[int] = None,
+                        shardings: Optional[Callable[[NeoConfig], Any]] = None
+                        ) -> tuple[Any, NeoConfig]:
+  """(params, NeoConfig) a stage starts from: host arrays, or with `shardings(config)` (the
+  parameter shardings of the checkpoint's model) jax arrays on them, each process reading only
+  the parts its devices hold (orbax restores to those shardings; safetensors are read a slice
+  of a tensor at a time).
 
   fmt "run": a neo-jax training run directory (params of its newest checkpoint, or `step`);
   "neo": any NEO checkpoint `neo_jax.convert.load_checkpoint` reads (HF NEO directory, neo-jax
@@ -209,14 +214,16 @@ def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: i
   """
   compute = {k: getattr(model_config, k) for k in COMPUTE_FIELDS}
   if fmt == "run" or (fmt == "neo" and run_dir.is_run_dir(path)):
-    params, loaded = run_dir.load_run_params(path, step=step, **compute)
+    params, loaded = run_dir.load_run_params(path, shardings, step=step, **compute)
   elif fmt == "neo":
-    params, loaded = load_checkpoint(path, **compute)
+    params, loaded = load_checkpoint(path, shardings, **compute)
   elif fmt == "qwen3":
     extra = {k: getattr(model_config, k) for k in ("vision_hidden_size", "rope_theta_vision",
                                                    "rope_theta_hw", "min_pixels", "max_pixels")}
     params, loaded = qwen3_to_neo(path, model_config.num_prebuffer_layers, seed=seed,
-                                  dtype=model_config.param_dtype, **extra)
+                                  dtype=model_config.param_dtype, shardings=shardings, **extra)
   else:
     raise UserError(f"init.format={fmt!r} is not one of 'run', 'neo', 'qwen3'")
-  return jax.device_get(params), reconcile(loaded, model_config)
+  if shardings is None:
+    params = jax.device_get(params)
+  return params, reconcile(loaded, model_config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
@@ -31,6 +33,7 @@ from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 from neo_jax.parallel import distributed
+from neo_jax.parallel.layout import BatchLayout, batch_layout
 from neo_jax.parallel.mesh import batch_divisor, make_mesh
 from neo_jax.parallel.sharding import batch_shardings, replicated, shard_batch
 from neo_jax.trainer import batches, flops
@@ -49,12 +52,33 @@ logger = logging.getLogger("neo_jax.train")
 
 
 class StopSignal(contextlib.AbstractContextManager):
-  """Turns SIGTERM / SIGINT into a flag the loop checks after each step (then saves, exits)."""
+  """One stop decision for all processes: SIGTERM, SIGHUP or SIGINT to any process (or JAX's
+  preemption notice) makes every process stop after the same update, which is then saved.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  `decide()` is called once after every update, on every process, and returns the same answer
+  everywhere. How the answer is reached (`mode`):
+
+    local   one process: the signal handlers set a flag.
+    jax     several processes with JAX's preemption service (the default): SIGTERM stays with
+            JAX's own handler; SIGHUP and SIGINT are turned into a SIGTERM to this process.
+            When any process gets one, JAX's service picks the next update no process has
+            passed yet, max(updates so far) + 1, and `reached_preemption_sync_point` returns
+            True there on every process. Per update this is one local check (no
+            communication) until a notice arrives.
+    gather  several processes without that service (jax_enable_preemption_service off, or
+            SIGTERM taken by another handler): the flags of all processes are gathered after
+            every update (a small collective each step).
+
+  A second SIGINT raises KeyboardInterrupt at once (no checkpoint).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+  _updates = 0  # updates decided in this process so far, over every run (JAX's sync counter)
 
   def __init__(self):
-    self.received: Optional[int] = None
+    self.received: Optional[int] = None  # the signal this process got, if any
+    self.stopped = False  # decided: the run stops after the current update
+    self.mode = "local"
     self._previous = {}
 
   def _handle(self, signum, frame):
@@ -62,19 +86,48 @@ class StopSignal(contextlib.AbstractContextManager):
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop at once
     self.received = signum
-    logger.warning("received %s: saving a checkpoint after this step, then stopping",
-                   signal.Signals(signum).name)
+    logger.warning("received %s: every process saves a checkpoint after the same step, then "
+                   "stops", signal.Signals(signum).name)
+    if self.mode == "jax" and signum != signal.SIGTERM:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler starts the agreement
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      self.mode = "jax" if distributed.preemption_service_active(StopSignal._updates) else "gather"
+      if self.mode == "gather":
+        logger.warning("JAX's preemption service is off: the processes agree on stopping by a "
+                       "collective after every step")
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        if not (self.mode == "jax" and sig == signal.SIGTERM):
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+  def decide(self) -> bool:
+    """Whether every process stops after the update just made (call once per update)."""
+    StopSignal._updates += 1
+    if self.mode == "jax":
+      stop = multihost_utils.reached_preemption_sync_point(StopSignal._updates)
+    elif self.mode == "gather":
+      flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+      stop = bool(np.max(flags))
+    else:
+      stop = self.received is not None
+    self.stopped = self.stopped or stop
+    return self.stopped
+
+  @property
+  def reason(self) -> Optional[str]:
+    """The signal that stopped the run, as this process saw it (SIGTERM: another process's
+    signal or a preemption notice); None when it was not stopped."""
+    if not self.stopped:
+      return None
+    return signal.Signals(self.received or signal.SIGTERM).name
 
 
 @dataclasses.dataclass
@@ -95,9 +148,9 @@ class Trainer:
   """Runs one training stage from a config (configs/common.py lists every field).
 
   Attributes the set-up leaves for hooks and evaluators: `config`, `model_config`, `mesh`,
-  `rules`, `param_shardings`, `trainable`, `state`, `data`, `checkpointer`, `writer`,
-  `eval_loss_fn` ((params, batch) -> LossOutput) and `batch_fn` (the objective's arrays added
-  to each sharded batch, or None).
+  `layout` (the rows each process feeds), `rules`, `param_shardings`, `trainable`, `state`,
+  `data`, `checkpointer`, `writer`, `eval_loss_fn` ((params, batch) -> LossOutput) and
+  `batch_fn` (the objective's arrays added to each sharded batch, or None).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, objective: Objective, *,
@@ -107,6 +160,7 @@ class Trainer:
     self.hooks: list[tuple[Hook, Cadence]] = []
     distributed.initialize()
     self.mesh, self.rules = _make_mesh(config), config_lib.sharding_rules(config)
+    self.layout = run_layout(config, self.mesh)
     self.primary = distributed.is_primary()
     self.checkpointer = ckpt_lib.RunCheckpointer(config.workdir,
                                                  max_to_keep=config.checkpoint.max_to_keep,
@@ -116,7 +170,8 @@ class Trainer:
     patterns = tuple(config.trainable) or opt_lib.stage_patterns(config.stage)
     self.trainable = opt_lib.trainable_paths(abstract, patterns)
     tx, schedule = opt_lib.from_config(config.optimizer, config.total_steps)
-    self.data = data_iterator or batches.make_iterator(config, self.model_config)
+    self.data = data_iterator or batches.make_iterator(config, self.model_config,
+                                                       layout=self.layout)
     resuming = self.checkpointer.latest_step() is not None
     objective_state = (objective.init_state(self.model_config, config) if objective.stateful
                        else None)
@@ -171,16 +226,20 @@ class Trainer:
                                  lambda: {"skipped_steps": self.nan_policy.skipped}),
                   cfg.checkpoint.every_steps, last=True, on_stop=True)
 
-  def _call_hooks(self, info: StepInfo) -> None:
+  def _call_hooks(self, info: StepInfo) -> bool:
+    """Runs the due hooks, then takes the stop decision (the same on every process); when the
+    run stops here, also the on_stop hooks that did not run yet. Returns the decision."""
     ran = set()
     for i, (hook, cadence) in enumerate(self.hooks):
       if cadence.due(info):
         hook(info)
         ran.add(i)
-    if self._stop is not None and self._stop.received is not None:  # the run ends here
+    stopping = self._stop is not None and self._stop.decide()
+    if stopping:  # the run ends after this update, on every process
       for i, (hook, cadence) in enumerate(self.hooks):
         if cadence.on_stop and i not in ran:
           hook(info)
+    return stopping
 
   # -- the loop --------------------------------------------------------------------------------
 
@@ -195,7 +254,8 @@ class Trainer:
     with StopSignal() as self._stop:
       try:
         batch = self._next_batch(start)
-        while batch is not None and self._stop.received is None:
+        stopping = False
+        while batch is not None and not stopping:
           t0 = time.perf_counter()
           self.state, metrics = self._train_step(batch.arrays)  # runs on, asynchronously
           step += 1
@@ -203,16 +263,16 @@ class Trainer:
           metrics = jax.device_get(metrics)
           if self.objective.summarize is not None:
             metrics = self.objective.summarize(metrics)
-          self._call_hooks(StepInfo(step=step, state=self.state, metrics=metrics,
-                                    batch=batch.arrays, data_state=batch.data_state,
-                                    seconds=time.perf_counter() - t0, first=step == start + 1,
-                                    last=step == self.config.total_steps))
+          stopping = self._call_hooks(StepInfo(
+              step=step, state=self.state, metrics=metrics, batch=batch.arrays,
+              data_state=batch.data_state, seconds=time.perf_counter() - t0,
+              first=step == start + 1, last=step == self.config.total_steps))
           batch = upcoming
       finally:
         self.close()
     if step >= self.config.total_steps:  # finished: fails when too many updates were skipped
       self.nan_policy.check_share(step)
-    return self._result(step, self._stop.received)
+    return self._result(step, self._stop.reason)
 
   def _next_batch(self, step: int) -> Optional[_Batch]:
     """The batch of update `step + 1` with the iterator's state right after it (so a batch
@@ -232,14 +292,14 @@ class Trainer:
     return self._compiled(self.state, batch)
 
   def _step_flops(self, batch: Mapping[str, np.ndarray]) -> float:
-    """Model FLOPs of a step over all processes (each counts its own rows, ~ the same)."""
+    """Model FLOPs of a step over all processes (each data group counts its own rows, ~ the
+    same)."""
     return (self.objective.step_flops(self.model_config, batch, self.trainable, self.config)
-            * jax.process_count())
+            * self.layout.groups)
 
-  def _result(self, step: int, received: Optional[int]) -> TrainResult:
-    status = ("interrupted" if received is not None and step < self.config.total_steps
+  def _result(self, step: int, signame: Optional[str]) -> TrainResult:
+    status = ("interrupted" if signame is not None and step < self.config.total_steps
               else "completed")
-    signame = signal.Signals(received).name if received is not None else None
     if signame:
       logger.warning("stopped by %s at step %d; checkpoint saved in %s", signame, step,
                      self.checkpointer.directory)
@@ -256,7 +316,8 @@ class Trainer:
   # -- set-up ----------------------------------------------------------------------------------
 
   def _model_and_params(self) -> tuple[NeoConfig, Any]:
-    """(NeoConfig, host params or None): resume wins, then config.init, then random."""
+    """(NeoConfig, params on their shardings or None): resume wins, then config.init, then
+    random."""
     cfg = self.config
     model_config = config_lib.model_config(cfg)
     if self.checkpointer.latest_step() is not None:
@@ -264,9 +325,11 @@ class Trainer:
     if not cfg.init.path:
       return model_config, None
     step = None if cfg.init.step < 0 else cfg.init.step
-    try:
+    shardings = lambda loaded: param_shardings(loaded, self.mesh, self.rules)
+    try:  # each process reads the parts of the checkpoint its devices hold
       params, loaded = ckpt_lib.load_initial_params(cfg.init.path, cfg.init.format,
-                                                    model_config, seed=cfg.seed, step=step)
+                                                    model_config, seed=cfg.seed, step=step,
+                                                    shardings=shardings)
     except (UserError, FileNotFoundError) as e:
       raise UserError(f"config.init.path (format {cfg.init.format!r}): {e}; set "
                       "--config.init.path='' to start from random weights") from None
@@ -279,9 +342,11 @@ class Trainer:
     cfg = self.config
     ran = ml_collections.ConfigDict(cfg.to_dict())
     ran.model = config_lib.model_fields(self.model_config)
+    ran.data.batch_size = self.layout.rows  # as resolved for this mesh
     run_dir.write_run_files(cfg.workdir, self.model_config, config_lib.to_json(ran))
     if cfg.data.pipeline == "grain":
-      load_tokenizer().save(cfg.workdir)
+      with run_dir.staged(cfg.workdir) as local:
+        load_tokenizer().save(local)
 
   def _initial_state(self, tx: optax.GradientTransformation, params: Any, objective_state: Any,
                      resuming: bool) -> tuple[TrainState, TrainState]:
@@ -313,16 +378,27 @@ class Trainer:
 
 
 def _make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The mesh of config.mesh over this run's devices; a one-line UserError when it does not
+  fit them."""
   if config.mesh.num_devices and jax.process_count() > 1:
     raise UserError("mesh.num_devices selects devices of a single process; leave it 0 for "
                     "multi-process runs")
   devices = jax.devices()[:config.mesh.num_devices or None]
-  mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  micro_rows, shards = config.data.batch_size // config.grad_accum_steps, batch_divisor(mesh)
-  if micro_rows % shards:
-    raise UserError(f"data.batch_size / grad_accum_steps = {micro_rows} rows per micro-batch "
-                    f"is not divisible by mesh data*fsdp = {shards}")
-  return mesh
+  try:
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  except ValueError as e:
+    raise UserError(f"config.{e} ({jax.process_count()} process(es) x "
+                    f"{jax.local_device_count()} device(s))") from None
+
+
+def run_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> BatchLayout:
+  """The rows of each update and which of them this process feeds, checked against the mesh
+  and the processes before anything is built (one-line UserErrors)."""
+  rows = batches.global_rows(config, batch_divisor(mesh))
+  if config.data.batch_size > 0 and config.data.get("rows_per_shard", 0) > 0:
+    logger.warning("data.rows_per_shard=%d is ignored: data.batch_size=%d is set",
+                   config.data.rows_per_shard, config.data.batch_size)
+  return batch_layout(mesh, rows, config.grad_accum_steps)
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> Optional[float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -30,10 +29,9 @@ class MetricWriter:
     self._tb = None
 
   def _open(self) -> None:  # on the first write: a writer that writes nothing creates nothing
-    os.makedirs(self.workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(self.workdir, run_dir.METRICS_FILE), "a")
+    self._jsonl = run_dir.open_append(self.workdir, run_dir.METRICS_FILE)
     if self.tensorboard:
-      self._tb = Writer(os.path.join(self.workdir, run_dir.TENSORBOARD_DIR))
+      self._tb = Writer(str(run_dir.path(self.workdir, run_dir.TENSORBOARD_DIR)))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     self.history.append({"step": int(step), **metrics})
@@ -70,19 +68,22 @@ def _number(value: Any) -> Optional[float]:
 def drop_records_after(workdir: str, step: int) -> int:
   """Removes from WORKDIR/metrics.jsonl the records of steps after `step` (and a line cut off
   by a killed process); returns how many lines went. The file is replaced atomically."""
-  path = os.path.join(workdir, run_dir.METRICS_FILE)
-  if not os.path.isfile(path):
+  target = run_dir.path(workdir, run_dir.METRICS_FILE)
+  if not target.is_file():
     return 0
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = [line for line in f if line.strip()]
+  lines = [line for line in target.read_bytes().decode("utf-8", errors="replace")
+           .splitlines(keepends=True) if line.strip()]
   kept = [line for line in lines if _record_step(line) is not None
           and _record_step(line) <= step]
   if len(kept) == len(lines):
     return 0
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
-  os.replace(tmp, path)
+  text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
+  if run_dir.is_remote(workdir):  # an object is replaced whole by its write
+    target.write_text(text)
+  else:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(target)
   return len(lines) - len(kept)
 
 

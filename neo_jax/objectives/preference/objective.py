@@ -28,7 +28,6 @@ BCO reward shift rides in TrainState.objective_state. Metrics are TRL's names, l
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -273,11 +272,11 @@ def _step_flops(model_config: NeoConfig, batch: Mapping[str, np.ndarray], traina
 
 def reference_params(setup: ObjectiveSetup) -> Any:
   """The frozen reference: saved from the starting parameters, or read back on resume."""
-  path = os.path.join(os.path.abspath(setup.config.workdir), run_dir.REFERENCE_DIR)
+  path = run_dir.path(setup.config.workdir, run_dir.REFERENCE_DIR)
   checkpointer = ocp.StandardCheckpointer()
   try:
     if setup.resuming:
-      if not os.path.isdir(path):
+      if not path.is_dir():
         raise FileNotFoundError(f"{path}: the run resumes but its reference parameters are "
                                 "missing (written when the run started)")
       target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
