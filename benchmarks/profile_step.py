@@ -7,8 +7,9 @@ Same work as benchmarks/train_step_vs_torch.py (its model, row and `jax:key=valu
 The jitted step runs under jax.profiler with XLA:CPU's per-thunk trace annotations; every
 executed HLO instruction is attributed to a part by the name stack XLA keeps in its metadata
 (Flax module paths: `.../self_attn/q_proj/...`, `.../mlp/...`, the `attention_op` scope),
-and the times are summed per part. Thunks can overlap on the CPU pool, so the sum of the
-parts can exceed the wall time; the shares are of the summed time. The AdamW update of all
+and the times are summed per part. Independent thunks run concurrently on the CPU pool; while
+k run at once each is charged 1/k of the wall time, so the parts add up to the time the step
+kept the pool busy (the rest of the wall time is dispatch and waiting). The AdamW update of all
 parameters (not part of the step compared with PyTorch) is timed on its own. With
 `--hlo DIR` the optimised HLO of the step is written there.
 """
@@ -93,8 +94,8 @@ def part_of(op_name: str) -> str:
   return PARTS[-1][0]
 
 
-def trace_step(worker, steps: int, directory: str) -> tuple[list[float], dict]:
-  """Wall seconds of `steps` traced steps and {instruction name: total ns} over them."""
+def trace_step(worker, steps: int, directory: str) -> tuple[list[float], list]:
+  """Wall seconds of `steps` traced steps and their XLA:CPU events (start, end, name)."""
   import jax
 
   walls = []
@@ -105,15 +106,34 @@ def trace_step(worker, steps: int, directory: str) -> tuple[list[float], dict]:
     walls.append(time.perf_counter() - t)
   jax.profiler.stop_trace()
   path = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True))[-1]
-  totals: dict[str, int] = collections.Counter()
-  data = jax.profiler.ProfileData.from_file(path)
-  for plane in data.planes:
+  events = []
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
-      if not line.name.startswith("tf_XLA"):  # the XLA:CPU worker threads
-        continue
-      for event in line.events:
-        totals[event.name] += event.duration_ns
-  return walls, totals
+      if line.name.startswith("tf_XLA"):  # the XLA:CPU worker threads
+        events += [(e.start_ns, e.end_ns, e.name) for e in line.events]
+  return walls, events
+
+
+def wall_shares(events: list) -> dict[str, float]:
+  """Nanoseconds of wall time per event name: while k events run at once, each gets 1/k of
+  the time, so the shares add up to the time anything ran."""
+  bounds = sorted({t for start, end, _ in events for t in (start, end)})
+  index = {t: i for i, t in enumerate(bounds)}
+  delta = [0] * (len(bounds) + 1)  # active-count changes, then the per-interval weights
+  for start, end, _ in events:
+    delta[index[start]] += 1
+    delta[index[end]] -= 1
+  active, weight = 0, []
+  for i in range(len(bounds) - 1):
+    active += delta[i]
+    weight.append((bounds[i + 1] - bounds[i]) / active if active else 0.0)
+  prefix = [0.0]
+  for w in weight:
+    prefix.append(prefix[-1] + w)
+  out: dict[str, float] = collections.Counter()
+  for start, end, name in events:
+    out[name] += prefix[index[end]] - prefix[index[start]]
+  return out
 
 
 def optimizer_seconds(params, repeats: int = 3) -> float:
@@ -174,13 +194,14 @@ def main(argv=None) -> int:
       f.write(hlo)
   names = instruction_names(hlo)
   worker.step()
-  walls, totals = trace_step(worker, args.steps, tempfile.mkdtemp(prefix="neo_trace_"))
+  walls, events = trace_step(worker, args.steps, tempfile.mkdtemp(prefix="neo_trace_"))
+  # runtime spans and loops are left out (their bodies' instructions are counted)
+  leaves = [e for e in events if e[2] in names and names[e[2]][0] not in CONTROL]
+  totals = wall_shares(leaves)
 
   parts: dict[str, float] = collections.Counter()
   ops = []
   for name, ns in totals.items():
-    if name not in names or names[name][0] in CONTROL:
-      continue  # runtime spans and loops (their bodies' instructions are counted)
     seconds = ns / 1e9 / args.steps
     parts[part_of(names[name][1])] += seconds
     ops.append((seconds, name, names[name][1]))
@@ -189,7 +210,7 @@ def main(argv=None) -> int:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   print(f"L={args.length} {args.pass_} {args.impl}: wall {wall:.3f} s per step (median of "
-        f"{args.steps}), thunks {summed:.3f} s, XLA cost analysis {cost.get('flops', 0) / 1e9:.0f} "
+        f"{args.steps}), busy {summed:.3f} s, XLA cost analysis {cost.get('flops', 0) / 1e9:.0f} "
         f"GFLOP, load average {os.getloadavg()[0]:.2f}\n")
   print("| part | s per step | share |")
   print("|---|---|---|")

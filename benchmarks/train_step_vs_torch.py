@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/train_step_vs_torch.py --threads 2 --repeats 5 \\
         --L 1024 2048 --pass fwd fwdbwd --json vs_torch.json
-    .venv/bin/python benchmarks/train_step_vs_torch.py --official /path/to/NEO   # official code
+    .venv/bin/python benchmarks/train_step_vs_torch.py --official /path/to/NEO \
+        --official-python /path/to/venv/bin/python        # the official code, its transformers
     .venv/bin/python benchmarks/train_step_vs_torch.py --impls jax "jax:loss=chunked" --L 1024
 
 The work (fp32, batch 1): a 177.5M-parameter NEO (hidden 512, 8 query / 4 kv heads, head_dim
@@ -22,8 +23,9 @@ of it; `jax:key=value;...` sets options (JAX_OPTIONS).
 Every implementation runs in its own worker process (so each has its own peak RSS and XLA
 flags), pinned to `--threads` CPUs. Before timing, the parent checks that they agree on the
 loss, on rows of the logits and (fwdbwd) on gradient norms. Steps then run alternately (A, B,
-A, B, ...), one at a time; the table gives medians and ranges, ratios of paired steps, and
-peak RSS during the timed steps (VmHWM, reset after setup).
+A, B, ...), one at a time; the table gives medians and ranges, ratios of paired steps, the
+ratio of median process CPU seconds per step (steadier than wall time on a shared machine)
+and peak RSS during the timed steps (VmHWM, reset after setup).
 """
 
 from __future__ import annotations
@@ -165,8 +167,9 @@ class TorchWorker:
   def gemm_peak(self) -> float:
     torch = self.torch
     a = torch.ones(2048, 2048)
+    a @ a
     best = float("inf")
-    for _ in range(6):
+    for _ in range(5):
       t = time.perf_counter()
       a @ a
       best = min(best, time.perf_counter() - t)
@@ -371,7 +374,7 @@ def worker_main(args) -> int:
     worker = TorchWorker(kind, args.data, args.length, args.pass_, args.official)
   t = time.perf_counter()
   check = worker.check(args.rows_out)
-  setup = {"check": check, "first_s": time.perf_counter() - t, "gemm_peak": worker.gemm_peak()}
+  setup = {"check": check, "first_s": time.perf_counter() - t}
   gc.collect()
   reset_peak_rss()
   reply = lambda obj: print(json.dumps(obj), file=replies, flush=True)
@@ -379,11 +382,14 @@ def worker_main(args) -> int:
   for line in sys.stdin:
     cmd = line.strip()
     if cmd == "run":
-      t = time.perf_counter()
+      t, cpu = time.perf_counter(), time.process_time()
       loss = worker.step()
-      reply({"seconds": time.perf_counter() - t, "loss": loss})
+      reply({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
+             "loss": loss})
     elif cmd == "peak":
       reply({"peak_rss": read_peak_rss()})
+    elif cmd == "gemm":
+      reply({"gemm_peak": worker.gemm_peak()})
     elif cmd == "quit":
       break
   return 0
@@ -395,7 +401,8 @@ class Worker:
   def __init__(self, spec: str, args, data: str, length: int, pass_: str, index: int):
     self.spec = spec
     self.rows_path = os.path.join(data, f"rows_{index}_{length}_{pass_}.npy")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec, "--data", data,
+    python = args.official_python if spec == "official" and args.official_python else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--worker", spec, "--data", data,
            "--length", str(length), "--pass-one", pass_, "--threads", str(args.threads),
            "--rows-out", self.rows_path]
     if args.official:
@@ -465,22 +472,31 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
       for w in workers:
         w.ask("run")
     seconds = [[] for _ in workers]
+    cpu_seconds = [[] for _ in workers]
     for _ in range(args.repeats):
       for i, w in enumerate(workers):
-        seconds[i].append(w.ask("run")["seconds"])
+        reply = w.ask("run")
+        seconds[i].append(reply["seconds"])
+        cpu_seconds[i].append(reply["cpu_seconds"])
     peaks = [w.ask("peak")["peak_rss"] for w in workers]
+    gemm = [0.0] * len(workers)
+    for _ in range(3):  # alternately too, the best of three
+      for i, w in enumerate(workers):
+        gemm[i] = max(gemm[i], w.ask("gemm")["gemm_peak"])
   finally:
     for w in workers:
       w.close()
   flops = model_flops(length, data)["forward" if pass_ == "fwd" else "total"]
   impls = []
-  for spec, setup, secs, peak in zip(args.impls, setups, seconds, peaks):
+  for spec, setup, secs, cpu, peak, gemm_peak in zip(args.impls, setups, seconds, cpu_seconds,
+                                                     peaks, gemm):
     median = statistics.median(secs)
     impls.append({
-        "impl": spec, "seconds": secs, "median_s": median,
+        "impl": spec, "seconds": secs, "median_s": median, "cpu_seconds": cpu,
+        "median_cpu_s": statistics.median(cpu),
         "tokens_per_s": length / median,
         "tokens_per_s_range": [length / max(secs), length / min(secs)],
-        "mfu": flops / median / setup["gemm_peak"], "gemm_peak_gflops": setup["gemm_peak"] / 1e9,
+        "mfu": flops / median / gemm_peak, "gemm_peak_gflops": gemm_peak / 1e9,
         "peak_rss_gib": peak / 2**30, "first_step_s": setup["first_s"],
         "loss": setup["check"]["loss"]})
   for impl, secs in zip(impls[1:], seconds[1:]):
@@ -488,6 +504,7 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
     impl["speedup_vs_first"] = statistics.median(paired)
     impl["speedup_range"] = [min(paired), max(paired)]
     impl["rss_vs_first"] = impl["peak_rss_gib"] / impls[0]["peak_rss_gib"]
+    impl["cpu_speedup_vs_first"] = impls[0]["median_cpu_s"] / impl["median_cpu_s"]
   return {"L": length, "pass": pass_, "model_flops": flops, "agreement": agreement,
           "impls": impls}
 
@@ -507,7 +524,7 @@ def print_table(results: list[dict]) -> None:
     for impl in r["impls"][1:]:
       lo, hi = impl["speedup_range"]
       cells.append(f"**{impl['speedup_vs_first']:.2f}x** ({lo:.2f}-{hi:.2f}), "
-                   f"RSS {impl['rss_vs_first']:.2f}x")
+                   f"CPU time {impl['cpu_speedup_vs_first']:.2f}x, RSS {impl['rss_vs_first']:.2f}x")
     cells.append(" / ".join(f"{impl['peak_rss_gib']:.2f}" for impl in r["impls"]))
     print("| " + " | ".join(cells) + " |")
 
@@ -524,6 +541,9 @@ def main(argv=None) -> int:
                  help="implementations, the first is the baseline (default: torch jax, or "
                       "official jax with --official)")
   p.add_argument("--official", default="", help="checkout of EvolvingLMMs-Lab/NEO")
+  p.add_argument("--official-python", default="",
+                 help="interpreter for the official code (an environment with the transformers "
+                      "version it pins, 4.57.1); default: this one")
   p.add_argument("--data", default="", help="folder for weights and inputs (default: a temp dir)")
   p.add_argument("--json", default="", help="write the results here")
   # worker side (internal)

@@ -5,6 +5,8 @@ query/key width different from value width. `impl` picks how:
 
   xla          dense reference (ops/reference.py)
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
+  xla_flash    online-softmax attention in XLA loops that visits only the allowed key blocks
+               (ops/xla_flash.py; self-attention, like the kernels)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
   auto         the best implementation registered for the current backend:
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
-from neo_jax.ops import pallas_gpu, pallas_tpu, reference
+from neo_jax.ops import pallas_gpu, pallas_tpu, reference, xla_flash
 from neo_jax.ops.masks import AttnIds
 
 AttentionFn = Callable[..., jax.Array]
@@ -175,6 +177,11 @@ def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
   return reference.attention_chunked(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
 
 
+def _xla_flash(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
+  del kv_ids
+  return xla_flash.flash_attention(q, k, v, q_ids, scale=scale, block=q_chunk)
+
+
 def _native_or_cpu(impl: str, native: str) -> None:
   backend = jax.default_backend()
   if backend not in (native, "cpu"):
@@ -196,5 +203,6 @@ def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
 
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
+register("xla_flash", _xla_flash, kernel=True)
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
 register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True)

@@ -239,9 +239,9 @@ def _fused_ce_fwd(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
     correct = (jnp.argmax(logits, axis=-1) == t_bc).astype(jnp.float32)
     # d (w CE) / d logits = w (softmax - one-hot); positions without weight contribute nothing
     keep = (wt_bc != 0)[..., None]
-    scale = jnp.where(wt_bc != 0, wt_bc / s, 0.0)[..., None]
-    d = e * scale - jnp.where(_hits(t_bc, 0, logits.shape[-1]) & keep, wt_bc[..., None], 0.0)
-    d = d.astype(compute_dtype)
+    one_hot = _hits(t_bc, 0, logits.shape[-1])
+    d = jnp.where(keep, e * (wt_bc / s)[..., None] - jnp.where(one_hot, wt_bc[..., None], 0.0),
+                  0.0).astype(compute_dtype)
     dh = jnp.einsum("bcv,dv->bcd", d, head, preferred_element_type=jnp.float32)
     dw = jnp.einsum("bcd,bcv->dv", jnp.where(keep, h_bcd, 0), d,
                     preferred_element_type=jnp.float32)
