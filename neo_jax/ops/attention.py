@@ -6,11 +6,11 @@ query/key width different from value width. `impl` picks how:
   xla          dense reference (ops/reference.py)
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
   xla_flash    online-softmax attention in XLA loops that visits only the allowed key blocks
-               (ops/xla_flash.py; self-attention, like the kernels)
+               (ops/xla_flash.py; self-attention, like the kernels); blocks of min(q_chunk, 128)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
   auto         the best implementation registered for the current backend:
-               cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu
+               cpu -> xla_flash, tpu -> pallas_tpu, gpu -> pallas_gpu
 
 Kernels register themselves with `register(name, fn, auto_backends=..., kernel=True)`. A
 kernel runs compiled on its own backend and in interpret mode on CPU (slow, exact: how the
@@ -179,7 +179,8 @@ def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
 
 def _xla_flash(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
   del kv_ids
-  return xla_flash.flash_attention(q, k, v, q_ids, scale=scale, block=q_chunk)
+  return xla_flash.flash_attention(q, k, v, q_ids, scale=scale,
+                                   block=min(q_chunk, xla_flash.DEFAULT_BLOCK))
 
 
 def _native_or_cpu(impl: str, native: str) -> None:
@@ -203,6 +204,6 @@ def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk):
 
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
-register("xla_flash", _xla_flash, kernel=True)
+register("xla_flash", _xla_flash, auto_backends=("cpu",), kernel=True)
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
 register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True)
