@@ -61,23 +61,22 @@ def test_chunked_gradients_equal_plain(remat):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, inside scans, maps and custom VJPs too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)
+        elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          yield from _all_eqns(sub.jaxpr)
+
+
 def _all_shapes(jaxpr) -> set:
-  """Shapes of every value a jaxpr computes, inside scans, maps and custom VJPs too."""
-  shapes = set()
-
-  def walk(j):
-    for eqn in j.eqns:
-      for var in eqn.outvars:
-        shapes.add(tuple(getattr(var.aval, "shape", ())))
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-            walk(sub.jaxpr)
-
-  walk(jaxpr)
-  return shapes
+  """Shapes of every value a jaxpr computes."""
+  return {tuple(getattr(var.aval, "shape", ())) for eqn in _all_eqns(jaxpr)
+          for var in eqn.outvars}
 
 
 def test_chunked_never_builds_full_logits():
@@ -230,23 +229,9 @@ def test_fused_loss_scales_by_the_cotangent():
 
 def _head_matmuls(fn, *args) -> int:
   """dot_generals of a jaxpr (scans and custom VJPs included) with the vocabulary in a shape."""
-  count = 0
-
-  def walk(j):
-    nonlocal count
-    for eqn in j.eqns:
-      if eqn.primitive.name == "dot_general":
-        shapes = [tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars)]
-        count += any(V in s for s in shapes)
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-            walk(sub.jaxpr)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return count
+  return sum(any(V in tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars))
+             for eqn in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+             if eqn.primitive.name == "dot_general")
 
 
 def test_fused_loss_runs_three_head_matmuls():

@@ -60,6 +60,16 @@ def _row_mask(mask_bqk: jax.Array, group: int) -> jax.Array:
       b, 1, bq * group, bk)
 
 
+def _block_scores(q_i, kh, vh, r_i, j, block: int, scale: float):
+  """Masked scores [B, Hkv, rows, bk] of a query block against key block j, and k_j, v_j."""
+  k_j = jax.lax.dynamic_slice_in_dim(kh, j * block, block, axis=2)
+  v_j = jax.lax.dynamic_slice_in_dim(vh, j * block, block, axis=2)
+  s = jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32) * scale
+  group = q_i.shape[2] // r_i.shape[1]
+  s = jnp.where(_row_mask(_block_mask(r_i, j * block, block), group), s, fc.MASK_VALUE)
+  return s, k_j, v_j
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _flash(qh, kh, vh, ranges, q_blocks, scale, block):
   return _flash_fwd(qh, kh, vh, ranges, q_blocks, scale, block)[0]
@@ -78,10 +88,7 @@ def _flash_fwd(qh, kh, vh, ranges, q_blocks, scale, block):
 
     def kv_block(j, carry):
       m, l, acc = carry
-      k_j = jax.lax.dynamic_slice_in_dim(kh, j * block, block, axis=2)
-      v_j = jax.lax.dynamic_slice_in_dim(vh, j * block, block, axis=2)
-      s = jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-      s = jnp.where(_row_mask(_block_mask(r_i, j * block, block), g), s, fc.MASK_VALUE)
+      s, _, v_j = _block_scores(q_i, kh, vh, r_i, j, block, scale)
       m_new = jnp.maximum(m, s.max(axis=-1))
       p = jnp.exp(s - m_new[..., None])
       corr = jnp.exp(m - m_new)
@@ -123,10 +130,7 @@ def _flash_bwd(scale, block, residuals, d_out):
 
     def kv_block(j, carry):
       dq_i, dk, dv = carry
-      k_j = jax.lax.dynamic_slice_in_dim(kh, j * block, block, axis=2)
-      v_j = jax.lax.dynamic_slice_in_dim(vh, j * block, block, axis=2)
-      s = jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32) * scale
-      s = jnp.where(_row_mask(_block_mask(r_i, j * block, block), g), s, fc.MASK_VALUE)
+      s, k_j, v_j = _block_scores(q_i, kh, vh, r_i, j, block, scale)
       p = jnp.exp(s - lse_i[..., None])
       dp = jnp.einsum("bhrd,bhkd->bhrk", do_i, v_j, preferred_element_type=jnp.float32)
       ds = (p * (dp - delta_i[..., None]) * scale).astype(qh.dtype)
