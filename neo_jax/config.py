@@ -22,7 +22,7 @@ IM_END_TOKEN_ID = 151645
 PAD_TOKEN_ID = 151643  # <|endoftext|>
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "xla_chunked", "xla_flash", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
 # "" = the backend of the process that traces the model; others lower for that platform
 PLATFORMS = ("", "cpu", "gpu", "cuda", "rocm", "tpu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")

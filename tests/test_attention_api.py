@@ -19,10 +19,11 @@ from test_attention_kernels import LAYOUT, make_inputs, rel_err
 
 
 def test_auto_picks_per_backend():
-  assert attn_api.resolve("auto", "cpu") == "xla_chunked"
+  assert attn_api.resolve("auto", "cpu") == "xla_flash"
   assert attn_api.resolve("auto", "tpu") == "pallas_tpu"
   assert attn_api.resolve("auto", "gpu") == "pallas_gpu"
-  assert set(attn_api.available()) >= {"xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "auto"}
+  assert set(attn_api.available()) >= {"xla", "xla_chunked", "xla_flash", "pallas_tpu",
+                                       "pallas_gpu", "auto"}
   with pytest.raises(ValueError, match="not available"):
     attn_api.resolve("flash")
 

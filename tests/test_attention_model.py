@@ -10,7 +10,7 @@ from neo_jax.config import IMG_START_TOKEN_ID as I, tiny
 from neo_jax.model import NeoModel, init_params
 from neo_jax.positions import grid_rc, native_rope_positions
 
-IMPLS = ["xla", "xla_chunked", "pallas_tpu", "pallas_gpu", "auto"]
+IMPLS = ["xla", "xla_chunked", "xla_flash", "pallas_tpu", "pallas_gpu", "auto"]
 LENGTH, N_VISUAL = 64, 24
 
 

@@ -61,23 +61,22 @@ def test_chunked_gradients_equal_plain(remat):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, inside scans, maps and custom VJPs too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from _all_eqns(sub)
+        elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          yield from _all_eqns(sub.jaxpr)
+
+
 def _all_shapes(jaxpr) -> set:
-  """Shapes of every value a jaxpr computes, inside scans, maps and custom VJPs too."""
-  shapes = set()
-
-  def walk(j):
-    for eqn in j.eqns:
-      for var in eqn.outvars:
-        shapes.add(tuple(getattr(var.aval, "shape", ())))
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if hasattr(sub, "eqns"):
-            walk(sub)
-          elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-            walk(sub.jaxpr)
-
-  walk(jaxpr)
-  return shapes
+  """Shapes of every value a jaxpr computes."""
+  return {tuple(getattr(var.aval, "shape", ())) for eqn in _all_eqns(jaxpr)
+          for var in eqn.outvars}
 
 
 def test_chunked_never_builds_full_logits():
@@ -184,3 +183,85 @@ def test_streamed_never_builds_chunk_by_vocab_logits():
   shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
   assert not any(len(s) == 3 and s[-1] == V for s in shapes)
   assert (B, 8, 16) in shapes
+
+
+def _rel(a, b) -> float:
+  """Relative L2 distance of two arrays (what "equal to 1e-6" means for gradients here)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize("chunk", [5, 8, 37, 64])
+@pytest.mark.parametrize("k", [0, 9])
+def test_fused_loss_equals_unfused_values_and_gradients(chunk, k):
+  """The fused head (gradients from the forward pass) against autodiff of the chunked loss:
+  loss, metrics and the gradients of hidden, head and weights, to 1e-6."""
+  hidden, head, targets, weights = _inputs(5)
+
+  def loss(fused, remat):
+    def fn(h, w, wt):
+      out = weighted_next_token_loss(h, w, targets, wt, chunk=chunk, positions_per_row=k,
+                                     fused=fused, remat=remat)
+      return out.loss_sum / out.weight_sum, out.metrics
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
+
+  (value, metrics), grads = loss(True, True)(hidden, head, weights)
+  for remat in (True, False):
+    (ref_value, ref_metrics), ref_grads = loss(False, remat)(hidden, head, weights)
+    assert _rel(value, ref_value) <= 1e-6
+    for g, r in zip(grads, ref_grads):
+      assert _rel(g, r) <= 1e-6
+    for name in ref_metrics:
+      np.testing.assert_array_equal(metrics[name], ref_metrics[name])
+  assert float(jnp.abs(grads[2]).max()) > 0  # weights do get a gradient
+
+
+def test_fused_loss_scales_by_the_cotangent():
+  """The backward pass multiplies the forward's gradients by whatever flows in."""
+  hidden, head, targets, weights = _inputs(6)
+  loss = lambda h, scale: scale * weighted_next_token_loss(h, head, targets, weights,
+                                                           chunk=8).loss_sum ** 2
+  ref = lambda h, scale: scale * weighted_next_token_loss(h, head, targets, weights, chunk=8,
+                                                          fused=False).loss_sum ** 2
+  for scale in (1.0, -2.5):
+    assert _rel(jax.grad(loss)(hidden, scale), jax.grad(ref)(hidden, scale)) <= 1e-6
+
+
+def _head_matmuls(fn, *args) -> int:
+  """dot_generals of a jaxpr (scans and custom VJPs included) with the vocabulary in a shape."""
+  return sum(any(V in tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars))
+             for eqn in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+             if eqn.primitive.name == "dot_general")
+
+
+def test_fused_loss_runs_three_head_matmuls():
+  """Value and gradient cost three head matmuls per chunk (logits, d hidden, d head); the
+  unfused loss with remat runs four, and the fused primal (no gradient) one."""
+  hidden, head, targets, weights = _inputs(7)
+  grad = lambda fused: jax.value_and_grad(
+      lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8, fused=fused,
+                                            remat=True).loss_sum, argnums=(0, 1))
+  assert _head_matmuls(grad(True), hidden, head) == 3
+  assert _head_matmuls(grad(False), hidden, head) == 4
+  value = lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8).loss_sum
+  assert _head_matmuls(value, hidden, head) == 1
+
+
+def test_fused_loss_gradients_ignore_nonfinite_unsupervised_positions():
+  hidden, head, targets, weights = _inputs(8)
+  hidden = hidden.at[1, 3].set(jnp.nan)
+  weights = weights.at[1, 3].set(0.0)
+  grads = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
+                                                         chunk=8).loss_sum,
+                   argnums=(0, 1))(hidden, head)
+  assert np.isfinite(np.asarray(grads[1])).all()
+  assert np.isfinite(np.delete(np.asarray(grads[0]).reshape(B * L, D), L + 3, axis=0)).all()
+
+
+def test_fused_loss_bfloat16_matches_unfused():
+  hidden, head, targets, weights = _inputs(9)
+  fn = lambda fused: jax.grad(lambda h, w: weighted_next_token_loss(
+      h, w, targets, weights, chunk=8, compute_dtype=jnp.bfloat16, fused=fused).loss_sum,
+      argnums=(0, 1))(hidden, head)
+  for g, r in zip(fn(True), fn(False)):
+    assert _rel(g, r) <= 2e-2

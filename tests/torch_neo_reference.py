@@ -96,19 +96,20 @@ def mixed_mask(t: Tensor) -> Tensor:
 
 
 def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
-                  thw: Tensor) -> Tensor:
-  """One NEO layer on x [L, hidden] with positions thw [3, L]."""
+                  thw: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+  """One NEO layer on x [L, hidden] with positions thw [3, L]; `mask` is mixed_mask(thw[0])
+  (computed here when not given)."""
   p = LAYER.format(layer)
   w = lambda name: sd[p + name]
   length = x.shape[0]
   d, dhw = dims.head_dim, dims.head_dim // 2
   t_pos, h_pos, w_pos = thw
+  hn = rms_norm(x, w("input_layernorm.weight"), dims.eps)
 
   def split_heads(y: Tensor, heads: int) -> Tensor:  # [L, heads*d] -> [heads, L, d]
     return y.view(length, heads, d).transpose(0, 1)
 
   def qk(prefix: str, heads: int) -> Tensor:
-    hn = rms_norm(x, w("input_layernorm.weight"), dims.eps)
     t = split_heads(F.linear(hn, w(f"self_attn.{prefix}_proj.weight")), heads)
     hw = split_heads(F.linear(hn, w(f"self_attn.{prefix}_proj_hw.weight")), heads)
     t = rope(rms_norm(t, w(f"self_attn.{prefix}_norm.weight"), dims.eps), t_pos, dims.theta_t)
@@ -120,12 +121,11 @@ def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
 
   q = qk("q", dims.heads)  # [nH, L, 2d]
   k = qk("k", dims.kv_heads)  # [nKV, L, 2d]
-  hn = rms_norm(x, w("input_layernorm.weight"), dims.eps)
   v = split_heads(F.linear(hn, w("self_attn.v_proj.weight")), dims.kv_heads)
   groups = dims.heads // dims.kv_heads
   k = k.repeat_interleave(groups, dim=0)  # repeat_kv: KV head j serves Q heads j*g .. j*g+g-1
   v = v.repeat_interleave(groups, dim=0)
-  scores = q @ k.transpose(1, 2) * d**-0.5 + mixed_mask(t_pos)
+  scores = q @ k.transpose(1, 2) * d**-0.5 + (mixed_mask(t_pos) if mask is None else mask)
   probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
   attn = (probs @ v).transpose(0, 1).reshape(length, dims.heads * d)
   h = x + F.linear(attn, w("self_attn.o_proj.weight"))
@@ -177,6 +177,13 @@ def vision(sd: Mapping[str, Tensor], dims: Dims, pixel_values: Tensor, grid_hw: 
 def neo_logits(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
                pixel_values: Optional[Tensor] = None, grid_hw: Optional[Tensor] = None) -> Tensor:
   """Logits [L, vocab] of one sequence (batch size 1, as the HF model)."""
+  return neo_forward(sd, hf_config, input_ids, pixel_values, grid_hw)
+
+
+def neo_forward(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
+                pixel_values: Optional[Tensor] = None, grid_hw: Optional[Tensor] = None) -> Tensor:
+  """`neo_logits` under autograd (gradients reach every tensor of `sd` that requires them);
+  the mask is built once, as the HF model does."""
   dims = Dims(hf_config)
   x = F.embedding(input_ids, sd["language_model.model.embed_tokens.weight"])
   if grid_hw is None:
@@ -185,8 +192,9 @@ def neo_logits(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
     x = x.clone()
     x[input_ids == dims.img_context] = vision(sd, dims, pixel_values, grid_hw).to(x.dtype)
   thw = thw_indexes(input_ids, grid_hw, dims)
+  mask = mixed_mask(thw[0])
   for layer in range(dims.layers):
-    x = decoder_layer(sd, layer, dims, x, thw)
+    x = decoder_layer(sd, layer, dims, x, thw, mask)
   x = rms_norm(x, sd["language_model.model.norm.weight"], dims.eps)
   head = sd.get("language_model.lm_head.weight", sd["language_model.model.embed_tokens.weight"])
   return F.linear(x, head)

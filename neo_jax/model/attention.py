@@ -88,8 +88,9 @@ class NativeAttention(nn.Module):
       new_cache = LayerCache(write(cache.k, k), write(cache.v, v))
       k, v = new_cache.k.astype(dtype), new_cache.v.astype(dtype)
 
-    out = attention(q, k, v, q_ids, kv_ids, impl=cfg.attention_impl, scale=d**-0.5,
-                    q_chunk=cfg.attention_q_chunk, platform=cfg.platform or None)
+    with jax.named_scope("attention_op"):  # a name for profiles (benchmarks/profile_step.py)
+      out = attention(q, k, v, q_ids, kv_ids, impl=cfg.attention_impl, scale=d**-0.5,
+                      q_chunk=cfg.attention_q_chunk, platform=cfg.platform or None)
     out = nn.with_logical_constraint(out, OUT_ACTIVATION)
     out = Linear(cfg.hidden_size, ("q_heads", "embed"), dtype=dtype, param_dtype=param_dtype,
                  name="o_proj")(out.reshape(b, l, nh * d))

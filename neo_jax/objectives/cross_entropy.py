@@ -14,6 +14,12 @@ instead of [chunk, V] for one more head matmul; on the tiny model on CPU it runs
 of the plain chunk (benchmarks/README.md). Keep the vocabulary unsplit over devices with it
 (the pieces are dynamic slices along V).
 
+The weighted next-token loss (`weighted_next_token_loss`) fuses the head's backward pass into
+its forward pass (`fused_weighted_cross_entropy`): each chunk's gradients with respect to the
+hidden states and the head are computed while its logits are live, and the backward pass only
+scales them by the incoming cotangent. Three head matmuls per position, as plain autodiff
+without recomputation, and nothing of size V outlives its chunk.
+
 All losses return sums (loss_sum = sum(w * CE), weight_sum = sum(w)); the step divides once
 over the global batch and every micro-batch, so loss = sum(w * CE) / sum(w) exactly.
 """
@@ -159,15 +165,7 @@ def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
   padded positions). `vocab_chunk` > 0 streams each chunk over the vocabulary as well
   (`streamed_cross_entropy`; `remat` is then moot: nothing of size V is kept).
   """
-  b, l, d = hidden_bld.shape
-  n_chunks = -(-l // max(1, min(chunk, l)))
-  chunk = -(-l // n_chunks)
-  pad = n_chunks * chunk - l
-  if pad:
-    hidden_bld = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0)))
-    targets_bl = jnp.pad(targets_bl, ((0, 0), (0, pad)))
-  hidden_nbcd = jnp.moveaxis(hidden_bld.reshape(b, n_chunks, chunk, d), 1, 0)
-  targets_nbc = jnp.moveaxis(targets_bl.reshape(b, n_chunks, chunk), 1, 0)
+  (hidden_nbcd, targets_nbc), unchunk = _split_chunks((hidden_bld, targets_bl), chunk)
   head = head_dv.astype(compute_dtype)
 
   stream = 0 < vocab_chunk < head.shape[1]
@@ -184,8 +182,97 @@ def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
     one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
 
   ce_nbc, correct_nbc = jax.lax.map(one_chunk, (hidden_nbcd, targets_nbc))
-  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, n_chunks * chunk)[:, :l]
   return unchunk(ce_nbc), unchunk(correct_nbc)
+
+
+def _split_chunks(arrays_bl: tuple, chunk: int) -> tuple[tuple, Any]:
+  """[B, L, ...] arrays -> [n, B, C, ...] chunks of C <= `chunk` positions, zero-padded (the
+  chunk is evened out: L = 48 with chunk 32 runs 2 chunks of 24, not 64 padded positions),
+  and the function that takes a [n, B, C, ...] result back to [B, L, ...]."""
+  b, l = arrays_bl[0].shape[:2]
+  n_chunks = -(-l // max(1, min(chunk, l)))
+  chunk = -(-l // n_chunks)
+  pad = n_chunks * chunk - l
+
+  def split(x):
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+    return jnp.moveaxis(x.reshape(b, n_chunks, chunk, *x.shape[2:]), 1, 0)
+
+  def unchunk(x_nbc):
+    return jnp.moveaxis(x_nbc, 0, 1).reshape(b, n_chunks * chunk, *x_nbc.shape[3:])[:, :l]
+
+  return tuple(split(x) for x in arrays_bl), unchunk
+
+
+def _weighted_sum(ce_bl: jax.Array, weights_bl: jax.Array) -> jax.Array:
+  # where(w != 0, ...) keeps a NaN/Inf CE of unsupervised (padding) positions out of the sum
+  return jnp.sum(jnp.where(weights_bl != 0, weights_bl * ce_bl, 0.0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
+  ce_bl, correct_bl = chunked_token_cross_entropy(h_bld, w_dv, t_bl, chunk, compute_dtype,
+                                                  remat=False)
+  return _weighted_sum(ce_bl, wt_bl), correct_bl
+
+
+def _fused_ce_fwd(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
+  (h_nbcd, t_nbc, wt_nbc), unchunk = _split_chunks((h_bld, t_bl, wt_bl), chunk)
+  head = w_dv.astype(compute_dtype)
+
+  def one_chunk(dw_dv, xs):
+    """Loss terms of one chunk and their gradients, from the chunk's logits while they live."""
+    h_bcd, t_bc, wt_bc = xs
+    h_bcd = h_bcd.astype(compute_dtype)
+    logits = jnp.einsum("bcd,dv->bcv", h_bcd, head, preferred_element_type=jnp.float32)
+    m = logits.max(axis=-1)
+    e = jnp.exp(logits - m[..., None])
+    s = e.sum(axis=-1)
+    target_logit = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
+    ce = m + jnp.log(s) - target_logit
+    correct = (jnp.argmax(logits, axis=-1) == t_bc).astype(jnp.float32)
+    # d (w CE) / d logits = w (softmax - one-hot); positions without weight contribute nothing
+    keep = (wt_bc != 0)[..., None]
+    one_hot = _hits(t_bc, 0, logits.shape[-1])
+    d = jnp.where(keep, e * (wt_bc / s)[..., None] - jnp.where(one_hot, wt_bc[..., None], 0.0),
+                  0.0).astype(compute_dtype)
+    dh = jnp.einsum("bcv,dv->bcd", d, head, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bcd,bcv->dv", jnp.where(keep, h_bcd, 0), d,
+                    preferred_element_type=jnp.float32)
+    return dw_dv + dw, (dh, ce, correct)
+
+  dw_dv, (dh_nbcd, ce_nbc, correct_nbc) = jax.lax.scan(
+      one_chunk, jnp.zeros(w_dv.shape, jnp.float32), (h_nbcd, t_nbc, wt_nbc))
+  ce_bl = unchunk(ce_nbc)
+  residuals = (unchunk(dh_nbcd).astype(h_bld.dtype), dw_dv.astype(w_dv.dtype),
+               jnp.where(wt_bl != 0, ce_bl, 0.0))
+  return (_weighted_sum(ce_bl, wt_bl), unchunk(correct_nbc)), residuals
+
+
+def _fused_ce_bwd(chunk, compute_dtype, residuals, cotangents):
+  dh_bld, dw_dv, ce_bl = residuals
+  g = cotangents[0]  # `correct` has no gradient
+  return ((g * dh_bld).astype(dh_bld.dtype), (g * dw_dv).astype(dw_dv.dtype), None,
+          (g * ce_bl).astype(ce_bl.dtype))
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def fused_weighted_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
+                                 targets_bl: jax.Array, weights_bl: jax.Array, chunk: int = 1024,
+                                 compute_dtype: Any = jnp.float32
+                                 ) -> tuple[jax.Array, jax.Array]:
+  """(sum(w * CE), correct [B, L]) with the head's gradients computed in the forward pass.
+
+  Under differentiation each chunk of at most `chunk` positions computes its logits, the
+  softmax and, from them, d/d hidden and d/d head of sum(w * CE) (three head matmuls, the
+  logits never recomputed or kept); the backward pass scales these by the cotangent. Without
+  differentiation it is `chunked_token_cross_entropy` and the weighted sum. Weights are
+  differentiable too (d/dw = CE where w != 0).
+  """
+  return _fused_ce(hidden_bld, head_dv, targets_bl, weights_bl.astype(jnp.float32), int(chunk),
+                   jnp.dtype(compute_dtype))
 
 
 class Selected(NamedTuple):
@@ -213,12 +300,16 @@ def select_supervised(weights_bl: jax.Array, k: int) -> Selected:
 def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
                              weights_bl: jax.Array, *, chunk: int = 1024,
                              positions_per_row: int = 0, compute_dtype: Any = jnp.float32,
-                             remat: bool = True, vocab_chunk: int = 0) -> LossOutput:
+                             remat: bool = True, vocab_chunk: int = 0,
+                             fused: bool = True) -> LossOutput:
   """sum(w * CE) and sum(w) of a batch, chunked; optionally over K positions per row.
 
   `positions_per_row` = K > 0 gathers the first K supervised positions of each row before the
   head (cost B*K*D*V instead of B*L*D*V); 0 computes every position. `vocab_chunk` > 0
-  streams the head over the vocabulary (see chunked_token_cross_entropy).
+  streams the head over the vocabulary (see chunked_token_cross_entropy). Otherwise the head
+  runs fused with its backward pass (`fused_weighted_cross_entropy`, nothing to recompute);
+  `fused=False` differentiates the chunked cross-entropy instead (with `remat`, recomputing
+  each chunk's logits), the same values by another route.
   """
   weights_bl = weights_bl.astype(jnp.float32)
   overflow = jnp.zeros((), jnp.int32)
@@ -229,11 +320,14 @@ def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_
     targets_bl = take(targets_bl)
     weights_bl = jnp.where(sel.valid_bk, take(weights_bl), 0.0)
     overflow = sel.overflow_b.sum()
-  ce_bl, correct_bl = chunked_token_cross_entropy(hidden_bld, head_dv, targets_bl, chunk,
-                                                  compute_dtype, remat, vocab_chunk)
+  if fused and not 0 < vocab_chunk < head_dv.shape[1]:
+    loss_sum, correct_bl = fused_weighted_cross_entropy(hidden_bld, head_dv, targets_bl,
+                                                        weights_bl, chunk, compute_dtype)
+  else:
+    ce_bl, correct_bl = chunked_token_cross_entropy(hidden_bld, head_dv, targets_bl, chunk,
+                                                    compute_dtype, remat, vocab_chunk)
+    loss_sum = _weighted_sum(ce_bl, weights_bl)
   supervised = (weights_bl != 0).astype(jnp.float32)
-  # where(w != 0, ...) keeps a NaN/Inf CE of unsupervised (padding) positions out of the sum
-  loss_sum = jnp.sum(jnp.where(weights_bl != 0, weights_bl * ce_bl, 0.0))
   metrics = {
       "supervised_tokens": supervised.sum(),
       "correct_tokens": (correct_bl * supervised).sum(),

@@ -19,7 +19,7 @@ from neo_jax.trainer.objective import LossFn, Objective
 
 
 def next_token_loss(config: NeoConfig, *, chunk: int = 1024, positions_per_row: int = 0,
-                    remat: bool = True, vocab_chunk: int = 0) -> LossFn:
+                    remat: bool = True, vocab_chunk: int = 0, fused: bool = True) -> LossFn:
   """Weighted next-token cross-entropy of NEO on a packed batch (the batch contract)."""
   model = NeoModel(config)
 
@@ -32,7 +32,7 @@ def next_token_loss(config: NeoConfig, *, chunk: int = 1024, positions_per_row: 
                                    batch["loss_weights"], chunk=chunk,
                                    positions_per_row=positions_per_row,
                                    compute_dtype=jnp.dtype(config.dtype), remat=remat,
-                                   vocab_chunk=vocab_chunk)
+                                   vocab_chunk=vocab_chunk, fused=fused)
     out.metrics["tokens"] = (batch["segment_ids"] != 0).sum().astype(jnp.float32)
     return out
 

@@ -5,12 +5,14 @@ query/key width different from value width. `impl` picks how:
 
   xla          dense reference (ops/reference.py)
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
+  xla_flash    online-softmax attention in XLA loops that visits only the allowed key blocks
+               (ops/xla_flash.py; self-attention, like the kernels); blocks of min(q_chunk, 128)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
   cudnn        cuDNN flash attention for text-only rows: packed segments, causal within each
                (ops/cudnn.py); never chosen by auto (whether rows are text-only is data)
   auto         the best implementation registered for the platform:
-               cpu -> xla_chunked, tpu -> pallas_tpu, gpu -> pallas_gpu; a kernel registered
+               cpu -> xla_flash, tpu -> pallas_tpu, gpu -> pallas_gpu; a kernel registered
                with a compile check that fails here (shared memory, an unsupported op) is
                passed over for the next one, with one KernelFallbackWarning naming the error;
                an explicit impl never falls back
@@ -50,7 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from neo_jax.errors import UserError
-from neo_jax.ops import cudnn, pallas_gpu, pallas_tpu, reference
+from neo_jax.ops import cudnn, pallas_gpu, pallas_tpu, reference, xla_flash
 from neo_jax.ops.masks import AttnIds
 
 AttentionFn = Callable[..., jax.Array]
@@ -301,6 +303,12 @@ def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   return reference.attention_chunked(q, k, v, q_ids, kv_ids, scale=scale, q_chunk=q_chunk)
 
 
+def _xla_flash(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
+  del kv_ids, platform
+  return xla_flash.flash_attention(q, k, v, q_ids, scale=scale,
+                                   block=min(q_chunk, xla_flash.DEFAULT_BLOCK))
+
+
 def _emulated(impl: str, native: str, platform: str) -> bool:
   """False for a kernel lowered for its own platform (compiled), True for cpu (interpret mode
   or emulation); any other platform is an error."""
@@ -332,6 +340,7 @@ def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
 
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
+register("xla_flash", _xla_flash, auto_backends=("cpu",), kernel=True)
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
 register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True,
          check=pallas_gpu.compile_check)
