@@ -137,11 +137,11 @@ def wall_shares(events: list) -> dict[str, float]:
 
 
 def optimizer_seconds(params, repeats: int = 3) -> float:
-  """Median time of one AdamW update (neo_jax.train.optimizer.adamw) of all parameters."""
+  """Median time of one AdamW update (neo_jax.trainer.optimizer.adamw) of all parameters."""
   import jax
   import optax
 
-  from neo_jax.train.optimizer import adamw
+  from neo_jax.trainer.optimizer import adamw
 
   tx = adamw()
   state = tx.init(params)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib
 import json
 import os
 import platform
@@ -80,7 +79,7 @@ def image_grid(length: int) -> tuple[int, int]:
 
 
 def make_data(directory: str, length: int, seed: int = 0) -> None:
-  """weights.safetensors (HF keys, tests/torch_neo_reference.random_state_dict) + inputs.npz."""
+  """weights.safetensors (HF keys, `random_state_dict` of tests/torch_neo_reference.py) + inputs.npz."""
   from safetensors.torch import save_file
   import torch_neo_reference as ref
 
@@ -264,7 +263,7 @@ class JaxWorker:
     from neo_jax.convert import mapping
     from neo_jax.convert.hf_inputs import hf_inputs_to_batch
     from neo_jax.model import NeoModel
-    from neo_jax.train.step import next_token_loss
+    from neo_jax.objectives.next_token import next_token_loss
 
     self.jax, self.jnp = jax, jnp
     config = model_config().replace(attention_impl=options["attention"],
@@ -452,7 +451,7 @@ def compare(base: dict, other: dict, base_rows: np.ndarray, other_rows: np.ndarr
 
 def model_flops(length: int, data: str) -> dict:
   from neo_jax.convert.hf_inputs import hf_inputs_to_batch
-  from neo_jax.train.metrics import step_flops
+  from neo_jax.trainer.flops import step_flops
 
   config = model_config()
   inputs = load_inputs(data, length)

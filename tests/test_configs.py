@@ -131,6 +131,9 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),
     (["--config.eval.every_steps=-5"], "eval.every_steps=-5 must be >= 0 (0: off)"),
     (["--config.mesh.fsdp=0"], "mesh.fsdp=0 must be >= 1, or -1"),
+    (["--config.data.batch_size=0", "--config.data.rows_per_shard=0"],
+     "data.batch_size=0 needs data.rows_per_shard > 0"),
+    (["--config.data.batch_size=-2"], "data.batch_size=-2 must be >= 0"),
     (["--config.max_skipped_share=1.5"], "max_skipped_share=1.5 must be within [0, 1]"),
     (["stray"], "unexpected argument 'stray'"),
 ])

@@ -15,8 +15,8 @@ import pytest
 
 from neo_jax.config import tiny
 from neo_jax.model import init_params
-from neo_jax.train.step import next_token_loss
-from neo_jax.train.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
+from neo_jax.objectives.next_token import next_token_loss
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
 SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24,

@@ -233,9 +233,10 @@ def _check_sequences(config: ml_collections.ConfigDict) -> list[tuple[bool, str]
 def _cadence_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
   """Counts and cadences: a zero or negative one would fail (or never fire) mid-run."""
   positive = ("checkpoint.every_steps", "checkpoint.max_to_keep", "log.every_steps",
-              "data.batch_size", "data.seq_len", "eval.max_new_tokens", "mesh.data",
+              "data.seq_len", "eval.max_new_tokens", "mesh.data",
               "mesh.tensor")
-  non_negative = ("eval.every_steps", "eval.heldout_batches", "eval.vqa_examples",
+  non_negative = ("data.batch_size", "data.rows_per_shard",
+                  "eval.every_steps", "eval.heldout_batches", "eval.vqa_examples",
                   "data.visual_budget", "data.num_workers", "data.read_threads",
                   "optimizer.warmup_steps", "mesh.num_devices")
   checks = []
@@ -248,6 +249,11 @@ def _cadence_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]
     if value is not None:
       note = " (0: off)" if name.startswith("eval.") else ""
       checks.append((value >= 0, f"{name}={value} must be >= 0{note}"))
+  rows, per_shard = _field(config, "data.batch_size"), _field(config, "data.rows_per_shard")
+  if rows is not None and rows <= 0:  # 0: the batch follows the mesh, per_shard rows a shard
+    checks.append(((per_shard or 0) > 0,
+                   f"data.batch_size={rows} needs data.rows_per_shard > 0 (rows of each batch "
+                   "shard per micro-batch), or set data.batch_size to the rows per update"))
   fsdp = _field(config, "mesh.fsdp")
   if fsdp is not None:
     checks.append((fsdp >= 1 or fsdp == -1,
