@@ -285,6 +285,45 @@ def test_metrics_follow_trl():
   assert float(m["rewards/accuracies"]) == 0.0
 
 
+def test_simpo_metrics_follow_trl_cpo():
+  """TRL's CPOTrainer with loss_type="simpo" averages each response's log-probs over its
+  tokens and logs rewards = beta * those averages; accuracy compares the two rewards, so it
+  follows SimPO's own (length-normalised) comparison, not the summed log-probs'."""
+  chosen, rejected, chosen_len, rejected_len = [-10.0, -6.0], [-20.0, -30.0], [2, 3], [10, 10]
+  _, m, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[0.0, 0.0],
+                ref_rejected=[0.0, 0.0], chosen_len=chosen_len, rejected_len=rejected_len,
+                gamma=0.5)
+  avg_w = [c / n for c, n in zip(chosen, chosen_len)]  # [-5, -2]
+  avg_l = [r / n for r, n in zip(rejected, rejected_len)]  # [-2, -3]
+  rw, rl = [BETA * a for a in avg_w], [BETA * a for a in avg_l]
+  expected = {"rewards/chosen": np.mean(rw), "rewards/rejected": np.mean(rl),
+              "rewards/margins": np.mean(np.subtract(rw, rl)),
+              "rewards/accuracies": np.mean(np.greater(rw, rl)),
+              "logps/chosen": np.mean(avg_w), "logps/rejected": np.mean(avg_l)}
+  assert expected["rewards/accuracies"] == 0.5  # summed log-probs would rank both right
+  for name, value in expected.items():
+    np.testing.assert_allclose(float(m[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+  # the reference never enters SimPO's metrics
+  _, m2, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[-1.0, -7.0],
+                 ref_rejected=[-3.0, -2.0], chosen_len=chosen_len, rejected_len=rejected_len,
+                 gamma=0.5)
+  for name in expected:
+    assert float(m2[name]) == float(m[name]), name
+
+
+def test_ipo_metrics_are_per_token_like_trl_dpo():
+  """TRL's DPOTrainer divides IPO's log-probs (policy and reference) by the response length
+  before the loss and the logged rewards / logps."""
+  _, m, _ = run("ipo")
+  rw = [BETA * rhos(i)[0] / CHOSEN_LEN[i] for i in range(3)]
+  rl = [BETA * rhos(i)[1] / REJECTED_LEN[i] for i in range(3)]
+  np.testing.assert_allclose(float(m["rewards/chosen"]), np.mean(rw), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/rejected"]), np.mean(rl), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/accuracies"]), np.mean(np.greater(rw, rl)))
+  np.testing.assert_allclose(float(m["logps/chosen"]),
+                             np.mean(np.divide(CHOSEN, CHOSEN_LEN)), rtol=1e-6)
+
+
 def test_padding_pairs_count_for_nothing():
   mask = jnp.asarray([1.0, 0.0, 1.0])
   loss, m, _ = run("acpo", delta=0.02, mask=mask)

@@ -40,7 +40,7 @@ from neo_jax.trainer import optimizer as opt_lib
 from neo_jax.trainer.hooks import (Cadence, Hook, LogMetrics, NanPolicy, ProgressBar,
                                    SaveCheckpoint, StepInfo, Throughput, memory_stats)
 from neo_jax.trainer.metrics import MetricWriter
-from neo_jax.trainer.objective import LossFn, Objective, ObjectiveSetup
+from neo_jax.trainer.objective import EvalLossFn, Objective, ObjectiveSetup, eval_loss
 from neo_jax.trainer.state import (TrainState, abstract_state, init_state, param_shardings,
                                    state_shardings)
 from neo_jax.trainer.step import compile_step, make_train_step
@@ -96,7 +96,8 @@ class Trainer:
 
   Attributes the set-up leaves for hooks and evaluators: `config`, `model_config`, `mesh`,
   `rules`, `param_shardings`, `trainable`, `state`, `data`, `checkpointer`, `writer`,
-  `eval_loss_fn` ((params, batch) -> LossOutput) and `batch_fn` (the objective's arrays added
+  `eval_loss_fn` ((params, batch, objective_state) -> LossOutput: a stateful objective is
+  evaluated with the state training has reached, which it does not change) and `batch_fn` (the objective's arrays added
   to each sharded batch, or None).
   """
 
@@ -130,8 +131,7 @@ class Trainer:
                            params=self.state.params, resuming=resuming)
     self.batch_fn = objective.make_batch_fn(setup) if objective.make_batch_fn else None
     loss_fn = objective.make_loss(self.model_config, config)
-    self.eval_loss_fn: LossFn = loss_fn if not objective.stateful else (  # at the initial state
-        lambda params, batch: loss_fn(params, batch, objective_state)[0])
+    self.eval_loss_fn: EvalLossFn = eval_loss(loss_fn, objective.stateful)
     self.step_fn = make_train_step(loss_fn, tx, schedule, self.trainable,
                                    grad_accum_steps=config.grad_accum_steps,
                                    nan_policy=config.nan_policy, stateful=objective.stateful)
