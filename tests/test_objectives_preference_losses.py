@@ -5,6 +5,8 @@ with Python's math module on plain floats, independently of the jax code under t
 """
 
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -378,3 +380,46 @@ def test_errors_name_the_problem():
     run("acpo", alpha_mode="row")
   with pytest.raises(ValueError, match="label_smoothing"):
     run("robust", label_smoothing=0.5)
+
+
+# --- the alpha table of docs/acpo.md ------------------------------------------------------------
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "acpo.md"
+BRANCH_METRIC = {"guard": "acpo/guard_frac", "low": "acpo/alpha_low_frac",
+                 "high": "acpo/alpha_high_frac", "inside": "acpo/alpha_inside_frac"}
+
+
+def docs_alpha_rows():
+  """(r_w, r_l, alpha* text, alpha, branch, loss) of each row of docs/acpo.md's alpha table."""
+  text = DOCS.read_text()
+  table = text.split("<!-- alpha-table -->")[1].split("<!-- /alpha-table -->")[0]
+  rows = []
+  for line in table.strip().splitlines()[2:]:
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+    first_number = lambda c: float(re.match(r"-?[0-9.]+", c).group())
+    rows.append((float(cells[1]), float(cells[2]), cells[3], first_number(cells[4]), cells[5],
+                 first_number(cells[6])))
+  return rows
+
+
+def test_docs_alpha_table():
+  """Every row of the table in docs/acpo.md is what the code computes: beta 0.1, delta 0.01,
+  one pair of 3 + 4 answer tokens (tau = 0.07), rewards r = beta * (logp - ref_logp)."""
+  rows = docs_alpha_rows()
+  assert len(rows) >= 7 and {r[4] for r in rows} == set(BRANCH_METRIC)
+  tau = 0.01 * (3 + 4)
+  for r_w, r_l, alpha_star_text, alpha, branch, loss in rows:
+    per_pair, m, _ = run("acpo", chosen=[r_w / BETA], rejected=[r_l / BETA], ref_chosen=[0.0],
+                         ref_rejected=[0.0], chosen_len=[3.0], rejected_len=[4.0], delta=0.01)
+    where = f"row r_w={r_w}, r_l={r_l}"
+    assert float(m["acpo/tau"]) == pytest.approx(tau), where
+    assert float(m["acpo/alpha_mean"]) == pytest.approx(alpha, abs=5e-4), where
+    assert float(per_pair[0]) == pytest.approx(loss, abs=5e-5), where
+    assert float(m[BRANCH_METRIC[branch]]) == 1.0, where
+    if branch == "guard":
+      assert alpha_star_text == "undefined", where
+    else:
+      assert float(alpha_star_text) == pytest.approx((r_w - tau) / r_l, abs=5e-4), where
+    if branch == "inside":  # the scaled margin is tau: the loss is the constant -log s(tau)
+      assert float(m["acpo/scaled_margin"]) == pytest.approx(tau, abs=1e-6), where
+      assert loss == pytest.approx(-ls(tau), abs=5e-5), where
