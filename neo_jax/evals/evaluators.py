@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from neo_jax.data.pipeline import read_vqa_eval
-from neo_jax.data.tokenizer import load_tokenizer
+from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import vqa_answer_fn
 from neo_jax.parallel.sharding import RULES, batch_shardings, batch_spec, replicated, shard_batch
@@ -113,7 +113,8 @@ def from_config(config: ml_collections.ConfigDict, trainer: Trainer) -> list[Eva
                                   trainer.mesh, trainer.param_shardings, rules=trainer.rules))
   if e.vqa_examples > 0:
     mc = trainer.model_config
-    generate_fn = vqa_answer_fn(mc, load_tokenizer(), max_new_tokens=e.max_new_tokens,
+    generate_fn = vqa_answer_fn(mc, load_named_tokenizer(config.data.tokenizer),
+                                max_new_tokens=e.max_new_tokens,
                                 min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
     evaluators.append(VqaExactMatch(read_vqa_eval("test", e.vqa_examples), generate_fn))
   return evaluators

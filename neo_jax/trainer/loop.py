@@ -27,7 +27,7 @@ import optax
 
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
-from neo_jax.data.tokenizer import load_tokenizer
+from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 from neo_jax.parallel import distributed
@@ -276,7 +276,7 @@ class Trainer:
     ran.model = config_lib.model_fields(self.model_config)
     run_dir.write_run_files(cfg.workdir, self.model_config, config_lib.to_json(ran))
     if cfg.data.pipeline == "grain":
-      load_tokenizer().save(cfg.workdir)
+      load_named_tokenizer(cfg.data.tokenizer).save(cfg.workdir)
 
   def _initial_state(self, tx: optax.GradientTransformation, params: Any, objective_state: Any,
                      resuming: bool) -> tuple[TrainState, TrainState]:
