@@ -44,8 +44,9 @@ def _traced_init(config: NeoConfig) -> tuple[Any, Any]:
 def init_params(config: NeoConfig, rng: jax.Array) -> dict:
   """Randomly initialised parameters as a plain pytree of arrays."""
   jaxpr, boxed = _traced_init(config)
-  if jax.typeof(rng) != jaxpr.in_avals[0]:  # another kind of key: trace the modules for it
-    return nn.meta.unbox(_boxed_init(config, rng))
+  key = jaxpr.in_avals[0]
+  if (jnp.shape(rng), rng.dtype) != (key.shape, key.dtype):  # another kind of key (a raw
+    return nn.meta.unbox(_boxed_init(config, rng))        # uint32 one): trace for it
   leaves = jax.core.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, rng)
   return nn.meta.unbox(jax.tree.unflatten(jax.tree.structure(boxed), leaves))
 
