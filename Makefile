@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all device-check clean
+.PHONY: install demo test test-all notebooks device-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)  ## the default (fast) test suite
 
 test-all: $(STAMP)  ## everything, slow tests included
 	$(BIN)/python -m pytest -m ""
+
+notebooks: $(STAMP)  ## run notebooks/*.ipynb top to bottom and save them with their outputs
+	$(BIN)/python notebooks/refresh.py
 
 # No install step: a GPU/TPU host runs it with its own python3 (jax, flax, optax, numpy).
 DEVICE_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

@@ -1,7 +1,8 @@
-"""`neo-jax demo` (the README's main job): all three stages run, chain their weights, and leave
-checkpoints, TensorBoard logs, a loss plot and a summary with the VQA accuracy; a second run
-skips what is done. `--quick` (3 updates per stage, 16 questions) keeps this to a few minutes;
-the full demo is run with `make demo` and its numbers are recorded in docs/training.md."""
+"""`neo-jax demo` (the README's main job): all four stages run, start from the right weights
+(DPO and ACPO both from SFT), and leave checkpoints, TensorBoard logs, the plots and a summary
+with the VQA accuracies and the DPO / ACPO curves; a second run skips what is done. `--quick`
+(3 updates per stage, 16 questions) keeps this to a few minutes; the full demo is run with
+`make demo` and its numbers are recorded in README.md and docs/training.md."""
 
 import glob
 import json
@@ -12,7 +13,8 @@ import pytest
 from neo_jax import cli
 from neo_jax.cli import demo
 
-STAGE_NAMES = [name for name, _, _ in demo.STAGES]
+STAGE_NAMES = [name for name, _, _, _ in demo.STAGES]
+STARTS = {name: start for name, _, _, start in demo.STAGES}
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +51,12 @@ def demo_run(args, lines):
     builtins.print = real_print
 
 
-def test_every_stage_trains_from_the_previous_one(quick_demo):
+def test_every_stage_trains_from_the_stage_it_names(quick_demo):
   workdir, lines = quick_demo
   with open(os.path.join(workdir, demo.SUMMARY_FILE)) as f:
     summary = json.load(f)
-  assert list(summary["stages"]) == STAGE_NAMES == ["pretrain", "sft", "acpo"]
+  assert list(summary["stages"]) == STAGE_NAMES == ["pretrain", "sft", "dpo", "acpo"]
+  assert STARTS == {"pretrain": None, "sft": "pretrain", "dpo": "sft", "acpo": "sft"}
   assert summary["quick"] is True and summary["final_stage"] == "acpo"
   for name in STAGE_NAMES:
     stage = summary["stages"][name]
@@ -65,10 +68,11 @@ def test_every_stage_trains_from_the_previous_one(quick_demo):
     assert glob.glob(os.path.join(run_dir, "tensorboard", "**", "events.out.tfevents.*"),
                      recursive=True), f"no TensorBoard events in {run_dir}"
     with open(os.path.join(run_dir, "train_config.json")) as f:
-      init = json.load(f)["init"]
-    previous = STAGE_NAMES.index(name) - 1
-    expected = os.path.join(workdir, STAGE_NAMES[previous]) if previous >= 0 else ""
-    assert (init["path"], init["format"]) == (expected, "run")
+      train_config = json.load(f)
+    expected = os.path.join(workdir, STARTS[name]) if STARTS[name] else ""
+    assert (train_config["init"]["path"], train_config["init"]["format"]) == (expected, "run")
+    if name in demo.PREFERENCE:
+      assert train_config["preference"]["loss"] == name
   for name in demo.EVAL_AFTER:
     vqa = summary["stages"][name]["vqa"]
     assert vqa["questions"] == demo.QUICK_QUESTIONS
@@ -78,6 +82,35 @@ def test_every_stage_trains_from_the_previous_one(quick_demo):
   assert summary["vqa_accuracy"] == summary["stages"]["acpo"]["vqa"]["accuracy"]
   assert any(line.startswith("held-out VQA accuracy: ") for line in lines)
   assert not any("no tokenizer.json" in line for line in lines)
+
+
+def test_summary_holds_dpo_and_acpo_curves_and_accuracies_on_one_question_set(quick_demo):
+  """DPO and ACPO start from the same SFT weights and read the same pairs: their curves start
+  at the same point (policy = reference: rewards 0, the SFT model's log-probs), and SFT, DPO
+  and ACPO are scored on the same questions."""
+  workdir, lines = quick_demo
+  with open(os.path.join(workdir, demo.SUMMARY_FILE)) as f:
+    summary = json.load(f)
+  pref = summary["preference"]
+  assert set(pref["curves"]) == set(demo.PREFERENCE) == {"dpo", "acpo"}
+  assert pref["start"] == os.path.join(workdir, "sft")
+  assert pref["steps"] == {"dpo": demo.QUICK_STEPS, "acpo": demo.QUICK_STEPS}
+  steps = list(range(1, demo.QUICK_STEPS + 1))
+  for key in ("train/logps/chosen", "train/rewards/chosen"):
+    dpo, acpo = pref["curves"]["dpo"][key], pref["curves"]["acpo"][key]
+    assert [s for s, _ in dpo] == [s for s, _ in acpo] == steps, key
+    assert dpo[0][1] == pytest.approx(acpo[0][1], rel=1e-6, abs=1e-7), key
+  assert pref["curves"]["dpo"]["train/rewards/chosen"][0][1] == pytest.approx(0.0, abs=1e-6)
+  sets = {summary["stages"][name]["vqa"]["question_set"] for name in demo.EVAL_AFTER}
+  assert len(sets) == 1 and pref["question_set"] == sets.pop()
+  assert pref["question_set"].startswith(f"easy_vqa/test[:{demo.QUICK_QUESTIONS}]@")
+  assert set(pref["vqa_accuracy"]) == set(demo.EVAL_AFTER)
+  for name in demo.EVAL_AFTER:
+    assert pref["vqa_accuracy"][name] == summary["stages"][name]["vqa"]["accuracy"]
+  text = "\n".join(lines)
+  assert "DPO vs ACPO from the same SFT weights" in text and "logps/chosen" in text
+  with open(os.path.join(workdir, demo.PREFERENCE_PLOT), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_loss_plot_is_a_png(quick_demo):
@@ -111,24 +144,28 @@ def test_a_full_demo_directory_refuses_quick(quick_demo):
     demo.run(cli_args(["--workdir", workdir]))
 
 
-def test_plan_chains_stages_and_drops_a_missing_acpo_config(tmp_path):
+def test_plan_starts_each_stage_from_its_own_and_drops_a_missing_preference_config(tmp_path):
   configs = tmp_path / "configs"
   configs.mkdir()
-  for _, filename, _ in demo.STAGES[:2]:
+  for _, filename, _, _ in demo.STAGES[:2]:
     (configs / filename).write_text("")
   said = []
-  stages = demo.plan("wd", str(configs), skip_acpo=False, say=said.append)
+  stages = demo.plan("wd", str(configs), skip_preference=False, say=said.append)
   assert [(s.name, s.workdir, s.init_from) for s in stages] == [
       ("pretrain", os.path.join("wd", "pretrain"), None),
       ("sft", os.path.join("wd", "sft"), os.path.join("wd", "pretrain"))]
-  assert "stage acpo" in said[0] and "does not exist" in said[0]
+  assert "stage dpo" in said[0] and "does not exist" in said[0]
+  (configs / "preference.py").write_text("")
+  stages = demo.plan("wd", str(configs), skip_preference=False, say=said.append)
+  assert [(s.name, s.init_from) for s in stages[2:]] == [
+      ("dpo", os.path.join("wd", "sft")), ("acpo", os.path.join("wd", "sft"))]
   (configs / "sft.py").unlink()
   with pytest.raises(FileNotFoundError, match="sft.py"):
-    demo.plan("wd", str(configs), skip_acpo=False, say=said.append)
+    demo.plan("wd", str(configs), skip_preference=False, say=said.append)
 
 
-def test_skip_acpo_stops_after_sft():
-  stages = demo.plan("wd", demo.default_configs_dir(), skip_acpo=True)
+def test_skip_preference_stops_after_sft():
+  stages = demo.plan("wd", demo.default_configs_dir(), skip_preference=True)
   assert [s.name for s in stages] == ["pretrain", "sft"]
 
 
@@ -137,6 +174,7 @@ def test_help_names_the_stages(capsys):
     cli.main(["demo", "--help"])
   assert exit_info.value.code == 0
   out = capsys.readouterr().out
-  for _, filename, arg in demo.STAGES:
+  for _, filename, arg, _ in demo.STAGES:
     assert f"configs/{filename}:{arg}" in out
   assert "--quick" in out and "summary.json" in out and "loss.png" in out
+  assert "preference.png" in out

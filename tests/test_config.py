@@ -1,11 +1,16 @@
-"""NeoConfig presets, parameter counts (no allocation) and HF config.json round trips."""
+"""NeoConfig presets, parameter counts (no allocation), HF config.json round trips, and the one
+traced init per config that parameter shapes, logical axes and random weights share."""
 
 import json
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
 
 from neo_jax import config as C
-from neo_jax.model import abstract_params, param_count
+from neo_jax.model import (NeoModel, abstract_params, dummy_inputs, init_params, logical_axes,
+                           param_count)
 
 
 @pytest.mark.parametrize("name,tied,expected", [
@@ -72,3 +77,33 @@ def test_bad_config_names_the_field(tmp_path):
     C.tiny(attention_impl="flash")
   with pytest.raises(ValueError, match="platform='gpus'"):
     C.tiny(platform="gpus")
+
+
+def test_init_is_traced_once_per_config_and_replays_the_module_init(monkeypatch):
+  config = C.tiny(vocab_size=509)  # no other test traces this config (the trace is cached)
+  module_init, calls = NeoModel.init, []
+
+  def counting_init(module, *args, **kwargs):
+    calls.append(1)
+    return module_init(module, *args, **kwargs)
+
+  monkeypatch.setattr(NeoModel, "init", counting_init)
+  key = jax.random.key(3)
+  shapes, axes = abstract_params(config), logical_axes(config)
+  params = init_params(config, key)
+  jitted = jax.jit(lambda k: init_params(config, k))(key)  # as the trainer's set-up calls it
+  assert len(calls) == 1
+
+  def direct(rng):
+    return nn.meta.unbox(module_init(NeoModel(config), rng, **dummy_inputs(config))["params"])
+
+  want = direct(key)
+  assert jax.tree.structure(params) == jax.tree.structure(want) == jax.tree.structure(jitted)
+  jax.tree.map(np.testing.assert_array_equal, params, want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jitted, want)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == \
+      jax.tree.map(lambda p: (p.shape, p.dtype), params)
+  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) \
+      == jax.tree.structure(params)
+  raw = jax.random.PRNGKey(3)  # a raw uint32 key is traced for itself and gives its own init
+  jax.tree.map(np.testing.assert_array_equal, init_params(config, raw), direct(raw))

@@ -109,3 +109,34 @@ def test_transformers_loads_the_saved_directory(tok):
   prompt = auto.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                     add_generation_prompt=True)
   assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_subset_tokenizer_keeps_the_tokens_of_its_texts(tok, tmp_path):
+  """Qwen3's BPE cut down to the tokens of a few texts: those texts give the same tokens as
+  the full tokenizer (renumbered from 0, every added token after the BPE ones), any other text
+  still encodes and decodes, and transformers loads the directory."""
+  texts = ["what is the blue shape?", "circle", "<|im_start|>user\nhi<|im_end|>\n"]
+  directory = tok_lib.subset_tokenizer_dir("test_subset", lambda: texts)
+  small = tok_lib.NeoTokenizer(directory)
+  added = tok_lib.added_token_table()
+  assert 256 < small.vocab_size - len(added) < 300  # the bytes, the texts' tokens, their parts
+  for text in texts:
+    assert ([small.id_to_token(i) for i in small.encode(text)]
+            == [tok.id_to_token(i) for i in tok.encode(text)]), text
+  other = "The quick brown fox, 杭州 <IMG_CONTEXT>"
+  assert small.decode(small.encode(other)) == other
+  assert len(small.encode(other)) > len(tok.encode(other))  # smaller pieces
+  first_added = small.vocab_size - len(added)
+  assert [small.token_to_id(t) for _, t, _ in added] == list(
+      range(first_added, small.vocab_size))
+  ids = tok_lib.token_ids(small)
+  assert ids["vocab_size"] % 128 == 0 and ids["vocab_size"] >= small.vocab_size
+  assert ids["img_context_token_id"] == small.img_context_id == small.token_to_id("<IMG_CONTEXT>")
+  assert ids["eos_token_id"] == small.token_to_id("<|im_end|>")
+  with open(directory / "tokenizer_config.json") as f:
+    decoder = json.load(f)["added_tokens_decoder"]
+  assert decoder[str(small.img_context_id)]["content"] == "<IMG_CONTEXT>"
+  transformers = pytest.importorskip("transformers")
+  auto = transformers.AutoTokenizer.from_pretrained(str(directory))
+  for text in texts + [other]:
+    assert auto.encode(text, add_special_tokens=False) == small.encode(text), text

@@ -13,7 +13,7 @@ from neo_jax.config import tiny
 from neo_jax.data.synthetic import compact_vocab
 from neo_jax.evals.evaluators import HeldOutLoss, VqaExactMatch, from_config, heldout_batches
 from neo_jax.parallel import make_mesh, replicated
-from neo_jax.trainer.objective import LossOutput
+from neo_jax.trainer.objective import LossOutput, eval_loss
 from neo_jax.trainer.state import TrainState
 
 
@@ -27,7 +27,7 @@ def state_with(params):
                     rng=jnp.zeros((2,), jnp.uint32))
 
 
-def weighted_loss(params, batch):
+def weighted_loss(params, batch, objective_state=None):
   """sum(w * x) over rows, weight sum(w); x > 0 counts as a correct token."""
   x, w = batch["x"] * params["scale"], batch["w"]
   return LossOutput((w * x).sum(), w.sum(), {"correct_tokens": ((x > 0) * w).sum(),
@@ -43,6 +43,25 @@ def test_heldout_loss_divides_sums_over_all_batches(mesh):
   assert out["eval/token_accuracy"] == pytest.approx(3 / 4)
   with pytest.raises(ValueError, match="at least one batch"):
     HeldOutLoss([], weighted_loss, mesh, {"scale": replicated(mesh)})
+
+
+def test_heldout_loss_of_a_stateful_objective_reads_the_training_state(mesh):
+  """A stateful loss (e.g. BCO's running reward mean) is evaluated with the objective state
+  training has reached, and evaluating leaves that state where it was."""
+  def stateful_loss(params, batch, state):
+    shifted = batch["x"] * params["scale"] - state["mean"]
+    new_state = {"mean": state["mean"] + 1.0}  # what a step would do; evaluation drops it
+    return LossOutput(shifted.sum(), jnp.float32(shifted.size), {}), new_state
+
+  batches = [{"x": np.array([1.0, 3.0])}]
+  evaluate = HeldOutLoss(batches, eval_loss(stateful_loss, stateful=True), mesh,
+                         {"scale": replicated(mesh)})
+  trained = state_with({"scale": jnp.float32(1.0)}).replace(
+      objective_state={"mean": jnp.float32(5.0)})
+  assert evaluate(trained, step=4)["eval/loss"] == pytest.approx(2.0 - 5.0)
+  assert evaluate(trained, step=5)["eval/loss"] == pytest.approx(2.0 - 5.0)
+  initial = trained.replace(objective_state={"mean": jnp.float32(0.0)})
+  assert evaluate(initial, step=0)["eval/loss"] == pytest.approx(2.0)
 
 
 def test_vqa_exact_match_scores_normalised_answers():

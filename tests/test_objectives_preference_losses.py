@@ -6,6 +6,8 @@ independently of the jax code under test.
 """
 
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -286,6 +288,45 @@ def test_metrics_follow_trl():
   assert float(m["rewards/accuracies"]) == 0.0
 
 
+def test_simpo_metrics_follow_trl_cpo():
+  """TRL's CPOTrainer with loss_type="simpo" averages each response's log-probs over its
+  tokens and logs rewards = beta * those averages; accuracy compares the two rewards, so it
+  follows SimPO's own (length-normalised) comparison, not the summed log-probs'."""
+  chosen, rejected, chosen_len, rejected_len = [-10.0, -6.0], [-20.0, -30.0], [2, 3], [10, 10]
+  _, m, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[0.0, 0.0],
+                ref_rejected=[0.0, 0.0], chosen_len=chosen_len, rejected_len=rejected_len,
+                gamma=0.5)
+  avg_w = [c / n for c, n in zip(chosen, chosen_len)]  # [-5, -2]
+  avg_l = [r / n for r, n in zip(rejected, rejected_len)]  # [-2, -3]
+  rw, rl = [BETA * a for a in avg_w], [BETA * a for a in avg_l]
+  expected = {"rewards/chosen": np.mean(rw), "rewards/rejected": np.mean(rl),
+              "rewards/margins": np.mean(np.subtract(rw, rl)),
+              "rewards/accuracies": np.mean(np.greater(rw, rl)),
+              "logps/chosen": np.mean(avg_w), "logps/rejected": np.mean(avg_l)}
+  assert expected["rewards/accuracies"] == 0.5  # summed log-probs would rank both right
+  for name, value in expected.items():
+    np.testing.assert_allclose(float(m[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
+  # the reference never enters SimPO's metrics
+  _, m2, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[-1.0, -7.0],
+                 ref_rejected=[-3.0, -2.0], chosen_len=chosen_len, rejected_len=rejected_len,
+                 gamma=0.5)
+  for name in expected:
+    assert float(m2[name]) == float(m[name]), name
+
+
+def test_ipo_metrics_are_per_token_like_trl_dpo():
+  """TRL's DPOTrainer divides IPO's log-probs (policy and reference) by the response length
+  before the loss and the logged rewards / logps."""
+  _, m, _ = run("ipo")
+  rw = [BETA * rhos(i)[0] / CHOSEN_LEN[i] for i in range(3)]
+  rl = [BETA * rhos(i)[1] / REJECTED_LEN[i] for i in range(3)]
+  np.testing.assert_allclose(float(m["rewards/chosen"]), np.mean(rw), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/rejected"]), np.mean(rl), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/accuracies"]), np.mean(np.greater(rw, rl)))
+  np.testing.assert_allclose(float(m["logps/chosen"]),
+                             np.mean(np.divide(CHOSEN, CHOSEN_LEN)), rtol=1e-6)
+
+
 def test_padding_pairs_count_for_nothing():
   mask = jnp.asarray([1.0, 0.0, 1.0])
   loss, m, _ = run("acpo", delta=0.02, mask=mask)
@@ -340,3 +381,46 @@ def test_errors_name_the_problem():
     run("acpo", alpha_mode="row")
   with pytest.raises(ValueError, match="label_smoothing"):
     run("robust", label_smoothing=0.5)
+
+
+# --- the alpha table of docs/acpo.md ------------------------------------------------------------
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "acpo.md"
+BRANCH_METRIC = {"guard": "acpo/guard_frac", "low": "acpo/alpha_low_frac",
+                 "high": "acpo/alpha_high_frac", "inside": "acpo/alpha_inside_frac"}
+
+
+def docs_alpha_rows():
+  """(r_w, r_l, alpha* text, alpha, branch, loss) of each row of docs/acpo.md's alpha table."""
+  text = DOCS.read_text()
+  table = text.split("<!-- alpha-table -->")[1].split("<!-- /alpha-table -->")[0]
+  rows = []
+  for line in table.strip().splitlines()[2:]:
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+    first_number = lambda c: float(re.match(r"-?[0-9.]+", c).group())
+    rows.append((float(cells[1]), float(cells[2]), cells[3], first_number(cells[4]), cells[5],
+                 first_number(cells[6])))
+  return rows
+
+
+def test_docs_alpha_table():
+  """Every row of the table in docs/acpo.md is what the code computes: beta 0.1, delta 0.01,
+  one pair of 3 + 4 answer tokens (tau = 0.07), rewards r = beta * (logp - ref_logp)."""
+  rows = docs_alpha_rows()
+  assert len(rows) >= 7 and {r[4] for r in rows} == set(BRANCH_METRIC)
+  tau = 0.01 * (3 + 4)
+  for r_w, r_l, alpha_star_text, alpha, branch, loss in rows:
+    per_pair, m, _ = run("acpo", chosen=[r_w / BETA], rejected=[r_l / BETA], ref_chosen=[0.0],
+                         ref_rejected=[0.0], chosen_len=[3.0], rejected_len=[4.0], delta=0.01)
+    where = f"row r_w={r_w}, r_l={r_l}"
+    assert float(m["acpo/tau"]) == pytest.approx(tau), where
+    assert float(m["acpo/alpha_mean"]) == pytest.approx(alpha, abs=5e-4), where
+    assert float(per_pair[0]) == pytest.approx(loss, abs=5e-5), where
+    assert float(m[BRANCH_METRIC[branch]]) == 1.0, where
+    if branch == "guard":
+      assert alpha_star_text == "undefined", where
+    else:
+      assert float(alpha_star_text) == pytest.approx((r_w - tau) / r_l, abs=5e-4), where
+    if branch == "inside":  # the scaled margin is tau: the loss is the constant -log s(tau)
+      assert float(m["acpo/scaled_margin"]) == pytest.approx(tau, abs=1e-6), where
+      assert loss == pytest.approx(-ls(tau), abs=5e-5), where

@@ -1,15 +1,19 @@
 """`neo-jax demo`: the main job. Trains the tiny NEO on the embedded easy-vqa data on CPU.
 
-    stage 1  pretrain  configs/pretrain.py:tiny     captions: vision from random weights
-    stage 2  sft       configs/sft.py:tiny          questions -> answers, from stage 1
-    stage 3  acpo      configs/preference.py:tiny   preference pairs, from stage 2
+    stage 1  pretrain  configs/pretrain.py:tiny                captions: vision from random weights
+    stage 2  sft       configs/sft.py:tiny                     questions -> answers, from stage 1
+    stage 3  dpo       configs/preference.py:tiny,loss=dpo     preference pairs, from stage 2
+    stage 4  acpo      configs/preference.py:tiny              the same pairs and steps, from stage 2
 
 Each stage is `neo_jax.stage.train` on the stage's own config, with its run directory
-under the demo's work directory and its initial weights taken from the previous stage's run.
-After SFT and after ACPO the model answers held-out easy-vqa test questions greedily
-(neo_jax.inference) and the exact-match accuracy is printed and written to the stage's
-metrics. The demo ends with a loss plot (loss.png) and summary.json in the work directory.
-Running it again skips finished stages and resumes an interrupted one from its checkpoint.
+under the demo's work directory and its initial weights taken from the run it starts from.
+DPO and ACPO both start from the SFT weights and read the same pairs in the same order, so
+they differ only in the loss. After SFT, DPO and ACPO the model answers the same held-out
+easy-vqa test questions greedily (neo_jax.evals.easy_vqa) and the exact-match accuracy is
+printed and written to the stage's metrics. The demo ends with a loss plot (loss.png), the
+DPO vs ACPO plot (preference.png: logps/chosen and rewards/chosen over the steps) and
+summary.json in the work directory. Running it again skips finished stages and resumes an
+interrupted one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,24 +26,25 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
-
 from neo_jax import run_dir, stage as stage_lib
 from neo_jax.cli.train import setup_logging
-from neo_jax.data.embedded import COLORS, SHAPES
-from neo_jax.data.pipeline import read_vqa_eval
-from neo_jax.evals.metrics import vqa_correct
-from neo_jax.inference import load_for_inference, vqa_answer_fn
+from neo_jax.evals.easy_vqa import format_accuracy, log_score, score_run
+from neo_jax.objectives.preference import compare
 from neo_jax.trainer import config as config_lib
 from neo_jax.trainer.hooks import StepInfo
-from neo_jax.trainer.metrics import MetricWriter, read_jsonl
+from neo_jax.trainer.metrics import read_jsonl
 
-# (stage, config file, its argument): the tiny variants of the stage configs
-STAGES = (("pretrain", "pretrain.py", "tiny"), ("sft", "sft.py", "tiny"),
-          ("acpo", "preference.py", "tiny"))
-EVAL_AFTER = ("sft", "acpo")  # stages whose model is scored on the VQA test questions
+# (stage, config file, its argument, the stage whose weights it starts from)
+STAGES = (("pretrain", "pretrain.py", "tiny", None), ("sft", "sft.py", "tiny", "pretrain"),
+          ("dpo", "preference.py", "tiny,loss=dpo", "sft"),
+          ("acpo", "preference.py", "tiny", "sft"))
+PREFERENCE = ("dpo", "acpo")  # the same start, pairs and steps: only the loss differs
+EVAL_AFTER = ("sft",) + PREFERENCE  # stages whose model answers the VQA test questions
+CURVES = ("train/logps/chosen", "train/rewards/chosen", "train/logps/rejected",
+          "train/rewards/rejected", "train/rewards/margins", "train/rewards/accuracies")
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
+PREFERENCE_PLOT = "preference.png"
 DEFAULT_WORKDIR = "workdir/demo"
 QUICK_WORKDIR = "workdir/demo_quick"
 QUICK_STEPS = 3  # updates per stage with --quick
@@ -47,12 +52,14 @@ QUICK_QUESTIONS = 16
 
 EPILOG = """\
 Stages (each a `neo-jax train` config; every stage's run directory is WORKDIR/<stage>):
-  1 pretrain  configs/pretrain.py:tiny    captions of the easy-vqa images, random start
-  2 sft       configs/sft.py:tiny         easy-vqa questions and answers, from 1
-  3 acpo      configs/preference.py:tiny  easy-vqa preference pairs (ACPO), from 2
+  1 pretrain  configs/pretrain.py:tiny                captions of the easy-vqa images, random start
+  2 sft       configs/sft.py:tiny                     easy-vqa questions and answers, from 1
+  3 dpo       configs/preference.py:tiny,loss=dpo     easy-vqa preference pairs (DPO), from 2
+  4 acpo      configs/preference.py:tiny              the same pairs and steps (ACPO), from 2
 Written to WORKDIR: <stage>/checkpoints, <stage>/metrics.jsonl, <stage>/tensorboard (view
-with `tensorboard --logdir WORKDIR`), loss.png (every stage's loss) and summary.json (steps,
-times, losses, VQA accuracy per stage).
+with `tensorboard --logdir WORKDIR`), loss.png (every stage's loss), preference.png (DPO and
+ACPO: logps/chosen and rewards/chosen over the steps) and summary.json (steps, times, losses,
+VQA accuracy per stage on the same questions, the DPO and ACPO curves).
 Running the same command again skips finished stages and resumes an unfinished one from its
 newest checkpoint; delete WORKDIR to start over. Ctrl-C saves a checkpoint and stops."""
 
@@ -60,7 +67,8 @@ newest checkpoint; delete WORKDIR to start over. Ctrl-C saves a checkpoint and s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.description = ("Train the tiny NEO on the embedded easy-vqa data on CPU: pretrain, "
-                        "SFT, then ACPO; print the held-out VQA accuracy.")
+                        "SFT, then DPO and ACPO from the same SFT weights; print the held-out "
+                        "VQA accuracy of each.")
   parser.epilog = EPILOG
   parser.add_argument("--workdir", default=None,
                       help=f"where the stages' run directories, loss.png and summary.json go "
@@ -68,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--quick", action="store_true",
                       help=f"{QUICK_STEPS} updates per stage and {QUICK_QUESTIONS} test "
                            "questions: checks that everything runs (minutes), learns nothing")
-  parser.add_argument("--skip-acpo", action="store_true",
-                      help="stop after SFT (no preference stage)")
+  parser.add_argument("--skip-preference", action="store_true",
+                      help="stop after SFT (no DPO / ACPO stages)")
   parser.add_argument("--questions", type=int, default=None, metavar="N",
                       help="easy-vqa test questions to score (default 1000 of 9,673; "
                            f"{QUICK_QUESTIONS} with --quick)")
@@ -88,7 +96,7 @@ class Stage:
   config_path: str
   config_arg: str  # get_config's argument: the model and its variant
   workdir: str
-  init_from: Optional[str]  # the previous stage's run directory
+  init_from: Optional[str]  # the run directory of the stage it starts from
 
 
 def default_configs_dir() -> str:
@@ -97,22 +105,22 @@ def default_configs_dir() -> str:
   return os.path.normpath(os.path.join(here, "..", "..", "configs"))
 
 
-def plan(workdir: str, configs_dir: str, skip_acpo: bool,
+def plan(workdir: str, configs_dir: str, skip_preference: bool,
          say: Callable[[str], None] = print) -> list[Stage]:
-  """The stages to run, in order; a missing ACPO config drops that stage with a message."""
-  stages, previous = [], None
-  for name, filename, arg in STAGES:
-    if name == "acpo" and skip_acpo:
+  """The stages to run, in order; a missing preference config drops those stages with a
+  message."""
+  stages: list[Stage] = []
+  for name, filename, arg, start in STAGES:
+    if name in PREFERENCE and skip_preference:
       break
     path = os.path.join(configs_dir, filename)
     if not os.path.isfile(path):
-      if name == "acpo":
-        say(f"stage acpo: {path} does not exist; the demo stops after SFT")
+      if name in PREFERENCE:
+        say(f"stage {name}: {path} does not exist; the demo stops after SFT")
         break
       raise FileNotFoundError(f"{path}: stage config not found (see --configs)")
-    stage_dir = os.path.join(workdir, name)
-    stages.append(Stage(name, path, arg, stage_dir, previous))
-    previous = stage_dir
+    init_from = os.path.join(workdir, start) if start else None
+    stages.append(Stage(name, path, arg, os.path.join(workdir, name), init_from))
   return stages
 
 
@@ -201,60 +209,13 @@ def run_stage(stage: Stage, config: Any, say: Callable[[str], None]) -> dict:
   return out
 
 
-# --- evaluation -------------------------------------------------------------------------------
-
-def answer_kind(answer: str) -> str:
-  """easy-vqa's three answer families, for the per-family accuracy."""
-  if answer in COLORS:
-    return "color"
-  if answer in SHAPES:
-    return "shape"
-  return "yes/no"
-
-
-def vqa_accuracy(workdir: str, questions: int, pixels: Any, batch_size: int = 32) -> dict:
-  """Greedy answers of the run's newest checkpoint to the first `questions` test questions,
-  its images preprocessed with the stage's pixel range (`pixels.min_pixels`, `.max_pixels`:
-  the config's model group)."""
-  t0 = time.perf_counter()
-  model = load_for_inference(workdir)
-  examples = read_vqa_eval("test", questions)
-  answer = vqa_answer_fn(model.config, model.tokenizer, max_new_tokens=4,
-                         batch_size=min(batch_size, len(examples)),
-                         min_pixels=pixels.min_pixels, max_pixels=pixels.max_pixels)
-  predictions = answer(model.params, examples)
-  hits = [vqa_correct(p, [e.answer]) for p, e in zip(predictions, examples)]
-  by_kind: dict[str, list[bool]] = {}
-  for hit, example in zip(hits, examples):
-    by_kind.setdefault(answer_kind(example.answer), []).append(hit)
-  return {"accuracy": float(np.mean(hits)), "questions": len(hits),
-          "by_kind": {k: {"accuracy": float(np.mean(v)), "questions": len(v)}
-                      for k, v in sorted(by_kind.items())},
-          "seconds": round(time.perf_counter() - t0, 1),
-          "examples": [{"question": e.question, "answer": e.answer, "prediction": p}
-                       for e, p in list(zip(examples, predictions))[:5]]}
-
-
-def log_accuracy(workdir: str, step: int, result: dict) -> None:
-  """The accuracy into the stage's metrics.jsonl and TensorBoard, at its last step."""
-  writer = MetricWriter(workdir)
-  writer.write(step, {"vqa/accuracy": result["accuracy"], "vqa/examples": result["questions"]})
-  writer.close()
-
-
-def format_accuracy(stage: str, result: dict) -> str:
-  kinds = ", ".join(f"{k} {v['accuracy']:.1%} of {v['questions']}"
-                    for k, v in result["by_kind"].items())
-  return (f"VQA accuracy after {stage}: {result['accuracy']:.1%} exact match on "
-          f"{result['questions']} easy-vqa test questions ({kinds})")
-
-
 # --- report -----------------------------------------------------------------------------------
 
-def stage_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
-  """(step, value) series of a run's metrics.jsonl: train/loss and eval/loss."""
+def stage_curves(workdir: str, keys: Sequence[str] = ("train/loss", "eval/loss")
+                 ) -> dict[str, list[tuple[int, float]]]:
+  """(step, value) series of a run's metrics.jsonl, one per key."""
   path = os.path.join(workdir, run_dir.METRICS_FILE)
-  series: dict[str, dict[int, float]] = {"train/loss": {}, "eval/loss": {}}
+  series: dict[str, dict[int, float]] = {k: {} for k in keys}
   if os.path.isfile(path):
     for record in read_jsonl(path):  # a resumed run appends: later records win
       for key, points in series.items():
@@ -268,7 +229,7 @@ def plot_losses(stages: Sequence[Stage], path: str, accuracies: dict[str, float]
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
+  fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
   for ax, stage in zip(axes[0], stages):
     curves = stage_curves(stage.workdir)
     for key, style in (("train/loss", "-"), ("eval/loss", "o--")):
@@ -282,7 +243,7 @@ def plot_losses(stages: Sequence[Stage], path: str, accuracies: dict[str, float]
     ax.set_xlabel("step")
     values = [v for c in curves.values() for _, v in c]
     if values and min(values) > 0 and max(values) > 10 * min(values):
-      ax.set_yscale("log")  # pretrain and SFT fall from ln V ~ 12; preference stays near ln 2
+      ax.set_yscale("log")  # pretrain and SFT fall from ln V; preference stays near ln 2
     ax.grid(alpha=0.3)
     ax.legend()
   axes[0][0].set_ylabel("loss")
@@ -290,6 +251,38 @@ def plot_losses(stages: Sequence[Stage], path: str, accuracies: dict[str, float]
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def preference_summary(stages: Sequence[Stage], records: dict) -> dict:
+  """DPO against ACPO: where they started, their curves (CURVES) and their VQA accuracies on
+  the same questions as SFT's."""
+  runs = [s for s in stages if s.name in PREFERENCE]
+  curves = {s.name: {k: [list(p) for p in v] for k, v in stage_curves(s.workdir, CURVES).items()}
+            for s in runs}
+  vqa = {name: records[name]["vqa"] for name in EVAL_AFTER if "vqa" in records.get(name, {})}
+  sets = {v["question_set"] for v in vqa.values()}
+  return {"start": runs[0].init_from, "steps": {s.name: records[s.name]["steps"] for s in runs},
+          "curves": curves, "question_set": sets.pop() if len(sets) == 1 else None,
+          "vqa_accuracy": {name: v["accuracy"] for name, v in vqa.items()}}
+
+
+def format_preference(summary: dict) -> list[str]:
+  """The DPO vs ACPO lines the demo prints."""
+  label = lambda name: compare.LABELS.get(name, name)
+  steps = ", ".join(f"{label(k)} {v}" for k, v in summary["steps"].items())
+  lines = [f"DPO vs ACPO from the same SFT weights on the same pairs ({steps} updates):"]
+  for key in ("train/logps/chosen", "train/rewards/chosen", "train/rewards/margins"):
+    moves = []
+    for name, curves in summary["curves"].items():
+      points = curves.get(key) or []
+      if points:
+        moves.append(f"{label(name)} {points[0][1]:+.3f} -> {points[-1][1]:+.3f}")
+    lines.append(f"  {key.removeprefix('train/'):<16} " + ";  ".join(moves))
+  accuracies = ", ".join(f"{label(k) if k in PREFERENCE else k.upper()} {v:.1%}"
+                         for k, v in summary["vqa_accuracy"].items())
+  lines.append(f"  VQA exact match on the same questions ({summary['question_set']}): "
+               f"{accuracies}")
+  return lines
 
 
 def _read_summary(path: str) -> dict:
@@ -321,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     raise ValueError(f"{workdir} holds a {'quick' if summary.get('quick') else 'full'} demo; "
                      "use another --workdir or delete it")
   setup_logging("INFO", "neo_jax.train")
-  stages = plan(workdir, args.configs or default_configs_dir(), args.skip_acpo, say)
+  stages = plan(workdir, args.configs or default_configs_dir(), args.skip_preference, say)
   configs = [stage_config(s, args.quick) for s in stages]  # fail on a bad config up front
   summary.update(quick=args.quick, workdir=os.path.abspath(workdir),
                  stages=summary.get("stages", {}))
@@ -342,8 +335,8 @@ def run(args: argparse.Namespace) -> int:
       vqa = record.get("vqa")
       if vqa is None or vqa["questions"] != questions:
         say(f"stage {stage.name}: answering {questions} easy-vqa test questions")
-        vqa = vqa_accuracy(stage.workdir, questions, config.model)
-        log_accuracy(stage.workdir, ran["steps"], vqa)
+        vqa = score_run(stage.workdir, questions)
+        log_score(stage.workdir, ran["steps"], vqa)
         record["vqa"] = vqa
       say(format_accuracy(stage.name, vqa))
       accuracies[stage.name] = vqa["accuracy"]
@@ -352,13 +345,22 @@ def run(args: argparse.Namespace) -> int:
 
   plot_path = os.path.join(workdir, PLOT_FILE)
   plot_losses(stages, plot_path, accuracies)
+  plots = [os.path.abspath(plot_path)]
+  if all(name in accuracies for name in PREFERENCE):
+    summary["preference"] = preference_summary(stages, summary["stages"])
+    preference_plot = os.path.join(workdir, PREFERENCE_PLOT)
+    compare.plot({s.name: read_jsonl(os.path.join(s.workdir, run_dir.METRICS_FILE))
+                  for s in stages if s.name in PREFERENCE}, preference_plot)
+    plots.append(os.path.abspath(preference_plot))
+    for line in format_preference(summary["preference"]):
+      say(line)
   wall = time.perf_counter() - t_start
   final = stages[-1].name if stages[-1].name in accuracies else None
-  summary.update(last_run_seconds=round(wall, 1), plot=os.path.abspath(plot_path),
+  summary.update(last_run_seconds=round(wall, 1), plot=plots[0], plots=plots,
                  final_stage=stages[-1].name,
                  vqa_accuracy=accuracies.get(final) if final else None)
   _write_summary(summary_path, summary)
-  say(f"loss plot: {os.path.abspath(plot_path)}; summary: {os.path.abspath(summary_path)}; "
+  say(f"plots: {', '.join(plots)}; summary: {os.path.abspath(summary_path)}; "
       f"TensorBoard: tensorboard --logdir {os.path.abspath(workdir)}")
   if final:
     say(f"held-out VQA accuracy: {accuracies[final]:.1%} "

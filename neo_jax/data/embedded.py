@@ -34,6 +34,7 @@ from typing import Iterator, Optional
 from neo_jax.data.cache import cache_root
 from neo_jax.data.stats import logger
 from neo_jax.data.tfds_sources import TfdsSource, build_tfds, built_dir, is_built
+from neo_jax.data.tokenizer import NeoTokenizer, load_tokenizer, subset_tokenizer_dir
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -243,6 +244,36 @@ def read_vqa_eval(split: str = "test", limit: Optional[int] = None) -> list[VqaE
                           record["id"]))
   out.sort(key=lambda e: tuple(int(x) for x in e.id.split("/")[1:]))
   return out[:limit] if limit is not None else out
+
+
+# --- the easy-vqa tokenizer ---------------------------------------------------------------------
+
+EASY_VQA_TOKENIZER = "easy_vqa"
+# what the chat template and the sample formats write around easy-vqa's own text
+TEMPLATE_TEXTS = ("user", "assistant", "system", "\n", "Image-1: ", "Image-2: ", "shape", ".",
+                  "A ", " ", "0123456789")
+
+
+def easy_vqa_texts() -> list[str]:
+  """Every string the easy-vqa data sets encode: questions, answers, caption words, template
+  pieces (the easy-vqa tokenizer keeps exactly the Qwen3 tokens these use)."""
+  import easy_vqa
+  texts = list(TEMPLATE_TEXTS) + [caption_for(c, s) for c in COLORS + (None,)
+                                  for s in SHAPES + (None,)]
+  for questions, answers_, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
+    texts.extend(questions)
+    texts.extend(answers_)
+  return texts
+
+
+def load_named_tokenizer(name: str = "") -> NeoTokenizer:
+  """A training config's `data.tokenizer`: "" the Qwen3 + NEO tokenizer; "easy_vqa" its
+  tokens that easy-vqa's text uses (a few hundred ids instead of 151,669: a model trained
+  only on easy-vqa needs no bigger head), built into the cache on first use; else an HF
+  tokenizer directory."""
+  if name == EASY_VQA_TOKENIZER:
+    return NeoTokenizer(subset_tokenizer_dir(EASY_VQA_TOKENIZER, easy_vqa_texts))
+  return load_tokenizer(name or None)
 
 
 def describe() -> str:

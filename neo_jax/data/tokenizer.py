@@ -24,7 +24,7 @@ import base64
 import json
 import os
 import pathlib
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -196,17 +196,19 @@ QWEN3_ADDITIONAL_SPECIAL_TOKENS: tuple[str, ...] = tuple(
     tok for tok, _ in QWEN3_ADDED_TOKENS[1:14])
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(table: Sequence[tuple[int, str, bool]] | None = None) -> dict:
   """tokenizer_config.json with the meaning of the official NEO files: Qwen3-Base's settings
-  (eos and pad `<|endoftext|>`, no bos) plus NEO's added tokens. Chat generation stops at
-  `<|im_end|>` all the same: the stop token is config.json's eos_token_id (the template's
-  separator), and NeoTokenizer.eos_id is `<|im_end|>` whatever this file says."""
-  table = added_token_table()
+  (eos and pad `<|endoftext|>`, no bos) plus NEO's added tokens (`table`: those of a cut-down
+  vocabulary). Chat generation stops at `<|im_end|>` all the same: the stop token is
+  config.json's eos_token_id (the template's separator), and NeoTokenizer.eos_id is
+  `<|im_end|>` whatever this file says."""
+  table = added_token_table() if table is None else table
+  present = {tok for _, tok, _ in table}
   return {
       "add_bos_token": False,
       "add_prefix_space": False,
       "added_tokens_decoder": {str(i): _token_entry(tok, special) for i, tok, special in table},
-      "additional_special_tokens": list(QWEN3_ADDITIONAL_SPECIAL_TOKENS),
+      "additional_special_tokens": [t for t in QWEN3_ADDITIONAL_SPECIAL_TOKENS if t in present],
       "bos_token": None,
       "chat_template": NEO1_0_CHAT_TEMPLATE,
       "clean_up_tokenization_spaces": False,
@@ -220,8 +222,8 @@ def _tokenizer_config() -> dict:
   }
 
 
-def _special_tokens_map() -> dict:
-  config = _tokenizer_config()
+def _special_tokens_map(table: Sequence[tuple[int, str, bool]] | None = None) -> dict:
+  config = _tokenizer_config(table)
   return {
       "additional_special_tokens": [_token_entry(t) for t in config["additional_special_tokens"]],
       "eos_token": _token_entry(ENDOFTEXT),
@@ -232,16 +234,67 @@ def _special_tokens_map() -> dict:
 def write_tokenizer_files(directory: str | os.PathLike,
                           ranks_path: str | os.PathLike | None = None) -> pathlib.Path:
   """Builds the tokenizer and writes the three HF files into `directory`."""
+  return _write_files(directory, build_tokenizer_json(ranks_path), added_token_table())
+
+
+def _write_files(directory: str | os.PathLike, tokenizer_json: dict,
+                 table: Sequence[tuple[int, str, bool]]) -> pathlib.Path:
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   with open(directory / "tokenizer.json", "w", encoding="utf-8") as f:
-    json.dump(build_tokenizer_json(ranks_path), f, ensure_ascii=False, separators=(",", ":"))
-  for name, content in (("tokenizer_config.json", _tokenizer_config()),
-                        ("special_tokens_map.json", _special_tokens_map())):
+    json.dump(tokenizer_json, f, ensure_ascii=False, separators=(",", ":"))
+  for name, content in (("tokenizer_config.json", _tokenizer_config(table)),
+                        ("special_tokens_map.json", _special_tokens_map(table))):
     with open(directory / name, "w", encoding="utf-8") as f:
       json.dump(content, f, ensure_ascii=False, indent=2)
       f.write("\n")
   return directory
+
+
+def subset_tokenizer_json(full: dict, keep_ids: Iterable[int]) -> tuple[dict, list]:
+  """(tokenizer.json dict, added-token table) of Qwen3's BPE cut down to the tokens
+  `keep_ids` name (ids of `full`, the Qwen3 + NEO tokenizer.json), the tokens they are merged
+  from, and all 256 single bytes, renumbered from 0 in rank order; every added token follows.
+
+  Text made only of kept tokens encodes to the same tokens as with the full tokenizer (every
+  token BPE builds on the way is kept); any other text still encodes, in smaller pieces.
+  """
+  vocab = full["model"]["vocab"]
+  token_of = {i: t for t, i in vocab.items()}
+  parts = {a + b: (a, b) for a, b in full["model"]["merges"]}
+  b2u = _bytes_to_unicode()
+  kept = {b2u[b] for b in range(256)}
+  todo = [token_of[i] for i in keep_ids if i in token_of]
+  while todo:
+    token = todo.pop()
+    if token in kept:
+      continue
+    kept.add(token)
+    todo.extend(parts.get(token, ()))
+  order = sorted(kept, key=vocab.__getitem__)
+  new_vocab = {t: i for i, t in enumerate(order)}
+  merges = [[a, b] for a, b in full["model"]["merges"] if a + b in new_vocab]
+  table = [(len(order) + k, tok, special)
+           for k, (_, tok, special) in enumerate(added_token_table())]
+  added = [{**entry, "id": new_id} for entry, (new_id, _, _) in zip(full["added_tokens"], table)]
+  return {**full, "added_tokens": added,
+          "model": {**full["model"], "vocab": new_vocab, "merges": merges}}, table
+
+
+def subset_tokenizer_dir(name: str, texts: Callable[[], Iterable[str]]) -> pathlib.Path:
+  """Builds (once, into the cache) the Qwen3 + NEO tokenizer cut down to the tokens of
+  `texts()` (subset_tokenizer_json); returns its directory."""
+  final = cache_root() / "tokenizer" / f"{name}_v{_BUILD_VERSION}"
+  if not (final / "tokenizer.json").exists():
+    full_dir = default_tokenizer_dir()
+    with open(full_dir / "tokenizer.json", encoding="utf-8") as f:
+      full = json.load(f)
+    tok = NeoTokenizer(full_dir)
+    keep = {i for ids in tok.encode_batch(sorted(set(texts()))) for i in ids}
+    tokenizer_json, table = subset_tokenizer_json(full, keep)
+    with atomic_directory(final) as tmp:
+      _write_files(tmp, tokenizer_json, table)
+  return final
 
 
 def default_tokenizer_dir() -> pathlib.Path:
@@ -315,6 +368,15 @@ class NeoTokenizer:
       if src.exists() and src.resolve() != (directory / name).resolve():
         shutil.copyfile(src, directory / name)
     return directory
+
+
+def token_ids(tok: NeoTokenizer, vocab_multiple: int = 128) -> dict[str, int]:
+  """The NeoConfig fields that must agree with `tok`: the vocabulary (rounded up to a
+  multiple, like Qwen3's 151,936 for 151,669 tokens) and the special token ids."""
+  return {"vocab_size": -(-tok.vocab_size // vocab_multiple) * vocab_multiple,
+          "img_context_token_id": tok.img_context_id, "img_start_token_id": tok.img_start_id,
+          "img_end_token_id": tok.img_end_id, "eos_token_id": tok.eos_id,
+          "pad_token_id": tok.pad_id}
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> NeoTokenizer:

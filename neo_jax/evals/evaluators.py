@@ -18,39 +18,42 @@ import numpy as np
 from jax.sharding import Mesh
 
 from neo_jax.data.pipeline import read_vqa_eval
-from neo_jax.data.tokenizer import load_tokenizer
+from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import vqa_answer_fn
 from neo_jax.parallel.sharding import RULES, batch_shardings, local_rows, replicated, shard_batch
 from neo_jax.trainer import batches
 from neo_jax.trainer.loop import Trainer
 from neo_jax.trainer.hooks import Evaluator
-from neo_jax.trainer.objective import LossFn
+from neo_jax.trainer.objective import EvalLossFn
 from neo_jax.trainer.state import TrainState
 
 GenerateFn = Callable[[Any, Sequence[Any]], Sequence[str]]
 
 
 class HeldOutLoss:
-  """Weighted loss and token accuracy of the model on fixed held-out batches."""
+  """Weighted loss and token accuracy of the model on fixed held-out batches.
 
-  def __init__(self, batches: Sequence[Mapping[str, np.ndarray]], loss_fn: LossFn, mesh: Mesh,
-               param_shardings: Any, name: str = "eval", rules: Sequence = RULES):
+  `loss_fn(params, batch, objective_state)` gets the state's objective state (e.g. the BCO
+  reward shift training has reached; None for stateless objectives)."""
+
+  def __init__(self, batches: Sequence[Mapping[str, np.ndarray]], loss_fn: EvalLossFn,
+               mesh: Mesh, param_shardings: Any, name: str = "eval", rules: Sequence = RULES):
     if not batches:
       raise ValueError("HeldOutLoss needs at least one batch")
     self.name, self.mesh, self.rules = name, mesh, tuple(rules)
     self.batches = [dict(b) for b in batches]
     self._shardings = batch_shardings(self.batches[0], mesh)
-    self._fn = jax.jit(lambda p, b: loss_fn(p, b),
-                       in_shardings=(param_shardings, self._shardings),
+    self._fn = jax.jit(lambda p, o, b: loss_fn(p, b, o),
+                       in_shardings=(param_shardings, replicated(mesh), self._shardings),
                        out_shardings=replicated(mesh))
 
   def __call__(self, state: TrainState, step: int) -> dict[str, float]:
     loss = weight = correct = supervised = 0.0
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for batch in self.batches:
-        out = jax.device_get(self._fn(state.params, shard_batch(batch, self.mesh,
-                                                                 self._shardings)))
+        out = jax.device_get(self._fn(state.params, state.objective_state,
+                                      shard_batch(batch, self.mesh, self._shardings)))
         loss += float(out.loss_sum)
         weight += float(out.weight_sum)
         correct += float(out.metrics.get("correct_tokens", 0.0))
@@ -111,7 +114,8 @@ def from_config(config: ml_collections.ConfigDict, trainer: Trainer) -> list[Eva
                                   trainer.mesh, trainer.param_shardings, rules=trainer.rules))
   if e.vqa_examples > 0:
     mc = trainer.model_config
-    generate_fn = vqa_answer_fn(mc, load_tokenizer(), max_new_tokens=e.max_new_tokens,
+    generate_fn = vqa_answer_fn(mc, load_named_tokenizer(config.data.tokenizer),
+                                max_new_tokens=e.max_new_tokens,
                                 min_pixels=mc.min_pixels, max_pixels=mc.max_pixels)
     evaluators.append(VqaExactMatch(read_vqa_eval("test", e.vqa_examples), generate_fn))
   return evaluators

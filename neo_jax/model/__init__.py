@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,20 +32,33 @@ def _boxed_init(config: NeoConfig, rng: jax.Array) -> Any:
   return NeoModel(config).init(rng, **dummy_inputs(config))["params"]
 
 
+@functools.lru_cache(maxsize=16)
+def _traced_init(config: NeoConfig) -> tuple[Any, Any]:
+  """The one trace of the model's init per config (NeoConfig is frozen): its jaxpr and its
+  boxed output shapes. Parameter shapes, dtypes and logical axes come from the shapes, random
+  parameters from replaying the jaxpr, so a trainer's set-up never traces the modules again."""
+  return jax.make_jaxpr(lambda key: _boxed_init(config, key), return_shape=True)(
+      jax.random.key(0))
+
+
 def init_params(config: NeoConfig, rng: jax.Array) -> dict:
   """Randomly initialised parameters as a plain pytree of arrays."""
-  return nn.meta.unbox(_boxed_init(config, rng))
+  jaxpr, boxed = _traced_init(config)
+  key = jaxpr.in_avals[0]
+  if (jnp.shape(rng), rng.dtype) != (key.shape, key.dtype):  # another kind of key (a raw
+    return nn.meta.unbox(_boxed_init(config, rng))        # uint32 one): trace for it
+  leaves = jax.core.eval_jaxpr(jaxpr.jaxpr, jaxpr.consts, rng)
+  return nn.meta.unbox(jax.tree.unflatten(jax.tree.structure(boxed), leaves))
 
 
 def abstract_params(config: NeoConfig) -> dict:
   """ShapeDtypeStructs of the parameters, without allocating them."""
-  return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
+  return nn.meta.unbox(_traced_init(config)[1])
 
 
 def logical_axes(config: NeoConfig) -> dict:
   """A PartitionSpec of logical axis names for every parameter (see neo_jax.parallel)."""
-  boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0)))
-  return nn.get_partition_spec(boxed)
+  return nn.get_partition_spec(_traced_init(config)[1])
 
 
 def param_count(tree: Any) -> int:

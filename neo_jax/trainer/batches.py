@@ -17,11 +17,12 @@ import jax
 import ml_collections
 
 from neo_jax.config import NeoConfig
+from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.data.pipeline import DataConfig, build_train_iterator
 from neo_jax.data.synthetic import SyntheticIterator, SyntheticSpec
 from neo_jax.data.synthetic_pairs import PairIterator, PairSpec
-from neo_jax.data.tokenizer import load_tokenizer
 from neo_jax.errors import UserError
+from neo_jax.inference.loading import check_tokenizer
 from neo_jax.parallel.layout import BatchLayout
 
 
@@ -102,8 +103,10 @@ def make_iterator(config: ml_collections.ConfigDict, model_config: NeoConfig,
   layout = layout or default_layout(config)
   if config.data.pipeline == "synthetic":  # `changes` name DataConfig fields: no effect here
     return synthetic_iterator(config, model_config, split, layout)
+  tokenizer = load_named_tokenizer(config.data.tokenizer)
+  check_tokenizer(tokenizer, model_config, f"config.data.tokenizer={config.data.tokenizer!r}")
   return build_train_iterator(data_config(config, model_config, split, layout, **changes),
-                              load_tokenizer(), model_config, process_index=layout.group,
+                              tokenizer, model_config, process_index=layout.group,
                               process_count=layout.groups)
 
 

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
-from neo_jax.data.tokenizer import load_tokenizer
+from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 from neo_jax.parallel import distributed
@@ -43,7 +43,7 @@ from neo_jax.trainer import optimizer as opt_lib
 from neo_jax.trainer.hooks import (Cadence, Hook, LogMetrics, NanPolicy, ProgressBar,
                                    SaveCheckpoint, StepInfo, Throughput, memory_stats)
 from neo_jax.trainer.metrics import MetricWriter, drop_records_after
-from neo_jax.trainer.objective import LossFn, Objective, ObjectiveSetup
+from neo_jax.trainer.objective import EvalLossFn, Objective, ObjectiveSetup, eval_loss
 from neo_jax.trainer.state import (TrainState, abstract_state, init_state, param_shardings,
                                    state_shardings)
 from neo_jax.trainer.step import compile_step, make_train_step
@@ -149,8 +149,9 @@ class Trainer:
 
   Attributes the set-up leaves for hooks and evaluators: `config`, `model_config`, `mesh`,
   `layout` (the rows each process feeds), `rules`, `param_shardings`, `trainable`, `state`,
-  `data`, `checkpointer`, `writer`, `eval_loss_fn` ((params, batch) -> LossOutput) and
-  `batch_fn` (the objective's arrays added to each sharded batch, or None).
+  `data`, `checkpointer`, `writer`, `eval_loss_fn` ((params, batch, objective_state) ->
+  LossOutput: a stateful objective is evaluated with the state training has reached, which it
+  does not change) and `batch_fn` (the objective's arrays added to each sharded batch, or None).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, objective: Objective, *,
@@ -185,8 +186,7 @@ class Trainer:
                            params=self.state.params, resuming=resuming)
     self.batch_fn = objective.make_batch_fn(setup) if objective.make_batch_fn else None
     loss_fn = objective.make_loss(self.model_config, config)
-    self.eval_loss_fn: LossFn = loss_fn if not objective.stateful else (  # at the initial state
-        lambda params, batch: loss_fn(params, batch, objective_state)[0])
+    self.eval_loss_fn: EvalLossFn = eval_loss(loss_fn, objective.stateful)
     self.step_fn = make_train_step(loss_fn, tx, schedule, self.trainable,
                                    grad_accum_steps=config.grad_accum_steps,
                                    nan_policy=config.nan_policy, stateful=objective.stateful)
@@ -346,7 +346,7 @@ class Trainer:
     run_dir.write_run_files(cfg.workdir, self.model_config, config_lib.to_json(ran))
     if cfg.data.pipeline == "grain":
       with run_dir.staged(cfg.workdir) as local:
-        load_tokenizer().save(local)
+        load_named_tokenizer(cfg.data.tokenizer).save(local)
 
   def _initial_state(self, tx: optax.GradientTransformation, params: Any, objective_state: Any,
                      resuming: bool) -> tuple[TrainState, TrainState]:

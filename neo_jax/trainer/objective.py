@@ -35,6 +35,16 @@ LossFn = Callable[[Any, Batch], LossOutput]
 StatefulLossFn = Callable[[Any, Batch, Any], tuple[LossOutput, Any]]
 # arrays an objective adds to each sharded batch before the step (e.g. reference log-probs)
 BatchFn = Callable[[Batch], dict[str, jax.Array]]
+# evaluation: (params, batch, objective state) -> sums; the state is read, never advanced
+EvalLossFn = Callable[[Any, Batch, Any], LossOutput]
+
+
+def eval_loss(loss_fn: LossFn | StatefulLossFn, stateful: bool) -> EvalLossFn:
+  """The loss as evaluators call it, with the objective state training has reached (a
+  stateful loss's updated state is dropped: evaluating does not move training's state)."""
+  if stateful:
+    return lambda params, batch, objective_state: loss_fn(params, batch, objective_state)[0]
+  return lambda params, batch, objective_state=None: loss_fn(params, batch)
 
 
 @dataclasses.dataclass(frozen=True)

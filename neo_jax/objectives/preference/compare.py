@@ -14,7 +14,7 @@ from neo_jax import run_dir
 from neo_jax.trainer import config as config_lib
 
 LOSSES = ("sigmoid", "acpo")
-LABELS = {"sigmoid": "DPO", "acpo": "ACPO", "sft": "SFT (start)"}
+LABELS = {"sigmoid": "DPO", "dpo": "DPO", "acpo": "ACPO", "sft": "SFT (start)"}
 PLOTTED = ("train/rewards/chosen", "train/logps/chosen")
 SUMMARY_KEYS = ("train/loss", "train/rewards/chosen", "train/rewards/rejected",
                 "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
@@ -58,7 +58,7 @@ def plot(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> Non
     for loss, history in histories.items():
       steps, values = series(history, key)
       vqa = last_value(history, "vqa/accuracy")
-      label = LABELS.get(loss, loss) + (f" (VQA {100 * vqa:.0f}%)" if vqa is not None else "")
+      label = LABELS.get(loss, loss) + (f" (VQA {vqa:.1%})" if vqa is not None else "")
       ax.plot(steps, values, label=label)
     ax.axhline(0.0, color="grey", lw=0.5) if key.endswith("rewards/chosen") else None
     ax.set_xlabel("step")

@@ -15,8 +15,8 @@ reduction). docs/acpo.md lists them; docs/reference/acpo.md gives each formula a
 
 `metrics` are batch means over the valid pairs, named as TRL logs them (rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies with a strict >, logps/chosen,
-logps/rejected: means of *summed* log-probs) plus each kind's own (acpo/alpha_mean, ...),
-all without gradient. `state` carries what a loss keeps between steps (the BCO reward shift);
+logps/rejected: means of *summed* log-probs, or of per-token means for the kinds TRL averages,
+simpo and ipo) plus each kind's own (acpo/alpha_mean, ...), all without gradient. `state` carries what a loss keeps between steps (the BCO reward shift);
 kinds without state pass it through. Reference and BCO shift are never differentiated; the
 ACPO alpha is not unless detach_alpha=False.
 """
@@ -225,23 +225,36 @@ def _acpo(p: Pairs, state, *, beta: float, delta: float, alpha_mode: str,
   guard = jnp.abs(denominator) < guard_eps
   alpha_star = numerator / jnp.where(guard, 1.0, denominator)
   if alpha_clip is None:
-    clipped = jnp.zeros_like(guard)
+    low = high = jnp.zeros_like(guard)
     alpha = alpha_star
   else:
     lo, hi = alpha_clip
-    clipped = (alpha_star < lo) | (alpha_star > hi)
+    low, high = alpha_star < lo, alpha_star > hi
     alpha = jnp.clip(alpha_star, lo, hi)
   alpha = jnp.where(guard, 1.0, alpha)
   if detach_alpha:
     alpha = jax.lax.stop_gradient(alpha)
   # beta * (rho_w - alpha * rho_l) = r_w - alpha * r_l, written so that alpha = 1 rounds
   # exactly like DPO's beta * (rho_w - rho_l)
-  loss = -log_sigmoid(beta * (p.rho_w - alpha * p.rho_l))
+  scaled_margin = beta * (p.rho_w - alpha * p.rho_l)
+  loss = -log_sigmoid(scaled_margin)
   sg = jax.lax.stop_gradient
+  share = lambda x: sg(p.mean(x.astype(jnp.float32)))
+  low, high = low & ~guard, high & ~guard
   metrics = {"acpo/alpha_mean": sg(p.mean(alpha)),
-             "acpo/alpha_clip_frac": sg(p.mean((clipped & ~guard).astype(jnp.float32))),
-             "acpo/guard_frac": sg(p.mean(guard.astype(jnp.float32))),
-             "acpo/tau": sg(tau)}
+             "acpo/alpha_clip_frac": share(low | high),
+             # the distribution of alpha: at the low clip (rejected term off when it is 0), at
+             # the high clip (plain DPO when it is 1), solved inside (then the scaled margin is
+             # tau exactly and the pair's loss is the constant -log sigmoid(tau)), guarded
+             "acpo/alpha_low_frac": share(low),
+             "acpo/alpha_high_frac": share(high),
+             "acpo/alpha_inside_frac": share(~(low | high | guard)),
+             "acpo/guard_frac": share(guard),
+             "acpo/tau": sg(tau),
+             "acpo/scaled_margin": sg(p.mean(scaled_margin)),
+             # how far the policy's summed log-probs moved from the reference's
+             "acpo/chosen_drift": sg(p.mean(p.rho_w)),
+             "acpo/rejected_drift": sg(p.mean(p.rho_l))}
   return loss, metrics, state
 
 
@@ -257,6 +270,10 @@ class LossKind:
   uses_reference: bool = True  # False: reference log-probs are ignored (SimPO)
   init_state: Optional[Callable[[], Any]] = None  # kinds that carry state between steps
   sft_weight: float = 0.0  # default weight of the NLL on the chosen response
+  # TRL scores these kinds by per-token mean log-probs (CPOTrainer's simpo, DPOTrainer's ipo):
+  # their logged logps/* are per-token means and rewards/* are beta times them (minus the
+  # reference's), so rewards/accuracies follows the loss's own comparison
+  average_logps: bool = False
   summary: str = ""
 
 
@@ -276,10 +293,10 @@ for _kind in (
     LossKind("robust", _robust, {"label_smoothing": 0.0},
              summary="robust DPO: [-(1-e) log s(b D) + e log s(-b D)] / (1 - 2e)"),
     LossKind("hinge", _hinge, {}, summary="max(0, 1 - b D)"),
-    LossKind("ipo", _ipo, {}, summary="(D/|y| - 1/(2b))^2 on per-token log-ratios"),
+    LossKind("ipo", _ipo, {}, average_logps=True, summary="(D/|y| - 1/(2b))^2 on per-token log-ratios"),
     LossKind("sigmoid_norm", _sigmoid_norm, {}, summary="-log s(b D/|y|)"),
     LossKind("simpo", _simpo, {"gamma": 0.5, "label_smoothing": 0.0}, uses_reference=False,
-             summary="-log s(b (logp_w/|y_w| - logp_l/|y_l|) - gamma), no reference"),
+             average_logps=True, summary="-log s(b (logp_w/|y_w| - logp_l/|y_l|) - gamma), no reference"),
     LossKind("dpop", _dpop, {"dpop_lambda": 50.0},
              summary="-log s(b (D - lambda max(0, -rho_w)))"),
     LossKind("nca_pair", _nca_pair, {}, summary="-log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2"),
@@ -373,14 +390,19 @@ def preference_loss(kind: str, chosen_logps: jax.Array, rejected_logps: jax.Arra
   loss = jnp.where(mask > 0, loss, 0.0)
 
   sg = jax.lax.stop_gradient
-  r_w, r_l = sg(beta * p.rho_w), sg(beta * p.rho_l)
+  if k.average_logps:
+    logp_w, logp_l = p.per_token(p.chosen, p.chosen_len), p.per_token(p.rejected, p.rejected_len)
+    rho_w, rho_l = p.per_token(p.rho_w, p.chosen_len), p.per_token(p.rho_l, p.rejected_len)
+  else:
+    logp_w, logp_l, rho_w, rho_l = p.chosen, p.rejected, p.rho_w, p.rho_l
+  r_w, r_l = sg(beta * rho_w), sg(beta * rho_l)
   metrics = {
       "rewards/chosen": p.mean(r_w),
       "rewards/rejected": p.mean(r_l),
       "rewards/margins": p.mean(r_w - r_l),
       "rewards/accuracies": p.mean((r_w > r_l).astype(jnp.float32)),
-      "logps/chosen": p.mean(sg(p.chosen)),
-      "logps/rejected": p.mean(sg(p.rejected)),
+      "logps/chosen": p.mean(sg(logp_w)),
+      "logps/rejected": p.mean(sg(logp_l)),
       **extra,
   }
   if sft_weight:

@@ -77,18 +77,23 @@ def num_pairs(gather_size: int) -> int:
 def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
                          batch: Mapping[str, jax.Array], *, chunk: int = 1024,
                          compute_dtype: Any = jnp.float32, remat: bool = True,
-                         vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-  """(log-prob, argmax-correct) of every gathered response token, float32 [B, K] each.
+                         vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(log-prob, argmax-correct, mean logit) of every gathered response token, float32 [B, K]
+  each.
 
   Gathers the K predicting positions before the head, so the logits are [B, chunk, V] at a
-  time; padding slots (gather_weights == 0) are 0.
+  time; padding slots (gather_weights == 0) are 0. The mean logit over the vocabulary (what
+  TRL's logits/chosen averages) is linear in the head: h . mean_v(W[:, v]), no [B, K, V].
   """
   index_bk = batch["gather_index"]
   hidden_bkd = jnp.take_along_axis(hidden_bld, index_bk[..., None], axis=1)
   ce_bk, correct_bk = chunked_token_cross_entropy(hidden_bkd, head_dv, batch["gather_targets"],
                                                   chunk, compute_dtype, remat, vocab_chunk)
+  mean_head_d = jax.lax.stop_gradient(head_dv.astype(jnp.float32).mean(axis=1))
+  mean_logit_bk = jax.lax.stop_gradient(hidden_bkd).astype(jnp.float32) @ mean_head_d
   real = batch["gather_weights"] != 0
-  return jnp.where(real, -ce_bk, 0.0), jnp.where(real, correct_bk, 0.0)
+  zero = lambda x: jnp.where(real, x, 0.0)
+  return zero(-ce_bk), zero(correct_bk), zero(mean_logit_bk)
 
 
 def pair_sums(values_bk: jax.Array, segment_bk: jax.Array, branch_bk: jax.Array,
@@ -125,16 +130,22 @@ def sequence_logps(model: NeoModel, params: Any, config: NeoConfig,
   hidden_bld = model.apply({"params": params}, batch["input_ids"], batch["positions"],
                            batch["segment_ids"], batch.get("pixels"), batch.get("pixel_rc"),
                            batch["branch_ids"], return_hidden=True)
-  logp_bk, correct_bk = response_token_logps(hidden_bld, head_weight(params, config), batch,
-                                             chunk=chunk, compute_dtype=jnp.dtype(config.dtype),
-                                             remat=remat, vocab_chunk=vocab_chunk)
+  logp_bk, correct_bk, logit_bk = response_token_logps(
+      hidden_bld, head_weight(params, config), batch, chunk=chunk,
+      compute_dtype=jnp.dtype(config.dtype), remat=remat, vocab_chunk=vocab_chunk)
   pairs = num_pairs(batch["gather_index"].shape[1])
   out = pair_logps(logp_bk, batch, pairs)
-  chosen_bk = ((batch["gather_branch"] == 1) & (batch["gather_weights"] != 0))
+  real_bk = batch["gather_weights"] != 0
+  chosen_bk = (batch["gather_branch"] == 1) & real_bk
+  rejected_bk = (batch["gather_branch"] == 2) & real_bk
   counts = {
       "tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32),
       "supervised_tokens": chosen_bk.sum().astype(jnp.float32),
       "correct_tokens": jnp.where(chosen_bk, correct_bk, 0.0).sum(),
+      "rejected_tokens": rejected_bk.sum().astype(jnp.float32),
+      # sums over response tokens; `summarize` divides by the token counts (TRL's token mean)
+      "logits_sum/chosen": jnp.where(chosen_bk, logit_bk, 0.0).sum(),
+      "logits_sum/rejected": jnp.where(rejected_bk, logit_bk, 0.0).sum(),
       "overflow_pairs": ((batch["gather_segment"] > pairs)
                          & (batch["gather_weights"] != 0)).sum().astype(jnp.float32),
   }
@@ -222,10 +233,17 @@ def check_hparams(kind: str, hparams: Mapping[str, Any]) -> None:
 
 
 def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
-  """The step's sums -> logged values: every `a/b` metric is a per-pair mean."""
+  """The step's sums -> logged values: every `a/b` metric is a per-pair mean, except
+  logits/chosen and logits/rejected, means over the response tokens (TRL's: the policy's
+  logits averaged over every response token and the vocabulary)."""
   out = {k: float(v) for k, v in metrics.items()}
   pairs = max(out.get("pairs", 0.0), 1.0)
-  return {k: (v / pairs if "/" in k else v) for k, v in out.items()}
+  token_means = {}
+  for branch, count in (("chosen", "supervised_tokens"), ("rejected", "rejected_tokens")):
+    if f"logits_sum/{branch}" in out:
+      token_means[f"logits/{branch}"] = (out.pop(f"logits_sum/{branch}")
+                                         / max(out.get(count, 0.0), 1.0))
+  return {**{k: (v / pairs if "/" in k else v) for k, v in out.items()}, **token_means}
 
 
 # --- configuration ---------------------------------------------------------------------------
