@@ -56,16 +56,23 @@ def flops(pairs: float, hq: int, dqk: int, dv: int, mode: str) -> float:
   return fwd if mode == "fwd" else fwd + 2.0 * pairs * hq * (3 * dqk + 2 * dv)
 
 
-def build_row(length: int, seed: int, *, tiny: bool = False, preference: bool = False,
-              text: bool = False):
+def build_row(
+  length: int, seed: int, *, tiny: bool = False, preference: bool = False, text: bool = False
+):
   """(samples, AttnIds [1, length]) of one NEO-like packed row (`text`: text-only samples);
   branch ids always present."""
   rng = np.random.default_rng(seed)
   if text:
     samples = text_row(rng, length, sample_len=(16, 64) if tiny else (100, 2000))
   elif tiny:
-    samples = neo_row(rng, length, image_len=(32, 96), prompt_len=(4, 12),
-                      answer_len=(16, 64), preference=preference)
+    samples = neo_row(
+      rng,
+      length,
+      image_len=(32, 96),
+      prompt_len=(4, 12),
+      answer_len=(16, 64),
+      preference=preference,
+    )
   else:
     samples = neo_row(rng, length, preference=preference)
   seg, img, branch = row_ids(samples, length)
@@ -76,34 +83,43 @@ def make_inputs(length: int, hq: int, hkv: int, dqk: int, dv: int, dtype, seed: 
   """Random q, k, v and an output cotangent (never zeros) for one row."""
   keys = jax.random.split(jax.random.key(seed), 4)
   normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(dtype)
-  return (normal(keys[0], (1, length, hq, dqk)), normal(keys[1], (1, length, hkv, dqk)),
-          normal(keys[2], (1, length, hkv, dv)), normal(keys[3], (1, length, hq, dv)))
+  return (
+    normal(keys[0], (1, length, hq, dqk)),
+    normal(keys[1], (1, length, hkv, dqk)),
+    normal(keys[2], (1, length, hkv, dv)),
+    normal(keys[3], (1, length, hq, dv)),
+  )
 
 
-def attention_fn(impl: str, scale: float, *, q_chunk: int = 1024, gpu_blocks=None,
-                 tpu_blocks=None):
+def attention_fn(impl: str, scale: float, *, q_chunk: int = 1024, gpu_blocks=None, tpu_blocks=None):
   """fn(q, k, v, ids) -> out for `impl`; ids are an argument so rows of one length share a
   compiled program."""
   if impl == "xla":
     return lambda q, k, v, ids: reference.attention_dense(q, k, v, ids, scale=scale)
   if impl == "xla_chunked":
-    return lambda q, k, v, ids: reference.attention_chunked(q, k, v, ids, scale=scale,
-                                                            q_chunk=q_chunk)
+    return lambda q, k, v, ids: reference.attention_chunked(
+      q, k, v, ids, scale=scale, q_chunk=q_chunk
+    )
   if impl == "pallas_tpu":
-    return lambda q, k, v, ids: pallas_tpu.flash_attention(q, k, v, ids, scale=scale,
-                                                           block_sizes=tpu_blocks)
+    return lambda q, k, v, ids: pallas_tpu.flash_attention(
+      q, k, v, ids, scale=scale, block_sizes=tpu_blocks
+    )
   if impl == "pallas_gpu":
-    return lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=scale,
-                                                           block_sizes=gpu_blocks)
+    return lambda q, k, v, ids: pallas_gpu.flash_attention(
+      q, k, v, ids, scale=scale, block_sizes=gpu_blocks
+    )
   if impl == "cudnn":
     return lambda q, k, v, ids: cudnn.attention(q, k, v, ids, scale=scale)
   if impl == "cudnn_causal":
+
     def fn(q, k, v, ids):
       del ids  # plain causal
       v_pad = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - v.shape[-1])])
-      out = jax.nn.dot_product_attention(q, k, v_pad, scale=scale, is_causal=True,
-                                         implementation="cudnn")
-      return out[..., :v.shape[-1]]
+      out = jax.nn.dot_product_attention(
+        q, k, v_pad, scale=scale, is_causal=True, implementation="cudnn"
+      )
+      return out[..., : v.shape[-1]]
+
     return fn
   raise ValueError(impl)
 
@@ -120,13 +136,16 @@ def for_mode(fn, mode: str):
   return fwd_bwd
 
 
-def impl_flops(impl: str, allowed: float, length: int, hq: int, dqk: int, dv: int,
-               mode: str) -> tuple[float, float]:
+def impl_flops(
+  impl: str, allowed: float, length: int, hq: int, dqk: int, dv: int, mode: str
+) -> tuple[float, float]:
   """(useful, dense-equivalent) FLOPs of one call; cuDNN causal at its causal pairs and
   padded value width."""
   if impl == "cudnn_causal":
-    return (flops(length * (length + 1) / 2, hq, dqk, dqk, mode),
-            flops(float(length) ** 2, hq, dqk, dqk, mode))
+    return (
+      flops(length * (length + 1) / 2, hq, dqk, dqk, mode),
+      flops(float(length) ** 2, hq, dqk, dqk, mode),
+    )
   return flops(allowed, hq, dqk, dv, mode), flops(float(length) ** 2, hq, dqk, dv, mode)
 
 
@@ -178,22 +197,33 @@ def run(args) -> dict:
   backend = jax.default_backend()
   dtype = jnp.dtype(args.dtype)
   hq, hkv, dqk, dv = args.heads, args.kv_heads, args.dqk, args.dv
-  scale = args.scale if args.scale else (dv ** -0.5)
+  scale = args.scale if args.scale else (dv**-0.5)
   gpu_base, tpu_base = pallas_gpu.BlockSizes(), pallas_tpu.BlockSizes()
   gpu_blocks = pallas_gpu.BlockSizes(
-      args.block_q or gpu_base.block_q, args.block_kv or gpu_base.block_kv,
-      args.block_q_bwd or gpu_base.block_q_bwd, args.block_kv_bwd or gpu_base.block_kv_bwd)
-  tpu_blocks = pallas_tpu.BlockSizes(args.block_q or tpu_base.block_q,
-                                     args.block_kv or tpu_base.block_kv)
+    args.block_q or gpu_base.block_q,
+    args.block_kv or gpu_base.block_kv,
+    args.block_q_bwd or gpu_base.block_q_bwd,
+    args.block_kv_bwd or gpu_base.block_kv_bwd,
+  )
+  tpu_blocks = pallas_tpu.BlockSizes(
+    args.block_q or tpu_base.block_q, args.block_kv or tpu_base.block_kv
+  )
   results = []
   for length in args.lengths:
-    samples, ids = build_row(length, args.seed, tiny=args.tiny,
-                             preference=args.layout == "neo_pref", text=args.layout == "text")
+    samples, ids = build_row(
+      length,
+      args.seed,
+      tiny=args.tiny,
+      preference=args.layout == "neo_pref",
+      text=args.layout == "text",
+    )
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
     q, k, v, d_out = make_inputs(length, hq, hkv, dqk, dv, dtype, args.seed)
     print(f"\nL={length}: {describe(samples)}")
-    print(f"  allowed pairs {allowed:,} = {allowed / length**2:.3f} of L^2 "
-          f"(causal would be {0.5 * (length + 1) / length:.3f})")
+    print(
+      f"  allowed pairs {allowed:,} = {allowed / length**2:.3f} of L^2 "
+      f"(causal would be {0.5 * (length + 1) / length:.3f})"
+    )
     for impl in args.impls:
       why = runnable(impl, backend, args.tiny)
       for mode in args.modes:
@@ -202,8 +232,12 @@ def run(args) -> dict:
           row["skipped"] = why
           results.append(row)
           continue
-        fn = for_mode(attention_fn(impl, scale, q_chunk=args.q_chunk, gpu_blocks=gpu_blocks,
-                                   tpu_blocks=tpu_blocks), mode)
+        fn = for_mode(
+          attention_fn(
+            impl, scale, q_chunk=args.q_chunk, gpu_blocks=gpu_blocks, tpu_blocks=tpu_blocks
+          ),
+          mode,
+        )
         call_args = (q, k, v, ids) if mode == "fwd" else (q, k, v, ids, d_out)
         try:
           timing = time_call(fn, call_args, args.iters, args.warmup)
@@ -214,49 +248,73 @@ def run(args) -> dict:
           continue
         sec = timing.median_s
         useful, dense = impl_flops(impl, allowed, length, hq, dqk, dv, mode)
-        row.update(seconds=sec, compile_seconds=timing.compile_s,
-                   useful_tflops=useful / sec / 1e12, dense_equiv_tflops=dense / sec / 1e12)
+        row.update(
+          seconds=sec,
+          compile_seconds=timing.compile_s,
+          useful_tflops=useful / sec / 1e12,
+          dense_equiv_tflops=dense / sec / 1e12,
+        )
         results.append(row)
-        print(f"  {impl:13s} {mode:8s} {sec * 1e3:10.3f} ms   useful {row['useful_tflops']:8.3f}"
-              f" TFLOP/s   dense-equiv {row['dense_equiv_tflops']:8.3f} TFLOP/s"
-              f"   (compile {timing.compile_s:.1f} s)")
+        print(
+          f"  {impl:13s} {mode:8s} {sec * 1e3:10.3f} ms   useful {row['useful_tflops']:8.3f}"
+          f" TFLOP/s   dense-equiv {row['dense_equiv_tflops']:8.3f} TFLOP/s"
+          f"   (compile {timing.compile_s:.1f} s)"
+        )
   return dict(
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-      backend=backend, device=str(jax.devices()[0].device_kind),
-      host=f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
-      jax=jax.__version__,
-      shape=dict(heads=hq, kv_heads=hkv, dqk=dqk, dv=dv, dtype=str(dtype), batch=1),
-      layout=args.layout, results=results)
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+    backend=backend,
+    device=str(jax.devices()[0].device_kind),
+    host=f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+    jax=jax.__version__,
+    shape=dict(heads=hq, kv_heads=hkv, dqk=dqk, dv=dv, dtype=str(dtype), batch=1),
+    layout=args.layout,
+    results=results,
+  )
 
 
 def summary(report: dict) -> str:
   """Markdown table of the measured rows (and the ratio to cuDNN causal where measured)."""
-  lines = ["| L | impl | mode | ms | useful TFLOP/s | dense-equiv TFLOP/s | vs cuDNN causal |",
-           "|---|---|---|---|---|---|---|"]
-  cudnn = {(r["length"], r["mode"]): r["useful_tflops"] for r in report["results"]
-           if r["impl"] == "cudnn_causal" and "useful_tflops" in r}
+  lines = [
+    "| L | impl | mode | ms | useful TFLOP/s | dense-equiv TFLOP/s | vs cuDNN causal |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  cudnn = {
+    (r["length"], r["mode"]): r["useful_tflops"]
+    for r in report["results"]
+    if r["impl"] == "cudnn_causal" and "useful_tflops" in r
+  }
   for r in report["results"]:
     if "seconds" not in r:
       continue
     ref = cudnn.get((r["length"], r["mode"]))
     ratio = f"{r['useful_tflops'] / ref:.2f}" if ref and r["impl"] != "cudnn_causal" else ""
-    lines.append(f"| {r['length']} | {r['impl']} | {r['mode']} | {r['seconds'] * 1e3:.2f} | "
-                 f"{r['useful_tflops']:.4f} | {r['dense_equiv_tflops']:.4f} | {ratio} |")
+    lines.append(
+      f"| {r['length']} | {r['impl']} | {r['mode']} | {r['seconds'] * 1e3:.2f} | "
+      f"{r['useful_tflops']:.4f} | {r['dense_equiv_tflops']:.4f} | {ratio} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--tiny", action="store_true",
-                 help="CPU-sized run: L 512, 4 / 2 heads, widths 64 / 32, fp32, "
-                      "64-token blocks, small images (1-3 blocks)")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--tiny",
+    action="store_true",
+    help="CPU-sized run: L 512, 4 / 2 heads, widths 64 / 32, fp32, "
+    "64-token blocks, small images (1-3 blocks)",
+  )
   p.add_argument("--lengths", type=int, nargs="+", help="row lengths (default 4096 8192 16384)")
   p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
   p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-  p.add_argument("--layout", choices=("neo", "neo_pref", "text"), default="neo",
-                 help="row layout (text: text-only samples, what impl cudnn takes)")
+  p.add_argument(
+    "--layout",
+    choices=("neo", "neo_pref", "text"),
+    default="neo",
+    help="row layout (text: text-only samples, what impl cudnn takes)",
+  )
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--dqk", type=int, default=256, help="query/key width (NEO: 128 + 64 + 64)")
@@ -286,8 +344,10 @@ def main(argv=None) -> None:
   args.lengths = args.lengths or [4096, 8192, 16384]
   report = run(args)
   print()
-  print(f"{report['date']}  {report['device']} ({report['backend']})  jax {report['jax']}  "
-        f"{report['host']}")
+  print(
+    f"{report['date']}  {report['device']} ({report['backend']})  jax {report['jax']}  "
+    f"{report['host']}"
+  )
   print(f"command: {report['command']}")
   print(summary(report))
   if args.out:

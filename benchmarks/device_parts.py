@@ -29,7 +29,8 @@ import time
 import traceback
 import types
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,9 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 from benchmarks import attention as attn_bench  # noqa: E402
-from benchmarks.device_check import PART_OPTIONS  # noqa: E402
 from benchmarks import generate as gen_bench  # noqa: E402
 from benchmarks import train_step as train_bench  # noqa: E402
+from benchmarks.device_check import PART_OPTIONS  # noqa: E402
 from neo_jax import config as neo_config  # noqa: E402
 from neo_jax.ops import flash_common as fc  # noqa: E402
 from neo_jax.ops import masks, pallas_gpu, pallas_tpu  # noqa: E402
@@ -90,17 +91,38 @@ class Sizes:
 
   @property
   def scale(self) -> float:
-    return self.dv ** -0.5  # NEO: 1/sqrt(128)
+    return self.dv**-0.5  # NEO: 1/sqrt(128)
 
 
 FULL = Sizes()
-SMOKE = Sizes(heads=4, kv_heads=2, dqk=64, dv=32, check_rows=(("neo", 256), ("neo_pref", 256)),
-              speed_lengths=(256,), speed_reference_modes=("fwd+bwd",), sweep_length=256,
-              q_chunk=64, timed_iters=2,
-              timed_max_s=0.5, matmul_n=256, copy_bytes=2**22, model="tiny", train_vocab=512,
-              train_seqs=(128,), train_image_tokens=(4, 16), train_chunk=64, train_steps=2,
-              gen_batches=(2,), gen_image_tokens=16, gen_text_tokens=8, gen_new_tokens=4,
-              gen_repeat=1, compute_dtype="float32", tiny_rows=True)
+SMOKE = Sizes(
+  heads=4,
+  kv_heads=2,
+  dqk=64,
+  dv=32,
+  check_rows=(("neo", 256), ("neo_pref", 256)),
+  speed_lengths=(256,),
+  speed_reference_modes=("fwd+bwd",),
+  sweep_length=256,
+  q_chunk=64,
+  timed_iters=2,
+  timed_max_s=0.5,
+  matmul_n=256,
+  copy_bytes=2**22,
+  model="tiny",
+  train_vocab=512,
+  train_seqs=(128,),
+  train_image_tokens=(4, 16),
+  train_chunk=64,
+  train_steps=2,
+  gen_batches=(2,),
+  gen_image_tokens=16,
+  gen_text_tokens=8,
+  gen_new_tokens=4,
+  gen_repeat=1,
+  compute_dtype="float32",
+  tiny_rows=True,
+)
 
 LAYOUTS = ("neo", "neo_pref", "text")  # kernel_check rows; text: checks impl cudnn
 
@@ -141,18 +163,24 @@ def configure(base: Sizes, args: argparse.Namespace, smoke: bool) -> Sizes:
 # changes the forward or the backward alone, so a row's difference to the default is that
 # knob's. Shared memory (bytes, widths 256 / 128, bf16; pallas_gpu.smem_bytes) in comments.
 GPU_SWEEP = (
-    {},  # fwd 128x32 s2 114688; dq 32x64 s2 122880; dk/dv 98304 (the measured best of run 1)
-    dict(num_stages=3),  # fwd 139264
-    dict(num_warps=8),
-    dict(block_kv=64, num_warps=8, num_stages=3),  # fwd 212992 (run 1's fastest forward)
-    dict(num_warps_bwd=8),
-    dict(num_stages_bwd=3),  # dq 172032, dk/dv 122880
-    dict(block_q_bwd=64, block_kv_bwd=64, num_warps_bwd=8),  # dq and dk/dv 147456
-    dict(block_q_bwd=32, block_kv_bwd=128, num_warps_bwd=8),  # dq 221184, dk/dv 147456
+  {},  # fwd 128x32 s2 114688; dq 32x64 s2 122880; dk/dv 98304 (the measured best of run 1)
+  dict(num_stages=3),  # fwd 139264
+  dict(num_warps=8),
+  dict(block_kv=64, num_warps=8, num_stages=3),  # fwd 212992 (run 1's fastest forward)
+  dict(num_warps_bwd=8),
+  dict(num_stages_bwd=3),  # dq 172032, dk/dv 122880
+  dict(block_q_bwd=64, block_kv_bwd=64, num_warps_bwd=8),  # dq and dk/dv 147456
+  dict(block_q_bwd=32, block_kv_bwd=128, num_warps_bwd=8),  # dq 221184, dk/dv 147456
 )
-TPU_SWEEP = ({}, dict(block_q=256, block_kv=256), dict(block_q=1024, block_kv=512),
-             dict(block_q=512, block_kv=1024), dict(block_q=256, block_kv=512),
-             dict(block_q=1024, block_kv=1024), dict(block_q=128, block_kv=128))
+TPU_SWEEP = (
+  {},
+  dict(block_q=256, block_kv=256),
+  dict(block_q=1024, block_kv=512),
+  dict(block_q=512, block_kv=1024),
+  dict(block_q=256, block_kv=512),
+  dict(block_q=1024, block_kv=1024),
+  dict(block_q=128, block_kv=128),
+)
 SMOKE_SWEEP = ({}, dict(block_q=64, block_kv=64, block_q_bwd=32, block_kv_bwd=32))
 
 
@@ -181,11 +209,17 @@ class Part:
   def left(self) -> float:
     return self.deadline - time.perf_counter()
 
-  def save(self, status: str = "running", error: Optional[str] = None) -> None:
-    doc = dict(part=self.name, status=status, smoke=self.smoke, backend=self.backend,
-               wall_s=round(time.perf_counter() - self.t0, 2),
-               compile_s=round(self.compile_s, 2), run_s=round(self.run_s, 2),
-               result=self.result)
+  def save(self, status: str = "running", error: str | None = None) -> None:
+    doc = dict(
+      part=self.name,
+      status=status,
+      smoke=self.smoke,
+      backend=self.backend,
+      wall_s=round(time.perf_counter() - self.t0, 2),
+      compile_s=round(self.compile_s, 2),
+      run_s=round(self.run_s, 2),
+      result=self.result,
+    )
     if error:
       doc["error"] = error
     tmp = self.out + ".tmp"
@@ -197,8 +231,7 @@ class Part:
     self.result.setdefault(key, []).append(row)
     self.save()
 
-  def time_call(self, fn, args_, iters: Optional[int] = None,
-                warmup: int = 2) -> attn_bench.Timing:
+  def time_call(self, fn, args_, iters: int | None = None, warmup: int = 2) -> attn_bench.Timing:
     max_s = min(self.sizes.timed_max_s, max(self.left() / 4, 0.05))
     t = attn_bench.time_call(fn, args_, iters or self.sizes.timed_iters, warmup, max_s=max_s)
     self.compile_s += t.compile_s
@@ -208,8 +241,11 @@ class Part:
   def compiled(self, fn, *args_):
     """(outputs, compile seconds, run seconds) of one call of jit(fn); calls of the same fn on
     arrays of the same shapes (rows of one length) reuse the compiled program."""
-    key = (fn, str(jax.tree.structure(args_)),
-           tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args_)))
+    key = (
+      fn,
+      str(jax.tree.structure(args_)),
+      tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args_)),
+    )
     t0 = time.perf_counter()
     if key not in self._executables:
       self._executables[key] = jax.jit(fn).lower(*args_).compile()
@@ -222,7 +258,7 @@ class Part:
     return out, t1 - t0, t2 - t1
 
 
-def device_memory_bytes() -> Optional[int]:
+def device_memory_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("bytes_limit")
 
@@ -238,12 +274,24 @@ def dense_fits(length: int, heads: int, mode: str) -> bool:
 
 # --- env ----------------------------------------------------------------------------------------
 
+
 def package_versions() -> dict[str, str]:
   names = {}
   for dist in importlib.metadata.distributions():
     name = (dist.metadata["Name"] or "").lower()
-    if name.startswith(("jax", "flax", "optax", "orbax", "triton", "nvidia-cudnn",
-                        "nvidia-cublas", "nvidia-cuda-runtime", "libtpu")):
+    if name.startswith(
+      (
+        "jax",
+        "flax",
+        "optax",
+        "orbax",
+        "triton",
+        "nvidia-cudnn",
+        "nvidia-cublas",
+        "nvidia-cuda-runtime",
+        "libtpu",
+      )
+    ):
       names[name] = dist.version
   return dict(sorted(names.items()))
 
@@ -256,8 +304,13 @@ def cuda_versions() -> dict[str, Any]:
     return out
   if cv is None:
     return out
-  for name in ("cuda_runtime_get_version", "cuda_driver_get_version", "cudnn_get_version",
-               "cublas_get_version", "cuda_compute_capability"):
+  for name in (
+    "cuda_runtime_get_version",
+    "cuda_driver_get_version",
+    "cudnn_get_version",
+    "cublas_get_version",
+    "cuda_compute_capability",
+  ):
     fn = getattr(cv, name, None)
     if fn is None:
       continue
@@ -268,11 +321,18 @@ def cuda_versions() -> dict[str, Any]:
   return out
 
 
-def nvidia_smi() -> Optional[str]:
+def nvidia_smi() -> str | None:
   try:
-    r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                        "clocks.max.sm,power.limit", "--format=csv,noheader"],
-                       capture_output=True, text=True, timeout=15)
+    r = subprocess.run(
+      [
+        "nvidia-smi",
+        "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+        "--format=csv,noheader",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=15,
+    )
   except (OSError, subprocess.SubprocessError):
     return None
   return r.stdout.strip() or None
@@ -296,13 +356,20 @@ def part_env(p: Part) -> None:
   dev = jax.devices()[0]
   vendor = peak_flops_per_device(dev.device_kind)
   p.result.update(
-      backend=p.backend, device_kind=dev.device_kind, device_count=jax.device_count(),
-      platform_version=getattr(dev.client, "platform_version", None),
-      device_memory_gb=round((device_memory_bytes() or 0) / 2**30, 2),
-      vendor_peak_tflops=vendor / 1e12 if vendor else None, jax=jax.__version__,
-      versions=package_versions(), python=platform.python_version(),
-      host=f"{platform.machine()}, {os.cpu_count()} cpus", smoke=p.smoke,
-      kernel=p.kernel, **cuda_versions())
+    backend=p.backend,
+    device_kind=dev.device_kind,
+    device_count=jax.device_count(),
+    platform_version=getattr(dev.client, "platform_version", None),
+    device_memory_gb=round((device_memory_bytes() or 0) / 2**30, 2),
+    vendor_peak_tflops=vendor / 1e12 if vendor else None,
+    jax=jax.__version__,
+    versions=package_versions(),
+    python=platform.python_version(),
+    host=f"{platform.machine()}, {os.cpu_count()} cpus",
+    smoke=p.smoke,
+    kernel=p.kernel,
+    **cuda_versions(),
+  )
   if p.backend == "gpu":
     p.result["nvidia_smi"] = nvidia_smi()
   p.save()
@@ -319,8 +386,13 @@ def part_env(p: Part) -> None:
   p.run_s += time.perf_counter() - t0
   flop = 2.0 * n**3
   p.result["bf16_matmul"] = dict(
-      n=n, samples=len(times), calls_per_sample=10, median_ms=statistics.median(times) * 1e3,
-      median_tflops=flop / statistics.median(times) / 1e12, best_tflops=flop / min(times) / 1e12)
+    n=n,
+    samples=len(times),
+    calls_per_sample=10,
+    median_ms=statistics.median(times) * 1e3,
+    median_tflops=flop / statistics.median(times) / 1e12,
+    best_tflops=flop / min(times) / 1e12,
+  )
   p.save()
 
   x = jax.random.normal(ka, (p.sizes.copy_bytes // 4,), jnp.float32)
@@ -332,11 +404,15 @@ def part_env(p: Part) -> None:
   p.run_s += time.perf_counter() - t0
   moved = 2.0 * x.size * 4  # read + write
   p.result["copy"] = dict(
-      bytes=x.size * 4, what="y = x + 1 (fp32): bytes read + written per second",
-      median_gb_s=moved / statistics.median(times) / 1e9, best_gb_s=moved / min(times) / 1e9)
+    bytes=x.size * 4,
+    what="y = x + 1 (fp32): bytes read + written per second",
+    median_gb_s=moved / statistics.median(times) / 1e9,
+    best_gb_s=moved / min(times) / 1e9,
+  )
 
 
 # --- kernel_check ------------------------------------------------------------------------------
+
 
 def _padding(ids) -> jax.Array:
   return ids.segment_ids[0] == 0  # [L]
@@ -350,10 +426,12 @@ def _compare(got, want, pad_l):
     g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
     diff = g32 - w32
     out[name] = dict(
-        rel_l2=jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(w32), 1e-30),
-        max_abs=jnp.max(jnp.abs(diff)), ref_max_abs=jnp.max(jnp.abs(w32)),
-        finite=jnp.all(jnp.isfinite(g32)),
-        padding_zero=jnp.all(jnp.where(pad_l[None, :, None, None], g32 == 0, True)))
+      rel_l2=jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(w32), 1e-30),
+      max_abs=jnp.max(jnp.abs(diff)),
+      ref_max_abs=jnp.max(jnp.abs(w32)),
+      finite=jnp.all(jnp.isfinite(g32)),
+      padding_zero=jnp.all(jnp.where(pad_l[None, :, None, None], g32 == 0, True)),
+    )
   return out
 
 
@@ -363,20 +441,31 @@ def _flat(out_grads) -> tuple:
 
 
 def _summary(metrics: dict) -> dict:
-  return {name: {k: (bool(v) if v.dtype == bool else float(v)) for k, v in m.items()}
-          for name, m in metrics.items()}
+  return {
+    name: {k: (bool(v) if v.dtype == bool else float(v)) for k, v in m.items()}
+    for name, m in metrics.items()
+  }
 
 
 def part_kernel_check(p: Part) -> None:
   s = p.sizes
-  checked = {impl: attn_bench.for_mode(
-      lambda q, k, v, ids, impl=impl: attention(q, k, v, ids, impl=impl, scale=s.scale),
-      "fwd+bwd") for impl in (p.kernel, "cudnn")}
-  fwd_bwd = {impl: attn_bench.for_mode(attn_bench.attention_fn(impl, s.scale, q_chunk=s.q_chunk),
-                                       "fwd+bwd") for impl in ("xla", "xla_chunked")}
-  p.result.update(kernel=p.kernel, tolerance_rel_l2=KERNEL_TOL,
-                  shape=dict(heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv,
-                             dtype="bfloat16", scale=s.scale))
+  checked = {
+    impl: attn_bench.for_mode(
+      lambda q, k, v, ids, impl=impl: attention(q, k, v, ids, impl=impl, scale=s.scale), "fwd+bwd"
+    )
+    for impl in (p.kernel, "cudnn")
+  }
+  fwd_bwd = {
+    impl: attn_bench.for_mode(attn_bench.attention_fn(impl, s.scale, q_chunk=s.q_chunk), "fwd+bwd")
+    for impl in ("xla", "xla_chunked")
+  }
+  p.result.update(
+    kernel=p.kernel,
+    tolerance_rel_l2=KERNEL_TOL,
+    shape=dict(
+      heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv, dtype="bfloat16", scale=s.scale
+    ),
+  )
   for layout, length in s.check_rows:
     impl = "cudnn" if layout == "text" else p.kernel  # text-only rows: what cudnn takes
     row: dict[str, Any] = dict(layout=layout, length=length, impl=impl)
@@ -387,14 +476,19 @@ def part_kernel_check(p: Part) -> None:
     if p.left() < 10 and not p.smoke:
       p.add("rows", dict(row, skipped="part budget spent"))
       continue
-    samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows,
-                                        preference=layout == "neo_pref", text=layout == "text")
+    samples, ids = attn_bench.build_row(
+      length, SEED, tiny=s.tiny_rows, preference=layout == "neo_pref", text=layout == "text"
+    )
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
     pad_l = _padding(ids)
-    q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
-                                        SEED)
-    row.update(row_text=describe(samples)[:160], allowed_fraction=allowed / length**2,
-               padding_tokens=int(pad_l.sum()))
+    q, k, v, g = attn_bench.make_inputs(
+      length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16, SEED
+    )
+    row.update(
+      row_text=describe(samples)[:160],
+      allowed_fraction=allowed / length**2,
+      padding_tokens=int(pad_l.sum()),
+    )
     ref_impl = "xla" if dense_fits(length, s.heads, "fwd+bwd") else "xla_chunked"
     ref_fn = fwd_bwd[ref_impl]
     row["reference"] = f"{ref_impl}, fp32 inputs (cast from the same bf16), highest precision"
@@ -413,8 +507,9 @@ def part_kernel_check(p: Part) -> None:
       metrics = _summary(_compare(_flat(got), want, pad_l))
       del got
       row["kernel"] = metrics
-      row["pass"] = all(m["finite"] and m["padding_zero"] and m["rel_l2"] < KERNEL_TOL
-                        for m in metrics.values())
+      row["pass"] = all(
+        m["finite"] and m["padding_zero"] and m["rel_l2"] < KERNEL_TOL for m in metrics.values()
+      )
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a result
       row["kernel_error"] = first_lines(e)
       row["pass"] = False
@@ -433,52 +528,66 @@ def part_kernel_check(p: Part) -> None:
 
 # --- kernel_speed ------------------------------------------------------------------------------
 
+
 def part_kernel_speed(p: Part) -> None:
   s = p.sizes
   default = [p.kernel] + (["cudnn_causal"] if p.backend == "gpu" else []) + ["xla_chunked", "xla"]
   usable = lambda names: [i for i in names if not attn_bench.runnable(i, p.backend, tiny=True)]
   impls = usable(s.speed_impls or default)
-  rows = ([("neo", length, impls) for length in s.speed_lengths]
-          + [("text", length, usable([p.kernel, "cudnn"])) for length in s.speed_text_lengths])
-  p.result.update(kernel=p.kernel, impls=impls,
-                  shape=dict(heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv,
-                             dtype="bfloat16", scale=s.scale))
+  rows = [("neo", length, impls) for length in s.speed_lengths] + [
+    ("text", length, usable([p.kernel, "cudnn"])) for length in s.speed_text_lengths
+  ]
+  p.result.update(
+    kernel=p.kernel,
+    impls=impls,
+    shape=dict(
+      heads=s.heads, kv_heads=s.kv_heads, dqk=s.dqk, dv=s.dv, dtype="bfloat16", scale=s.scale
+    ),
+  )
   for layout, length, row_impls in rows:
     samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows, text=layout == "text")
     allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
-    q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
-                                        SEED)
+    q, k, v, g = attn_bench.make_inputs(
+      length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16, SEED
+    )
     for impl in row_impls:
       if impl.startswith("xla"):
         modes = s.speed_reference_modes
       else:  # text rows compare the kernel with cuDNN on the training path only
         modes = ("fwd+bwd",) if layout == "text" else ("fwd+bwd", "fwd")
       for mode in modes:
-        row = dict(layout=layout, length=length, impl=impl, mode=mode,
-                   allowed_fraction=allowed / length**2)
+        row = dict(
+          layout=layout, length=length, impl=impl, mode=mode, allowed_fraction=allowed / length**2
+        )
         if impl == "xla" and not dense_fits(length, s.heads, mode):
           p.add("rows", dict(row, skipped="dense [H, L, L] scores do not fit in memory"))
           continue
         if p.left() < 8 and not p.smoke:
           p.add("rows", dict(row, skipped="part budget spent"))
           continue
-        fn = attn_bench.for_mode(attn_bench.attention_fn(impl, s.scale, q_chunk=s.q_chunk),
-                                 mode)
+        fn = attn_bench.for_mode(attn_bench.attention_fn(impl, s.scale, q_chunk=s.q_chunk), mode)
         args_ = (q, k, v, ids) if mode == "fwd" else (q, k, v, ids, g)
         try:
           t = p.time_call(fn, args_)
         except Exception as e:  # noqa: BLE001 - out of memory, unsupported: recorded
           p.add("rows", dict(row, error=first_lines(e)))
           continue
-        useful, dense = attn_bench.impl_flops(impl, allowed, length, s.heads, s.dqk, s.dv,
-                                              mode)
-        p.add("rows", dict(row, ms=t.median_s * 1e3, iters=t.iters,
-                           compile_s=round(t.compile_s, 2),
-                           useful_tflops=useful / t.median_s / 1e12,
-                           dense_equiv_tflops=dense / t.median_s / 1e12))
+        useful, dense = attn_bench.impl_flops(impl, allowed, length, s.heads, s.dqk, s.dv, mode)
+        p.add(
+          "rows",
+          dict(
+            row,
+            ms=t.median_s * 1e3,
+            iters=t.iters,
+            compile_s=round(t.compile_s, 2),
+            useful_tflops=useful / t.median_s / 1e12,
+            dense_equiv_tflops=dense / t.median_s / 1e12,
+          ),
+        )
 
 
 # --- block_sweep -------------------------------------------------------------------------------
+
 
 def block_sizes(cls, combo: dict):
   """(cls instance with the known fields of combo, ignored field names)."""
@@ -503,8 +612,7 @@ def part_block_sweep(p: Part) -> None:
   length = s.sweep_length
   samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows)
   allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())
-  q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16,
-                                      SEED)
+  q, k, v, g = attn_bench.make_inputs(length, s.heads, s.kv_heads, s.dqk, s.dv, jnp.bfloat16, SEED)
   useful, _ = attn_bench.impl_flops(p.kernel, allowed, length, s.heads, s.dqk, s.dv, "fwd+bwd")
   p.result.update(kernel=p.kernel, length=length, mode="fwd+bwd", default=repr(complete(cls())))
   for combo in combos:
@@ -519,22 +627,37 @@ def part_block_sweep(p: Part) -> None:
       p.add("rows", dict(row, skipped="part budget spent"))
       continue
     try:
-      t = p.time_call(attn_bench.for_mode(make(sizes), "fwd+bwd"), (q, k, v, ids, g),
-                      iters=5 if not p.smoke else 2, warmup=1)
+      t = p.time_call(
+        attn_bench.for_mode(make(sizes), "fwd+bwd"),
+        (q, k, v, ids, g),
+        iters=5 if not p.smoke else 2,
+        warmup=1,
+      )
     except Exception as e:  # noqa: BLE001 - a combination that does not compile is a result
       p.add("rows", dict(row, error=first_lines(e, 1)))
       continue
-    p.add("rows", dict(row, ms=t.median_s * 1e3, compile_s=round(t.compile_s, 2),
-                       useful_tflops=useful / t.median_s / 1e12))
+    p.add(
+      "rows",
+      dict(
+        row,
+        ms=t.median_s * 1e3,
+        compile_s=round(t.compile_s, 2),
+        useful_tflops=useful / t.median_s / 1e12,
+      ),
+    )
   done = [r for r in p.result.get("rows", []) if "ms" in r]
   if done:
     best = min(done, key=lambda r: r["ms"])
     default = next((r for r in done if r["default"]), None)
-    p.result["best"] = dict(block_sizes=best["block_sizes"], ms=best["ms"],
-                            speedup_vs_default=(default["ms"] / best["ms"]) if default else None)
+    p.result["best"] = dict(
+      block_sizes=best["block_sizes"],
+      ms=best["ms"],
+      speedup_vs_default=(default["ms"] / best["ms"]) if default else None,
+    )
 
 
 # --- train_step --------------------------------------------------------------------------------
+
 
 def _state_deleted(bench) -> bool:
   return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(bench.state))
@@ -550,14 +673,27 @@ def part_train_step(p: Part) -> None:
   if peak_flops_per_device(kind):
     peaks["vendor"] = peak_flops_per_device(kind)
   attention_impl = "auto"
-  cfg = train_bench.model_config(s.model, layers=layers, vocab=s.train_vocab,
-                                 dtype=s.compute_dtype, remat=s.train_remats[0],
-                                 attention=attention_impl)
-  p.result.update(model=s.model, layers=cfg.num_hidden_layers,
-                  prebuffer_layers=cfg.num_prebuffer_layers, hidden=cfg.hidden_size,
-                  vocab=cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  remats=list(s.train_remats), attention=resolve(attention_impl), stage="sft",
-                  peaks_tflops={k: v / 1e12 for k, v in peaks.items()})
+  cfg = train_bench.model_config(
+    s.model,
+    layers=layers,
+    vocab=s.train_vocab,
+    dtype=s.compute_dtype,
+    remat=s.train_remats[0],
+    attention=attention_impl,
+  )
+  p.result.update(
+    model=s.model,
+    layers=cfg.num_hidden_layers,
+    prebuffer_layers=cfg.num_prebuffer_layers,
+    hidden=cfg.hidden_size,
+    vocab=cfg.vocab_size,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    remats=list(s.train_remats),
+    attention=resolve(attention_impl),
+    stage="sft",
+    peaks_tflops={k: v / 1e12 for k, v in peaks.items()},
+  )
   limit = device_memory_bytes()
   t0 = time.perf_counter()
   bench = train_bench.prepare(cfg, "sft")
@@ -575,21 +711,37 @@ def part_train_step(p: Part) -> None:
       if _state_deleted(bench):  # donated to a step that failed
         bench = train_bench.prepare(bench.cfg, "sft")
       # synthetic samples are an image and ~10 text tokens: a visual budget of L fills the row
-      kw = dict(batch=1, seq_len=seq, visual=seq, image_tokens=s.train_image_tokens, k=0,
-                chunk=s.train_chunk, steps=s.train_steps, peaks=peaks,
-                max_bytes=None if limit is None else 0.97 * limit)
+      kw = dict(
+        batch=1,
+        seq_len=seq,
+        visual=seq,
+        image_tokens=s.train_image_tokens,
+        k=0,
+        chunk=s.train_chunk,
+        steps=s.train_steps,
+        peaks=peaks,
+        max_bytes=None if limit is None else 0.97 * limit,
+      )
       try:
         with warnings.catch_warnings(record=True) as caught:
           warnings.simplefilter("always", KernelFallbackWarning)
           r = train_bench.measure(bench, **kw)
-        fallback = next((str(w.message) for w in caught
-                         if issubclass(w.category, KernelFallbackWarning)), fallback)
+        fallback = next(
+          (str(w.message) for w in caught if issubclass(w.category, KernelFallbackWarning)),
+          fallback,
+        )
       except Exception as e:  # noqa: BLE001 - e.g. the kernel fails at run time: the reference
-        p.add("rows", dict(seq_len=seq, remat=remat,
-                           attention=resolve(bench.cfg.attention_impl), error=first_lines(e)))
+        p.add(
+          "rows",
+          dict(
+            seq_len=seq,
+            remat=remat,
+            attention=resolve(bench.cfg.attention_impl),
+            error=first_lines(e),
+          ),
+        )
         out_of_memory = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-        if (out_of_memory or resolve(bench.cfg.attention_impl) == "xla_chunked"
-            or p.left() < 30):
+        if out_of_memory or resolve(bench.cfg.attention_impl) == "xla_chunked" or p.left() < 30:
           continue
         bench.cfg = bench.cfg.replace(attention_impl="xla_chunked")
         if _state_deleted(bench):
@@ -597,8 +749,9 @@ def part_train_step(p: Part) -> None:
         try:
           r = train_bench.measure(bench, **kw)
         except Exception as e2:  # noqa: BLE001 - recorded
-          p.add("rows", dict(seq_len=seq, remat=remat, attention="xla_chunked",
-                             error=first_lines(e2)))
+          p.add(
+            "rows", dict(seq_len=seq, remat=remat, attention="xla_chunked", error=first_lines(e2))
+          )
           continue
       r["attention"] = "xla_chunked" if fallback else resolve(r["attention"])
       if fallback:
@@ -611,14 +764,26 @@ def part_train_step(p: Part) -> None:
 
 # --- generate ----------------------------------------------------------------------------------
 
+
 def part_generate(p: Part) -> None:
   s = p.sizes
   dtype = s.compute_dtype
-  cfg = neo_config.preset(s.model, dtype=dtype, param_dtype=dtype, attention_impl="auto",
-                          **train_bench.depth_overrides(p.args.layers))
-  p.result.update(model=s.model, layers=cfg.num_hidden_layers, dtype=dtype,
-                  attention=resolve("auto"), image_tokens=s.gen_image_tokens,
-                  text_tokens=s.gen_text_tokens, new_tokens=s.gen_new_tokens)
+  cfg = neo_config.preset(
+    s.model,
+    dtype=dtype,
+    param_dtype=dtype,
+    attention_impl="auto",
+    **train_bench.depth_overrides(p.args.layers),
+  )
+  p.result.update(
+    model=s.model,
+    layers=cfg.num_hidden_layers,
+    dtype=dtype,
+    attention=resolve("auto"),
+    image_tokens=s.gen_image_tokens,
+    text_tokens=s.gen_text_tokens,
+    new_tokens=s.gen_new_tokens,
+  )
   t0 = time.perf_counter()
   params = jax.block_until_ready(gen_bench.random_params(cfg))
   p.result["init_s"] = round(time.perf_counter() - t0, 2)
@@ -628,9 +793,16 @@ def part_generate(p: Part) -> None:
       p.add("rows", dict(batch=batch, skipped="part budget spent"))
       continue
     try:
-      r = gen_bench.bench(params, cfg, batch, text_tokens=s.gen_text_tokens, images=1,
-                          image_tokens=s.gen_image_tokens, new_tokens=s.gen_new_tokens,
-                          repeat=s.gen_repeat)
+      r = gen_bench.bench(
+        params,
+        cfg,
+        batch,
+        text_tokens=s.gen_text_tokens,
+        images=1,
+        image_tokens=s.gen_image_tokens,
+        new_tokens=s.gen_new_tokens,
+        repeat=s.gen_repeat,
+      )
     except Exception as e:  # noqa: BLE001 - recorded
       p.add("rows", dict(batch=batch, error=first_lines(e)))
       continue
@@ -641,24 +813,30 @@ def part_generate(p: Part) -> None:
 
 # --- mosaic_probe ------------------------------------------------------------------------------
 
+
 def mosaic_pallas_call() -> tuple[str, Callable]:
   """(how, pallas_call-like function) running a pallas_call kernel on Mosaic GPU: jax 0.10
   selects the backend by compiler params; from 0.11 on, pallas_call-style kernels reach it
   through a shim over `plgpu.kernel` and its pipeline."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
+
   params = plgpu.CompilerParams()
   try:
     from jax._src.pallas.mosaic_gpu import pallas_call as shim  # jax >= 0.11
   except ImportError:
     shim = None
   if shim is None or not hasattr(shim, "pallas_call"):
-    return ("pl.pallas_call(compiler_params=plgpu.CompilerParams())",
-            lambda *a, **kw: pl.pallas_call(*a, **dict(kw, compiler_params=params)))
+    return (
+      "pl.pallas_call(compiler_params=plgpu.CompilerParams())",
+      lambda *a, **kw: pl.pallas_call(*a, **dict(kw, compiler_params=params)),
+    )
   keep = ("grid", "in_specs", "out_specs", "scratch_shapes")
-  return ("jax._src.pallas.mosaic_gpu.pallas_call.pallas_call (plgpu.kernel + pipeline)",
-          lambda kernel, out_shape, **kw: shim.pallas_call(
-              kernel, out_shape, compiler_params=params,
-              **{k: v for k, v in kw.items() if k in keep}))
+  return (
+    "jax._src.pallas.mosaic_gpu.pallas_call.pallas_call (plgpu.kernel + pipeline)",
+    lambda kernel, out_shape, **kw: shim.pallas_call(
+      kernel, out_shape, compiler_params=params, **{k: v for k, v in kw.items() if k in keep}
+    ),
+  )
 
 
 class _MosaicPallas(types.ModuleType):
@@ -706,8 +884,10 @@ def part_mosaic_probe(p: Part) -> str | None:
     return "skipped"
   on_gpu = p.backend == "gpu"
   route, call = mosaic_pallas_call()
-  p.result.update(mode=("compile and run on this GPU" if on_gpu
-                        else "lowering for CUDA only (no GPU here)"), route=route)
+  p.result.update(
+    mode=("compile and run on this GPU" if on_gpu else "lowering for CUDA only (no GPU here)"),
+    route=route,
+  )
 
   def add_one(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1.0
@@ -728,10 +908,12 @@ def part_mosaic_probe(p: Part) -> str | None:
         break
       _, ids = attn_bench.build_row(length, SEED, tiny=True)
       q, k, v, g = attn_bench.make_inputs(length, 2, 1, s.dqk, s.dv, jnp.bfloat16, SEED)
-      fwd = lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=s.scale,
-                                                            interpret=False)
-      row = _probe(f"NEO forward kernel, L={length}, 2/1 heads, widths 256/128", fwd,
-                   (q, k, v, ids), on_gpu)
+      fwd = lambda q, k, v, ids: pallas_gpu.flash_attention(
+        q, k, v, ids, scale=s.scale, interpret=False
+      )
+      row = _probe(
+        f"NEO forward kernel, L={length}, 2/1 heads, widths 256/128", fwd, (q, k, v, ids), on_gpu
+      )
       if "out" in row:
         pallas_gpu.pl = saved
         want = pallas_gpu.flash_attention(q, k, v, ids, scale=s.scale, interpret=False)
@@ -746,6 +928,7 @@ def part_mosaic_probe(p: Part) -> str | None:
 
 # --- test hook ---------------------------------------------------------------------------------
 
+
 def part_sleep(p: Part) -> None:
   """Hangs (with a child process of its own): how the orchestrator's time limit is tested."""
   child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -754,10 +937,15 @@ def part_sleep(p: Part) -> None:
   time.sleep(600)
 
 
-PARTS: dict[str, Callable[[Part], Optional[str]]] = {
-    "env": part_env, "kernel_check": part_kernel_check, "kernel_speed": part_kernel_speed,
-    "train_step": part_train_step, "generate": part_generate, "mosaic_probe": part_mosaic_probe,
-    "block_sweep": part_block_sweep, "sleep": part_sleep,
+PARTS: dict[str, Callable[[Part], str | None]] = {
+  "env": part_env,
+  "kernel_check": part_kernel_check,
+  "kernel_speed": part_kernel_speed,
+  "train_step": part_train_step,
+  "generate": part_generate,
+  "mosaic_probe": part_mosaic_probe,
+  "block_sweep": part_block_sweep,
+  "sleep": part_sleep,
 }
 
 
@@ -767,12 +955,24 @@ def main(argv=None) -> int:
   ap.add_argument("--out", required=True, help="result JSON (rewritten as the part goes)")
   ap.add_argument("--budget-s", type=float, default=60.0)
   ap.add_argument("--smoke", action="store_true", help="tiny shapes (automatic on CPU)")
-  ap.add_argument("--layers", type=int, default=0,
-                  help="model depth for train_step and generate (0: the preset's)")
-  ap.add_argument("--peak-tflops", type=float, default=0.0,
-                  help="measured bf16 matmul TFLOP/s (from env) for train_step's MFU")
-  ap.add_argument("--kernel", choices=("pallas_gpu", "pallas_tpu"), default=None,
-                  help="kernel to check (default: the backend's; pallas_gpu on CPU)")
+  ap.add_argument(
+    "--layers",
+    type=int,
+    default=0,
+    help="model depth for train_step and generate (0: the preset's)",
+  )
+  ap.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="measured bf16 matmul TFLOP/s (from env) for train_step's MFU",
+  )
+  ap.add_argument(
+    "--kernel",
+    choices=("pallas_gpu", "pallas_tpu"),
+    default=None,
+    help="kernel to check (default: the backend's; pallas_gpu on CPU)",
+  )
   for name, text in PART_OPTIONS.items():
     ap.add_argument(f"--{name}", default=None, help=text)
   args = ap.parse_args(argv)

@@ -58,11 +58,12 @@ def random_params(config: neo_config.NeoConfig, seed: int = 0) -> dict:
   return build(jax.random.key(seed))
 
 
-def synthetic_prompt(config: neo_config.NeoConfig, text_tokens: int, images: int,
-                     image_tokens: int, seed: int) -> dict:
+def synthetic_prompt(
+  config: neo_config.NeoConfig, text_tokens: int, images: int, image_tokens: int, seed: int
+) -> dict:
   """`<|im_start|>` + images as `<img> C..C </img>` + random text ids, NEO positions."""
   rng = np.random.default_rng(seed)
-  side = max(1, int(round(image_tokens ** 0.5)))
+  side = max(1, int(round(image_tokens**0.5)))
   grid = (side, max(1, image_tokens // side))
   ids = [151644]
   for _ in range(images):
@@ -71,12 +72,20 @@ def synthetic_prompt(config: neo_config.NeoConfig, text_tokens: int, images: int
   ids += rng.integers(0, 150_000, text_tokens).tolist()
   ids = np.asarray(ids, np.int32)
   rc = np.concatenate([grid_rc(*grid)] * images) if images else np.zeros((0, 2), np.int32)
-  positions = native_rope_positions(ids[None], np.ones_like(ids)[None], rc[None],
-                                    img_context_id=config.img_context_token_id,
-                                    img_start_id=config.img_start_token_id)
+  positions = native_rope_positions(
+    ids[None],
+    np.ones_like(ids)[None],
+    rc[None],
+    img_context_id=config.img_context_token_id,
+    img_start_id=config.img_start_token_id,
+  )
   pixels = rng.integers(0, 256, (1, len(rc), 4, config.patch_dim), dtype=np.uint8)
-  return {"input_ids": ids[None], "positions": positions, "pixels": pixels,
-          "pixel_rc": rc[None].astype(np.int32)}
+  return {
+    "input_ids": ids[None],
+    "positions": positions,
+    "pixels": pixels,
+    "pixel_rc": rc[None].astype(np.int32),
+  }
 
 
 def _timed(fn):
@@ -85,14 +94,26 @@ def _timed(fn):
   return out, time.perf_counter() - start
 
 
-def bench(params, config, batch: int, *, text_tokens: int = 32, images: int = 1,
-          image_tokens: int = 64, new_tokens: int = 64, repeat: int = 3) -> dict:
-  prompts = [synthetic_prompt(config, text_tokens, images, image_tokens, s)
-             for s in range(batch)]
+def bench(
+  params,
+  config,
+  batch: int,
+  *,
+  text_tokens: int = 32,
+  images: int = 1,
+  image_tokens: int = 64,
+  new_tokens: int = 64,
+  repeat: int = 3,
+) -> dict:
+  prompts = [synthetic_prompt(config, text_tokens, images, image_tokens, s) for s in range(batch)]
   pb = batch_prompts(prompts, config)
   arrays = prompt_arrays(pb)
-  static = dict(config=config, cache_len=pb.input_ids.shape[1] + new_tokens,
-                max_new_tokens=new_tokens, stop_ids=(-1,))
+  static = dict(
+    config=config,
+    cache_len=pb.input_ids.shape[1] + new_tokens,
+    max_new_tokens=new_tokens,
+    stop_ids=(-1,),
+  )
   key = jax.random.key(0)
   run_prefill = lambda: prefill(params, arrays, key, **static)
   run_decode = lambda state: decode(params, state, key, config=config, stop_ids=(-1,))
@@ -103,24 +124,24 @@ def bench(params, config, batch: int, *, text_tokens: int = 32, images: int = 1,
   for _ in range(repeat):
     state, t = _timed(run_prefill)
     prefill_times.append(t)
-    final, t = _timed(lambda: run_decode(state))
+    final, t = _timed(lambda state=state: run_decode(state))
     decode_times.append(t)
     assert int(final.step) == new_tokens
   prompt_tokens = int(pb.prompt_lengths.sum())
   t_prefill, t_decode = statistics.median(prefill_times), statistics.median(decode_times)
   return {
-      "batch": batch,
-      "prompt_tokens_per_row": int(pb.prompt_lengths[0]),
-      "padded_prompt_len": int(pb.input_ids.shape[1]),
-      "visual_tokens_per_row": len(prompts[0]["pixel_rc"][0]),
-      "new_tokens": new_tokens,
-      "prefill_s": t_prefill,
-      "prefill_tokens_per_s": prompt_tokens / t_prefill,
-      "decode_s": t_decode,
-      "decode_tokens_per_s": batch * (new_tokens - 1) / t_decode,
-      "decode_ms_per_step": 1000 * t_decode / (new_tokens - 1),
-      "compile_prefill_s": prefill_compile,
-      "compile_decode_s": decode_compile,
+    "batch": batch,
+    "prompt_tokens_per_row": int(pb.prompt_lengths[0]),
+    "padded_prompt_len": int(pb.input_ids.shape[1]),
+    "visual_tokens_per_row": len(prompts[0]["pixel_rc"][0]),
+    "new_tokens": new_tokens,
+    "prefill_s": t_prefill,
+    "prefill_tokens_per_s": prompt_tokens / t_prefill,
+    "decode_s": t_decode,
+    "decode_tokens_per_s": batch * (new_tokens - 1) / t_decode,
+    "decode_ms_per_step": 1000 * t_decode / (new_tokens - 1),
+    "compile_prefill_s": prefill_compile,
+    "compile_decode_s": decode_compile,
   }
 
 
@@ -142,33 +163,51 @@ def main() -> int:
 
   if args.checkpoint:
     from neo_jax.convert import load_checkpoint
+
     params, config = load_checkpoint(args.checkpoint, dtype=args.dtype, attention_impl="auto")
     name = args.checkpoint
   else:
-    config = neo_config.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype,
-                               attention_impl="auto")
+    config = neo_config.preset(
+      args.preset, dtype=args.dtype, param_dtype=args.dtype, attention_impl="auto"
+    )
     params = random_params(config)
     name = f"{args.preset} (random weights)"
   device = jax.devices()[0]
   header = {
-      "benchmark": "generate", "model": name, "dtype": args.dtype,
-      "backend": jax.default_backend(), "device": device.device_kind,
-      "cpu_count": os.cpu_count(), "machine": platform.machine(),
-      "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+    "benchmark": "generate",
+    "model": name,
+    "dtype": args.dtype,
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "date": datetime.date.today().isoformat(),
+    "jax": jax.__version__,
   }
   print(json.dumps(header))
-  print(f"{'batch':>5} {'prompt':>6} {'padded':>6} {'prefill tok/s':>14} {'decode tok/s':>13} "
-        f"{'ms/step':>8} {'compile s (prefill/decode)':>27}")
+  print(
+    f"{'batch':>5} {'prompt':>6} {'padded':>6} {'prefill tok/s':>14} {'decode tok/s':>13} "
+    f"{'ms/step':>8} {'compile s (prefill/decode)':>27}"
+  )
   rows = []
   for batch in args.batch:
-    r = bench(params, config, batch, text_tokens=args.text_tokens, images=args.images,
-              image_tokens=args.image_tokens, new_tokens=args.new_tokens,
-              repeat=args.repeat)
+    r = bench(
+      params,
+      config,
+      batch,
+      text_tokens=args.text_tokens,
+      images=args.images,
+      image_tokens=args.image_tokens,
+      new_tokens=args.new_tokens,
+      repeat=args.repeat,
+    )
     rows.append({**header, **r})
-    print(f"{r['batch']:>5} {r['prompt_tokens_per_row']:>6} {r['padded_prompt_len']:>6} "
-          f"{r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
-          f"{r['decode_ms_per_step']:>8.2f} "
-          f"{r['compile_prefill_s']:>13.1f} / {r['compile_decode_s']:.1f}")
+    print(
+      f"{r['batch']:>5} {r['prompt_tokens_per_row']:>6} {r['padded_prompt_len']:>6} "
+      f"{r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
+      f"{r['decode_ms_per_step']:>8.2f} "
+      f"{r['compile_prefill_s']:>13.1f} / {r['compile_decode_s']:.1f}"
+    )
   if args.out:
     with open(args.out, "a") as f:
       for r in rows:

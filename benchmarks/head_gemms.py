@@ -29,10 +29,17 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
 
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-      os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=true",
-      f"intra_op_parallelism_threads={args.threads}"]))
+  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+  os.environ["XLA_FLAGS"] = " ".join(
+    filter(
+      None,
+      [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_cpu_multi_thread_eigen=true",
+        f"intra_op_parallelism_threads={args.threads}",
+      ],
+    )
+  )
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -42,12 +49,18 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   shapes = [("gemm 2048^3", "mk,kn->mn", (2048, 2048), (2048, 2048))]
   for length in args.lengths:
-    shapes += [(f"L={length} logits = h W", "mk,kn->mn", (length, HIDDEN), (HIDDEN, VOCAB)),
-               (f"L={length} dh = d W^T", "mn,kn->mk", (length, VOCAB), (HIDDEN, VOCAB)),
-               (f"L={length} dW = h^T d", "mk,mn->kn", (length, HIDDEN), (length, VOCAB))]
-  print(f"{args.threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
-        f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, load average {os.getloadavg()[0]:.2f}\n")
-  print("| matmul | GFLOP | jax s (GFLOP/s, % of its 2048^3) | torch s (GFLOP/s, % of its 2048^3) |")
+    shapes += [
+      (f"L={length} logits = h W", "mk,kn->mn", (length, HIDDEN), (HIDDEN, VOCAB)),
+      (f"L={length} dh = d W^T", "mn,kn->mk", (length, VOCAB), (HIDDEN, VOCAB)),
+      (f"L={length} dW = h^T d", "mk,mn->kn", (length, HIDDEN), (length, VOCAB)),
+    ]
+  print(
+    f"{args.threads} threads, jax {jax.__version__}, torch {torch.__version__}, "
+    f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, load average {os.getloadavg()[0]:.2f}\n"
+  )
+  print(
+    "| matmul | GFLOP | jax s (GFLOP/s, % of its 2048^3) | torch s (GFLOP/s, % of its 2048^3) |"
+  )
   print("|---|---|---|---|")
   peak = {}
   for name, eq, sa, sb in shapes:

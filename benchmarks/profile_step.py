@@ -33,14 +33,14 @@ import train_step_vs_torch as vs  # noqa: E402
 
 # (part, pattern on the op_name metadata); the first match wins
 PARTS = (
-    ("embedding", r"/embed_tokens/"),
-    ("vision", r"/vision/"),
-    ("attention (scores, softmax, values)", r"/attention_op"),
-    ("attention projections", r"/self_attn/(q_proj|k_proj|v_proj|o_proj|q_proj_hw|k_proj_hw)/"),
-    ("norms and RoPE", r"(_norm|_norm_h|_norm_w|layernorm)/|/self_attn/|NeoModel\)?/norm/"),
-    ("MLP", r"/mlp/"),
-    ("layer glue (residuals, scan)", r"NeoModel"),
-    ("head + loss", r""),
+  ("embedding", r"/embed_tokens/"),
+  ("vision", r"/vision/"),
+  ("attention (scores, softmax, values)", r"/attention_op"),
+  ("attention projections", r"/self_attn/(q_proj|k_proj|v_proj|o_proj|q_proj_hw|k_proj_hw)/"),
+  ("norms and RoPE", r"(_norm|_norm_h|_norm_w|layernorm)/|/self_attn/|NeoModel\)?/norm/"),
+  ("MLP", r"/mlp/"),
+  ("layer glue (residuals, scan)", r"NeoModel"),
+  ("head + loss", r""),
 )
 CONTROL = ("while", "call", "conditional")
 
@@ -68,8 +68,12 @@ def instruction_names(hlo_text: str) -> dict[str, tuple[str, str]]:
     meta = re.search(r'op_name="([^"]*)"', line)
     calls = re.search(r"calls=%?([\w.\-]+)", line)
     operands = re.findall(r"%([\w.\-]+)", m.group(3).split("), ")[0])
-    info[m.group(1)] = (m.group(2), meta.group(1) if meta else "", operands,
-                        calls.group(1) if calls else "")
+    info[m.group(1)] = (
+      m.group(2),
+      meta.group(1) if meta else "",
+      operands,
+      calls.group(1) if calls else "",
+    )
     by_computation[computation].append(m.group(1))
 
   def named(name: str, depth: int = 0) -> str:
@@ -180,9 +184,13 @@ def main(argv=None) -> int:
   os.makedirs(data, exist_ok=True)
   vs.make_data(data, args.length)
   vs.pin_threads(args.threads)
-  flags = [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=true",
-           f"intra_op_parallelism_threads={args.threads}", "--xla_cpu_enable_xprof_traceme=true",
-           options["xla_flags"]]
+  flags = [
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_cpu_multi_thread_eigen=true",
+    f"intra_op_parallelism_threads={args.threads}",
+    "--xla_cpu_enable_xprof_traceme=true",
+    options["xla_flags"],
+  ]
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
 
   worker = vs.JaxWorker(options, data, args.length, args.pass_)
@@ -209,16 +217,18 @@ def main(argv=None) -> int:
   wall = statistics.median(walls)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  print(f"L={args.length} {args.pass_} {args.impl}: wall {wall:.3f} s per step (median of "
-        f"{args.steps}), busy {summed:.3f} s, XLA cost analysis {cost.get('flops', 0) / 1e9:.0f} "
-        f"GFLOP, load average {os.getloadavg()[0]:.2f}\n")
+  print(
+    f"L={args.length} {args.pass_} {args.impl}: wall {wall:.3f} s per step (median of "
+    f"{args.steps}), busy {summed:.3f} s, XLA cost analysis {cost.get('flops', 0) / 1e9:.0f} "
+    f"GFLOP, load average {os.getloadavg()[0]:.2f}\n"
+  )
   print("| part | s per step | share |")
   print("|---|---|---|")
   for part, _ in PARTS:
     if parts.get(part):
       print(f"| {part} | {parts[part]:.3f} | {parts[part] / summed:.1%} |")
   print(f"\nslowest {args.top} instructions (s per step, name, op_name):")
-  for seconds, name, op_name in sorted(ops, reverse=True)[:args.top]:
+  for seconds, name, op_name in sorted(ops, reverse=True)[: args.top]:
     print(f"  {seconds:7.3f}  {name:32s} {op_name[-110:]}")
   print(f"\nAdamW update of all parameters (separately): {optimizer_seconds(worker.params):.3f} s")
   return 0

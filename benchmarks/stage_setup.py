@@ -73,13 +73,21 @@ def measure(spec: str, overrides: list[str], steps: int = 3) -> dict:
     t1 = time.perf_counter()
     trainer.run()
     run_s = time.perf_counter() - t1
-  return {"config": spec, "overrides": overrides, "setup_s": round(setup_s, 1),
-          "setup_traces": setup_traces, "traces": counter.snapshot(),
-          "first_step_s": step_s[0], "later_steps_s": step_s[1:],
-          "run_s": round(run_s, 1),
-          "before_first_update_s": round(setup_s + step_s[0] - min(step_s[1:] or [0.0]), 1),
-          "date": datetime.date.today().isoformat(), "machine": platform.node(),
-          "cpus": os.cpu_count(), "load_average": [round(x, 1) for x in os.getloadavg()]}
+  return {
+    "config": spec,
+    "overrides": overrides,
+    "setup_s": round(setup_s, 1),
+    "setup_traces": setup_traces,
+    "traces": counter.snapshot(),
+    "first_step_s": step_s[0],
+    "later_steps_s": step_s[1:],
+    "run_s": round(run_s, 1),
+    "before_first_update_s": round(setup_s + step_s[0] - min(step_s[1:] or [0.0]), 1),
+    "date": datetime.date.today().isoformat(),
+    "machine": platform.node(),
+    "cpus": os.cpu_count(),
+    "load_average": [round(x, 1) for x in os.getloadavg()],
+  }
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(port: int, pid: int, steps: int, out: str) -> int:
   import jax
   import numpy as np
+
   jax.config.update("jax_num_cpu_devices", 1)
   jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
   from jax.experimental import multihost_utils
@@ -45,11 +46,13 @@ def worker(port: int, pid: int, steps: int, out: str) -> int:
   flag = np.int32(0)
   timed(lambda i: multihost_utils.process_allgather(flag), 20)  # compile, warm up
   results = {
-      "jax": timed(lambda i: multihost_utils.reached_preemption_sync_point(i), steps),
-      "gather": timed(lambda i: multihost_utils.process_allgather(flag), steps),
+    "jax": timed(lambda i: multihost_utils.reached_preemption_sync_point(i), steps),
+    "gather": timed(lambda i: multihost_utils.process_allgather(flag), steps),
   }
-  summary = {k: {"median_us": float(np.median(v)) * 1e6,
-                 "p99_us": float(np.percentile(v, 99)) * 1e6} for k, v in results.items()}
+  summary = {
+    k: {"median_us": float(np.median(v)) * 1e6, "p99_us": float(np.percentile(v, 99)) * 1e6}
+    for k, v in results.items()
+  }
   with open(out, "w") as f:
     json.dump(summary, f)
   return 0
@@ -64,8 +67,12 @@ def main() -> int:
     port = s.getsockname()[1]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
   outs = [f"/tmp/stop_decision_{os.getpid()}_{pid}.json" for pid in (0, 1)]
-  procs = [subprocess.Popen([sys.executable, __file__, "worker", str(port), str(pid),
-                             str(args.steps), outs[pid]], env=env) for pid in (0, 1)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, "worker", str(port), str(pid), str(args.steps), outs[pid]], env=env
+    )
+    for pid in (0, 1)
+  ]
   if any(p.wait() for p in procs):
     return 1
   rows = [json.loads(Path(o).read_text()) for o in outs]

@@ -48,9 +48,18 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-MODEL = dict(vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-             num_prebuffer_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-             vision_hidden_size=256, tie_word_embeddings=False)
+MODEL = dict(
+  vocab_size=151936,
+  hidden_size=512,
+  intermediate_size=1536,
+  num_hidden_layers=6,
+  num_prebuffer_layers=2,
+  num_attention_heads=8,
+  num_key_value_heads=4,
+  head_dim=64,
+  vision_hidden_size=256,
+  tie_word_embeddings=False,
+)
 IMAGE_GRID16 = {1024: (32, 32), 2048: (32, 64)}  # 16-px grid of the image at each L
 PROMPT = 8  # text tokens before the image
 CHECK_ROWS = 8  # logits rows compared (spread over the row)
@@ -60,14 +69,24 @@ GRAD_RTOL = 1e-4
 
 # neo-jax options (`jax:key=value;...`): the loss (`next_token_loss` arguments), the model's
 # attention and remat settings, and extra XLA flags for the worker
-JAX_OPTIONS = dict(fused=1, chunk=1024, loss_remat=1, vocab_chunk=0, attention="auto",
-                   q_chunk=512, remat="none", xla_flags="")
+JAX_OPTIONS = dict(
+  fused=1,
+  chunk=1024,
+  loss_remat=1,
+  vocab_chunk=0,
+  attention="auto",
+  q_chunk=512,
+  remat="none",
+  xla_flags="",
+)
 
 
 # --- data (written once by the parent, read by every worker) -----------------------------------
 
+
 def model_config():
   from neo_jax.config import NeoConfig
+
   return NeoConfig(**MODEL)
 
 
@@ -79,9 +98,10 @@ def image_grid(length: int) -> tuple[int, int]:
 
 
 def make_data(directory: str, length: int, seed: int = 0) -> None:
-  """weights.safetensors (HF keys, `random_state_dict` of tests/torch_neo_reference.py) + inputs.npz."""
-  from safetensors.torch import save_file
+  """weights.safetensors (HF keys: `random_state_dict` of tests/torch_neo_reference.py) and
+  inputs.npz."""
   import torch_neo_reference as ref
+  from safetensors.torch import save_file
 
   config = model_config()
   hf = config.to_hf_dict("float32")
@@ -96,10 +116,19 @@ def make_data(directory: str, length: int, seed: int = 0) -> None:
   fill = length - PROMPT - n_visual - 2
   if fill < 1:
     raise SystemExit(f"L={length} is too short for a {h16 * 16}x{w16 * 16} image")
-  ids = (text(PROMPT) + [config.img_start_token_id] + [config.img_context_token_id] * n_visual
-         + [config.img_end_token_id] + text(fill))
-  np.savez(os.path.join(directory, f"inputs_{length}.npz"), input_ids=np.asarray(ids, np.int64),
-           pixel_values=pixel_values.numpy(), grid_hw=grid_hw.numpy())
+  ids = (
+    text(PROMPT)
+    + [config.img_start_token_id]
+    + [config.img_context_token_id] * n_visual
+    + [config.img_end_token_id]
+    + text(fill)
+  )
+  np.savez(
+    os.path.join(directory, f"inputs_{length}.npz"),
+    input_ids=np.asarray(ids, np.int64),
+    pixel_values=pixel_values.numpy(),
+    grid_hw=grid_hw.numpy(),
+  )
 
 
 def load_inputs(directory: str, length: int) -> dict:
@@ -130,14 +159,15 @@ def reset_peak_rss() -> None:
 
 # --- workers ------------------------------------------------------------------------------------
 
+
 class TorchWorker:
   """The in-repo baseline (`torch`) or the official HF modules (`official`)."""
 
   def __init__(self, kind: str, data: str, length: int, pass_: str, official: str):
     import torch
     import torch.nn.functional as F
-    from safetensors.torch import load_file
     import torch_neo_reference as ref
+    from safetensors.torch import load_file
 
     self.torch = torch
     config = model_config()
@@ -152,13 +182,17 @@ class TorchWorker:
       self.model = official_model(official, self.hf, sd)
       self.params = list(self.model.parameters())
       self.logits_fn = lambda: official_logits(self.model, self.ids, self.pixels, self.grid_hw)
-      self.grad_of = {"lm_head": self.model.language_model.lm_head.weight,
-                      "embedding": self.model.language_model.model.embed_tokens.weight}
+      self.grad_of = {
+        "lm_head": self.model.language_model.lm_head.weight,
+        "embedding": self.model.language_model.model.embed_tokens.weight,
+      }
     else:
       self.params = list(sd.values())
       self.logits_fn = lambda: ref.neo_forward(sd, self.hf, self.ids, self.pixels, self.grid_hw)
-      self.grad_of = {"lm_head": sd["language_model.lm_head.weight"],
-                      "embedding": sd["language_model.model.embed_tokens.weight"]}
+      self.grad_of = {
+        "lm_head": sd["language_model.lm_head.weight"],
+        "embedding": sd["language_model.model.embed_tokens.weight"],
+      }
     for p in self.params:
       p.requires_grad_(pass_ == "fwdbwd")
     self.loss_fn = lambda logits: F.cross_entropy(logits[:-1].float(), self.ids[1:])
@@ -210,8 +244,10 @@ def _official_package(path: str) -> str:
   for root, _, files in os.walk(path):
     if "modeling_neo_chat.py" in files and "modeling_qwen3.py" in files:
       return root
-  raise SystemExit(f"--official {path}: no folder with modeling_neo_chat.py and "
-                   "modeling_qwen3.py (the HF modeling files of EvolvingLMMs-Lab/NEO)")
+  raise SystemExit(
+    f"--official {path}: no folder with modeling_neo_chat.py and "
+    "modeling_qwen3.py (the HF modeling files of EvolvingLMMs-Lab/NEO)"
+  )
 
 
 def official_model(path: str, hf: dict, sd: dict):
@@ -219,7 +255,8 @@ def official_model(path: str, hf: dict, sd: dict):
 
   folder = _official_package(path)
   spec = importlib.util.spec_from_file_location(
-      "neo_official", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+    "neo_official", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+  )
   package = importlib.util.module_from_spec(spec)
   sys.modules["neo_official"] = package
   spec.loader.exec_module(package)
@@ -246,9 +283,14 @@ def official_logits(model, ids, pixel_values, grid_hw):
   indexes = model.get_thw_indexes(ids, grid_hw)
   positions = torch.arange(ids.shape[0])
   lm = model.language_model
-  out = lm(inputs_embeds=embeds, indexes=indexes, position_ids=positions[None],
-           cache_position=positions, past_key_values=DynamicCache(config=lm.config),
-           use_cache=False)
+  out = lm(
+    inputs_embeds=embeds,
+    indexes=indexes,
+    position_ids=positions[None],
+    cache_position=positions,
+    past_key_values=DynamicCache(config=lm.config),
+    use_cache=False,
+  )
   return out.logits[0]
 
 
@@ -266,18 +308,25 @@ class JaxWorker:
     from neo_jax.objectives.next_token import next_token_loss
 
     self.jax, self.jnp = jax, jnp
-    config = model_config().replace(attention_impl=options["attention"],
-                                    attention_q_chunk=int(options["q_chunk"]),
-                                    remat_policy=options["remat"])
+    config = model_config().replace(
+      attention_impl=options["attention"],
+      attention_q_chunk=int(options["q_chunk"]),
+      remat_policy=options["remat"],
+    )
     arrays = load_file(os.path.join(data, "weights.safetensors"))
-    params = mapping.params_from_hf(arrays.__getitem__, {k: a.shape for k, a in arrays.items()},
-                                    {k: a.dtype for k, a in arrays.items()}, config)
+    params = mapping.params_from_hf(
+      arrays.__getitem__,
+      {k: a.shape for k, a in arrays.items()},
+      {k: a.dtype for k, a in arrays.items()},
+      config,
+    )
     del arrays
     self.params = jax.tree.map(jnp.asarray, params)
     del params
     inputs = load_inputs(data, length)
-    batch = hf_inputs_to_batch(inputs["input_ids"], inputs["pixel_values"],
-                               inputs["grid_hw"], config)
+    batch = hf_inputs_to_batch(
+      inputs["input_ids"], inputs["pixel_values"], inputs["grid_hw"], config
+    )
     ids = batch["input_ids"]
     batch["targets"] = np.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
     weights = np.ones(ids.shape, np.float32)
@@ -294,9 +343,11 @@ class JaxWorker:
     self.run = jax.jit(loss if pass_ == "fwd" else jax.value_and_grad(loss))
     model = NeoModel(config)
     rows = jnp.asarray(check_rows(length))
-    self.logits_rows = jax.jit(lambda p, b: model.apply(
-        {"params": p}, b["input_ids"], b["positions"], b["segment_ids"], b["pixels"],
-        b["pixel_rc"])[0, rows])
+    self.logits_rows = jax.jit(
+      lambda p, b: model.apply(
+        {"params": p}, b["input_ids"], b["positions"], b["segment_ids"], b["pixels"], b["pixel_rc"]
+      )[0, rows]
+    )
 
   def gemm_peak(self) -> float:
     jnp = self.jnp
@@ -319,9 +370,14 @@ class JaxWorker:
     norm = lambda x: float(np.linalg.norm(np.asarray(x, np.float64)))
     leaves = self.jax.tree.leaves(grads)
     total = sum(float((np.asarray(g, np.float64) ** 2).sum()) for g in leaves) ** 0.5
-    return {"loss": float(loss), "grad_norms": {
+    return {
+      "loss": float(loss),
+      "grad_norms": {
         "lm_head": norm(grads["lm_head"]["kernel"]),
-        "embedding": norm(grads["embed_tokens"]["embedding"]), "all": total}}
+        "embedding": norm(grads["embed_tokens"]["embedding"]),
+        "all": total,
+      },
+    }
 
   def step(self) -> float:
     out = self.jax.block_until_ready(self.run(self.params, self.batch))
@@ -329,8 +385,12 @@ class JaxWorker:
 
 
 def loss_kwargs(options: dict) -> dict:
-  return dict(chunk=int(options["chunk"]), remat=bool(int(options["loss_remat"])),
-              vocab_chunk=int(options["vocab_chunk"]), fused=bool(int(options["fused"])))
+  return dict(
+    chunk=int(options["chunk"]),
+    remat=bool(int(options["loss_remat"])),
+    vocab_chunk=int(options["vocab_chunk"]),
+    fused=bool(int(options["fused"])),
+  )
 
 
 def parse_impl(spec: str) -> tuple[str, dict]:
@@ -363,12 +423,17 @@ def worker_main(args) -> int:
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(args.threads)
   if kind == "jax":
-    flags = [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=true",
-             f"intra_op_parallelism_threads={args.threads}", options["xla_flags"]]
+    flags = [
+      os.environ.get("XLA_FLAGS", ""),
+      "--xla_cpu_multi_thread_eigen=true",
+      f"intra_op_parallelism_threads={args.threads}",
+      options["xla_flags"],
+    ]
     os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
     worker = JaxWorker(options, args.data, args.length, args.pass_)
   else:
     import torch
+
     torch.set_num_threads(args.threads)
     worker = TorchWorker(kind, args.data, args.length, args.pass_, args.official)
   t = time.perf_counter()
@@ -383,8 +448,9 @@ def worker_main(args) -> int:
     if cmd == "run":
       t, cpu = time.perf_counter(), time.process_time()
       loss = worker.step()
-      reply({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
-             "loss": loss})
+      reply(
+        {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "loss": loss}
+      )
     elif cmd == "peak":
       reply({"peak_rss": read_peak_rss()})
     elif cmd == "gemm":
@@ -396,14 +462,28 @@ def worker_main(args) -> int:
 
 # --- parent -------------------------------------------------------------------------------------
 
+
 class Worker:
   def __init__(self, spec: str, args, data: str, length: int, pass_: str, index: int):
     self.spec = spec
     self.rows_path = os.path.join(data, f"rows_{index}_{length}_{pass_}.npy")
     python = args.official_python if spec == "official" and args.official_python else sys.executable
-    cmd = [python, os.path.abspath(__file__), "--worker", spec, "--data", data,
-           "--length", str(length), "--pass-one", pass_, "--threads", str(args.threads),
-           "--rows-out", self.rows_path]
+    cmd = [
+      python,
+      os.path.abspath(__file__),
+      "--worker",
+      spec,
+      "--data",
+      data,
+      "--length",
+      str(length),
+      "--pass-one",
+      pass_,
+      "--threads",
+      str(args.threads),
+      "--rows-out",
+      self.rows_path,
+    ]
     if args.official:
       cmd += ["--official", args.official]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -439,8 +519,10 @@ def compare(base: dict, other: dict, base_rows: np.ndarray, other_rows: np.ndarr
   if logits_err > LOGITS_ATOL:
     problems.append(f"logits rows differ by {logits_err:.2e}")
   if "grad_norms" in base:
-    rel = {k: abs(base["grad_norms"][k] - other["grad_norms"][k]) / base["grad_norms"][k]
-           for k in base["grad_norms"]}
+    rel = {
+      k: abs(base["grad_norms"][k] - other["grad_norms"][k]) / base["grad_norms"][k]
+      for k in base["grad_norms"]
+    }
     out["grad_norm_rel"] = max(rel.values())
     if out["grad_norm_rel"] > GRAD_RTOL:
       problems.append(f"gradient norms differ: {rel}")
@@ -455,8 +537,7 @@ def model_flops(length: int, data: str) -> dict:
 
   config = model_config()
   inputs = load_inputs(data, length)
-  batch = hf_inputs_to_batch(inputs["input_ids"], inputs["pixel_values"], inputs["grid_hw"],
-                             config)
+  batch = hf_inputs_to_batch(inputs["input_ids"], inputs["pixel_values"], inputs["grid_hw"], config)
   return step_flops(config, batch)
 
 
@@ -465,8 +546,10 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
   try:
     setups = [w.read() for w in workers]
     base_rows = np.load(workers[0].rows_path)
-    agreement = [compare(setups[0]["check"], s["check"], base_rows, np.load(w.rows_path))
-                 for w, s in zip(workers[1:], setups[1:])]
+    agreement = [
+      compare(setups[0]["check"], s["check"], base_rows, np.load(w.rows_path))
+      for w, s in zip(workers[1:], setups[1:])
+    ]
     for _ in range(args.warmup):
       for w in workers:
         w.ask("run")
@@ -487,25 +570,33 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
       w.close()
   flops = model_flops(length, data)["forward" if pass_ == "fwd" else "total"]
   impls = []
-  for spec, setup, secs, cpu, peak, gemm_peak in zip(args.impls, setups, seconds, cpu_seconds,
-                                                     peaks, gemm):
+  for spec, setup, secs, cpu, peak, gemm_peak in zip(
+    args.impls, setups, seconds, cpu_seconds, peaks, gemm
+  ):
     median = statistics.median(secs)
-    impls.append({
-        "impl": spec, "seconds": secs, "median_s": median, "cpu_seconds": cpu,
+    impls.append(
+      {
+        "impl": spec,
+        "seconds": secs,
+        "median_s": median,
+        "cpu_seconds": cpu,
         "median_cpu_s": statistics.median(cpu),
         "tokens_per_s": length / median,
         "tokens_per_s_range": [length / max(secs), length / min(secs)],
-        "mfu": flops / median / gemm_peak, "gemm_peak_gflops": gemm_peak / 1e9,
-        "peak_rss_gib": peak / 2**30, "first_step_s": setup["first_s"],
-        "loss": setup["check"]["loss"]})
+        "mfu": flops / median / gemm_peak,
+        "gemm_peak_gflops": gemm_peak / 1e9,
+        "peak_rss_gib": peak / 2**30,
+        "first_step_s": setup["first_s"],
+        "loss": setup["check"]["loss"],
+      }
+    )
   for impl, secs in zip(impls[1:], seconds[1:]):
     paired = [a / b for a, b in zip(seconds[0], secs)]
     impl["speedup_vs_first"] = statistics.median(paired)
     impl["speedup_range"] = [min(paired), max(paired)]
     impl["rss_vs_first"] = impl["peak_rss_gib"] / impls[0]["peak_rss_gib"]
     impl["cpu_speedup_vs_first"] = impls[0]["median_cpu_s"] / impl["median_cpu_s"]
-  return {"L": length, "pass": pass_, "model_flops": flops, "agreement": agreement,
-          "impls": impls}
+  return {"L": length, "pass": pass_, "model_flops": flops, "agreement": agreement, "impls": impls}
 
 
 def print_table(results: list[dict]) -> None:
@@ -522,8 +613,10 @@ def print_table(results: list[dict]) -> None:
       cells.append(f"{impl['tokens_per_s']:.0f} ({lo:.0f}-{hi:.0f}) ({impl['mfu']:.0%})")
     for impl in r["impls"][1:]:
       lo, hi = impl["speedup_range"]
-      cells.append(f"**{impl['speedup_vs_first']:.2f}x** ({lo:.2f}-{hi:.2f}), "
-                   f"CPU time {impl['cpu_speedup_vs_first']:.2f}x, RSS {impl['rss_vs_first']:.2f}x")
+      cells.append(
+        f"**{impl['speedup_vs_first']:.2f}x** ({lo:.2f}-{hi:.2f}), "
+        f"CPU time {impl['cpu_speedup_vs_first']:.2f}x, RSS {impl['rss_vs_first']:.2f}x"
+      )
     cells.append(" / ".join(f"{impl['peak_rss_gib']:.2f}" for impl in r["impls"]))
     print("| " + " | ".join(cells) + " |")
 
@@ -534,15 +627,23 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after the checks")
   p.add_argument("--L", type=int, nargs="+", default=[1024, 2048], dest="lengths")
-  p.add_argument("--pass", nargs="+", default=["fwd", "fwdbwd"], dest="passes",
-                 choices=["fwd", "fwdbwd"])
-  p.add_argument("--impls", nargs="+", default=None,
-                 help="implementations, the first is the baseline (default: torch jax, or "
-                      "official jax with --official)")
+  p.add_argument(
+    "--pass", nargs="+", default=["fwd", "fwdbwd"], dest="passes", choices=["fwd", "fwdbwd"]
+  )
+  p.add_argument(
+    "--impls",
+    nargs="+",
+    default=None,
+    help="implementations, the first is the baseline (default: torch jax, or "
+    "official jax with --official)",
+  )
   p.add_argument("--official", default="", help="checkout of EvolvingLMMs-Lab/NEO")
-  p.add_argument("--official-python", default="",
-                 help="interpreter for the official code (an environment with the transformers "
-                      "version it pins, 4.57.1); default: this one")
+  p.add_argument(
+    "--official-python",
+    default="",
+    help="interpreter for the official code (an environment with the transformers "
+    "version it pins, 4.57.1); default: this one",
+  )
   p.add_argument("--data", default="", help="folder for weights and inputs (default: a temp dir)")
   p.add_argument("--json", default="", help="write the results here")
   # worker side (internal)
@@ -575,19 +676,29 @@ def main(argv=None) -> int:
       results.append(r)
       print(json.dumps({k: r[k] for k in ("L", "pass", "agreement")}), flush=True)
   load_after = os.getloadavg()
-  import torch
   import jax
+  import torch
+
   meta = {
-      "date": datetime.date.today().isoformat(), "machine": platform.node(),
-      "cpu": _cpu_name(), "cpus_visible": len(os.sched_getaffinity(0)),
-      "threads": args.threads, "repeats": args.repeats, "python": platform.python_version(),
-      "jax": jax.__version__, "torch": torch.__version__,
-      "load_average_before": load_before, "load_average_after": load_after,
-      "wall_s": time.time() - started, "impls": args.impls,
+    "date": datetime.date.today().isoformat(),
+    "machine": platform.node(),
+    "cpu": _cpu_name(),
+    "cpus_visible": len(os.sched_getaffinity(0)),
+    "threads": args.threads,
+    "repeats": args.repeats,
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "torch": torch.__version__,
+    "load_average_before": load_before,
+    "load_average_after": load_after,
+    "wall_s": time.time() - started,
+    "impls": args.impls,
   }
-  print(f"\n{meta['date']}, {meta['cpu']}, {args.threads} threads, jax {meta['jax']}, "
-        f"torch {meta['torch']}, load average {load_before[0]:.2f} before / "
-        f"{load_after[0]:.2f} after, medians of {args.repeats} alternating steps\n")
+  print(
+    f"\n{meta['date']}, {meta['cpu']}, {args.threads} threads, jax {meta['jax']}, "
+    f"torch {meta['torch']}, load average {load_before[0]:.2f} before / "
+    f"{load_after[0]:.2f} after, medians of {args.repeats} alternating steps\n"
+  )
   print_table(results)
   if args.json:
     with open(args.json, "w") as f:

@@ -33,8 +33,10 @@ def parse_arg(arg, *, models=MODELS, **defaults) -> ml_collections.ConfigDict:
   """
   words = [w.strip() for w in (arg or "").split(",") if w.strip()]
   if not words or words[0] not in models:
-    raise ValueError(f"name the model after the file, FILE.py:MODEL, MODEL one of "
-                     f"{', '.join(models)} (got {arg!r})")
+    raise ValueError(
+      f"name the model after the file, FILE.py:MODEL, MODEL one of "
+      f"{', '.join(models)} (got {arg!r})"
+    )
   out = ml_collections.ConfigDict(dict(defaults, model=words[0]))
   for word in words[1:]:
     key, eq, value = word.partition("=")
@@ -72,8 +74,13 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
 
   # the model: every NeoConfig field (architecture, how to compute, and the pixel range every
   # image is resized into: the data pipeline and evaluation read it from here)
-  config.model = model_fields(preset(model), dtype="bfloat16", param_dtype="float32",
-                              attention_impl="auto", remat_policy="full")
+  config.model = model_fields(
+    preset(model),
+    dtype="bfloat16",
+    param_dtype="float32",
+    attention_impl="auto",
+    remat_policy="full",
+  )
 
   # where the parameters come from when the run directory has no checkpoint yet
   config.init = ml_collections.ConfigDict()
@@ -183,8 +190,15 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   config.checkpoint.max_to_keep = 2
 
 
-def local(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int,
-          visual_budget: int, positions_per_row: int, warmup_steps: int) -> None:
+def local(
+  config: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  seq_len: int,
+  visual_budget: int,
+  positions_per_row: int,
+  warmup_steps: int,
+) -> None:
   """The `local` variant: the stage as it runs anywhere in seconds, for smoke tests and the
   test suite. The model keeps its width but has one pre-Buffer and one LLM layer and a
   512-token vocabulary; random weights; synthetic batches of the given shapes; one device;

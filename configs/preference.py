@@ -36,9 +36,8 @@ rise faster while rewards/chosen and logps/chosen tend to fall (likelihood displ
 local (with any model): seconds on any machine, on synthetic pairs (configs/common.py).
 """
 
-import ml_collections
-
 import common
+import ml_collections
 
 
 def preference_options(loss: str) -> ml_collections.ConfigDict:
@@ -105,6 +104,7 @@ def get_config(arg=None):
   config.name = config.name.replace("preference", a.loss)
   config.workdir = config.workdir.replace("preference", a.loss)
   if a.local:
-    common.local(config, batch_size=4, seq_len=96, visual_budget=24, positions_per_row=32,
-                 warmup_steps=0)
+    common.local(
+      config, batch_size=4, seq_len=96, visual_budget=24, positions_per_row=32, warmup_steps=0
+    )
   return config

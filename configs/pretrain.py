@@ -58,6 +58,7 @@ def get_config(arg=None):
     config.optimizer.min_lr_ratio = 0.1
     config.optimizer.warmup_steps = 1000
   if a.local:
-    common.local(config, batch_size=8, seq_len=64, visual_budget=24, positions_per_row=16,
-                 warmup_steps=2)
+    common.local(
+      config, batch_size=8, seq_len=64, visual_budget=24, positions_per_row=16, warmup_steps=2
+    )
   return config

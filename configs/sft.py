@@ -67,6 +67,7 @@ def get_config(arg=None):
       config.optimizer.warmup_steps = 200
     config.data.visual_budget = config.data.seq_len // 2
   if a.local:
-    common.local(config, batch_size=8, seq_len=64, visual_budget=24, positions_per_row=16,
-                 warmup_steps=2)
+    common.local(
+      config, batch_size=8, seq_len=64, visual_budget=24, positions_per_row=16, warmup_steps=2
+    )
   return config

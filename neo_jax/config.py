@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # NEO's added token ids (NEO's VLMEvalKit wrapper confirms the three image ids).
 IMG_CONTEXT_TOKEN_ID = 151669
@@ -74,24 +75,34 @@ class NeoConfig:
 
   def __post_init__(self):
     checks = [
-        (self.hidden_size > 0 and self.vocab_size > 0, "hidden_size and vocab_size must be > 0"),
-        (0 <= self.num_prebuffer_layers <= self.num_hidden_layers,
-         f"num_prebuffer_layers={self.num_prebuffer_layers} must lie in [0, num_hidden_layers="
-         f"{self.num_hidden_layers}]"),
-        (self.num_attention_heads % self.num_key_value_heads == 0,
-         f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-         f"num_key_value_heads={self.num_key_value_heads}"),
-        (self.head_dim % 4 == 0, f"head_dim={self.head_dim} must be a multiple of 4"),
-        (self.vision_hidden_size % 4 == 0,
-         f"vision_hidden_size={self.vision_hidden_size} must be a multiple of 4"),
-        (self.merge_size == 2, f"downsample_ratio={self.downsample_ratio} must be 0.5 (2x2 merge)"),
-        (self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}"),
-        (self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}"),
-        (self.attention_impl in ATTENTION_IMPLS,
-         f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}"),
-        (self.platform in PLATFORMS, f"platform={self.platform!r} is not one of {PLATFORMS}"),
-        (self.remat_policy in REMAT_POLICIES,
-         f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}"),
+      (self.hidden_size > 0 and self.vocab_size > 0, "hidden_size and vocab_size must be > 0"),
+      (
+        0 <= self.num_prebuffer_layers <= self.num_hidden_layers,
+        f"num_prebuffer_layers={self.num_prebuffer_layers} must lie in [0, num_hidden_layers="
+        f"{self.num_hidden_layers}]",
+      ),
+      (
+        self.num_attention_heads % self.num_key_value_heads == 0,
+        f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+        f"num_key_value_heads={self.num_key_value_heads}",
+      ),
+      (self.head_dim % 4 == 0, f"head_dim={self.head_dim} must be a multiple of 4"),
+      (
+        self.vision_hidden_size % 4 == 0,
+        f"vision_hidden_size={self.vision_hidden_size} must be a multiple of 4",
+      ),
+      (self.merge_size == 2, f"downsample_ratio={self.downsample_ratio} must be 0.5 (2x2 merge)"),
+      (self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}"),
+      (self.param_dtype in DTYPES, f"param_dtype={self.param_dtype!r} is not one of {DTYPES}"),
+      (
+        self.attention_impl in ATTENTION_IMPLS,
+        f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}",
+      ),
+      (self.platform in PLATFORMS, f"platform={self.platform!r} is not one of {PLATFORMS}"),
+      (
+        self.remat_policy in REMAT_POLICIES,
+        f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}",
+      ),
     ]
     for ok, message in checks:
       if not ok:
@@ -126,80 +137,81 @@ class NeoConfig:
   def patch_dim(self) -> int:
     return self.num_channels * self.patch_size * self.patch_size
 
-  def replace(self, **changes: Any) -> "NeoConfig":
+  def replace(self, **changes: Any) -> NeoConfig:
     return dataclasses.replace(self, **changes)
 
   # --- HF config.json -----------------------------------------------------------------------
   def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
     """The `config.json` of an HF NEO directory (NEOChatConfig.to_dict layout)."""
     llm = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "vocab_size": self.vocab_size,
-        "hidden_size": self.hidden_size,
-        "intermediate_size": self.intermediate_size,
-        "num_hidden_layers": self.num_hidden_layers,
-        "extra_num_layers": self.num_prebuffer_layers,
-        "num_attention_heads": self.num_attention_heads,
-        "num_key_value_heads": self.num_key_value_heads,
-        "head_dim": self.head_dim,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "rms_norm_eps": self.rms_norm_eps,
-        "rope_theta": self.rope_theta,
-        "rope_theta_hw": self.rope_theta_hw,
-        "max_position_embeddings": self.max_position_embeddings,
-        "max_position_embeddings_hw": 10000,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "bos_token_id": PAD_TOKEN_ID,
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "torch_dtype": torch_dtype,
+      "architectures": ["Qwen3ForCausalLM"],
+      "model_type": "qwen3",
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "intermediate_size": self.intermediate_size,
+      "num_hidden_layers": self.num_hidden_layers,
+      "extra_num_layers": self.num_prebuffer_layers,
+      "num_attention_heads": self.num_attention_heads,
+      "num_key_value_heads": self.num_key_value_heads,
+      "head_dim": self.head_dim,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "rms_norm_eps": self.rms_norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_theta_hw": self.rope_theta_hw,
+      "max_position_embeddings": self.max_position_embeddings,
+      "max_position_embeddings_hw": 10000,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "bos_token_id": PAD_TOKEN_ID,
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "torch_dtype": torch_dtype,
     }
     vision = {
-        "model_type": "neo_vision",
-        "hidden_size": self.vision_hidden_size,
-        "llm_hidden_size": self.hidden_size,
-        "downsample_ratio": self.downsample_ratio,
-        "rope_theta_vision": self.rope_theta_vision,
-        "max_position_embeddings_vision": 10000,
-        "num_channels": self.num_channels,
-        "patch_size": self.patch_size,
-        "min_pixels": self.min_pixels,
-        "max_pixels": self.max_pixels,
+      "model_type": "neo_vision",
+      "hidden_size": self.vision_hidden_size,
+      "llm_hidden_size": self.hidden_size,
+      "downsample_ratio": self.downsample_ratio,
+      "rope_theta_vision": self.rope_theta_vision,
+      "max_position_embeddings_vision": 10000,
+      "num_channels": self.num_channels,
+      "patch_size": self.patch_size,
+      "min_pixels": self.min_pixels,
+      "max_pixels": self.max_pixels,
     }
     return {
-        "model_type": "neo_chat",
-        "architectures": ["NEOChatModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_neo_chat.NEOChatConfig",
-            "AutoModel": "modeling_neo_chat.NEOChatModel",
-            "AutoModelForCausalLM": "modeling_neo_chat.NEOChatModel",
-        },
-        "vision_config": vision,
-        "llm_config": llm,
-        "downsample_ratio": self.downsample_ratio,
-        "template": self.template,
-        "use_backbone_lora": 0,
-        "use_llm_lora": 0,
-        "tie_word_embeddings": self.tie_word_embeddings,
-        "img_context_token_id": self.img_context_token_id,
-        "img_start_token_id": self.img_start_token_id,
-        "img_end_token_id": self.img_end_token_id,
-        # generation stops at the template's separator (<|im_end|> for neo1_0), which need not
-        # be the LLM's own eos; kept at the top level where the published files have no key
-        "eos_token_id": self.eos_token_id,
-        "pad_token_id": self.pad_token_id,
-        "torch_dtype": torch_dtype,
+      "model_type": "neo_chat",
+      "architectures": ["NEOChatModel"],
+      "auto_map": {
+        "AutoConfig": "configuration_neo_chat.NEOChatConfig",
+        "AutoModel": "modeling_neo_chat.NEOChatModel",
+        "AutoModelForCausalLM": "modeling_neo_chat.NEOChatModel",
+      },
+      "vision_config": vision,
+      "llm_config": llm,
+      "downsample_ratio": self.downsample_ratio,
+      "template": self.template,
+      "use_backbone_lora": 0,
+      "use_llm_lora": 0,
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "img_context_token_id": self.img_context_token_id,
+      "img_start_token_id": self.img_start_token_id,
+      "img_end_token_id": self.img_end_token_id,
+      # generation stops at the template's separator (<|im_end|> for neo1_0), which need not
+      # be the LLM's own eos; kept at the top level where the published files have no key
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+      "torch_dtype": torch_dtype,
     }
 
   @classmethod
-  def from_hf_dict(cls, hf: Mapping[str, Any], **compute: Any) -> "NeoConfig":
+  def from_hf_dict(cls, hf: Mapping[str, Any], **compute: Any) -> NeoConfig:
     """Reads an HF NEO `config.json` dict; `compute` sets the computation fields."""
     if "llm_config" not in hf or "vision_config" not in hf:
       missing = [k for k in ("llm_config", "vision_config") if k not in hf]
-      raise ValueError(f"config.json: not a NEO config, missing {missing} "
-                       f"(model_type={hf.get('model_type')!r})")
+      raise ValueError(
+        f"config.json: not a NEO config, missing {missing} (model_type={hf.get('model_type')!r})"
+      )
     llm, vision = hf["llm_config"], hf["vision_config"]
 
     def get(section: Mapping[str, Any], key: str, default: Any = _REQUIRED, where: str = ""):
@@ -219,44 +231,50 @@ class NeoConfig:
       rope_theta = (llm.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0)
     heads = int(get(llm, "num_attention_heads", where="llm_config."))
     tie = hf.get("tie_word_embeddings", llm.get("tie_word_embeddings", False))
-    ratio = float(get(vision, "downsample_ratio", hf.get("downsample_ratio", 0.5), "vision_config."))
+    ratio = float(
+      get(vision, "downsample_ratio", hf.get("downsample_ratio", 0.5), "vision_config.")
+    )
     fields = dict(
-        vocab_size=int(get(llm, "vocab_size", where="llm_config.")),
-        hidden_size=hidden,
-        intermediate_size=int(get(llm, "intermediate_size", where="llm_config.")),
-        num_hidden_layers=num_layers,
-        num_prebuffer_layers=int(_scalar(prebuffer, "extra_num_layers")),
-        num_attention_heads=heads,
-        num_key_value_heads=int(get(llm, "num_key_value_heads", heads, "llm_config.")),
-        head_dim=int(get(llm, "head_dim", hidden // heads, "llm_config.")),
-        rope_theta=float(_scalar(rope_theta, "llm_config.rope_theta")),
-        rope_theta_hw=float(get(llm, "rope_theta_hw", 10_000.0, "llm_config.")),
-        rms_norm_eps=float(get(llm, "rms_norm_eps", 1e-6, "llm_config.")),
-        tie_word_embeddings=bool(_scalar(tie, "tie_word_embeddings")),
-        max_position_embeddings=int(get(llm, "max_position_embeddings", 32768, "llm_config.")),
-        vision_hidden_size=int(get(vision, "hidden_size", 1024, "vision_config.")),
-        patch_size=int(get(vision, "patch_size", 16, "vision_config.")),
-        downsample_ratio=ratio,
-        rope_theta_vision=float(get(vision, "rope_theta_vision", 10_000.0, "vision_config.")),
-        num_channels=int(get(vision, "num_channels", 3, "vision_config.")),
-        min_pixels=int(get(vision, "min_pixels", 65_536, "vision_config.")),
-        max_pixels=int(get(vision, "max_pixels", 4_194_304, "vision_config.")),
-        img_context_token_id=int(hf.get("img_context_token_id", IMG_CONTEXT_TOKEN_ID)),
-        img_start_token_id=int(hf.get("img_start_token_id", IMG_START_TOKEN_ID)),
-        img_end_token_id=int(hf.get("img_end_token_id", IMG_END_TOKEN_ID)),
-        template=str(hf.get("template", "neo1_0")),
-        eos_token_id=int(_scalar(hf.get("eos_token_id", IM_END_TOKEN_ID), "eos_token_id")),
-        pad_token_id=int(_scalar(hf.get("pad_token_id", PAD_TOKEN_ID), "pad_token_id")),
+      vocab_size=int(get(llm, "vocab_size", where="llm_config.")),
+      hidden_size=hidden,
+      intermediate_size=int(get(llm, "intermediate_size", where="llm_config.")),
+      num_hidden_layers=num_layers,
+      num_prebuffer_layers=int(_scalar(prebuffer, "extra_num_layers")),
+      num_attention_heads=heads,
+      num_key_value_heads=int(get(llm, "num_key_value_heads", heads, "llm_config.")),
+      head_dim=int(get(llm, "head_dim", hidden // heads, "llm_config.")),
+      rope_theta=float(_scalar(rope_theta, "llm_config.rope_theta")),
+      rope_theta_hw=float(get(llm, "rope_theta_hw", 10_000.0, "llm_config.")),
+      rms_norm_eps=float(get(llm, "rms_norm_eps", 1e-6, "llm_config.")),
+      tie_word_embeddings=bool(_scalar(tie, "tie_word_embeddings")),
+      max_position_embeddings=int(get(llm, "max_position_embeddings", 32768, "llm_config.")),
+      vision_hidden_size=int(get(vision, "hidden_size", 1024, "vision_config.")),
+      patch_size=int(get(vision, "patch_size", 16, "vision_config.")),
+      downsample_ratio=ratio,
+      rope_theta_vision=float(get(vision, "rope_theta_vision", 10_000.0, "vision_config.")),
+      num_channels=int(get(vision, "num_channels", 3, "vision_config.")),
+      min_pixels=int(get(vision, "min_pixels", 65_536, "vision_config.")),
+      max_pixels=int(get(vision, "max_pixels", 4_194_304, "vision_config.")),
+      img_context_token_id=int(hf.get("img_context_token_id", IMG_CONTEXT_TOKEN_ID)),
+      img_start_token_id=int(hf.get("img_start_token_id", IMG_START_TOKEN_ID)),
+      img_end_token_id=int(hf.get("img_end_token_id", IMG_END_TOKEN_ID)),
+      template=str(hf.get("template", "neo1_0")),
+      eos_token_id=int(_scalar(hf.get("eos_token_id", IM_END_TOKEN_ID), "eos_token_id")),
+      pad_token_id=int(_scalar(hf.get("pad_token_id", PAD_TOKEN_ID), "pad_token_id")),
     )
     llm_hidden = vision.get("llm_hidden_size")
-    if llm_hidden is not None and int(_scalar(llm_hidden, "vision_config.llm_hidden_size")) != hidden:
-      raise ValueError(f"config.json: vision_config.llm_hidden_size={llm_hidden} differs from "
-                       f"llm_config.hidden_size={hidden}")
+    if (
+      llm_hidden is not None and int(_scalar(llm_hidden, "vision_config.llm_hidden_size")) != hidden
+    ):
+      raise ValueError(
+        f"config.json: vision_config.llm_hidden_size={llm_hidden} differs from "
+        f"llm_config.hidden_size={hidden}"
+      )
     fields.update(compute)
     return cls(**fields)
 
   @classmethod
-  def from_hf_file(cls, path: str | os.PathLike, **compute: Any) -> "NeoConfig":
+  def from_hf_file(cls, path: str | os.PathLike, **compute: Any) -> NeoConfig:
     path = os.fspath(path)
     if os.path.isdir(path):
       path = os.path.join(path, "config.json")
@@ -295,18 +313,18 @@ def _scalar(value: Any, name: str) -> Any:
 def tiny(**overrides: Any) -> NeoConfig:
   """A NEO small enough to train on two CPU cores in minutes; same code paths as neo_2b."""
   base = NeoConfig(
-      hidden_size=128,
-      intermediate_size=384,
-      num_hidden_layers=4,
-      num_prebuffer_layers=2,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      head_dim=32,
-      vision_hidden_size=128,
-      tie_word_embeddings=True,
-      min_pixels=64 * 64,
-      max_pixels=128 * 128,
-      max_position_embeddings=4096,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_prebuffer_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    vision_hidden_size=128,
+    tie_word_embeddings=True,
+    min_pixels=64 * 64,
+    max_pixels=128 * 128,
+    max_position_embeddings=4096,
   )
   return base.replace(**overrides)
 
@@ -319,14 +337,14 @@ def neo_2b(**overrides: Any) -> NeoConfig:
 def neo_9b(**overrides: Any) -> NeoConfig:
   """NEO-9B: Qwen3-8B-Base with a 6-layer pre-Buffer (42 layers in all), untied head."""
   base = NeoConfig(
-      hidden_size=4096,
-      intermediate_size=12288,
-      num_hidden_layers=42,
-      num_prebuffer_layers=6,
-      num_attention_heads=32,
-      num_key_value_heads=8,
-      tie_word_embeddings=False,
-      max_position_embeddings=40960,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=42,
+    num_prebuffer_layers=6,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+    max_position_embeddings=40960,
   )
   return base.replace(**overrides)
 

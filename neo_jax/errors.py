@@ -20,7 +20,8 @@ import re
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 EXIT_RUN_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -44,7 +45,7 @@ def debug_enabled() -> bool:
 def one_line(message: object, limit: int = 2000) -> str:
   """`message` with its whitespace runs (newlines included) collapsed, cut at `limit`."""
   text = re.sub(r"\s+", " ", str(message)).strip()
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe_failure(error: BaseException, limit: int = 300) -> str:
@@ -54,7 +55,7 @@ def describe_failure(error: BaseException, limit: int = 300) -> str:
   return one_line(f"{type(error).__name__}: {text}" if text else type(error).__name__, limit)
 
 
-def _closed_loop_report(exc_value: Optional[BaseException]) -> bool:
+def _closed_loop_report(exc_value: BaseException | None) -> bool:
   return isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed"
 
 
@@ -104,7 +105,7 @@ def quiet_failures() -> Iterator[None]:
       log.setLevel(level)
 
 
-def read_or_reason(read: Callable[[], T]) -> tuple[Optional[T], Optional[str]]:
+def read_or_reason(read: Callable[[], T]) -> tuple[T | None, str | None]:
   """(read(), None), or (None, a one-line reason) when it raises: a damaged file under orbax
   or tensorstore. The failed read's leftovers (abandoned coroutines, their threads) are
   finalised here, silenced, instead of surfacing later as stray tracebacks."""

@@ -55,13 +55,13 @@ def _segment_cumsum(values: Array, segment_ids: Array, xp) -> Array:
 
 
 def native_rope_positions(
-    input_ids: Array,
-    segment_ids: Array,
-    visual_rc: Array,
-    branch_ids: Array | None = None,
-    *,
-    img_context_id: int,
-    img_start_id: int,
+  input_ids: Array,
+  segment_ids: Array,
+  visual_rc: Array,
+  branch_ids: Array | None = None,
+  *,
+  img_context_id: int,
+  img_start_id: int,
 ) -> Array:
   """T/H/W positions, int32 [..., 3, L].
 
@@ -78,7 +78,7 @@ def native_rope_positions(
   is_ctx = input_ids == img_context_id
   same_seg_as_prev = segment_ids == _shift_right(segment_ids, -1, xp)
   after_img = (_shift_right(input_ids, -1, xp) == img_start_id) & same_seg_as_prev
-  step = (after_img.astype(np.int32) + (~is_ctx).astype(np.int32))
+  step = after_img.astype(np.int32) + (~is_ctx).astype(np.int32)
   t = _segment_cumsum(step, segment_ids, xp)
   if branch_ids is not None:
     branch_ids = xp.asarray(branch_ids)
@@ -109,8 +109,9 @@ def image_ids(input_ids: Array, t_positions: Array, img_context_id: int) -> Arra
   image share T, and no two images of one sample (branch) do.
   """
   xp = _xp(input_ids)
-  return xp.where(xp.asarray(input_ids) == img_context_id, xp.asarray(t_positions) + 1,
-                  0).astype(np.int32)
+  return xp.where(xp.asarray(input_ids) == img_context_id, xp.asarray(t_positions) + 1, 0).astype(
+    np.int32
+  )
 
 
 def grid_rc(grid_h: int, grid_w: int) -> np.ndarray:

@@ -38,7 +38,8 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -74,9 +75,11 @@ def path(workdir: str | os.PathLike, *parts: str) -> epath.Path:
 
 
 def is_run_dir(workdir: str | os.PathLike) -> bool:
-  return (path(workdir, MODEL_CONFIG_FILE).is_file()
-          and path(workdir, TRAIN_CONFIG_FILE).is_file()
-          and path(workdir, CHECKPOINT_DIR).is_dir())
+  return (
+    path(workdir, MODEL_CONFIG_FILE).is_file()
+    and path(workdir, TRAIN_CONFIG_FILE).is_file()
+    and path(workdir, CHECKPOINT_DIR).is_dir()
+  )
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -106,8 +109,9 @@ def read_step(directory: str, step: int, item: str, read: Callable[[], T]) -> T:
   return result
 
 
-def read_newest(directory: str, steps: Iterable[int],
-                attempt: Callable[[int], T]) -> tuple[int, T, dict[int, str]]:
+def read_newest(
+  directory: str, steps: Iterable[int], attempt: Callable[[int], T]
+) -> tuple[int, T, dict[int, str]]:
   """(step, attempt(step), {damaged step: reason}) for the newest step `attempt` reads; each
   unreadable newer step is named in one warning and left in place. A UserError saying so when
   none reads."""
@@ -120,12 +124,13 @@ def read_newest(directory: str, steps: Iterable[int],
       return step, attempt(step), damaged
     except UnreadableStep as e:
       damaged[step] = e.reason
-      then = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
-              else "no earlier step")
+      then = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no earlier step"
       logger.warning("%s; %s", e, then)
   listed = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
-  raise UserError(f"{directory}: no readable checkpoint ({listed}); restore the steps from a "
-                  "copy, or move them out of the directory to start the run from the beginning")
+  raise UserError(
+    f"{directory}: no readable checkpoint ({listed}); restore the steps from a "
+    "copy, or move them out of the directory to start the run from the beginning"
+  )
 
 
 def set_aside(workdir: str, steps: Iterable[int]) -> list[str]:
@@ -147,13 +152,16 @@ def set_aside(workdir: str, steps: Iterable[int]) -> list[str]:
   return moved
 
 
-def checkpoint_manager(workdir: str, *, max_to_keep: Optional[int] = 3, async_save: bool = True,
-                       read_only: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(
+  workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The orbax manager of WORKDIR/checkpoints; `read_only` neither creates nor deletes anything
   (orbax's own read_only mode only adds warnings)."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=None if read_only else max_to_keep, create=not read_only,
-      enable_async_checkpointing=async_save and not read_only)
+    max_to_keep=None if read_only else max_to_keep,
+    create=not read_only,
+    enable_async_checkpointing=async_save and not read_only,
+  )
   return ocp.CheckpointManager(path(workdir, CHECKPOINT_DIR), options=options)
 
 
@@ -215,12 +223,15 @@ def run_model_config(workdir: str, **compute: Any) -> NeoConfig:
   try:
     recipe = json.loads(config_path.read_bytes().decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{config_path}: not valid JSON ({describe_failure(e)}); the run "
-                    "directory's recipe is damaged: restore it from a copy (its `model` section "
-                    "says what the checkpoints hold)") from None
+    raise UserError(
+      f"{config_path}: not valid JSON ({describe_failure(e)}); the run "
+      "directory's recipe is damaged: restore it from a copy (its `model` section "
+      "says what the checkpoints hold)"
+    ) from None
   if not isinstance(recipe, dict) or not isinstance(recipe.get("model", {}), dict):
-    raise UserError(f"{config_path}: expected a JSON object with a `model` section; restore "
-                    "the file from a copy")
+    raise UserError(
+      f"{config_path}: expected a JSON object with a `model` section; restore the file from a copy"
+    )
   names = {f.name for f in dataclasses.fields(NeoConfig)}
   fields = {k: v for k, v in recipe.get("model", {}).items() if k in names}
   fields.update(compute)
@@ -230,8 +241,9 @@ def run_model_config(workdir: str, **compute: Any) -> NeoConfig:
     raise UserError(f"{config_path}: bad model section ({e})") from None
 
 
-def load_run_params(workdir: str, shardings: Optional[Any] = None, step: Optional[int] = None,
-                    **compute: Any) -> tuple[dict, NeoConfig]:
+def load_run_params(
+  workdir: str, shardings: Any | None = None, step: int | None = None, **compute: Any
+) -> tuple[dict, NeoConfig]:
   """(params, NeoConfig) of the newest (or `step`) checkpoint of a training run directory.
 
   Same contract as the loaders of `neo_jax.convert.load_checkpoint`: `compute` sets NeoConfig
@@ -247,14 +259,23 @@ def load_run_params(workdir: str, shardings: Optional[Any] = None, step: Optiona
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_params(config))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract_params(config), shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract_params(config),
+    shardings,
+  )
   directory = os.fspath(path(where, CHECKPOINT_DIR))
   manager = checkpoint_manager(where, async_save=False, read_only=True)
 
   def attempt(s: int) -> dict:
-    return read_step(directory, s, "params", lambda: manager.restore(
-        s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"])
+    return read_step(
+      directory,
+      s,
+      "params",
+      lambda: manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))[
+        "params"
+      ],
+    )
 
   try:
     saved = list(manager.all_steps())

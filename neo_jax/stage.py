@@ -10,18 +10,19 @@ up and plugged in.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import ml_collections
 
 from neo_jax import objectives
 from neo_jax.evals import evaluators
-from neo_jax.trainer.loop import Trainer, TrainResult
 from neo_jax.trainer.hooks import Evaluate
+from neo_jax.trainer.loop import Trainer, TrainResult
 
 
-def build_trainer(config: ml_collections.ConfigDict, *,
-                  data_iterator: Optional[Iterator[dict]] = None) -> Trainer:
+def build_trainer(
+  config: ml_collections.ConfigDict, *, data_iterator: Iterator[dict] | None = None
+) -> Trainer:
   """Trainer(config, the config's objective) with the config's evaluators as a hook."""
   trainer = Trainer(config, objectives.from_config(config), data_iterator=data_iterator)
   try:
@@ -34,7 +35,8 @@ def build_trainer(config: ml_collections.ConfigDict, *,
   return trainer
 
 
-def train(config: ml_collections.ConfigDict, *,
-          data_iterator: Optional[Iterator[dict]] = None) -> TrainResult:
+def train(
+  config: ml_collections.ConfigDict, *, data_iterator: Iterator[dict] | None = None
+) -> TrainResult:
   """Runs the stage `config` describes (resuming its run directory if it has a checkpoint)."""
   return build_trainer(config, data_iterator=data_iterator).run()

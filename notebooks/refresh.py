@@ -31,15 +31,21 @@ def code_digest(nb: nbformat.NotebookNode) -> str:
 def refresh(path: pathlib.Path) -> float:
   """Executes `path` in a fresh kernel from its own directory and saves it with outputs."""
   nb = nbformat.read(path, as_version=4)
-  client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                          record_timing=False,
-                          resources={"metadata": {"path": str(path.parent)}})
+  client = NotebookClient(
+    nb,
+    timeout=CELL_TIMEOUT_S,
+    kernel_name="python3",
+    record_timing=False,
+    resources={"metadata": {"path": str(path.parent)}},
+  )
   start = time.perf_counter()
   client.execute()
   seconds = time.perf_counter() - start
-  nb.metadata["neo_jax"] = {"code_sha256": code_digest(nb),
-                            "refreshed": datetime.date.today().isoformat(),
-                            "seconds": round(seconds)}
+  nb.metadata["neo_jax"] = {
+    "code_sha256": code_digest(nb),
+    "refreshed": datetime.date.today().isoformat(),
+    "seconds": round(seconds),
+  }
   nbformat.validate(nb)
   nbformat.write(nb, path)
   return seconds

@@ -33,6 +33,7 @@ def neo_cache(tmp_path_factory):
 def tok(neo_cache):
   """The offline Qwen3 + NEO tokenizer, built in the session cache."""
   from neo_jax.data.tokenizer import load_tokenizer
+
   return load_tokenizer()
 
 
@@ -41,9 +42,12 @@ def compilation_cache(tmp_path_factory):
   """A module whose runs compile the same programs reuses them through jax's persistent cache
   (`pytestmark = pytest.mark.usefixtures("compilation_cache")`)."""
   from jax.experimental.compilation_cache import compilation_cache as cc
-  options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": 0}
+
+  options = {
+    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
   saved = {name: getattr(jax.config, name) for name in options}
   for name, value in options.items():
     jax.config.update(name, value)

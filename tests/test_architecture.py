@@ -9,7 +9,7 @@ import ast
 import importlib
 import pathlib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -49,8 +49,7 @@ def imported_modules(name: str, node: ast.AST) -> Iterator[str]:
     targets = [a.name for a in node.names]
   elif isinstance(node, ast.ImportFrom):
     base = _resolve(name, node)
-    targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
-               for a in node.names]
+    targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
   else:
     return
   for target in targets:
@@ -113,8 +112,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def collapse(graph: dict[str, set[str]], depth: int) -> dict[str, set[str]]:
   """The graph between packages `depth` levels below neo_jax (neo_jax.trainer at depth 1);
   modules directly in a shallower package stay nodes of their own."""
+
   def node(name):
-    prefix = ".".join(name.split(".")[:depth + 1])
+    prefix = ".".join(name.split(".")[: depth + 1])
     return prefix if prefix in PACKAGES else name
 
   out: dict[str, set[str]] = {}
@@ -146,10 +146,11 @@ def test_core_packages_do_not_reach_up():
   """The trainer core names no objective, evaluator, command or stage; the model and ops know
   nothing of training."""
   graph = import_graph()
-  rules = {"neo_jax.trainer": ("neo_jax.objectives", "neo_jax.evals", "neo_jax.cli",
-                               "neo_jax.stage"),
-           "neo_jax.model": ("neo_jax.trainer", "neo_jax.data", "neo_jax.convert"),
-           "neo_jax.ops": ("neo_jax.model", "neo_jax.trainer", "neo_jax.data")}
+  rules = {
+    "neo_jax.trainer": ("neo_jax.objectives", "neo_jax.evals", "neo_jax.cli", "neo_jax.stage"),
+    "neo_jax.model": ("neo_jax.trainer", "neo_jax.data", "neo_jax.convert"),
+    "neo_jax.ops": ("neo_jax.model", "neo_jax.trainer", "neo_jax.data"),
+  }
   for package, forbidden in rules.items():
     for name, targets in graph.items():
       if name == package or name.startswith(package + "."):
@@ -165,7 +166,7 @@ def _function_level_imports() -> Iterator[tuple[str, int, str]]:
         continue
       for node in ast.walk(func):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and list(imported_modules(name, node)):
-          around = " ".join(lines[max(0, node.lineno - 2):node.end_lineno])
+          around = " ".join(lines[max(0, node.lineno - 2) : node.end_lineno])
           if not OPTIONAL_MARK.search(around):
             yield name, node.lineno, lines[node.lineno - 1].strip()
 
@@ -179,8 +180,11 @@ def test_module_top_imports_come_before_the_code():
   for name, tree in TREES.items():
     code_started = False
     for node in tree.body:
-      is_docstring = (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-                      and isinstance(node.value.value, str))
+      is_docstring = (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+      )
       if isinstance(node, (ast.Import, ast.ImportFrom)):
         assert not (code_started and list(imported_modules(name, node))), (name, node.lineno)
       elif not is_docstring:
@@ -206,8 +210,9 @@ def test_trainer_loop_fits_one_screen():
   trainer = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
   run = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "run")
   body = run.body[1:] if isinstance(run.body[0], ast.Expr) else run.body  # past the docstring
-  lines = MODULES["neo_jax.trainer.loop"].read_text().splitlines()[
-      body[0].lineno - 1:run.end_lineno]
+  lines = (
+    MODULES["neo_jax.trainer.loop"].read_text().splitlines()[body[0].lineno - 1 : run.end_lineno]
+  )
   code = [line for line in lines if line.strip() and not line.strip().startswith("#")]
   assert len(code) <= LOOP_BODY_MAX_LINES, "\n".join(code)
 
@@ -222,10 +227,13 @@ def _package_map() -> dict[str, str]:
 
 def test_package_map_is_the_tree():
   documented = _package_map()
-  tree = {str(p.relative_to(ROOT).parent if p.name == "__init__.py"
-              else p.relative_to(ROOT)).replace("\\", "/")
-          for p in PACKAGE.rglob("*.py")
-          if p.name == "__init__.py" or p.parent == PACKAGE}
+  tree = {
+    str(p.relative_to(ROOT).parent if p.name == "__init__.py" else p.relative_to(ROOT)).replace(
+      "\\", "/"
+    )
+    for p in PACKAGE.rglob("*.py")
+    if p.name == "__init__.py" or p.parent == PACKAGE
+  }
   tree.discard("neo_jax")
   assert set(documented) == tree
   for path, job in documented.items():

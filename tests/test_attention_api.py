@@ -2,28 +2,33 @@
 the compile-time fallback of `auto`."""
 
 import dataclasses
-import warnings
-
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention_kernels import LAYOUT, make_inputs, rel_err
 
 from neo_jax.ops import attention as attn_api
 from neo_jax.ops import pallas_gpu, reference
 from neo_jax.ops.layouts import ids_from_arrays
 from neo_jax.ops.masks import AttnIds
-from test_attention_kernels import LAYOUT, make_inputs, rel_err
 
 
 def test_auto_picks_per_backend():
   assert attn_api.resolve("auto", "cpu") == "xla_flash"
   assert attn_api.resolve("auto", "tpu") == "pallas_tpu"
   assert attn_api.resolve("auto", "gpu") == "pallas_gpu"
-  assert set(attn_api.available()) >= {"xla", "xla_chunked", "xla_flash", "pallas_tpu",
-                                       "pallas_gpu", "auto"}
+  assert set(attn_api.available()) >= {
+    "xla",
+    "xla_chunked",
+    "xla_flash",
+    "pallas_tpu",
+    "pallas_gpu",
+    "auto",
+  }
   with pytest.raises(ValueError, match="not available"):
     attn_api.resolve("flash")
 
@@ -32,8 +37,9 @@ def test_auto_picks_per_backend():
 def test_entry_point_self_and_cross_attention(impl):
   q, k, v, _, ids = make_inputs(5, 2, 96, 4, 2, 32, 16, jnp.float32, **LAYOUT)
   want = reference.attention_dense(q, k, v, ids, scale=0.2)
-  got = jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2,
-                                                         q_chunk=32))(q, k, v, ids)
+  got = jax.jit(
+    lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2, q_chunk=32)
+  )(q, k, v, ids)
   assert rel_err(got, want) <= 1e-5
   # decoding: 3 new tokens at cache slots 93..95 against the whole cache (kv_ids given)
   slots = jnp.broadcast_to(jnp.arange(93, 96, dtype=jnp.int32), (2, 3))
@@ -79,6 +85,7 @@ def test_reference_precision_is_explicit(dtype, highest):
   assert len(dots) == 2
   assert all(("precision = [HIGHEST, HIGHEST]" in d) == highest for d in dots), dots
 
+
 def _fake_gpu(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(attn_api, "_CHECKED", {})
@@ -97,8 +104,9 @@ def test_auto_falls_back_when_the_kernel_does_not_compile(monkeypatch):
   assert rel_err(got, want) <= 1e-5
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="auto", scale=0.2,
-                                                    q_chunk=32))(q, k, v, ids)
+    jax.jit(
+      lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="auto", scale=0.2, q_chunk=32)
+    )(q, k, v, ids)
 
 
 def test_explicit_kernel_never_falls_back(monkeypatch):
@@ -120,8 +128,11 @@ def test_compile_check_runs_once_per_shape(monkeypatch):
   calls = []
   _fake_gpu(monkeypatch)
   spec = attn_api._IMPLS["pallas_gpu"]
-  monkeypatch.setitem(attn_api._IMPLS, "pallas_gpu", dataclasses.replace(
-      spec, check=lambda q, k, v: calls.append((q.shape, v.shape))))
+  monkeypatch.setitem(
+    attn_api._IMPLS,
+    "pallas_gpu",
+    dataclasses.replace(spec, check=lambda q, k, v: calls.append((q.shape, v.shape))),
+  )
   q, k, v = jnp.zeros((2, 8, 4, 32)), jnp.zeros((2, 8, 2, 32)), jnp.zeros((2, 8, 2, 16))
   for length in (8, 16):  # rows of another length or batch share the check
     pick = attn_api._compiling("pallas_gpu", q[:, :length], k[:, :length], v[:, :length])
@@ -130,24 +141,37 @@ def test_compile_check_runs_once_per_shape(monkeypatch):
   assert len(calls) == 2
 
 
-@pytest.mark.parametrize("platform,targets", [
+@pytest.mark.parametrize(
+  "platform,targets",
+  [
     ("tpu", {"tpu_custom_call"}),
     ("cuda", {"__gpu$xla.gpu.triton", "triton_kernel_call_ffi"}),  # jaxlib <= 0.10.2, later
     ("cpu", set()),
-])
+  ],
+)
 def test_platform_decides_what_auto_lowers(monkeypatch, platform, targets):
   # lowering for another platform from this CPU host: `auto` resolves for that platform and
   # its kernel is traced compiled (the Mosaic / Triton call, not the interpreter); the compile
   # check is never run for a platform this host does not have
   checked = []
   spec = attn_api._IMPLS["pallas_gpu"]
-  monkeypatch.setitem(attn_api._IMPLS, "pallas_gpu", dataclasses.replace(
-      spec, check=lambda q, k, v: checked.append(q.shape)))
+  monkeypatch.setitem(
+    attn_api._IMPLS,
+    "pallas_gpu",
+    dataclasses.replace(spec, check=lambda q, k, v: checked.append(q.shape)),
+  )
   q, k, v, _, ids = make_inputs(3, 1, 256, 4, 2, 64, 32, jnp.bfloat16, **LAYOUT)
-  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="auto", scale=0.2,
-                                            platform=platform).astype(jnp.float32).sum()
-  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
-      lowering_platforms=(platform,)).as_text()
+  loss = lambda q, k, v: (
+    attn_api.attention(q, k, v, ids, impl="auto", scale=0.2, platform=platform)
+    .astype(jnp.float32)
+    .sum()
+  )
+  text = (
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    .trace(q, k, v)
+    .lower(lowering_platforms=(platform,))
+    .as_text()
+  )
   calls = re.findall(r"stablehlo\.custom_call @([^(\s]+)\(", text)
   assert set(calls) <= targets and len(calls) == (3 if targets else 0)  # fwd, dq, dk/dv
   assert not checked
@@ -158,8 +182,9 @@ def test_platform_decides_what_auto_lowers(monkeypatch, platform, targets):
 def test_compile_check_in_interpret_mode_and_its_errors(monkeypatch):
   # what `auto` runs on a GPU, here interpreted: it passes inside a trace and under a mesh
   # (its own thread), and hands the kernel's error to the caller
-  q, k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, 8, 2, 16), (1, 8, 1, 16),
-                                                            (1, 8, 1, 8)))
+  q, k, v = (
+    jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1, 8, 2, 16), (1, 8, 1, 16), (1, 8, 1, 8))
+  )
   small = pallas_gpu.BlockSizes(8, 8, 8, 8)
   check = lambda: pallas_gpu.compile_check(q, k, v, block_sizes=small, interpret=True)
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))

@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as fas
+from test_attention_kernels import TOL, check_against_reference, make_inputs, rel_err
+from test_attention_sharded import mesh, reference_values, run_sharded
 
 from neo_jax.config import ATTENTION_IMPLS
 from neo_jax.ops import attention as attn_api
 from neo_jax.ops import cudnn, masks
 from neo_jax.ops.layouts import ids_from_arrays
-from test_attention_kernels import TOL, check_against_reference, make_inputs, rel_err
-from test_attention_sharded import mesh, reference_values, run_sharded
 
 
 def text_rows(lengths_per_row, length):
@@ -25,7 +25,7 @@ def text_rows(lengths_per_row, length):
     for n in runs:
       if n > 0:
         sid += 1
-        seg[r, pos:pos + n] = sid
+        seg[r, pos : pos + n] = sid
       pos += abs(n)
   return ids_from_arrays(seg, np.zeros_like(seg), np.zeros_like(seg))
 
@@ -40,15 +40,17 @@ def test_packed_layout_worked_example():
   np.testing.assert_array_equal(layout.seqlens, [[3, 2, 3, -1]])
   assert int(layout.count[0]) == 3 and bool(layout.ok[0])
   # the mask of these offsets and lengths is the rule of the ids
-  np.testing.assert_array_equal(cudnn.layout_mask(layout.offsets, layout.seqlens, 11),
-                                masks.dense_mask(ids))
+  np.testing.assert_array_equal(
+    cudnn.layout_mask(layout.offsets, layout.seqlens, 11), masks.dense_mask(ids)
+  )
 
 
 def test_layout_mask_is_the_rule_on_text_rows():
   ids = text_rows(ROWS, 120)
   layout = cudnn.packed_layout(ids, 8)
-  np.testing.assert_array_equal(cudnn.layout_mask(layout.offsets, layout.seqlens, 120),
-                                masks.dense_mask(ids))
+  np.testing.assert_array_equal(
+    cudnn.layout_mask(layout.offsets, layout.seqlens, 120), masks.dense_mask(ids)
+  )
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (2, 2)])
@@ -56,10 +58,10 @@ def test_emulated_call_matches_the_reference(hq, hkv):
   # bf16 (what cuDNN takes), query/key width 64 != value width 32, padding inside and after
   ids = text_rows(ROWS, 120)
   q, k, v, d_out, _ = make_inputs(1, 4, 120, hq, hkv, 64, 32, jnp.bfloat16)
-  fn = lambda q, k, v, ids, scale: cudnn.attention(q, k, v, ids, scale=scale, max_segments=8,
-                                                   emulate=True)
-  out, (dq, dk, dv) = check_against_reference(fn, q, k, v, d_out, ids, 0.125,
-                                              TOL[jnp.bfloat16])
+  fn = lambda q, k, v, ids, scale: cudnn.attention(
+    q, k, v, ids, scale=scale, max_segments=8, emulate=True
+  )
+  out, (dq, dk, dv) = check_against_reference(fn, q, k, v, d_out, ids, 0.125, TOL[jnp.bfloat16])
   pad = np.asarray(ids.segment_ids) == 0
   for x in (out, dq, dk, dv):
     assert (np.asarray(x, np.float32)[pad] == 0).all()
@@ -109,8 +111,9 @@ def test_cudnn_call_lowers_for_cuda(monkeypatch):
   q = jnp.zeros((4, 128, 4, 256), jnp.bfloat16)
   k = jnp.zeros((4, 128, 2, 256), jnp.bfloat16)
   v = jnp.zeros((4, 128, 2, 128), jnp.bfloat16)
-  fwd = lambda q, k, v: cudnn.attention(q, k, v, ids, scale=128**-0.5, max_segments=8,
-                                        emulate=False)
+  fwd = lambda q, k, v: cudnn.attention(
+    q, k, v, ids, scale=128**-0.5, max_segments=8, emulate=False
+  )
   bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   text = jax.jit(bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
   assert "@__cudnn$fmhaSoftmax(" in text and "@__cudnn$fmhaSoftmaxBackward(" in text

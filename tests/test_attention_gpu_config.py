@@ -6,9 +6,9 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from test_attention_kernels import neo_width_inputs
 
 from neo_jax.ops import pallas_gpu
-from test_attention_kernels import neo_width_inputs
 
 H100, A100, SM89 = 232448, 166912, 101376  # shared memory per block (opt-in), bytes
 
@@ -53,8 +53,9 @@ def test_device_smem_without_a_gpu_is_the_safe_fallback():
 def lowered_fwd_bwd(sizes, length, seed) -> str:
   """StableHLO for CUDA of the kernel's forward and backward with `sizes`, NEO's widths."""
   ids, q, k, v = neo_width_inputs(length, seed)
-  fwd = lambda q, k, v: pallas_gpu.flash_attention(q, k, v, ids, scale=128**-0.5,
-                                                   block_sizes=sizes, interpret=False)
+  fwd = lambda q, k, v: pallas_gpu.flash_attention(
+    q, k, v, ids, scale=128**-0.5, block_sizes=sizes, interpret=False
+  )
   bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   return jax.jit(bwd).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -68,10 +69,12 @@ def test_device_defaults_lower_for_cuda(smem):
 
 def test_forward_and_backward_launch_apart():
   # num_warps / num_stages reach the forward's Triton call and both backward calls separately
-  sizes = pallas_gpu.BlockSizes(64, 32, 32, 64, num_warps=4, num_stages=3, num_warps_bwd=8,
-                                num_stages_bwd=2)
-  calls = [line for line in lowered_fwd_bwd(sizes, 300, 6).splitlines()
-           if "xla.gpu.triton" in line]
-  launch = [(re.search(r"num_warps = (\d+)", c).group(1), re.search(r"num_stages = (\d+)",
-                                                                    c).group(1)) for c in calls]
+  sizes = pallas_gpu.BlockSizes(
+    64, 32, 32, 64, num_warps=4, num_stages=3, num_warps_bwd=8, num_stages_bwd=2
+  )
+  calls = [line for line in lowered_fwd_bwd(sizes, 300, 6).splitlines() if "xla.gpu.triton" in line]
+  launch = [
+    (re.search(r"num_warps = (\d+)", c).group(1), re.search(r"num_stages = (\d+)", c).group(1))
+    for c in calls
+  ]
   assert launch == [("4", "3"), ("8", "2"), ("8", "2")]

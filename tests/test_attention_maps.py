@@ -5,11 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neo_jax.config import IMG_CONTEXT_TOKEN_ID as C, IMG_END_TOKEN_ID as E
-from neo_jax.config import IMG_START_TOKEN_ID as I, tiny
+from neo_jax.config import IMG_CONTEXT_TOKEN_ID as C
+from neo_jax.config import IMG_END_TOKEN_ID as E
+from neo_jax.config import IMG_START_TOKEN_ID as I
+from neo_jax.config import tiny
 from neo_jax.model import NeoModel, init_params
-from neo_jax.model.attention_maps import (attention_call, attention_probs, layer_inputs,
-                                          probabilities)
+from neo_jax.model.attention_maps import (
+  attention_call,
+  attention_probs,
+  layer_inputs,
+  probabilities,
+)
 from neo_jax.ops.masks import AttnIds, dense_mask
 from neo_jax.positions import grid_rc, native_rope_positions
 
@@ -39,14 +45,23 @@ def _row(rng: np.random.Generator, samples: list) -> tuple:
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(0)
-  rows = [_row(rng, [[("text", 3), ("image", 2, 3), ("text", 6)],
-                     [("text", 2), ("image", 1, 2), ("text", 8)]]),
-          _row(rng, [[("text", 4), ("image", 2, 2), ("text", 2), ("branch", 1, 6),
-                      ("branch", 2, 5)]])]
+  rows = [
+    _row(
+      rng,
+      [[("text", 3), ("image", 2, 3), ("text", 6)], [("text", 2), ("image", 1, 2), ("text", 8)]],
+    ),
+    _row(rng, [[("text", 4), ("image", 2, 2), ("text", 2), ("branch", 1, 6), ("branch", 2, 5)]]),
+  ]
   ids, seg, branch, rc = (np.stack(x).astype(np.int32) for x in zip(*rows))
   positions = native_rope_positions(ids, seg, rc, branch, img_context_id=C, img_start_id=I)
-  batch = dict(input_ids=ids, positions=positions, segment_ids=seg, branch_ids=branch,
-               pixel_rc=rc, pixels=rng.integers(0, 256, (2, N_VISUAL, 4, 768), dtype=np.uint8))
+  batch = dict(
+    input_ids=ids,
+    positions=positions,
+    segment_ids=seg,
+    branch_ids=branch,
+    pixel_rc=rc,
+    pixels=rng.integers(0, 256, (2, N_VISUAL, 4, 768), dtype=np.uint8),
+  )
   config = tiny(num_hidden_layers=3, num_prebuffer_layers=1)
   params = init_params(config, jax.random.key(1))
   return config, params, batch
@@ -57,12 +72,12 @@ def test_layer_inputs_reproduce_the_model(setup):
   hidden = layer_inputs(params, config, batch)
   assert len(hidden) == config.num_hidden_layers + 1
   model = NeoModel(config)
-  walked = model.apply({"params": params}, hidden[-1],
-                       method=lambda m, x: m.logits(m.norm(x)))
+  walked = model.apply({"params": params}, hidden[-1], method=lambda m, x: m.logits(m.norm(x)))
   logits = model.apply({"params": params}, **{k: jnp.asarray(v) for k, v in batch.items()})
   real = np.asarray(batch["segment_ids"]) != 0
-  np.testing.assert_allclose(np.asarray(walked)[real], np.asarray(logits)[real],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(walked)[real], np.asarray(logits)[real], rtol=1e-4, atol=1e-4
+  )
   # each layer changes the state: a walk that skipped layers would not match above
   assert not np.allclose(hidden[0], hidden[1])
 

@@ -9,18 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
 from neo_jax.errors import UserError
 from neo_jax.ops import attention as attn_api
 from neo_jax.ops import reference
 from neo_jax.ops.layouts import ids_from_arrays, random_batch
-from test_attention_kernels import LAYOUT, make_inputs, rel_err, value_and_grads
 
 
 def mesh(data, fsdp, tensor, axis_type=AxisType.Auto):
-  return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
-                       axis_types=(axis_type,) * 3)
+  return jax.make_mesh(
+    (data, fsdp, tensor), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3
+  )
 
 
 def run_sharded(m, impl, q, k, v, d_out, ids, scale=0.2):
@@ -32,14 +34,16 @@ def run_sharded(m, impl, q, k, v, d_out, ids, scale=0.2):
     kv_spec = batch if k.shape[2] % m.shape["tensor"] == 0 else P(("data", "fsdp"))
     k, v = put(k, kv_spec), put(v, kv_spec)
     fn = lambda q, k, v, g, ids: value_and_grads(
-        lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=scale), q, k, v, g)
+      lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=scale), q, k, v, g
+    )
     jaxpr = str(jax.make_jaxpr(fn)(q, k, v, d_out, ids))
     return jax.jit(fn)(q, k, v, d_out, ids), jaxpr
 
 
 def reference_values(q, k, v, d_out, ids, scale=0.2):
-  return value_and_grads(lambda q, k, v: reference.attention_dense(q, k, v, ids, scale=scale),
-                         q, k, v, d_out)
+  return value_and_grads(
+    lambda q, k, v: reference.attention_dense(q, k, v, ids, scale=scale), q, k, v, d_out
+  )
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
@@ -75,8 +79,9 @@ def test_axes_that_do_not_divide_are_left_out():
   assert attn_api._usable_axes(m.abstract_mesh, ("tensor",), 3) == ()
   q, k, v, d_out, ids = make_inputs(12, 2, 64, 3, 1, 16, 8, jnp.float32, **LAYOUT)
   with jax.set_mesh(m):
-    out = jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu",
-                                                          scale=0.2))(q, k, v, ids)
+    out = jax.jit(
+      lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu", scale=0.2)
+    )(q, k, v, ids)
   assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
 
 
@@ -86,8 +91,9 @@ def test_mesh_axis_names_are_configurable():
   q, k, v, _, ids = make_inputs(13, 4, 64, 2, 2, 16, 8, jnp.float32, **LAYOUT)
   axes = attn_api.MeshAxes(batch=("replica",), heads=("model",))
   with jax.set_mesh(m):
-    fn = lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.2,
-                                                 mesh_axes=axes)
+    fn = lambda q, k, v, ids: attn_api.attention(
+      q, k, v, ids, impl="pallas_tpu", scale=0.2, mesh_axes=axes
+    )
     assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, ids))
     out = jax.jit(fn)(q, k, v, ids)
   assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
@@ -106,7 +112,8 @@ def test_kernel_under_explicit_axes(impl):
     ks, vs = put(k, P("fsdp")), put(v, P())
     ids_s = jax.tree.map(lambda a: put(a, P("data")), ids)
     fn = lambda q, k, v, g, ids: value_and_grads(
-        lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2), q, k, v, g)
+      lambda q, k, v: attn_api.attention(q, k, v, ids, impl=impl, scale=0.2), q, k, v, g
+    )
     assert "shard_map" in str(jax.make_jaxpr(fn)(qs, ks, vs, gs, ids_s))
     out, grads = jax.jit(fn)(qs, ks, vs, gs, ids_s)
   assert out.sharding.spec == P("data", None, "tensor", None)
@@ -122,8 +129,9 @@ def test_explicit_axes_that_split_nothing():
   m = mesh(2, 2, 2, AxisType.Explicit)
   q, k, v, _, ids = make_inputs(15, 1, 64, 3, 1, 16, 8, jnp.float32, **LAYOUT)
   with jax.set_mesh(m):
-    out = jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_tpu",
-                                                          scale=0.2))(q, k, v, ids)
+    out = jax.jit(
+      lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.2)
+    )(q, k, v, ids)
   assert rel_err(out, reference.attention_dense(q, k, v, ids, scale=0.2)) <= 1e-5
 
 
@@ -133,8 +141,9 @@ def test_explicit_sequence_sharding_is_refused():
   with jax.set_mesh(m):
     q = jax.device_put(q, NamedSharding(m, P(None, "fsdp")))
     with pytest.raises(UserError, match="sequence axis of q is sharded over mesh axis 'fsdp'"):
-      jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu",
-                                                      scale=0.2))(q, k, v, ids)
+      jax.jit(lambda q, k, v, ids: attn_api.attention(q, k, v, ids, impl="pallas_gpu", scale=0.2))(
+        q, k, v, ids
+      )
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
@@ -148,9 +157,13 @@ def test_compiled_tpu_kernel_lowers_under_a_mesh(axis_type):
   q = jax.ShapeDtypeStruct((b, length, 4, 256), jnp.bfloat16, sharding=spec)
   k = jax.ShapeDtypeStruct((b, length, 2, 256), jnp.bfloat16, sharding=spec)
   v = jax.ShapeDtypeStruct((b, length, 2, 128), jnp.bfloat16, sharding=spec)
-  loss = lambda q, k, v: attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.1,
-                                            platform="tpu").astype(jnp.float32).sum()
+  loss = lambda q, k, v: (
+    attn_api.attention(q, k, v, ids, impl="pallas_tpu", scale=0.1, platform="tpu")
+    .astype(jnp.float32)
+    .sum()
+  )
   with jax.set_mesh(m):
-    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))),
-                                 platforms=["tpu"])(q, k, v)
+    exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+      q, k, v
+    )
   assert exported.mlir_module().count("tpu_custom_call") == 3

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from test_attention_kernels import LAYOUT, TOL, check_against_reference, make_inputs
 
 from neo_jax.errors import UserError
 from neo_jax.ops import flash_common as fc
 from neo_jax.ops import masks, pallas_tpu
 from neo_jax.ops.layouts import Span, ids_from_arrays, random_batch, row_ids
-from test_attention_kernels import LAYOUT, TOL, check_against_reference, make_inputs
 
 MIB = 1 << 20
 
@@ -46,8 +46,9 @@ def test_step_table_lists_visited_pairs_in_order():
   got = decode(np.asarray(table.words)[0], 4)
   np.testing.assert_array_equal(got["outer"], [0, 0, 1, 2])
   np.testing.assert_array_equal(got["inner"], [0, 2, 2, 1])
-  np.testing.assert_array_equal(got["state"], [masks.BLOCK_FULL, masks.BLOCK_PARTIAL,
-                                               masks.BLOCK_SKIP, masks.BLOCK_PARTIAL])
+  np.testing.assert_array_equal(
+    got["state"], [masks.BLOCK_FULL, masks.BLOCK_PARTIAL, masks.BLOCK_SKIP, masks.BLOCK_PARTIAL]
+  )
   np.testing.assert_array_equal(got["first"], [True, False, True, True])
   np.testing.assert_array_equal(got["last"], [False, True, True, True])
 
@@ -59,16 +60,17 @@ def test_step_tables_of_a_random_batch_match_the_mask():
   ids = ids_from_arrays(seg, img, branch)
   plan = jax.jit(pallas_tpu.plan_for, static_argnums=(1, 2, 3))(ids, 256, 32, 16)
   any_, all_ = blocked_rule(ids, 256, 32, 16)
-  for table, any_bo, all_bo in ((plan.fwd, any_, all_),
-                                (plan.dkv, any_.swapaxes(1, 2), all_.swapaxes(1, 2))):
+  for table, any_bo, all_bo in (
+    (plan.fwd, any_, all_),
+    (plan.dkv, any_.swapaxes(1, 2), all_.swapaxes(1, 2)),
+  ):
     words, counts = np.asarray(table.words), np.asarray(table.counts)
     for b in range(3):
       got = decode(words[b], counts[b])
       real = got["state"] != masks.BLOCK_SKIP
       pairs = list(zip(got["outer"][real], got["inner"][real]))
       assert pairs == sorted(zip(*np.nonzero(any_bo[b])))
-      full = np.where(all_bo[b][got["outer"], got["inner"]], masks.BLOCK_FULL,
-                      masks.BLOCK_PARTIAL)
+      full = np.where(all_bo[b][got["outer"], got["inner"]], masks.BLOCK_FULL, masks.BLOCK_PARTIAL)
       np.testing.assert_array_equal(got["state"][real], full[real])
       empty = ~any_bo[b].any(axis=1)
       np.testing.assert_array_equal(np.sort(got["outer"][~real]), np.nonzero(empty)[0])
@@ -91,6 +93,7 @@ def grid_steps(monkeypatch):
       steps = functools.reduce(lambda a, d: a * d, grid_spec.grid, 1)
       jax.debug.callback(lambda n: seen[name].append(int(n)), steps)
       return call(*args)
+
     return run
 
   monkeypatch.setattr(pallas_tpu.pl, "pallas_call", recording)
@@ -104,8 +107,9 @@ def test_grid_steps_equal_the_visited_blocks(grid_steps):
   # independently from the dense rule
   b, length, hq, hkv, bq, bk = 2, 600, 4, 2, 128, 256
   q, k, v, d_out, ids = make_inputs(21, b, length, hq, hkv, 64, 32, jnp.float32, **LAYOUT)
-  fn = functools.partial(pallas_tpu.flash_attention, block_sizes=pallas_tpu.BlockSizes(bq, bk),
-                         tpu_shapes=True)
+  fn = functools.partial(
+    pallas_tpu.flash_attention, block_sizes=pallas_tpu.BlockSizes(bq, bk), tpu_shapes=True
+  )
   check_against_reference(fn, q, k, v, d_out, ids, 0.2, TOL[jnp.float32])
   any_, _ = blocked_rule(ids, fc.round_up(length, bk), bq, bk)
   visited = any_.sum(axis=(1, 2))
@@ -118,18 +122,25 @@ def test_grid_steps_equal_the_visited_blocks(grid_steps):
 
 
 TPU_SHAPE_CASES = {
-    # widths 96 / 48 padded to 128 lanes, blocks 256 x 128, 2 rows
-    "f32-256x128": dict(dtype=jnp.float32, shape=(2, 520, 2, 1, 96, 48), blocks=(256, 128)),
-    # NEO's widths (256 / 128: no padding) in bf16, default blocks for L = 900 (256 x 256)
-    "bf16-default": dict(dtype=jnp.bfloat16, shape=(1, 900, 2, 1, 256, 128), blocks=None),
+  # widths 96 / 48 padded to 128 lanes, blocks 256 x 128, 2 rows
+  "f32-256x128": dict(dtype=jnp.float32, shape=(2, 520, 2, 1, 96, 48), blocks=(256, 128)),
+  # NEO's widths (256 / 128: no padding) in bf16, default blocks for L = 900 (256 x 256)
+  "bf16-default": dict(dtype=jnp.bfloat16, shape=(1, 900, 2, 1, 256, 128), blocks=None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(TPU_SHAPE_CASES))
 def test_tpu_shapes_in_interpret_mode(case):
   c = TPU_SHAPE_CASES[case]
-  q, k, v, d_out, ids = make_inputs(22, *c["shape"], c["dtype"], image_len=(20, 200),
-                                    text_len=(4, 60), preference_prob=0.5, max_samples=5)
+  q, k, v, d_out, ids = make_inputs(
+    22,
+    *c["shape"],
+    c["dtype"],
+    image_len=(20, 200),
+    text_len=(4, 60),
+    preference_prob=0.5,
+    max_samples=5,
+  )
   sizes = c["blocks"] and pallas_tpu.BlockSizes(*c["blocks"])
   fn = functools.partial(pallas_tpu.flash_attention, block_sizes=sizes, tpu_shapes=True)
   check_against_reference(fn, q, k, v, d_out, ids, 128**-0.5, TOL[c["dtype"]])
@@ -139,13 +150,19 @@ def test_tpu_shapes_under_tpu_interpret_params():
   # the TPU interpreter simulates DMAs and VMEM, raises on out-of-bounds block indices and
   # fills uninitialised memory with NaN: an output block no step wrote would show. The row
   # ends in 128 tokens of padding (a q block and a kv block that see nothing)
-  samples = [[Span(10), Span(60, image=True), Span(30)], [Span(20), Span(40, branch=1),
-                                                           Span(24, branch=2)]]
+  samples = [
+    [Span(10), Span(60, image=True), Span(30)],
+    [Span(20), Span(40, branch=1), Span(24, branch=2)],
+  ]
   seg, img, branch = row_ids(samples, 312)
   ids = ids_from_arrays(seg[None], img[None], branch[None])
   q, k, v, d_out, _ = make_inputs(23, 1, 312, 2, 1, 32, 16, jnp.float32)
-  fn = functools.partial(pallas_tpu.flash_attention, block_sizes=pallas_tpu.BlockSizes(128, 128),
-                         tpu_shapes=True, interpret=pltpu.InterpretParams())
+  fn = functools.partial(
+    pallas_tpu.flash_attention,
+    block_sizes=pallas_tpu.BlockSizes(128, 128),
+    tpu_shapes=True,
+    interpret=pltpu.InterpretParams(),
+  )
   out, grads = check_against_reference(fn, q, k, v, d_out, ids, 0.25, TOL[jnp.float32])
   np.testing.assert_array_equal(np.asarray(out[:, 224:]), 0.0)
   for g in grads:
@@ -160,8 +177,9 @@ def test_default_blocks_are_lane_multiples_and_fit_smem():
     assert sizes.block_q % 128 == 0 and sizes.block_kv % 128 == 0
     assert sizes.block_q * sizes.block_kv >= previous  # larger rows, larger blocks
     previous = sizes.block_q * sizes.block_kv
-    pallas_tpu.check_table_bounds(fc.round_up(length, max(sizes.block_q, sizes.block_kv)),
-                                  sizes.block_q, sizes.block_kv)
+    pallas_tpu.check_table_bounds(
+      fc.round_up(length, max(sizes.block_q, sizes.block_kv)), sizes.block_q, sizes.block_kv
+    )
   assert pallas_tpu.default_block_sizes(100) == pallas_tpu.DEFAULT_BLOCKS[0][1]
 
 
@@ -172,16 +190,29 @@ def test_step_tables_beyond_smem_are_refused():
   shapes = [jax.ShapeDtypeStruct((1, 1 << 16, 1, 128), jnp.bfloat16)] * 3
   ids = masks.AttnIds(jnp.ones((1, 1 << 16), jnp.int32), jnp.zeros((1, 1 << 16), jnp.int32))
   with pytest.raises(UserError, match="larger blocks"):
-    jax.eval_shape(lambda q, k, v: pallas_tpu.flash_attention(
-        q, k, v, ids, scale=1.0, block_sizes=pallas_tpu.BlockSizes(128, 128), interpret=False),
-        *shapes)
+    jax.eval_shape(
+      lambda q, k, v: pallas_tpu.flash_attention(
+        q, k, v, ids, scale=1.0, block_sizes=pallas_tpu.BlockSizes(128, 128), interpret=False
+      ),
+      *shapes,
+    )
 
 
 def test_vmem_limit_follows_the_blocks():
   neo = lambda bq, bk: pallas_tpu.vmem_limit(
-      [((bq, 256), jnp.bfloat16), ((bk, 256), jnp.bfloat16), ((bk, 128), jnp.bfloat16),
-       ((bq, 4), jnp.int32), ((bq, 128), jnp.bfloat16), ((bq, 128), jnp.float32)],
-      [((bq, 128), jnp.float32)] * 3, bq, bk, capacity=128 * MIB)
+    [
+      ((bq, 256), jnp.bfloat16),
+      ((bk, 256), jnp.bfloat16),
+      ((bk, 128), jnp.bfloat16),
+      ((bq, 4), jnp.int32),
+      ((bq, 128), jnp.bfloat16),
+      ((bq, 128), jnp.float32),
+    ],
+    [((bq, 128), jnp.float32)] * 3,
+    bq,
+    bk,
+    capacity=128 * MIB,
+  )
   assert neo(128, 128) == pallas_tpu.VMEM_LIMIT_FLOOR  # small blocks: the default limit
   assert neo(1024, 1024) > neo(512, 1024) > pallas_tpu.VMEM_LIMIT_FLOOR
   assert neo(1024, 1024) % MIB == 0
@@ -192,14 +223,16 @@ def test_vmem_limit_follows_the_blocks():
 
 
 def _tpu_module(b, length, sizes):
-  seg, img, branch = random_batch(np.random.default_rng(4), b, length, image_len=(100, 400),
-                                  text_len=(10, 100))
+  seg, img, branch = random_batch(
+    np.random.default_rng(4), b, length, image_len=(100, 400), text_len=(10, 100)
+  )
   ids = ids_from_arrays(seg, img, branch)
   q = jax.ShapeDtypeStruct((b, length, 4, 256), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((b, length, 2, 256), jnp.bfloat16)
   v = jax.ShapeDtypeStruct((b, length, 2, 128), jnp.bfloat16)
-  fwd = lambda q, k, v: pallas_tpu.flash_attention(q, k, v, ids, scale=128**-0.5,
-                                                   block_sizes=sizes, interpret=False)
+  fwd = lambda q, k, v: pallas_tpu.flash_attention(
+    q, k, v, ids, scale=128**-0.5, block_sizes=sizes, interpret=False
+  )
   bwd = jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
   jaxpr = jax.make_jaxpr(bwd)(q, k, v)
   text = jax.export.export(jax.jit(bwd), platforms=["tpu"])(q, k, v).mlir_module()
@@ -238,5 +271,6 @@ def test_large_blocks_raise_the_vmem_limit_in_the_tpu_module():
   _, text = _tpu_module(1, 2048, pallas_tpu.BlockSizes(1024, 1024))
   limits = [int(x) for x in re.findall(r"\\22size\\22: (\d+)", text)]
   assert len(limits) == 3
-  assert all(pallas_tpu.VMEM_LIMIT_FLOOR < x <= pallas_tpu.VMEM_CAPACITY_UNKNOWN
-             for x in limits), limits
+  assert all(pallas_tpu.VMEM_LIMIT_FLOOR < x <= pallas_tpu.VMEM_CAPACITY_UNKNOWN for x in limits), (
+    limits
+  )

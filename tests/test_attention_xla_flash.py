@@ -5,10 +5,10 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention_kernels import LAYOUT, TOL, check_against_reference, make_inputs
 
 from neo_jax.ops import xla_flash
-from neo_jax.ops.layouts import ids_from_arrays, row_ids, Span
-from test_attention_kernels import LAYOUT, TOL, check_against_reference, make_inputs
+from neo_jax.ops.layouts import Span, ids_from_arrays, row_ids
 
 
 @pytest.mark.parametrize("block", [8, 32, 64])
@@ -28,8 +28,7 @@ def test_bfloat16_neo_widths_unaligned_length():
 
 def test_image_straddling_blocks_and_empty_row():
   """An image that crosses block edges sees itself both ways; an all-padding row gives 0."""
-  rows = [row_ids([[Span(5), Span(40, image=True), Span(20)]], 96),
-          row_ids([], 96)]
+  rows = [row_ids([[Span(5), Span(40, image=True), Span(20)]], 96), row_ids([], 96)]
   ids = ids_from_arrays(*(np.stack(x) for x in zip(*rows)))
   q, k, v, d_out, _ = make_inputs(2, 2, 96, 2, 1, 16, 8, jnp.float32)
   fn = functools.partial(xla_flash.flash_attention, block=16)

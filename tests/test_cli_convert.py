@@ -6,19 +6,30 @@ import os
 
 import pytest
 import torch
+import torch_neo_reference as ref
 from safetensors.torch import load_file, save_file
 
-import torch_neo_reference as ref
 from neo_jax import cli
-from neo_jax.config import tiny
 from neo_jax.cli import convert as convert_cli
+from neo_jax.config import tiny
 
 FLAGS = {
-    "hf-to-jax": ["--src", "--out", "--dtype", "--overwrite", "--progress"],
-    "jax-to-hf": ["--src", "--out", "--dtype", "--max-shard-size", "--overwrite", "--progress"],
-    "qwen3-to-neo": ["--src", "--out", "--prebuffer-layers", "--format", "--seed",
-                     "--vision-hidden-size", "--rope-theta-vision", "--rope-theta-hw", "--dtype",
-                     "--max-shard-size", "--overwrite", "--progress"],
+  "hf-to-jax": ["--src", "--out", "--dtype", "--overwrite", "--progress"],
+  "jax-to-hf": ["--src", "--out", "--dtype", "--max-shard-size", "--overwrite", "--progress"],
+  "qwen3-to-neo": [
+    "--src",
+    "--out",
+    "--prebuffer-layers",
+    "--format",
+    "--seed",
+    "--vision-hidden-size",
+    "--rope-theta-vision",
+    "--rope-theta-hw",
+    "--dtype",
+    "--max-shard-size",
+    "--overwrite",
+    "--progress",
+  ],
 }
 
 
@@ -60,10 +71,29 @@ def hf_dir(tmp_path):
 
 def test_hf_to_jax_to_hf_with_shards_and_dtype(hf_dir, tmp_path, capsys):
   src, sd = hf_dir
-  assert cli.main(["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "jax"),
-                   "--no-progress"]) == 0
-  assert cli.main(["convert", "jax-to-hf", "--src", str(tmp_path / "jax"), "--out",
-                   str(tmp_path / "out"), "--dtype", "bfloat16", "--max-shard-size", "0.1MB"]) == 0
+  assert (
+    cli.main(
+      ["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "jax"), "--no-progress"]
+    )
+    == 0
+  )
+  assert (
+    cli.main(
+      [
+        "convert",
+        "jax-to-hf",
+        "--src",
+        str(tmp_path / "jax"),
+        "--out",
+        str(tmp_path / "out"),
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "0.1MB",
+      ]
+    )
+    == 0
+  )
   out = tmp_path / "out"
   index = json.loads((out / "model.safetensors.index.json").read_text())
   tensors = {}
@@ -84,12 +114,38 @@ def test_flag_and_file_errors_are_one_line(hf_dir, tmp_path, capsys):
   assert cli.main(["convert", "hf-to-jax", "--src", str(src), "--out", str(tmp_path / "j")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "pass --overwrite" in err
-  assert cli.main(["convert", "jax-to-hf", "--src", str(tmp_path / "j"), "--out",
-                   str(tmp_path / "h"), "--max-shard-size", "lots"]) == 2
+  assert (
+    cli.main(
+      [
+        "convert",
+        "jax-to-hf",
+        "--src",
+        str(tmp_path / "j"),
+        "--out",
+        str(tmp_path / "h"),
+        "--max-shard-size",
+        "lots",
+      ]
+    )
+    == 2
+  )
   assert "--max-shard-size: cannot read 'lots'" in capsys.readouterr().err
   assert cli.main(["convert", "jax-to-hf", "--src", str(src), "--out", str(tmp_path / "h")]) == 2
   assert "not a neo-jax parameter directory" in capsys.readouterr().err
-  assert cli.main(["convert", "qwen3-to-neo", "--src", str(src), "--out", str(tmp_path / "q"),
-                   "--prebuffer-layers", "1"]) == 2
+  assert (
+    cli.main(
+      [
+        "convert",
+        "qwen3-to-neo",
+        "--src",
+        str(src),
+        "--out",
+        str(tmp_path / "q"),
+        "--prebuffer-layers",
+        "1",
+      ]
+    )
+    == 2
+  )
   assert "model_type is 'neo_chat', expected 'qwen3'" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "h")

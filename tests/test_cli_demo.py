@@ -30,6 +30,7 @@ def quick_demo(tmp_path_factory, neo_cache):
 
 def cli_args(argv):
   import argparse
+
   parser = argparse.ArgumentParser()
   demo.add_arguments(parser)
   return parser.parse_args(argv)
@@ -38,6 +39,7 @@ def cli_args(argv):
 def demo_run(args, lines):
   """demo.run with its printed lines captured."""
   import builtins
+
   real_print = builtins.print
 
   def capture(*parts, **kwargs):
@@ -65,8 +67,9 @@ def test_every_stage_trains_from_the_stage_it_names(quick_demo):
     assert demo.finished_step(run_dir) == demo.QUICK_STEPS
     with open(os.path.join(run_dir, "tokenizer_config.json")) as f:  # loads on its own
       assert "<IMG_CONTEXT>" in f.read()
-    assert glob.glob(os.path.join(run_dir, "tensorboard", "**", "events.out.tfevents.*"),
-                     recursive=True), f"no TensorBoard events in {run_dir}"
+    assert glob.glob(
+      os.path.join(run_dir, "tensorboard", "**", "events.out.tfevents.*"), recursive=True
+    ), f"no TensorBoard events in {run_dir}"
     with open(os.path.join(run_dir, "train_config.json")) as f:
       train_config = json.load(f)
     expected = os.path.join(workdir, STARTS[name]) if STARTS[name] else ""
@@ -122,8 +125,10 @@ def test_loss_plot_is_a_png(quick_demo):
 def test_accuracy_is_logged_at_the_stage_step(quick_demo):
   workdir, _ = quick_demo
   from neo_jax.trainer.metrics import read_jsonl
-  records = [r for r in read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl"))
-             if "vqa/accuracy" in r]
+
+  records = [
+    r for r in read_jsonl(os.path.join(workdir, "sft", "metrics.jsonl")) if "vqa/accuracy" in r
+  ]
   assert [r["step"] for r in records] == [demo.QUICK_STEPS]
   assert records[0]["vqa/examples"] == demo.QUICK_QUESTIONS
 
@@ -152,13 +157,16 @@ def test_plan_starts_each_stage_from_its_own_and_drops_a_missing_preference_conf
   said = []
   stages = demo.plan("wd", str(configs), skip_preference=False, say=said.append)
   assert [(s.name, s.workdir, s.init_from) for s in stages] == [
-      ("pretrain", os.path.join("wd", "pretrain"), None),
-      ("sft", os.path.join("wd", "sft"), os.path.join("wd", "pretrain"))]
+    ("pretrain", os.path.join("wd", "pretrain"), None),
+    ("sft", os.path.join("wd", "sft"), os.path.join("wd", "pretrain")),
+  ]
   assert "stage dpo" in said[0] and "does not exist" in said[0]
   (configs / "preference.py").write_text("")
   stages = demo.plan("wd", str(configs), skip_preference=False, say=said.append)
   assert [(s.name, s.init_from) for s in stages[2:]] == [
-      ("dpo", os.path.join("wd", "sft")), ("acpo", os.path.join("wd", "sft"))]
+    ("dpo", os.path.join("wd", "sft")),
+    ("acpo", os.path.join("wd", "sft")),
+  ]
   (configs / "sft.py").unlink()
   with pytest.raises(FileNotFoundError, match="sft.py"):
     demo.plan("wd", str(configs), skip_preference=False, say=said.append)

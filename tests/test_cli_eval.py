@@ -5,6 +5,7 @@ import json
 
 import pytest
 from PIL import Image
+from test_inference_support import image, random_model, tokenizer
 
 from neo_jax import cli
 from neo_jax.convert import save_params
@@ -12,7 +13,6 @@ from neo_jax.data.pipeline import read_vqa_eval
 from neo_jax.evals.evaluate import metrics_of
 from neo_jax.inference.generation import vqa_answer_fn
 from neo_jax.inference.loading import load_for_inference
-from test_inference_support import image, random_model, tokenizer
 
 BATCH = "2"
 MAX_NEW = "4"
@@ -22,8 +22,7 @@ MAX_NEW = "4"
 def ckpt(tmp_path_factory):
   params, config = random_model()
   root = tmp_path_factory.mktemp("eval")
-  return save_params(str(root / "model"), params, config,
-                     tokenizer_dir=str(tokenizer().directory))
+  return save_params(str(root / "model"), params, config, tokenizer_dir=str(tokenizer().directory))
 
 
 @pytest.fixture()
@@ -34,21 +33,22 @@ def data(tmp_path):
   Image.fromarray(image(96, 64, 2)).save(images / "b.png")
   (images / "broken.png").write_bytes(b"not a png")
   vqa = [
-      {"image": "a.png", "question": "What color is the shape?", "answer": "red"},
-      "{oops",
-      {"image": "b.png", "question": "How many shapes?", "answer": ["1", "one"]},
-      {"image": "missing.png", "question": "What shape?", "answer": "circle"},
-      {"image": "broken.png", "question": "What shape?", "answer": "circle"},
-      {"image": "a.png", "question": "What shape is it?", "answer": "square"},
+    {"image": "a.png", "question": "What color is the shape?", "answer": "red"},
+    "{oops",
+    {"image": "b.png", "question": "How many shapes?", "answer": ["1", "one"]},
+    {"image": "missing.png", "question": "What shape?", "answer": "circle"},
+    {"image": "broken.png", "question": "What shape?", "answer": "circle"},
+    {"image": "a.png", "question": "What shape is it?", "answer": "square"},
   ]
   pope = [
-      {"image": "images/a.png", "text": "Is there a circle in the image?", "label": "yes"},
-      {"image": "images/b.png", "text": "Is there a dog in the image?", "label": "no"},
-      {"image": "images/b.png", "text": "Is there a cat in the image?", "label": "unsure"},
+    {"image": "images/a.png", "text": "Is there a circle in the image?", "label": "yes"},
+    {"image": "images/b.png", "text": "Is there a dog in the image?", "label": "no"},
+    {"image": "images/b.png", "text": "Is there a cat in the image?", "label": "unsure"},
   ]
   for name, lines in (("vqa.jsonl", vqa), ("pope.jsonl", pope)):
     (tmp_path / name).write_text(
-        "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+      "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n"
+    )
   return tmp_path
 
 
@@ -66,9 +66,22 @@ def read_jsonl(path):
 def test_vqa_end_to_end(ckpt, data, capsys):
   out = str(data / "preds.jsonl")
   rc, stdout, stderr = run_eval(
-      capsys, "--checkpoint", ckpt, "--task", "vqa", "--data", str(data / "vqa.jsonl"),
-      "--image-root", str(data / "images"), "--batch-size", BATCH, "--max-new-tokens", MAX_NEW,
-      "--out", out)
+    capsys,
+    "--checkpoint",
+    ckpt,
+    "--task",
+    "vqa",
+    "--data",
+    str(data / "vqa.jsonl"),
+    "--image-root",
+    str(data / "images"),
+    "--batch-size",
+    BATCH,
+    "--max-new-tokens",
+    MAX_NEW,
+    "--out",
+    out,
+  )
   assert rc == 0, stderr
   records = read_jsonl(out)
   assert [r["index"] for r in records] == [1, 3, 6]
@@ -85,8 +98,20 @@ def test_vqa_end_to_end(ckpt, data, capsys):
 def test_pope_end_to_end_and_strict(ckpt, data, capsys):
   out = str(data / "pope_preds.jsonl")
   metrics_path = str(data / "m.json")
-  args = ["--checkpoint", ckpt, "--task", "pope", "--data", str(data / "pope.jsonl"),
-          "--batch-size", BATCH, "--max-new-tokens", MAX_NEW, "--out", out]
+  args = [
+    "--checkpoint",
+    ckpt,
+    "--task",
+    "pope",
+    "--data",
+    str(data / "pope.jsonl"),
+    "--batch-size",
+    BATCH,
+    "--max-new-tokens",
+    MAX_NEW,
+    "--out",
+    out,
+  ]
   rc, stdout, stderr = run_eval(capsys, *args, "--metrics", metrics_path)
   assert rc == 0, stderr
   records = read_jsonl(out)
@@ -104,14 +129,29 @@ def test_pope_end_to_end_and_strict(ckpt, data, capsys):
 
 def test_training_hook_answers_equal_the_eval_predictions(ckpt, tmp_path, capsys):
   out = str(tmp_path / "easy.jsonl")
-  rc, _, stderr = run_eval(capsys, "--checkpoint", ckpt, "--task", "vqa", "--data",
-                           "easy-vqa:test", "--limit", "3", "--batch-size", BATCH,
-                           "--max-new-tokens", MAX_NEW, "--out", out)
+  rc, _, stderr = run_eval(
+    capsys,
+    "--checkpoint",
+    ckpt,
+    "--task",
+    "vqa",
+    "--data",
+    "easy-vqa:test",
+    "--limit",
+    "3",
+    "--batch-size",
+    BATCH,
+    "--max-new-tokens",
+    MAX_NEW,
+    "--out",
+    out,
+  )
   assert rc == 0, stderr
   records = read_jsonl(out)
   model = load_for_inference(ckpt)
-  answer = vqa_answer_fn(model.config, model.tokenizer, max_new_tokens=int(MAX_NEW),
-                         batch_size=int(BATCH))
+  answer = vqa_answer_fn(
+    model.config, model.tokenizer, max_new_tokens=int(MAX_NEW), batch_size=int(BATCH)
+  )
   examples = read_vqa_eval("test", limit=3)
   assert [r["question"] for r in records] == [e.question for e in examples]
   assert answer(model.params, examples) == [r["prediction"] for r in records]

@@ -6,13 +6,13 @@ import os
 import jax
 import pytest
 from PIL import Image
+from test_inference_support import image, random_model, tokenizer
 
 from neo_jax import cli
 from neo_jax.convert import save_params, write_hf_neo
 from neo_jax.data.inputs import prepare_generation_inputs
 from neo_jax.inference.generation import decode_text, generate
 from neo_jax.inference.loading import load_for_inference
-from test_inference_support import image, random_model, tokenizer
 
 PROMPT = "What shape is in the picture?"
 
@@ -67,35 +67,59 @@ def test_missing_tokenizer_falls_back_to_the_builtin_one_with_a_warning(dirs, ca
 
 
 def test_sampling_flags_and_several_images(dirs, capsys):
-  base = ["--checkpoint", dirs["jax"], "--prompt", PROMPT, "--max-new-tokens", "3",
-          "--image", dirs["image"], "--image", dirs["image2"]]
+  base = [
+    "--checkpoint",
+    dirs["jax"],
+    "--prompt",
+    PROMPT,
+    "--max-new-tokens",
+    "3",
+    "--image",
+    dirs["image"],
+    "--image",
+    dirs["image2"],
+  ]
   greedy, _ = run_json(capsys, *base, "--greedy")
   top1, _ = run_json(capsys, *base, "--temperature", "0.9", "--top-k", "1", "--seed", "7")
   assert top1 == greedy
   model = load_for_inference(dirs["jax"])
-  prompt = prepare_generation_inputs(model.tokenizer, model.config, PROMPT,
-                                     [dirs["image"], dirs["image2"]])
+  prompt = prepare_generation_inputs(
+    model.tokenizer, model.config, PROMPT, [dirs["image"], dirs["image2"]]
+  )
   text = model.tokenizer.decode(prompt["input_ids"][0])
   assert "Image-1: <img>" in text and "Image-2: <img>" in text
-  assert greedy["token_ids"] == generate(model.params, model.config, [prompt], 3,
-                                         rng=jax.random.key(0)).token_lists()[0]
+  assert (
+    greedy["token_ids"]
+    == generate(model.params, model.config, [prompt], 3, rng=jax.random.key(0)).token_lists()[0]
+  )
 
 
 def test_plain_output_is_the_text(dirs, capsys):
-  args = ["--checkpoint", dirs["jax"], "--image", dirs["image"], "--prompt", PROMPT,
-          "--max-new-tokens", "5"]
+  args = [
+    "--checkpoint",
+    dirs["jax"],
+    "--image",
+    dirs["image"],
+    "--prompt",
+    PROMPT,
+    "--max-new-tokens",
+    "5",
+  ]
   as_json, _ = run_json(capsys, *args)
   assert cli.main(["generate", *args]) == 0
   assert capsys.readouterr().out == as_json["text"] + "\n"
 
 
-@pytest.mark.parametrize("extra, message", [
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     (["--image", "/nonexistent/cat.png"], "/nonexistent/cat.png"),
     (["--greedy", "--temperature", "0.5"], "--greedy"),
     (["--top-p", "0.5"], "--temperature"),
     (["--temperature", "1.0", "--top-p", "1.5"], "top_p"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-])
+  ],
+)
 def test_bad_flags_give_one_line_errors(dirs, capsys, extra, message):
   rc = cli.main(["generate", "--checkpoint", dirs["jax"], "--prompt", "hi", *extra])
   err = capsys.readouterr().err

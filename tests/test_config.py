@@ -9,16 +9,25 @@ import numpy as np
 import pytest
 
 from neo_jax import config as C
-from neo_jax.model import (NeoModel, abstract_params, dummy_inputs, init_params, logical_axes,
-                           param_count)
+from neo_jax.model import (
+  NeoModel,
+  abstract_params,
+  dummy_inputs,
+  init_params,
+  logical_axes,
+  param_count,
+)
 
 
-@pytest.mark.parametrize("name,tied,expected", [
+@pytest.mark.parametrize(
+  "name,tied,expected",
+  [
     ("neo_2b", True, 2_585_453_568),
     ("neo_2b", False, 2_896_618_496),
     ("neo_9b", False, 10_246_797_312),
     ("neo_9b", True, 10_246_797_312 - 622_329_856),
-])
+  ],
+)
 def test_parameter_counts_from_shapes(name, tied, expected):
   params = abstract_params(C.preset(name, tie_word_embeddings=tied))
   assert param_count(params) == expected
@@ -101,9 +110,11 @@ def test_init_is_traced_once_per_config_and_replays_the_module_init(monkeypatch)
   assert jax.tree.structure(params) == jax.tree.structure(want) == jax.tree.structure(jitted)
   jax.tree.map(np.testing.assert_array_equal, params, want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jitted, want)
-  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == \
-      jax.tree.map(lambda p: (p.shape, p.dtype), params)
-  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) \
-      == jax.tree.structure(params)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+    lambda p: (p.shape, p.dtype), params
+  )
+  assert jax.tree.structure(
+    axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  ) == jax.tree.structure(params)
   raw = jax.random.PRNGKey(3)  # a raw uint32 key is traced for itself and gives its own init
   jax.tree.map(np.testing.assert_array_equal, init_params(config, raw), direct(raw))

@@ -10,14 +10,15 @@ import re
 import pytest
 
 from neo_jax import cli
-from neo_jax.errors import UserError
 from neo_jax.config import tiny
+from neo_jax.errors import UserError
 from neo_jax.trainer import batches
 from neo_jax.trainer import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                 if not p.endswith("common.py"))
+CONFIGS = sorted(
+  p for p in glob.glob(os.path.join(REPO, "configs", "*.py")) if not p.endswith("common.py")
+)
 
 
 def _load(name, *overrides):
@@ -37,8 +38,15 @@ def _doc(path):
 
 
 # every `neo-jax train --config configs/FILE.py:ARG` command of every config's docstring
-DOC_VARIANTS = sorted({(os.path.basename(p), arg) for p in CONFIGS for arg in re.findall(
-    rf"neo-jax train --config configs/{re.escape(os.path.basename(p))}:(\S+)", _doc(p))})
+DOC_VARIANTS = sorted(
+  {
+    (os.path.basename(p), arg)
+    for p in CONFIGS
+    for arg in re.findall(
+      rf"neo-jax train --config configs/{re.escape(os.path.basename(p))}:(\S+)", _doc(p)
+    )
+  }
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -48,7 +56,8 @@ def test_config_starts_with_its_commands(path):
   assert f"neo-jax train --config configs/{name}:neo_2b" in doc
   assert "Expect" in doc
   assert {arg.split(",")[0] for file, arg in DOC_VARIANTS if file == name} >= (
-      {"neo_2b", "neo_9b"} if name == "midtrain.py" else {"neo_2b", "neo_9b", "tiny"})
+    {"neo_2b", "neo_9b"} if name == "midtrain.py" else {"neo_2b", "neo_9b", "tiny"}
+  )
 
 
 @pytest.mark.parametrize("name,arg", DOC_VARIANTS)
@@ -67,12 +76,12 @@ def test_every_variant_the_docstrings_run_loads(name, arg):
 # here from NEO's scripts (docs/reference/neo.md#scripted-hyperparameters) to check the config
 # files against
 RECIPES = {
-    "neo_2b_pretrain": (8e-4, 5, 200_000, 1000, 0.0, "cosine_with_min_lr", 0.1, 16384, 4_194_304),
-    "neo_2b_midtrain": (5e-5, 2, 50_000, 0, 0.03, "cosine_with_min_lr", 0.2, 32768, 16_777_216),
-    "neo_2b_sft": (6e-5, 1, 4_500, 0, 0.03, "cosine_with_min_lr", 0.1, 34816, 16_777_216),
-    "neo_9b_pretrain": (8e-4, 5, 200_000, 1000, 0.0, "cosine_with_min_lr", 0.1, 16384, 4_194_304),
-    "neo_9b_midtrain": (5e-5, 2, 50_000, 200, 0.0, "cosine_with_min_lr", 0.2, 18432, 16_777_216),
-    "neo_9b_sft": (6e-5, 1, 4_500, 200, 0.0, "cosine", 0.0, 18432, 16_777_216),
+  "neo_2b_pretrain": (8e-4, 5, 200_000, 1000, 0.0, "cosine_with_min_lr", 0.1, 16384, 4_194_304),
+  "neo_2b_midtrain": (5e-5, 2, 50_000, 0, 0.03, "cosine_with_min_lr", 0.2, 32768, 16_777_216),
+  "neo_2b_sft": (6e-5, 1, 4_500, 0, 0.03, "cosine_with_min_lr", 0.1, 34816, 16_777_216),
+  "neo_9b_pretrain": (8e-4, 5, 200_000, 1000, 0.0, "cosine_with_min_lr", 0.1, 16384, 4_194_304),
+  "neo_9b_midtrain": (5e-5, 2, 50_000, 200, 0.0, "cosine_with_min_lr", 0.2, 18432, 16_777_216),
+  "neo_9b_sft": (6e-5, 1, 4_500, 200, 0.0, "cosine", 0.0, 18432, 16_777_216),
 }
 
 
@@ -98,9 +107,16 @@ def test_stage_recipes_match_the_published_scripts(name):
 
 
 def test_overrides_take_the_field_type():
-  c = _load("sft.py:tiny", "--config.optimizer.lr=3e-4", "--config.total_steps", "7",
-            "--config.log.tensorboard=false", "--config.data.sources=easy_vqa/vqa,pydoc/text",
-            "--config.trainable=('vision/.*', 'pre_buffer/.*')", "--config.model.dtype=bfloat16")
+  c = _load(
+    "sft.py:tiny",
+    "--config.optimizer.lr=3e-4",
+    "--config.total_steps",
+    "7",
+    "--config.log.tensorboard=false",
+    "--config.data.sources=easy_vqa/vqa,pydoc/text",
+    "--config.trainable=('vision/.*', 'pre_buffer/.*')",
+    "--config.model.dtype=bfloat16",
+  )
   assert c.optimizer.lr == 3e-4 and c.total_steps == 7 and c.log.tensorboard is False
   assert tuple(c.data.sources) == ("easy_vqa/vqa", "pydoc/text")
   assert tuple(c.trainable) == ("vision/.*", "pre_buffer/.*")
@@ -114,7 +130,9 @@ def test_loss_positions_and_packer_budget_are_one_field():
   assert c.loss.positions_per_row == 12
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--config.optimizer.lrr=1"], "--config.optimizer.lrr: no field 'lrr' in optimizer"),
     (["--config.nope.x=1"], "--config.nope.x: no field 'nope'"),
     (["--config.optimizer.lr=fast"], "--config.optimizer.lr=fast: not a valid float"),
@@ -122,8 +140,10 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.optimizer=1"], "--config.optimizer: is a group of fields"),
     (["--config.stage=warmup"], "stage='warmup' is not one of"),
     (["--config.model.num_key_value_heads=3"], "config.model: NeoConfig: num_attention_heads"),
-    (["--config.grad_accum_steps=3", "--config.data.batch_size=4"],
-     "data.batch_size=4 is not divisible by grad_accum_steps=3"),
+    (
+      ["--config.grad_accum_steps=3", "--config.data.batch_size=4"],
+      "data.batch_size=4 is not divisible by grad_accum_steps=3",
+    ),
     (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
     (["--config.data.weights=(1,)"], "data.weights has 1 entries for 2 data.sources"),
     (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),
@@ -131,12 +151,15 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),
     (["--config.eval.every_steps=-5"], "eval.every_steps=-5 must be >= 0 (0: off)"),
     (["--config.mesh.fsdp=0"], "mesh.fsdp=0 must be >= 1, or -1"),
-    (["--config.data.batch_size=0", "--config.data.rows_per_shard=0"],
-     "data.batch_size=0 needs data.rows_per_shard > 0"),
+    (
+      ["--config.data.batch_size=0", "--config.data.rows_per_shard=0"],
+      "data.batch_size=0 needs data.rows_per_shard > 0",
+    ),
     (["--config.data.batch_size=-2"], "data.batch_size=-2 must be >= 0"),
     (["--config.max_skipped_share=1.5"], "max_skipped_share=1.5 must be within [0, 1]"),
     (["stray"], "unexpected argument 'stray'"),
-])
+  ],
+)
 def test_bad_overrides_are_one_line_errors(capsys, args, message):
   rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py:tiny"), *args])
   err = capsys.readouterr().err.strip()
@@ -147,8 +170,18 @@ def test_bad_overrides_are_one_line_errors(capsys, args, message):
 def test_missing_config_file_and_print_config(capsys, tmp_path):
   assert cli.main(["train", "--config", str(tmp_path / "none.py")]) == 2
   assert "no such file" in capsys.readouterr().err
-  assert cli.main(["train", "--config", os.path.join(REPO, "configs", "pretrain.py:tiny"),
-                   "--print-config", "--config.seed=5"]) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        "--config",
+        os.path.join(REPO, "configs", "pretrain.py:tiny"),
+        "--print-config",
+        "--config.seed=5",
+      ]
+    )
+    == 0
+  )
   printed = json.loads(capsys.readouterr().out)
   assert printed["seed"] == 5 and printed["model"]["hidden_size"] == 128
 
@@ -156,9 +189,10 @@ def test_missing_config_file_and_print_config(capsys, tmp_path):
 def test_config_file_argument_and_missing_get_config(tmp_path):
   (tmp_path / "common.py").write_text("VALUE = 3\n")
   (tmp_path / "x.py").write_text(
-      "import common\nimport ml_collections\n"
-      "def get_config(arg=None):\n"
-      "  return ml_collections.ConfigDict({'v': common.VALUE, 'arg': arg or ''})\n")
+    "import common\nimport ml_collections\n"
+    "def get_config(arg=None):\n"
+    "  return ml_collections.ConfigDict({'v': common.VALUE, 'arg': arg or ''})\n"
+  )
   c = config_lib.load_config_file(f"{tmp_path / 'x.py'}:hello")
   assert c.v == 3 and c.arg == "hello"
   (tmp_path / "y.py").write_text("X = 1\n")
@@ -166,15 +200,19 @@ def test_config_file_argument_and_missing_get_config(tmp_path):
     config_lib.load_config_file(str(tmp_path / "y.py"))
 
 
-@pytest.mark.parametrize("arg,message", [
+@pytest.mark.parametrize(
+  "arg,message",
+  [
     ("", "name the model after the file, FILE.py:MODEL"),
     (":gpt2", "MODEL one of tiny, neo_2b, neo_9b (got 'gpt2')"),
     (":tiny,lcal", "'lcal': not one of local"),
     (":tiny,local=maybe", "local is true or false"),
-])
+  ],
+)
 def test_bad_config_arguments_are_one_line_errors(capsys, arg, message):
-  rc = cli.main(["train", "--config", os.path.join(REPO, "configs", "sft.py") + arg,
-                 "--print-config"])
+  rc = cli.main(
+    ["train", "--config", os.path.join(REPO, "configs", "sft.py") + arg, "--print-config"]
+  )
   err = capsys.readouterr().err.strip()
   assert rc == 2
   assert len(err.splitlines()) == 1 and message in err, err
@@ -199,12 +237,16 @@ def test_local_variant_is_the_stage_shrunk():
   assert local.data.pipeline == "synthetic" and local.mesh.num_devices == 1
   assert local.workdir == full.workdir + "_local"
   assert (local.optimizer.lr, local.trainable, local.stage) == (
-      full.optimizer.lr, full.trainable, full.stage)
+    full.optimizer.lr,
+    full.trainable,
+    full.stage,
+  )
 
 
 def test_sharding_rules_are_part_of_the_config():
-  c = _load("sft.py:neo_2b", "--config.mesh.rules.activation_mlp=",
-            "--config.mesh.rules.embed=fsdp,tensor")
+  c = _load(
+    "sft.py:neo_2b", "--config.mesh.rules.activation_mlp=", "--config.mesh.rules.embed=fsdp,tensor"
+  )
   rules = dict(config_lib.sharding_rules(c))
   assert rules["activation_mlp"] is None and rules["embed"] == ("fsdp", "tensor")
   assert rules["activation_batch"] == ("data", "fsdp") and rules["mlp"] == "tensor"

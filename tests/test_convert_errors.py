@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch_neo_reference as ref
 from safetensors.torch import save_file
 
-import torch_neo_reference as ref
 from neo_jax import cli
 from neo_jax.config import tiny
 from neo_jax.convert import hf_checkpoint, jax_checkpoint, loading
@@ -49,22 +49,24 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
   key = "language_model.model.layers.3.self_attn.k_proj.weight"
   path = make_hf(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(64, 128)))
   assert error_of(hf_checkpoint.read_hf_neo, path) == (
-      f"{key}: checkpoint has [64, 128], model expects [128, 128]")
+    f"{key}: checkpoint has [64, 128], model expects [128, 128]"
+  )
 
 
 def test_missing_key(tmp_path):
   key = "language_model.model.layers.2.mlp.up_proj.weight"
   path = make_hf(tmp_path, lambda sd: sd.pop(key))
   assert error_of(hf_checkpoint.read_hf_neo, path) == (
-      f"checkpoint is missing {key}; model expects [384, 128]")
+    f"checkpoint is missing {key}; model expects [384, 128]"
+  )
 
 
 def test_unexpected_key(tmp_path):
   key = "language_model.model.layers.4.mlp.up_proj.weight"  # a fifth layer in a 4-layer model
   path = make_hf(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(384, 128)))
   assert error_of(hf_checkpoint.read_hf_neo, path) == (
-      f"checkpoint has unexpected tensor {key} [384, 128] (not part of a NEO model with 4 "
-      f"layers)")
+    f"checkpoint has unexpected tensor {key} [384, 128] (not part of a NEO model with 4 layers)"
+  )
 
 
 def test_truncated_file(tmp_path):
@@ -77,13 +79,17 @@ def test_truncated_file(tmp_path):
   assert "file truncated?" in message
 
 
-@pytest.mark.parametrize("content,why", [
+@pytest.mark.parametrize(
+  "content,why",
+  [
     (b"", "too short for a header"),
     (b"\xff" * 64, "does not fit"),
     ((20).to_bytes(8, "little") + b"{not json at all}!!!", "header is not JSON"),
     ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
     (len(BAD_DTYPE).to_bytes(8, "little") + BAD_DTYPE + b"\0" * 4, "bad header entry"),
-], ids=["empty", "huge-header", "bad-json", "not-object", "bad-dtype"])
+  ],
+  ids=["empty", "huge-header", "bad-json", "not-object", "bad-dtype"],
+)
 def test_corrupt_file(tmp_path, content, why):
   path = make_hf(tmp_path)
   file = os.path.join(path, "model.safetensors")
@@ -109,7 +115,8 @@ def sharded(tmp_path):
 
 def write_index(out, payload):
   (out / "model.safetensors.index.json").write_text(
-      payload if isinstance(payload, str) else json.dumps(payload))
+    payload if isinstance(payload, str) else json.dumps(payload)
+  )
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -125,15 +132,19 @@ def test_missing_shard(tmp_path):
   os.remove(out / "b.safetensors")
   count = sum(v == "b.safetensors" for v in weight_map.values())
   assert error_of(hf_checkpoint.read_hf_neo, str(out)) == (
-      f"{out}/model.safetensors.index.json: missing shard b.safetensors (listed for {count} "
-      f"tensors)")
+    f"{out}/model.safetensors.index.json: missing shard b.safetensors (listed for {count} tensors)"
+  )
 
 
-@pytest.mark.parametrize("payload,why", [
-    ("{\"weight_map\": {", "not valid JSON"),
+@pytest.mark.parametrize(
+  "payload,why",
+  [
+    ('{"weight_map": {', "not valid JSON"),
     ({"metadata": {}}, "bad index"),
     ({"weight_map": ["a.safetensors"]}, "bad index"),
-], ids=["truncated-json", "no-weight-map", "weight-map-not-object"])
+  ],
+  ids=["truncated-json", "no-weight-map", "weight-map-not-object"],
+)
 def test_bad_index_json(tmp_path, payload, why):
   out, _ = sharded(tmp_path)
   write_index(out, payload)
@@ -147,8 +158,9 @@ def test_index_points_to_wrong_shard(tmp_path):
   weight_map[key] = "b.safetensors"
   write_index(out, {"weight_map": weight_map})
   assert error_of(hf_checkpoint.read_hf_neo, str(out)) == (
-      f"{out}/model.safetensors.index.json: lists {key} in b.safetensors, but that shard does "
-      f"not hold it")
+    f"{out}/model.safetensors.index.json: lists {key} in b.safetensors, but that shard does "
+    f"not hold it"
+  )
 
 
 def test_bad_or_missing_config(tmp_path):
@@ -166,7 +178,8 @@ def test_bad_or_missing_config(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
   assert error_of(loading.load_checkpoint, str(tmp_path / "nope")) == (
-      f"{tmp_path}/nope: no such checkpoint directory")
+    f"{tmp_path}/nope: no such checkpoint directory"
+  )
   (tmp_path / "file").write_text("x")
   assert "not a file" in error_of(loading.load_checkpoint, str(tmp_path / "file"))
   message = error_of(loading.load_checkpoint, str(tmp_path))
@@ -182,13 +195,14 @@ def test_params_dir_that_disagrees_with_its_config(tmp_path):
   hf["llm_config"]["intermediate_size"] = 256
   config_path.write_text(json.dumps(hf))
   assert error_of(jax_checkpoint.load_params, str(tmp_path / "jax")).endswith(
-      "params: llm/mlp/down_proj/kernel: checkpoint has [2, 384, 128], model expects "
-      "[2, 256, 128]")
+    "params: llm/mlp/down_proj/kernel: checkpoint has [2, 384, 128], model expects [2, 256, 128]"
+  )
   hf["llm_config"]["intermediate_size"] = 384
   hf["tie_word_embeddings"] = False
   config_path.write_text(json.dumps(hf))
   assert "missing parameter lm_head/kernel [128, 512]" in error_of(
-      jax_checkpoint.load_params, str(tmp_path / "jax"))
+    jax_checkpoint.load_params, str(tmp_path / "jax")
+  )
 
 
 def test_refuses_to_overwrite(tmp_path):
@@ -196,8 +210,9 @@ def test_refuses_to_overwrite(tmp_path):
   params, config = hf_checkpoint.read_hf_neo(path)
   assert "pass --overwrite" in error_of(hf_checkpoint.write_hf_neo, path, params, config)
   jax_checkpoint.save_params(str(tmp_path / "jax"), params, config)
-  assert "pass --overwrite" in error_of(jax_checkpoint.save_params, str(tmp_path / "jax"),
-                                        params, config)
+  assert "pass --overwrite" in error_of(
+    jax_checkpoint.save_params, str(tmp_path / "jax"), params, config
+  )
   jax_checkpoint.save_params(str(tmp_path / "jax"), params, config, overwrite=True)
 
 
@@ -207,22 +222,28 @@ def test_cli_prints_one_line(tmp_path, capsys):
   code = cli.main(["convert", "hf-to-jax", "--src", path, "--out", str(tmp_path / "jax")])
   err = capsys.readouterr().err
   assert code == 2
-  assert err == (f"neo-jax convert: error: {key}: checkpoint has [64, 128], model expects "
-                 f"[128, 128]\n")
+  assert err == (
+    f"neo-jax convert: error: {key}: checkpoint has [64, 128], model expects [128, 128]\n"
+  )
 
 
 def test_bad_golden_and_inputs(tmp_path):
   np.savez(tmp_path / "g.npz", input_ids=np.zeros(3, np.int32))
-  assert "lacks ['pixel_values', 'grid_hw', 'logits']" in error_of(read_golden,
-                                                                    str(tmp_path / "g.npz"))
+  assert "lacks ['pixel_values', 'grid_hw', 'logits']" in error_of(
+    read_golden, str(tmp_path / "g.npz")
+  )
   (tmp_path / "bad.npz").write_bytes(b"nonsense")
   assert "not a readable .npz" in error_of(read_golden, str(tmp_path / "bad.npz"))
-  ids = np.array([1, CONFIG.img_start_token_id] + [CONFIG.img_context_token_id] * 4
-                 + [CONFIG.img_end_token_id])
+  ids = np.array(
+    [1, CONFIG.img_start_token_id] + [CONFIG.img_context_token_id] * 4 + [CONFIG.img_end_token_id]
+  )
   pixels = np.zeros((16, 768), np.float32)
   assert error_of(hf_inputs_to_batch, ids, pixels[:8], np.array([[4, 2]]), CONFIG) == (
-      "input_ids hold 4 <IMG_CONTEXT> tokens, the images give 2 visual tokens")
+    "input_ids hold 4 <IMG_CONTEXT> tokens, the images give 2 visual tokens"
+  )
   assert error_of(hf_inputs_to_batch, ids, pixels, np.array([[4, 2]]), CONFIG) == (
-      "grid_hw covers 8 patches, pixel_values has 16")
-  assert "positive multiple of 2" in error_of(hf_inputs_to_batch, ids, pixels[:12],
-                                              np.array([[3, 4]]), CONFIG)
+    "grid_hw covers 8 patches, pixel_values has 16"
+  )
+  assert "positive multiple of 2" in error_of(
+    hf_inputs_to_batch, ids, pixels[:12], np.array([[3, 4]]), CONFIG
+  )

@@ -29,18 +29,28 @@ HEADS, KV_HEADS, HEAD_DIM, HIDDEN, LAYERS, PREBUFFER = 4, 2, 32, 64, 2, 2
 
 def make_qwen3(path, tied, seed=0, dtype=torch.float32):
   """A random tiny Qwen3 saved with save_pretrained; weights rescaled to O(1) activations."""
-  config = Qwen3Config(vocab_size=300, hidden_size=HIDDEN, intermediate_size=128,
-                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                       num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, rope_theta=10000.0,
-                       tie_word_embeddings=tied)
+  config = Qwen3Config(
+    vocab_size=300,
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    head_dim=HEAD_DIM,
+    rope_theta=10000.0,
+    tie_word_embeddings=tied,
+  )
   torch.manual_seed(seed)
   model = Qwen3ForCausalLM(config)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.ndim == 2:
         # embeddings (the tied head) at 0.25 keep logits O(1): then fp32 rounding is ~1e-6
-        p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]) if "embed" not in name
-                else 0.25 * torch.randn_like(p))
+        p.copy_(
+          torch.randn_like(p) / math.sqrt(p.shape[1])
+          if "embed" not in name
+          else 0.25 * torch.randn_like(p)
+        )
       else:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
   model = model.to(dtype).eval()
@@ -55,8 +65,9 @@ def qwen3_logits(model, ids):
     return model(torch.tensor(ids)[None]).logits[0].float().numpy()
 
 
-@pytest.mark.parametrize("tied,prebuffer", [(True, 0), (False, PREBUFFER)],
-                         ids=["tied-E0", "untied-E2"])
+@pytest.mark.parametrize(
+  "tied,prebuffer", [(True, 0), (False, PREBUFFER)], ids=["tied-E0", "untied-E2"]
+)
 def test_neo_reproduces_qwen3_logits_on_text(tmp_path, tied, prebuffer):
   model = make_qwen3(tmp_path, tied)
   params, config = qwen3_to_neo(str(tmp_path), prebuffer, rope_theta_vision=1000.0)
@@ -90,21 +101,28 @@ def test_layer_rules_of_spec_5_4(tmp_path):
       for r, src in enumerate(rows + rows):  # head = [w1, w3, w1, w3]
         np.testing.assert_array_equal(hw[n * HEAD_DIM + r], q[n * HEAD_DIM + src])
     np.testing.assert_array_equal(attn["q_proj"]["kernel"][i], q.T)
-    np.testing.assert_array_equal(attn["q_norm"]["scale"][i],
-                                  sd[f"model.layers.{i}.self_attn.q_norm.weight"])
-    np.testing.assert_array_equal(params["llm"]["mlp"]["down_proj"]["kernel"][i],
-                                  sd[f"model.layers.{i}.mlp.down_proj.weight"].T)
-    np.testing.assert_array_equal(params["llm"]["post_attention_layernorm"]["scale"][i],
-                                  sd[f"model.layers.{i}.post_attention_layernorm.weight"])
+    np.testing.assert_array_equal(
+      attn["q_norm"]["scale"][i], sd[f"model.layers.{i}.self_attn.q_norm.weight"]
+    )
+    np.testing.assert_array_equal(
+      params["llm"]["mlp"]["down_proj"]["kernel"][i], sd[f"model.layers.{i}.mlp.down_proj.weight"].T
+    )
+    np.testing.assert_array_equal(
+      params["llm"]["post_attention_layernorm"]["scale"][i],
+      sd[f"model.layers.{i}.post_attention_layernorm.weight"],
+    )
   assert not np.any(attn["k_proj_hw"]["kernel"])
   for name in ("q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w"):
     assert np.all(attn[name]["scale"] == 1.0)
   # pre-Buffer: N(0, 0.02^2) projections, unit norms
   pre = params["pre_buffer"]
-  projections = np.concatenate([pre["self_attn"][n]["kernel"].ravel() for n in
-                                ("q_proj", "k_proj", "v_proj", "o_proj", "q_proj_hw", "k_proj_hw")]
-                               + [pre["mlp"][n]["kernel"].ravel() for n in
-                                  ("gate_proj", "up_proj", "down_proj")])
+  projections = np.concatenate(
+    [
+      pre["self_attn"][n]["kernel"].ravel()
+      for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_proj_hw", "k_proj_hw")
+    ]
+    + [pre["mlp"][n]["kernel"].ravel() for n in ("gate_proj", "up_proj", "down_proj")]
+  )
   assert abs(projections.std() - 0.02) < 0.0005 and abs(projections.mean()) < 0.0005
   assert np.all(pre["input_layernorm"]["scale"] == 1.0)
   assert np.all(pre["self_attn"]["k_norm_w"]["scale"] == 1.0)
@@ -118,8 +136,9 @@ def test_layer_rules_of_spec_5_4(tmp_path):
       values = vision[name][leaf]
       bound = 1 / math.sqrt(fan_in)
       assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound
-  np.testing.assert_array_equal(params["embed_tokens"]["embedding"],
-                                sd["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(
+    params["embed_tokens"]["embedding"], sd["model.embed_tokens.weight"]
+  )
   np.testing.assert_array_equal(params["lm_head"]["kernel"], sd["lm_head.weight"].T)
   np.testing.assert_array_equal(params["norm"]["scale"], sd["model.norm.weight"])
   # the seed decides the new tensors, and only them
@@ -183,9 +202,24 @@ def test_cli_qwen3_to_neo_both_formats(tmp_path, capsys):
   model = make_qwen3(tmp_path / "qwen3", tied=True)
   for fmt in ("hf", "jax"):
     out = tmp_path / fmt
-    code = cli.main(["convert", "qwen3-to-neo", "--src", str(tmp_path / "qwen3"), "--out",
-                     str(out), "--prebuffer-layers", str(PREBUFFER), "--format", fmt,
-                     "--vision-hidden-size", "64", "--rope-theta-vision", "500"])
+    code = cli.main(
+      [
+        "convert",
+        "qwen3-to-neo",
+        "--src",
+        str(tmp_path / "qwen3"),
+        "--out",
+        str(out),
+        "--prebuffer-layers",
+        str(PREBUFFER),
+        "--format",
+        fmt,
+        "--vision-hidden-size",
+        "64",
+        "--rope-theta-vision",
+        "500",
+      ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (out / "generation_config.json").exists()
     # NEO's tokenizer, not the Qwen3 directory's (whose tokenizer_config.json is "{}")

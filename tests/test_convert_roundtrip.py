@@ -11,18 +11,22 @@ import jax
 import numpy as np
 import pytest
 import torch
+import torch_neo_reference as ref
 from safetensors.torch import load_file, save_file
 
-import torch_neo_reference as ref
 from neo_jax.config import neo_2b, neo_9b, tiny
 from neo_jax.convert import files, hf_checkpoint, jax_checkpoint, loading, mapping
 from neo_jax.convert.safetensors_io import SafetensorsFile, TensorSpec, write_safetensors
 from neo_jax.errors import UserError
 from neo_jax.model import abstract_params
 
-CARRIED = {"tokenizer.json": '{"model": {}}', "tokenizer_config.json": "{}",
-           "generation_config.json": '{"eos_token_id": 151645}', "merges.txt": "#v\n",
-           "chat_template.jinja": "{{ messages }}"}
+CARRIED = {
+  "tokenizer.json": '{"model": {}}',
+  "tokenizer_config.json": "{}",
+  "generation_config.json": '{"eos_token_id": 151645}',
+  "merges.txt": "#v\n",
+  "chat_template.jinja": "{{ messages }}",
+}
 
 
 def small_config(**overrides):
@@ -82,12 +86,14 @@ def test_hf_to_jax_to_hf_is_bit_identical(tmp_path, dtype, tied):
   assert loaded.tie_word_embeddings == tied
   assert loaded.param_dtype == str(dtype).removeprefix("torch.")
   assert ("lm_head" in params) == (not tied)
-  jax_checkpoint.save_params(str(tmp_path / "jax"), params, loaded,
-                             tokenizer_dir=str(tmp_path / "src"))
+  jax_checkpoint.save_params(
+    str(tmp_path / "jax"), params, loaded, tokenizer_dir=str(tmp_path / "src")
+  )
   restored, config2 = jax_checkpoint.load_params(str(tmp_path / "jax"))
   assert config2 == loaded
-  hf_checkpoint.write_hf_neo(str(tmp_path / "out"), restored, config2,
-                             carry_from=str(tmp_path / "jax"))
+  hf_checkpoint.write_hf_neo(
+    str(tmp_path / "out"), restored, config2, carry_from=str(tmp_path / "jax")
+  )
   assert_bit_identical(sd, read_all_tensors(tmp_path / "out"))
   for name, text in CARRIED.items():  # carried HF -> JAX -> HF
     assert (tmp_path / "jax" / name).read_text() == text
@@ -104,33 +110,44 @@ def test_params_follow_the_documented_layouts(tmp_path):
   np_ = lambda key: sd[key].numpy()
   e = config.num_prebuffer_layers
   layer = lambda i, name: np_(f"language_model.model.layers.{i}.{name}")
-  np.testing.assert_array_equal(params["pre_buffer"]["self_attn"]["q_proj"]["kernel"][1],
-                                layer(1, "self_attn.q_proj.weight").T)
-  np.testing.assert_array_equal(params["llm"]["mlp"]["down_proj"]["kernel"][0],
-                                layer(e, "mlp.down_proj.weight").T)
-  np.testing.assert_array_equal(params["llm"]["self_attn"]["k_norm_w"]["scale"][1],
-                                layer(e + 1, "self_attn.k_norm_w.weight"))
+  np.testing.assert_array_equal(
+    params["pre_buffer"]["self_attn"]["q_proj"]["kernel"][1], layer(1, "self_attn.q_proj.weight").T
+  )
+  np.testing.assert_array_equal(
+    params["llm"]["mlp"]["down_proj"]["kernel"][0], layer(e, "mlp.down_proj.weight").T
+  )
+  np.testing.assert_array_equal(
+    params["llm"]["self_attn"]["k_norm_w"]["scale"][1], layer(e + 1, "self_attn.k_norm_w.weight")
+  )
   conv1 = np_("vision_model.embeddings.patch_embedding.weight")  # [C, 3, 16, 16]
-  np.testing.assert_array_equal(params["vision"]["patch_embedding"]["kernel"],
-                                conv1.reshape(conv1.shape[0], 768).T)
+  np.testing.assert_array_equal(
+    params["vision"]["patch_embedding"]["kernel"], conv1.reshape(conv1.shape[0], 768).T
+  )
   conv2 = np_("vision_model.embeddings.dense_embedding.weight")  # [D, C, 2, 2]
   kernel = params["vision"]["dense_embedding"]["kernel"]  # [4C, D], rows (dy, dx, c)
   c = config.vision_hidden_size
   for dy in range(2):
     for dx in range(2):
-      block = kernel[(2 * dy + dx) * c:(2 * dy + dx + 1) * c]
+      block = kernel[(2 * dy + dx) * c : (2 * dy + dx + 1) * c]
       np.testing.assert_array_equal(block, conv2[:, :, dy, dx].T)
   np.testing.assert_array_equal(params["lm_head"]["kernel"], np_("language_model.lm_head.weight").T)
 
 
 def test_table_covers_the_model_and_counts_match_the_spec():
-  for config in (small_config(), small_config(tie_word_embeddings=False),
-                 small_config(num_prebuffer_layers=0), small_config(num_prebuffer_layers=4)):
+  for config in (
+    small_config(),
+    small_config(tie_word_embeddings=False),
+    small_config(num_prebuffer_layers=0),
+    small_config(num_prebuffer_layers=4),
+  ):
     mapping.check_covers(abstract_params(config), config)
   with pytest.raises(ValueError, match=r"only in the parameters \[\('lm_head', 'kernel'\)\]"):
     mapping.check_covers(abstract_params(small_config(tie_word_embeddings=False)), small_config())
-  counts = {(name, tied): len(mapping.locations(fn(tie_word_embeddings=tied)))
-            for name, fn in (("2b", neo_2b), ("9b", neo_9b)) for tied in (True, False)}
+  counts = {
+    (name, tied): len(mapping.locations(fn(tie_word_embeddings=tied)))
+    for name, fn in (("2b", neo_2b), ("9b", neo_9b))
+    for tied in (True, False)
+  }
   assert counts == {("2b", True): 686, ("2b", False): 687, ("9b", True): 720, ("9b", False): 721}
   shapes = mapping.expected_hf_shapes(neo_2b())
   assert shapes["vision_model.embeddings.dense_embedding.weight"] == (2048, 1024, 2, 2)
@@ -152,8 +169,9 @@ def test_writes_shards_above_max_size(tmp_path):
   config = small_config()
   sd = write_hf_dir(tmp_path / "src", config, torch.bfloat16, tied=False)
   params, loaded = hf_checkpoint.read_hf_neo(str(tmp_path / "src"))
-  written = hf_checkpoint.write_hf_neo(str(tmp_path / "out"), params, loaded,
-                                       max_shard_bytes=100_000)
+  written = hf_checkpoint.write_hf_neo(
+    str(tmp_path / "out"), params, loaded, max_shard_bytes=100_000
+  )
   shards = sorted(n for n in written if n.endswith(".safetensors"))
   assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
   assert not (tmp_path / "out" / "model.safetensors").exists()
@@ -183,8 +201,13 @@ def test_dtype_override_on_read_and_write(tmp_path):
 
 def test_safetensors_writer_is_read_by_reference_library(tmp_path):
   import ml_dtypes
-  arrays = {"b": np.arange(5, dtype=ml_dtypes.bfloat16), "a": np.ones((2, 3), np.float32),
-            "i": np.arange(3, dtype=np.int64), "e": np.zeros((0, 4), np.float16)}
+
+  arrays = {
+    "b": np.arange(5, dtype=ml_dtypes.bfloat16),
+    "a": np.ones((2, 3), np.float32),
+    "i": np.arange(3, dtype=np.int64),
+    "e": np.zeros((0, 4), np.float16),
+  }
   specs = [TensorSpec(k, v.shape, v.dtype) for k, v in arrays.items()]
   write_safetensors(tmp_path / "x.safetensors", specs, arrays.__getitem__)
   theirs = load_file(tmp_path / "x.safetensors")
@@ -206,8 +229,9 @@ def test_load_checkpoint_detects_both_kinds(tmp_path):
   assert loading.detect_kind(str(tmp_path / "jax")).name == "neo-jax params"
   again, config2 = loading.load_checkpoint(str(tmp_path / "jax"), param_dtype="float32")
   assert config2.param_dtype == "float32"
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b),
-               params, again)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b), params, again
+  )
 
 
 def test_registry_takes_a_third_kind(tmp_path):
@@ -220,8 +244,9 @@ def test_registry_takes_a_third_kind(tmp_path):
     seen.update(path=path, compute=compute)
     return {}, small_config()
 
-  loading.register_kind("training run", lambda p: os.path.isdir(os.path.join(p, "checkpoints")),
-                        load, "checkpoints/")
+  loading.register_kind(
+    "training run", lambda p: os.path.isdir(os.path.join(p, "checkpoints")), load, "checkpoints/"
+  )
   try:
     loading.load_checkpoint(str(run_dir), dtype="bfloat16")
     assert seen == {"path": str(run_dir), "compute": {"dtype": "bfloat16"}}
@@ -240,15 +265,18 @@ def test_load_params_with_shardings_and_cast(tmp_path):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   spec = jax.sharding.PartitionSpec
   named = lambda leaf: jax.sharding.NamedSharding(
-      mesh, spec("data") if leaf.shape[0] % 8 == 0 else spec())
+    mesh, spec("data") if leaf.shape[0] % 8 == 0 else spec()
+  )
   shardings = jax.tree.map(named, params)
-  restored, config2 = jax_checkpoint.load_params(str(tmp_path / "jax"), shardings,
-                                                 param_dtype="float32")
+  restored, config2 = jax_checkpoint.load_params(
+    str(tmp_path / "jax"), shardings, param_dtype="float32"
+  )
   embed = restored["embed_tokens"]["embedding"]
   assert embed.dtype == np.float32 and embed.sharding == shardings["embed_tokens"]["embedding"]
   assert len(embed.sharding.device_set) == 8
-  np.testing.assert_array_equal(np.asarray(embed),
-                                params["embed_tokens"]["embedding"].astype(np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(embed), params["embed_tokens"]["embedding"].astype(np.float32)
+  )
   assert config2.param_dtype == "float32"
 
 

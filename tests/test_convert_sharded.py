@@ -10,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from test_convert_qwen3 import PREBUFFER, make_qwen3
+from test_convert_roundtrip import small_config, write_hf_dir
 
 from neo_jax.convert import hf_checkpoint, jax_checkpoint, loading
 from neo_jax.convert.qwen3 import qwen3_to_neo
 from neo_jax.convert.safetensors_io import SafetensorsFile
 from neo_jax.parallel import make_mesh
 from neo_jax.trainer.state import param_shardings
-from test_convert_qwen3 import PREBUFFER, make_qwen3
-from test_convert_roundtrip import small_config, write_hf_dir
 
 MESH_SHAPE = (2, 2, 2)  # data, fsdp, tensor: weights split two ways, replicated two ways
 
@@ -29,20 +29,23 @@ def _shardings_fn():
 
 def _assert_placed_and_equal(sharded, whole, shardings):
   flat = jax.tree_util.tree_flatten_with_path(sharded)[0]
-  for (path, leaf), expected, sharding in zip(flat, jax.tree.leaves(whole),
-                                              jax.tree.leaves(shardings)):
+  for (path, leaf), expected, sharding in zip(
+    flat, jax.tree.leaves(whole), jax.tree.leaves(shardings)
+  ):
     name = jax.tree_util.keystr(path)
     assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
     assert leaf.dtype == np.asarray(expected).dtype, name
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
 
 
-@pytest.mark.parametrize("tied,dtype,cast", [(True, torch.float32, None),
-                                             (False, torch.bfloat16, "float32")])
+@pytest.mark.parametrize(
+  "tied,dtype,cast", [(True, torch.float32, None), (False, torch.bfloat16, "float32")]
+)
 def test_hf_neo_read_by_slices_equals_the_whole_read(tmp_path, tied, dtype, cast):
   config = small_config()
-  write_hf_dir(tmp_path, config, dtype, tied=tied,
-               shard_keys=["language_model.model.embed_tokens.weight"])
+  write_hf_dir(
+    tmp_path, config, dtype, tied=tied, shard_keys=["language_model.model.embed_tokens.weight"]
+  )
   compute = {} if cast is None else {"param_dtype": cast}
   whole, config_a = hf_checkpoint.read_hf_neo(str(tmp_path), **compute)
   fn = _shardings_fn()

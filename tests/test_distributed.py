@@ -10,27 +10,40 @@ import pytest
 
 from neo_jax.errors import UserError
 from neo_jax.parallel import distributed
-from neo_jax.parallel.distributed import (DEFAULT_PORT, detect, parse_device_ids,
-                                          parse_hostlist, parse_tasks_per_node)
+from neo_jax.parallel.distributed import (
+  DEFAULT_PORT,
+  detect,
+  parse_device_ids,
+  parse_hostlist,
+  parse_tasks_per_node,
+)
 
 NO_TPU = {"tpu_vm": lambda env: False}
 # what srun exports to task 5 of `srun --nodes=2 --ntasks-per-node=4` in job 4242
 SLURM_PER_GPU = {
-    "SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-    "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu-[007-008]",
-    "SLURM_JOB_NODELIST": "gpu-[003,007-008]", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
-    "CUDA_VISIBLE_DEVICES": "0,1,2,3",
+  "SLURM_JOB_ID": "4242",
+  "SLURM_PROCID": "5",
+  "SLURM_LOCALID": "1",
+  "SLURM_STEP_NUM_TASKS": "8",
+  "SLURM_NTASKS": "8",
+  "SLURM_STEP_NODELIST": "gpu-[007-008]",
+  "SLURM_JOB_NODELIST": "gpu-[003,007-008]",
+  "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+  "CUDA_VISIBLE_DEVICES": "0,1,2,3",
 }
 
 
-@pytest.mark.parametrize("text, hosts", [
+@pytest.mark.parametrize(
+  "text, hosts",
+  [
     ("node1", ["node1"]),
     ("a,b", ["a", "b"]),
     ("node[001-003,007]", ["node001", "node002", "node003", "node007"]),
     ("gpu-a[8-10],login", ["gpu-a8", "gpu-a9", "gpu-a10", "login"]),
     ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
     ("x[09-11]-ib", ["x09-ib", "x10-ib", "x11-ib"]),
-])
+  ],
+)
 def test_hostlists_expand_in_order(text, hosts):
   assert parse_hostlist(text) == hosts
 
@@ -59,8 +72,12 @@ def test_nothing_set_is_one_process():
 
 
 def test_flags_win_over_variables_and_a_bare_host_gets_the_port():
-  env = {"NEO_JAX_COORDINATOR": "10.0.0.9:1234", "NEO_JAX_NUM_PROCESSES": "4",
-         "NEO_JAX_PROCESS_ID": "3", "NEO_JAX_LOCAL_DEVICE_IDS": "0,1"}
+  env = {
+    "NEO_JAX_COORDINATOR": "10.0.0.9:1234",
+    "NEO_JAX_NUM_PROCESSES": "4",
+    "NEO_JAX_PROCESS_ID": "3",
+    "NEO_JAX_LOCAL_DEVICE_IDS": "0,1",
+  }
   group = detect("head", None, 2, env=env, **NO_TPU)
   assert group.source == "explicit"
   assert group.coordinator_address == f"head:{DEFAULT_PORT}"
@@ -72,20 +89,25 @@ def test_flags_win_over_variables_and_a_bare_host_gets_the_port():
   text = group.describe()
   assert text.startswith("explicit: ") and "process_id=2 (--process-id)" in text
   # variables alone; the port variable applies to a host without one
-  group = detect(env={**env, "NEO_JAX_COORDINATOR": "head", "NEO_JAX_COORDINATOR_PORT": "9"},
-                 **NO_TPU)
+  group = detect(
+    env={**env, "NEO_JAX_COORDINATOR": "head", "NEO_JAX_COORDINATOR_PORT": "9"}, **NO_TPU
+  )
   assert (group.coordinator_address, group.process_id) == ("head:9", 3)
 
 
-@pytest.mark.parametrize("kwargs, env, message", [
+@pytest.mark.parametrize(
+  "kwargs, env, message",
+  [
     ({"coordinator_address": "h:1", "num_processes": 2}, {}, "missing --process-id"),
     ({"num_processes": 2, "process_id": 0}, {}, "missing --coordinator"),
     ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "not in [0, 2)"),
     ({}, {"NEO_JAX_NUM_PROCESSES": "two"}, "not an integer"),
-])
+  ],
+)
 def test_incomplete_or_inconsistent_groups_are_user_errors(kwargs, env, message):
-  with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")
-                     .replace(")", r"\)")):
+  with pytest.raises(
+    UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+  ):
     detect(**kwargs, env=env, **NO_TPU)
 
 
@@ -107,8 +129,14 @@ def test_slurm_one_process_per_gpu():
 
 
 def test_slurm_one_process_per_node_drives_all_its_gpus():
-  env = {**SLURM_PER_GPU, "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2",
-         "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}
+  env = {
+    **SLURM_PER_GPU,
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+  }
   group = detect(env=env, **NO_TPU)
   assert (group.num_processes, group.process_id) == (2, 1)
   assert group.local_device_ids is None
@@ -118,8 +146,12 @@ def test_slurm_one_process_per_node_drives_all_its_gpus():
 
 
 def test_slurm_batch_script_without_srun_is_one_process():
-  env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "16",
-         "SLURM_JOB_NODELIST": "n[1-2]"}
+  env = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "16",
+    "SLURM_JOB_NODELIST": "n[1-2]",
+  }
   group = detect(env=env, **NO_TPU)
   assert not group.multi_process and "srun" in group.note
 
@@ -139,10 +171,15 @@ def test_tpu_vm_leaves_the_group_to_jax():
 def test_initialize_keeps_one_process_without_starting_jax_distributed(monkeypatch):
   started = []
   monkeypatch.setattr(distributed, "_group", None)
-  monkeypatch.setattr(distributed.jax.distributed, "initialize",
-                      lambda **kw: started.append(kw))
-  for var in ("NEO_JAX_COORDINATOR", "NEO_JAX_NUM_PROCESSES", "NEO_JAX_PROCESS_ID",
-              "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: started.append(kw))
+  for var in (
+    "NEO_JAX_COORDINATOR",
+    "NEO_JAX_NUM_PROCESSES",
+    "NEO_JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+  ):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(distributed, "on_tpu_vm", lambda env: False)
   group = distributed.initialize(num_processes=1)
@@ -154,26 +191,34 @@ def test_initialize_passes_a_resolved_group_and_stops_jax_redetecting(monkeypatc
   started = []
   monkeypatch.setattr(distributed, "_group", None)
   monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
-  monkeypatch.setattr(distributed.jax.distributed, "initialize",
-                      lambda **kw: started.append(kw))
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: started.append(kw))
   monkeypatch.setattr(distributed, "on_tpu_vm", lambda env: False)
   for key, value in SLURM_PER_GPU.items():
     monkeypatch.setenv(key, value)
   monkeypatch.setenv("NEO_JAX_INIT_TIMEOUT", "42")
   group = distributed.initialize()
   assert group.source == "slurm"
-  assert started == [{"coordinator_address": "gpu-007:8718", "num_processes": 8,
-                      "process_id": 5, "local_device_ids": [1],
-                      "cluster_detection_method": "deactivate",
-                      "initialization_timeout": 42}]
+  assert started == [
+    {
+      "coordinator_address": "gpu-007:8718",
+      "num_processes": 8,
+      "process_id": 5,
+      "local_device_ids": [1],
+      "cluster_detection_method": "deactivate",
+      "initialization_timeout": 42,
+    }
+  ]
 
 
 def test_topology_describes_the_mesh_over_processes():
   from neo_jax.parallel import make_mesh
+
   mesh = make_mesh(2, 2, 2)
   info = distributed.topology(mesh)
   assert info["process_count"] == 1 and info["global_devices"] == 8
   assert info["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert info["processes_per_axis"] == {"data": 1, "fsdp": 1, "tensor": 1}
-  assert "1 process(es), this is 0; 8 local / 8 global cpu devices" in \
-      distributed.describe_topology(mesh)
+  assert (
+    "1 process(es), this is 0; 8 local / 8 global cpu devices"
+    in distributed.describe_topology(mesh)
+  )

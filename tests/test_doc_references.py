@@ -17,28 +17,44 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCANNED = ("neo_jax", "tests", "docs", "configs", "benchmarks", "notebooks", "launch",
-           "README.md")
+SCANNED = ("neo_jax", "tests", "docs", "configs", "benchmarks", "notebooks", "launch", "README.md")
 # top-level folders whose paths count as references (spec and seeds are not in the repository,
 # so a path under them always fails)
-TOP_LEVEL = ("neo_jax", "tests", "docs", "configs", "benchmarks", "notebooks", "launch", "spec",
-             "seeds")
-TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".sh", ".sbatch", ".txt", ".toml", ".yaml", ".yml",
-                 ".cfg"}
+TOP_LEVEL = (
+  "neo_jax",
+  "tests",
+  "docs",
+  "configs",
+  "benchmarks",
+  "notebooks",
+  "launch",
+  "spec",
+  "seeds",
+)
+TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".sh", ".sbatch", ".txt", ".toml", ".yaml", ".yml", ".cfg"}
 SKIPPED_DIRS = {"__pycache__", ".venv", "workdir", "node_modules"}
 
 _NOT_BEFORE = r"(?<![\w./:@~$\\-])"  # not inside a longer path, URL or `owner/repo:path`
 _NOT_AFTER = r"(?![\w./\\{}*<>$\[-])"  # not a glob or a template (`neo_{2b,9b}.py`, `<step>`)
-PATH_RE = re.compile(_NOT_BEFORE + r"((?:" + "|".join(TOP_LEVEL) + r")(?:/[\w.-]+)+/?)"
-                     + r"(?:#([\w-]+))?" + _NOT_AFTER)
+PATH_RE = re.compile(
+  _NOT_BEFORE
+  + r"((?:"
+  + "|".join(TOP_LEVEL)
+  + r")(?:/[\w.-]+)+/?)"
+  + r"(?:#([\w-]+))?"
+  + _NOT_AFTER
+)
 BARE_MD_RE = re.compile(_NOT_BEFORE + r"([A-Z][A-Z0-9_]*\.md)(?:#([\w-]+))?" + _NOT_AFTER)
 LINK_RE = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 # the developer notes, cited by section number or as a document of their own
-SPEC_SECTION_RE = re.compile(r"\bspec(?:'s)?\s+(?:section\s+|§\s*)?\d+(?:\.\d+)*"
-                             r"|\b[Tt]he spec(?:'s)?(?![\w/-])")
+SPEC_SECTION_RE = re.compile(
+  r"\bspec(?:'s)?\s+(?:section\s+|§\s*)?\d+(?:\.\d+)*"
+  r"|\b[Tt]he spec(?:'s)?(?![\w/-])"
+)
 # configs/X.py, configs/STAGE.py (no module of this repository is named in capitals)
 PLACEHOLDER_RE = re.compile(r"(?:^|/)(?:[A-Z](?:\.\w+)?|[A-Z][A-Z0-9_]*\.py)/?$")
 URL_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -56,6 +72,7 @@ class Reference(NamedTuple):
 
 
 # --- markdown headings -----------------------------------------------------------------------
+
 
 def slug(heading: str) -> str:
   """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
@@ -87,6 +104,7 @@ def anchors(markdown: str) -> set[str]:
 
 
 # --- scanning --------------------------------------------------------------------------------
+
 
 def scanned_files(root: pathlib.Path) -> Iterator[pathlib.Path]:
   for name in SCANNED:
@@ -128,8 +146,9 @@ def references(path: pathlib.Path, root: pathlib.Path) -> Iterator[Reference]:
     for match in BARE_MD_RE.finditer(line):
       name = match.group(1)
       beside = path.parent / name
-      yield Reference(path, number, match.group(0), beside if beside.exists() else root / name,
-                      match.group(2))
+      yield Reference(
+        path, number, match.group(0), beside if beside.exists() else root / name, match.group(2)
+      )
     for match in SPEC_SECTION_RE.finditer(line):
       yield Reference(path, number, match.group(0), None, None)
     if index + 1 < len(lines):  # "spec" at the end of a line, its number on the next
@@ -175,13 +194,16 @@ def broken_references(root: pathlib.Path = ROOT) -> list[str]:
 
 # --- the repository --------------------------------------------------------------------------
 
+
 def test_every_reference_resolves():
   broken = broken_references()
-  assert not broken, (f"{len(broken)} reference(s) to files or headings that do not exist:\n"
-                      + "\n".join(broken))
+  assert not broken, (
+    f"{len(broken)} reference(s) to files or headings that do not exist:\n" + "\n".join(broken)
+  )
 
 
 # --- the scanner itself ----------------------------------------------------------------------
+
 
 def _write(root: pathlib.Path, name: str, text: str) -> None:
   path = root / name
@@ -193,11 +215,15 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
   """Code, markdown and notebooks: what must be reported and what must not."""
   # paths are assembled from parts so that this file itself cites nothing that is missing
   docs, code = "docs", "neo_jax"
-  _write(tmp_path, f"{docs}/guide.md",
-         "# Guide\n\n## Native-RoPE\n\n## Stage recipes\n\n## Stage recipes\n\n"
-         "```\n## not a heading\n```\n\n[next](other.md) [up](#guide) [gone](#not-here)\n")
+  _write(
+    tmp_path,
+    f"{docs}/guide.md",
+    "# Guide\n\n## Native-RoPE\n\n## Stage recipes\n\n## Stage recipes\n\n"
+    "```\n## not a heading\n```\n\n[next](other.md) [up](#guide) [gone](#not-here)\n",
+  )
   _write(tmp_path, f"{code}/real.py", "")
-  body = "\n".join([
+  body = "\n".join(
+    [
       f"see {docs}/guide.md#native-rope and {docs}/guide.md#stage-recipes-1",  # fine
       f"see {docs}/giude.md",  # typo'd file
       f"see {docs}/guide.md#native-rpoe",  # typo'd heading
@@ -211,34 +237,39 @@ def test_scanner_finds_typos_missing_files_and_missing_headings(tmp_path):
       "from the " + "spec's formulas; a mesh spec, the specification",  # only the first counts
       f"ignored: owner/repo:{docs}/x.md, https://github.com/o/r/blob/main/{docs}/x.md,",
       f"ignored: {code}/*.py, configs/neo_{{2b,9b}}.py, {docs}/, {code}/X.py, configs/STAGE.py:M",
-  ])
+    ]
+  )
   _write(tmp_path, f"{code}/user.py", body)
-  notebook = {"cells": [
-      {"cell_type": "markdown", "source": [f"[ok](../{docs}/guide.md#native-rope)\n",
-                                           "[gone](missing.md)"]},
-      {"cell_type": "code", "source": f"# see {docs}/giude.md", "outputs": []}]}
+  notebook = {
+    "cells": [
+      {
+        "cell_type": "markdown",
+        "source": [f"[ok](../{docs}/guide.md#native-rope)\n", "[gone](missing.md)"],
+      },
+      {"cell_type": "code", "source": f"# see {docs}/giude.md", "outputs": []},
+    ]
+  }
   nb = "/".join(("notebooks", "demo.ipynb"))
   _write(tmp_path, nb, json.dumps(notebook))
 
   broken = broken_references(tmp_path)
   expected = [
-      f"{docs}/guide.md:13: #not-here (no heading with anchor #not-here)",
-      f"{docs}/guide.md:13: other.md (no such file)",
-      f"{code}/user.py:2: {docs}/giude.md (no such file)",
-      f"{code}/user.py:3: {docs}/guide.md#native-rpoe (no heading with anchor #native-rpoe)",
-      f"{code}/user.py:4: {docs}/guide.md#not-a-heading "
-      "(no heading with anchor #not-a-heading)",
-      f"{code}/user.py:6: {code}/missing.py (no such file)",
-      f"{code}/user.py:6: {code}/real/ (no such file)",
-      f"{code}/user.py:6: {docs}/GONE.md (no such file)",
-      f"{code}/user.py:7: DESIGN" + ".md (no such file)",
-      f"{code}/user.py:7: README" + ".md (no such file)",
-      f"{code}/user.py:8: " + "spec" + "/neo.md (no such file)",
-      f"{code}/user.py:8: " + "spec" + " 5.1 (cites a document that is not in the repository)",
-      f"{code}/user.py:9: " + "spec" + " 5.4 (cites a document that is not in the repository)",
-      f"{code}/user.py:11: the " + "spec's (cites a document that is not in the repository)",
-      f"{nb}:2: missing.md (no such file)",
-      f"{nb}:3: {docs}/giude.md (no such file)",
+    f"{docs}/guide.md:13: #not-here (no heading with anchor #not-here)",
+    f"{docs}/guide.md:13: other.md (no such file)",
+    f"{code}/user.py:2: {docs}/giude.md (no such file)",
+    f"{code}/user.py:3: {docs}/guide.md#native-rpoe (no heading with anchor #native-rpoe)",
+    f"{code}/user.py:4: {docs}/guide.md#not-a-heading (no heading with anchor #not-a-heading)",
+    f"{code}/user.py:6: {code}/missing.py (no such file)",
+    f"{code}/user.py:6: {code}/real/ (no such file)",
+    f"{code}/user.py:6: {docs}/GONE.md (no such file)",
+    f"{code}/user.py:7: DESIGN" + ".md (no such file)",
+    f"{code}/user.py:7: README" + ".md (no such file)",
+    f"{code}/user.py:8: " + "spec" + "/neo.md (no such file)",
+    f"{code}/user.py:8: " + "spec" + " 5.1 (cites a document that is not in the repository)",
+    f"{code}/user.py:9: " + "spec" + " 5.4 (cites a document that is not in the repository)",
+    f"{code}/user.py:11: the " + "spec's (cites a document that is not in the repository)",
+    f"{nb}:2: missing.md (no such file)",
+    f"{nb}:3: {docs}/giude.md (no such file)",
   ]
   assert sorted(broken) == sorted(expected)
 
@@ -247,7 +278,8 @@ def test_slugs_follow_github():
   assert slug("Native-RoPE") == "native-rope"
   assert slug("Stages: which parameters train") == "stages-which-parameters-train"
   assert slug("The batch (contract between data and model)") == (
-      "the-batch-contract-between-data-and-model")
+    "the-batch-contract-between-data-and-model"
+  )
   assert slug("HF `config.json`") == "hf-configjson"
   assert slug("See [the table](x.md) below") == "see-the-table-below"
-  assert anchors("# A\n## A\n<a id=\"custom\"></a>\n") == {"a", "a-1", "custom"}
+  assert anchors('# A\n## A\n<a id="custom"></a>\n') == {"a", "a-1", "custom"}

@@ -7,12 +7,14 @@ import pytest
 
 from neo_jax.data.image import ImageError
 from neo_jax.errors import UserError
-from neo_jax.evals.examples import EvalExample, SkipLog, read_eval_file, read_examples
 from neo_jax.evals.evaluate import evaluate
+from neo_jax.evals.examples import EvalExample, SkipLog, read_eval_file, read_examples
 from neo_jax.evals.metrics import normalize_vqa_answer, pope_metrics, vqa_correct, yes_no
 
 
-@pytest.mark.parametrize("raw, normalized", [
+@pytest.mark.parametrize(
+  "raw, normalized",
+  [
     ("Red.", "red"),
     ("  The RED circle!\n", "red circle"),
     ("two", "2"),
@@ -25,7 +27,8 @@ from neo_jax.evals.metrics import normalize_vqa_answer, pope_metrics, vqa_correc
     ("red/blue", "red blue"),
     ("an apple", "apple"),
     ("“yes”", "yes"),
-])
+  ],
+)
 def test_vqa_normalisation(raw, normalized):
   assert normalize_vqa_answer(raw) == normalized
 
@@ -48,8 +51,7 @@ def test_yes_no_reads_the_first_yes_or_no_word():
 
 def test_pope_metrics_by_hand():
   labels = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
-  answers = ["Yes, there is.", "no", "I think yes", "No.", "yes", "There is no dog", "maybe",
-             "yes"]
+  answers = ["Yes, there is.", "no", "I think yes", "No.", "yes", "There is no dog", "maybe", "yes"]
   m = pope_metrics([yes_no(a) for a in answers], labels)
   # TP = 3 (0, 2, 7), FN = 1 (1), FP = 1 (4), TN = 2 (3, 5), unanswered = 1 (6, label no)
   assert (m["tp"], m["fn"], m["fp"], m["tn"], m["unanswered"]) == (3, 1, 1, 2, 1)
@@ -82,18 +84,20 @@ class FixedAnswers:
 
 
 def examples(rows):
-  return [EvalExample(i + 1, f"/img/{i}.png", f"{i}.png", q, tuple(a)) for i, (q, a) in
-          enumerate(rows)]
+  return [
+    EvalExample(i + 1, f"/img/{i}.png", f"{i}.png", q, tuple(a)) for i, (q, a) in enumerate(rows)
+  ]
 
 
 def test_vqa_loop_with_known_answers():
-  rows = [("q1", ["red"]), ("q2", ["2"]), ("q3", ["circle"]), ("q4", ["green"]),
-          ("q5", ["3.5"])]
-  predictor = FixedAnswers({"q1": "Red.", "q2": "two", "q3": "The circle", "q4": "blue",
-                            "q5": "3,5"})
+  rows = [("q1", ["red"]), ("q2", ["2"]), ("q3", ["circle"]), ("q4", ["green"]), ("q5", ["3.5"])]
+  predictor = FixedAnswers(
+    {"q1": "Red.", "q2": "two", "q3": "The circle", "q4": "blue", "q5": "3,5"}
+  )
   seen = []
-  result = evaluate(examples(rows), predictor, "vqa", batch_size=2, progress=False,
-                    on_record=seen.append)
+  result = evaluate(
+    examples(rows), predictor, "vqa", batch_size=2, progress=False, on_record=seen.append
+  )
   assert predictor.batches == [2, 2, 1]
   assert [r["correct"] for r in result.records] == [True, True, True, False, False]
   assert result.metrics["accuracy"] == pytest.approx(3 / 5)
@@ -124,7 +128,9 @@ def test_reading_a_pope_file_skips_and_counts_bad_lines(tmp_path):
   (tmp_path / "img").mkdir()
   (tmp_path / "img" / "a.png").write_bytes(b"x")
   data = tmp_path / "pope.jsonl"
-  write_lines(data, [
+  write_lines(
+    data,
+    [
       {"question_id": 1, "image": "img/a.png", "text": "Is there a dog?", "label": "yes"},
       "{not json",
       "",
@@ -133,14 +139,22 @@ def test_reading_a_pope_file_skips_and_counts_bad_lines(tmp_path):
       {"image": "img/missing.png", "text": "Is there a car?", "label": "no"},
       ["a list"],
       {"image": "img/a.png", "question": "Is there a bus?", "answer": "No"},
-  ])
+    ],
+  )
   skips = SkipLog()
   got = read_eval_file(str(data), "pope", skips=skips)
   assert [(e.index, e.question, e.answers) for e in got] == [
-      (1, "Is there a dog?", ("yes",)), (8, "Is there a bus?", ("no",))]
+    (1, "Is there a dog?", ("yes",)),
+    (8, "Is there a bus?", ("no",)),
+  ]
   assert got[0].image == str(tmp_path / "img" / "a.png") and got[0].extra == {"question_id": 1}
-  assert dict(skips.counts) == {"bad_json": 1, "bad_label": 1, "missing_field": 1,
-                                "missing_image": 1, "not_object": 1}
+  assert dict(skips.counts) == {
+    "bad_json": 1,
+    "bad_label": 1,
+    "missing_field": 1,
+    "missing_image": 1,
+    "not_object": 1,
+  }
   assert "pope.jsonl:2" in skips.first["bad_json"]
   with pytest.raises(UserError, match=r"pope.jsonl:2: not valid JSON"):
     read_eval_file(str(data), "pope", skips=SkipLog(strict=True))
@@ -151,12 +165,15 @@ def test_reading_a_vqa_file_with_an_image_root_and_answer_lists(tmp_path):
   root.mkdir()
   (root / "1.png").write_bytes(b"x")
   data = tmp_path / "vqa.jsonl"
-  write_lines(data, [
+  write_lines(
+    data,
+    [
       {"image": "1.png", "question": "Color?", "answer": "red"},
       {"image": "1.png", "question": "Count?", "answers": ["2", "two"]},
       {"image": "1.png", "question": "Shape?", "answer": 3},
       {"image": str(root / "1.png"), "question": "Abs?", "answer": "yes"},
-  ])
+    ],
+  )
   skips = SkipLog()
   got = read_eval_file(str(data), "vqa", image_root=str(root), skips=skips)
   assert [e.answers for e in got] == [("red",), ("2", "two"), ("yes",)]

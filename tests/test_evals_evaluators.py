@@ -23,20 +23,24 @@ def mesh():
 
 
 def state_with(params):
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
-                    rng=jnp.zeros((2,), jnp.uint32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=jnp.zeros((2,), jnp.uint32)
+  )
 
 
 def weighted_loss(params, batch, objective_state=None):
   """sum(w * x) over rows, weight sum(w); x > 0 counts as a correct token."""
   x, w = batch["x"] * params["scale"], batch["w"]
-  return LossOutput((w * x).sum(), w.sum(), {"correct_tokens": ((x > 0) * w).sum(),
-                                             "supervised_tokens": w.sum()})
+  return LossOutput(
+    (w * x).sum(), w.sum(), {"correct_tokens": ((x > 0) * w).sum(), "supervised_tokens": w.sum()}
+  )
 
 
 def test_heldout_loss_divides_sums_over_all_batches(mesh):
-  batches = [{"x": np.array([1.0, -2.0]), "w": np.array([1.0, 1.0])},
-             {"x": np.array([4.0, 3.0]), "w": np.array([0.0, 2.0])}]
+  batches = [
+    {"x": np.array([1.0, -2.0]), "w": np.array([1.0, 1.0])},
+    {"x": np.array([4.0, 3.0]), "w": np.array([0.0, 2.0])},
+  ]
   evaluate = HeldOutLoss(batches, weighted_loss, mesh, {"scale": replicated(mesh)})
   out = evaluate(state_with({"scale": jnp.float32(2.0)}), step=10)
   assert out["eval/loss"] == pytest.approx(2.0 * (1 - 2 + 2 * 3) / 4)
@@ -48,16 +52,19 @@ def test_heldout_loss_divides_sums_over_all_batches(mesh):
 def test_heldout_loss_of_a_stateful_objective_reads_the_training_state(mesh):
   """A stateful loss (e.g. BCO's running reward mean) is evaluated with the objective state
   training has reached, and evaluating leaves that state where it was."""
+
   def stateful_loss(params, batch, state):
     shifted = batch["x"] * params["scale"] - state["mean"]
     new_state = {"mean": state["mean"] + 1.0}  # what a step would do; evaluation drops it
     return LossOutput(shifted.sum(), jnp.float32(shifted.size), {}), new_state
 
   batches = [{"x": np.array([1.0, 3.0])}]
-  evaluate = HeldOutLoss(batches, eval_loss(stateful_loss, stateful=True), mesh,
-                         {"scale": replicated(mesh)})
+  evaluate = HeldOutLoss(
+    batches, eval_loss(stateful_loss, stateful=True), mesh, {"scale": replicated(mesh)}
+  )
   trained = state_with({"scale": jnp.float32(1.0)}).replace(
-      objective_state={"mean": jnp.float32(5.0)})
+    objective_state={"mean": jnp.float32(5.0)}
+  )
   assert evaluate(trained, step=4)["eval/loss"] == pytest.approx(2.0 - 5.0)
   assert evaluate(trained, step=5)["eval/loss"] == pytest.approx(2.0 - 5.0)
   initial = trained.replace(objective_state={"mean": jnp.float32(0.0)})
@@ -81,20 +88,30 @@ def test_vqa_exact_match_scores_normalised_answers():
 
 
 def _eval_config(**fields):
-  config = ml_collections.ConfigDict({
-      "eval": dict(every_steps=5, heldout_batches=2, split="test", sources=(), vqa_examples=0,
-                   max_new_tokens=4),
-      "data": dict(pipeline="synthetic", kind="sft", batch_size=2, seq_len=32,
-                   visual_budget=8, seed=0),
-      "loss": dict(positions_per_row=0)})
+  config = ml_collections.ConfigDict(
+    {
+      "eval": dict(
+        every_steps=5, heldout_batches=2, split="test", sources=(), vqa_examples=0, max_new_tokens=4
+      ),
+      "data": dict(
+        pipeline="synthetic", kind="sft", batch_size=2, seq_len=32, visual_budget=8, seed=0
+      ),
+      "loss": dict(positions_per_row=0),
+    }
+  )
   config.eval.update(fields)
   return config
 
 
 def _trainer(mesh, batch_fn=None):
-  return types.SimpleNamespace(model_config=compact_vocab(tiny(), 256), mesh=mesh,
-                               param_shardings={"scale": replicated(mesh)},
-                               eval_loss_fn=weighted_loss, batch_fn=batch_fn, rules=())
+  return types.SimpleNamespace(
+    model_config=compact_vocab(tiny(), 256),
+    mesh=mesh,
+    param_shardings={"scale": replicated(mesh)},
+    eval_loss_fn=weighted_loss,
+    batch_fn=batch_fn,
+    rules=(),
+  )
 
 
 def test_from_config_builds_what_the_eval_group_asks_for(mesh):

@@ -4,9 +4,9 @@ with images, NEO's decoding positions, per-row stopping, chunking and compile re
 import jax
 import numpy as np
 import pytest
+from test_inference_support import prompts, random_model, recompute_logits
 
 from neo_jax.inference.generation import batch_prompts, generate, prefill, prompt_arrays
-from test_inference_support import prompts, random_model, recompute_logits
 
 MAX_NEW = 6
 ATOL = 2e-4  # fp32 logits of magnitude ~5; caching only reorders sums
@@ -32,7 +32,7 @@ def check_against_recompute(params, config, prompt, tokens, logits):
   special = {config.img_context_token_id, config.img_start_token_id, config.img_end_token_id}
   assert not special & set(tokens), "a generated image token would change the position rule"
   expected = recompute_logits(params, config, prompt, tokens)
-  np.testing.assert_allclose(logits[:len(tokens)], expected, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits[: len(tokens)], expected, atol=ATOL, rtol=0)
   assert expected.argmax(-1).tolist() == list(tokens)
 
 
@@ -65,15 +65,16 @@ def test_left_padding_layout(model, three):
   n = [p["input_ids"].shape[1] for p in three]
   assert batch.input_ids.shape == (4, 64) and batch.positions.shape == (4, 3, 64)
   for r, p in enumerate(three):
-    assert (batch.segment_ids[r, :64 - n[r]] == 0).all()
-    assert (batch.segment_ids[r, 64 - n[r]:] == 1).all()
-    np.testing.assert_array_equal(batch.input_ids[r, 64 - n[r]:], p["input_ids"][0])
-    np.testing.assert_array_equal(batch.positions[r, :, 64 - n[r]:], p["positions"][0])
+    assert (batch.segment_ids[r, : 64 - n[r]] == 0).all()
+    assert (batch.segment_ids[r, 64 - n[r] :] == 1).all()
+    np.testing.assert_array_equal(batch.input_ids[r, 64 - n[r] :], p["input_ids"][0])
+    np.testing.assert_array_equal(batch.positions[r, :, 64 - n[r] :], p["positions"][0])
     v = p["pixel_rc"].shape[1]
     np.testing.assert_array_equal(batch.pixel_rc[r, :v], p["pixel_rc"][0])
     assert not batch.pixels[r, v:].any()
   assert batch.pixels.shape[1] % 8 == 0 and batch.pixels.shape[1] >= max(
-      p["pixel_rc"].shape[1] for p in three)
+    p["pixel_rc"].shape[1] for p in three
+  )
   assert batch.rows.tolist() == [True, True, True, False]
   assert (batch.segment_ids[3] == 0).all()
 
@@ -82,8 +83,14 @@ def test_decoding_positions_continue_from_max_prompt_t(model, three):
   """First new token: T = max prompt T + 1, H = W = 0, per row (docs/reference/neo.md#decoding)."""
   params, config = model
   batch = batch_prompts(three, config)
-  state = prefill(params, prompt_arrays(batch), jax.random.key(0), config=config,
-                  cache_len=batch.input_ids.shape[1] + 2, max_new_tokens=2)
+  state = prefill(
+    params,
+    prompt_arrays(batch),
+    jax.random.key(0),
+    config=config,
+    cache_len=batch.input_ids.shape[1] + 2,
+    max_new_tokens=2,
+  )
   expected = [int(p["positions"][0, 0].max()) + 1 for p in three]
   assert np.asarray(state.next_t).tolist() == expected
   # images make T lag behind the token index: sum over images of (n_tokens - 1)

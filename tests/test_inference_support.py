@@ -39,7 +39,7 @@ def random_model(seed: int = 0, **overrides):
   return params, config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer():
   return load_tokenizer()
 
@@ -52,10 +52,11 @@ def prompts(config):
   """Three prompts: one image, two images of different grids, text only."""
   tok = tokenizer()
   return [
-      prepare_generation_inputs(tok, config, "What is this?", [image(70, 90, 1)]),
-      prepare_generation_inputs(tok, config, "Compare the two pictures, please.",
-                                [image(40, 120, 2), image(128, 64, 3)]),
-      prepare_generation_inputs(tok, config, "Hello"),
+    prepare_generation_inputs(tok, config, "What is this?", [image(70, 90, 1)]),
+    prepare_generation_inputs(
+      tok, config, "Compare the two pictures, please.", [image(40, 120, 2), image(128, 64, 3)]
+    ),
+    prepare_generation_inputs(tok, config, "Hello"),
   ]
 
 
@@ -70,15 +71,26 @@ def recompute_logits(params, config, prompt, new_ids) -> np.ndarray:
   ids = np.concatenate([prompt["input_ids"][0], np.asarray(new_ids, np.int32)])
   seg = np.ones_like(ids)
   rc = prompt["pixel_rc"][0]
-  positions = native_rope_positions(ids[None], seg[None], rc[None],
-                                    img_context_id=config.img_context_token_id,
-                                    img_start_id=config.img_start_token_id)
+  positions = native_rope_positions(
+    ids[None],
+    seg[None],
+    rc[None],
+    img_context_id=config.img_context_token_id,
+    img_start_id=config.img_start_token_id,
+  )
   pixels = prompt["pixels"] if rc.size else None
   pixel_rc = prompt["pixel_rc"] if rc.size else None
-  logits = _forward(params, jnp.asarray(ids[None]), jnp.asarray(positions),
-                    jnp.asarray(seg[None]), pixels, pixel_rc, config)
+  logits = _forward(
+    params,
+    jnp.asarray(ids[None]),
+    jnp.asarray(positions),
+    jnp.asarray(seg[None]),
+    pixels,
+    pixel_rc,
+    config,
+  )
   n = prompt["input_ids"].shape[1]
-  return np.asarray(logits[0, n - 1:n - 1 + len(new_ids)])
+  return np.asarray(logits[0, n - 1 : n - 1 + len(new_ids)])
 
 
 def test_fixture_model_answers_vary():

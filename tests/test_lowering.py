@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neo_jax import objectives
 from neo_jax.model import abstract_params
@@ -36,17 +37,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"next_token": "sft.py:neo_2b", "preference": "preference.py:neo_2b"}
 ROWS, LENGTH, FSDP, TENSOR = 4, 1024, 4, 2  # rows per micro-batch: one per fsdp shard
 OVERRIDES = (
-    "--config.model.num_hidden_layers=2", "--config.model.num_prebuffer_layers=1",
-    "--config.model.attention_impl=auto", "--config.model.remat_policy=full",
-    "--config.data.pipeline=synthetic", f"--config.data.seq_len={LENGTH}",
-    "--config.data.visual_budget=256",
-    "--config.mesh.data=1", f"--config.mesh.fsdp={FSDP}", f"--config.mesh.tensor={TENSOR}",
+  "--config.model.num_hidden_layers=2",
+  "--config.model.num_prebuffer_layers=1",
+  "--config.model.attention_impl=auto",
+  "--config.model.remat_policy=full",
+  "--config.data.pipeline=synthetic",
+  f"--config.data.seq_len={LENGTH}",
+  "--config.data.visual_budget=256",
+  "--config.mesh.data=1",
+  f"--config.mesh.fsdp={FSDP}",
+  f"--config.mesh.tensor={TENSOR}",
 )
 
 # The kernels' custom calls (Triton's target was renamed after jaxlib 0.10.2). jax.export refuses
 # a custom call without a stability guarantee unless told; Triton's has none.
-TARGETS = {"tpu": ("tpu_custom_call",),
-           "cuda": ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")}
+TARGETS = {"tpu": ("tpu_custom_call",), "cuda": ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")}
 NAME_ATTR = {"tpu": "kernel_name", "cuda": "name"}
 SUFFIX = {"tpu": "", "cuda": "_gpu"}
 # q as one device's kernel sees it: 1 row, 8 of 16 heads, width 256 (TPU: [B, L, H * D])
@@ -59,50 +64,69 @@ REFERENCE_CALLS = {"fwd": 2}  # forward only, no gradient
 def setup(objective_name: str, platform: str):
   """The step the trainer would compile for this config, over abstract state and batch; the
   recipe's micro-batches (preference: 4) of ROWS rows each."""
-  config = config_lib.load_config(os.path.join(REPO, "configs", RECIPES[objective_name]),
-                                  OVERRIDES + (f"--config.model.platform={platform}",) + (
-                                      ("--config.loss.positions_per_row=256",)
-                                      if objective_name == "preference" else ()))
+  config = config_lib.load_config(
+    os.path.join(REPO, "configs", RECIPES[objective_name]),
+    OVERRIDES
+    + (f"--config.model.platform={platform}",)
+    + (("--config.loss.positions_per_row=256",) if objective_name == "preference" else ()),
+  )
   config.data.batch_size = ROWS * config.grad_accum_steps
   config_lib.validate(config)
   objective = objectives.from_config(config)
   model_config = config_lib.model_config(config)
-  assert (model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size,
-          model_config.num_attention_heads, model_config.num_key_value_heads,
-          model_config.qk_head_dim, model_config.dtype, model_config.param_dtype) == (
-              2048, 6144, 151936, 16, 8, 256, "bfloat16", "float32")
+  assert (
+    model_config.hidden_size,
+    model_config.intermediate_size,
+    model_config.vocab_size,
+    model_config.num_attention_heads,
+    model_config.num_key_value_heads,
+    model_config.qk_head_dim,
+    model_config.dtype,
+    model_config.param_dtype,
+  ) == (2048, 6144, 151936, 16, 8, 256, "bfloat16", "float32")
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   rules = config_lib.sharding_rules(config)
-  trainable = opt_lib.trainable_paths(abstract_params(model_config),
-                                      opt_lib.stage_patterns(config.stage))
+  trainable = opt_lib.trainable_paths(
+    abstract_params(model_config), opt_lib.stage_patterns(config.stage)
+  )
   tx, schedule = opt_lib.from_config(config.optimizer, config.total_steps)
-  objective_state = (objective.init_state(model_config, config) if objective.stateful
-                     else None)
+  objective_state = objective.init_state(model_config, config) if objective.stateful else None
   replicated = NamedSharding(mesh, P())
   shardings = state_shardings(model_config, tx, trainable, mesh, rules).replace(
-      objective_state=jax.tree.map(lambda _: replicated, objective_state))
+    objective_state=jax.tree.map(lambda _: replicated, objective_state)
+  )
   state = abstract_state(model_config, tx, trainable, shardings).replace(
-      objective_state=jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
-          objective_state))
+    objective_state=jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+      objective_state,
+    )
+  )
   host = next(batches.synthetic_iterator(config, model_config))
   if objective_name == "preference":  # what the reference pass adds to each batch
     pairs = preference.num_pairs(host["gather_index"].shape[1])
     rows = host["input_ids"].shape[0]
     host.update({k: np.zeros((rows, pairs), np.float32) for k in preference.REF_KEYS})
   in_batch = batch_shardings(host, mesh)
-  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=in_batch[k])
-           for k, x in host.items()}
-  step_fn = make_train_step(objective.make_loss(model_config, config), tx, schedule, trainable,
-                            grad_accum_steps=config.grad_accum_steps,
-                            nan_policy=config.nan_policy, stateful=objective.stateful)
+  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=in_batch[k]) for k, x in host.items()}
+  step_fn = make_train_step(
+    objective.make_loss(model_config, config),
+    tx,
+    schedule,
+    trainable,
+    grad_accum_steps=config.grad_accum_steps,
+    nan_policy=config.nan_policy,
+    stateful=objective.stateful,
+  )
   step = compile_step(step_fn, mesh, shardings, in_batch, rules)
   return config, model_config, mesh, rules, step, state, batch
 
 
 def export(fn, platform: str, mesh, rules, *args) -> jax.export.Exported:
-  checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS[platform]
-            if t != "tpu_custom_call"]
+  checks = [
+    jax.export.DisabledSafetyCheck.custom_call(t)
+    for t in TARGETS[platform]
+    if t != "tpu_custom_call"
+  ]
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
 
@@ -145,7 +169,7 @@ def check_shardings(exported: jax.export.Exported, mesh, args, outs=None) -> Non
   assert all(got[i].is_equivalent_to(leaves[i].sharding, leaves[i].ndim) for i in kept)
   if outs is not None:
     outs = jax.tree.leaves(outs)
-    got = exported.out_shardings_jax(mesh)[:len(outs)]
+    got = exported.out_shardings_jax(mesh)[: len(outs)]
     assert all(s.is_equivalent_to(x.sharding, x.ndim) for s, x in zip(got, outs))
   # the module's arguments split over both axes: as many as the given shardings say
   main = next(line for line in exported.mlir_module().splitlines() if "func public @main" in line)
@@ -171,9 +195,12 @@ def test_train_step_lowers_for_the_device(objective_name, platform):
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_preference_reference_pass_lowers_for_the_device(platform):
   config, model_config, mesh, rules, _, state, batch = setup("preference", platform)
-  fn = preference.make_reference_fn(model_config, chunk=config.loss.chunk_size,
-                                    micro_batches=config.grad_accum_steps,
-                                    vocab_chunk=config.loss.vocab_chunk)
+  fn = preference.make_reference_fn(
+    model_config,
+    chunk=config.loss.chunk_size,
+    micro_batches=config.grad_accum_steps,
+    vocab_chunk=config.loss.vocab_chunk,
+  )
   out = NamedSharding(mesh, batch_spec(2))  # as the objective's batch function jits it
   jitted = jax.jit(fn, out_shardings={k: out for k in preference.REF_KEYS})
   exported = export(jitted, platform, mesh, rules, state.params, batch)

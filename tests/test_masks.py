@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neo_jax.ops import masks
 from neo_jax.ops.layouts import Span, ids_from_arrays, random_batch, row_ids
@@ -48,7 +49,8 @@ def rows(draw):
 
 
 batches = st.lists(rows(), min_size=BATCH, max_size=BATCH).map(
-    lambda rs: ids_from_arrays(*(np.stack(x) for x in zip(*rs))))
+  lambda rs: ids_from_arrays(*(np.stack(x) for x in zip(*rs)))
+)
 
 
 @jax.jit
@@ -132,12 +134,15 @@ def test_exact_block_states_equal_the_blocked_rule(ids, blocks):
   dense = np.asarray(dense)
   b, nq, nk = states.shape
   blocked = dense.reshape(b, nq, block_q, nk, block_kv)
-  want = np.where(blocked.any(axis=(2, 4)),
-                  np.where(blocked.all(axis=(2, 4)), masks.BLOCK_FULL, masks.BLOCK_PARTIAL),
-                  masks.BLOCK_SKIP)
+  want = np.where(
+    blocked.any(axis=(2, 4)),
+    np.where(blocked.all(axis=(2, 4)), masks.BLOCK_FULL, masks.BLOCK_PARTIAL),
+    masks.BLOCK_SKIP,
+  )
   np.testing.assert_array_equal(states, want)
   hull = np.asarray(_tables(ranges, block_q, block_kv)[1])
   assert (hull[states != masks.BLOCK_SKIP] != masks.BLOCK_SKIP).all()
+
 
 def _walks(ranges, block_q, block_kv):
   t = masks.block_ranges(ranges, block_q, block_kv)
@@ -145,9 +150,14 @@ def _walks(ranges, block_q, block_kv):
   qw = masks.q_block_walks(t.q_blocks, nk)
   kw = masks.kv_block_walks(t.q_blocks, t.kv_blocks, nk)
   full, part = masks.Q_WALK_FULL, masks.Q_WALK_PARTIAL
-  return (t, masks.block_states(t.q_blocks, nk),
-          masks.walk_blocks(qw[..., full:part], nk), masks.walk_blocks(qw[..., part:part + 8], nk),
-          masks.walk_blocks(kw[..., :2], nq), masks.walk_blocks(kw[..., 2:6], nq))
+  return (
+    t,
+    masks.block_states(t.q_blocks, nk),
+    masks.walk_blocks(qw[..., full:part], nk),
+    masks.walk_blocks(qw[..., part : part + 8], nk),
+    masks.walk_blocks(kw[..., :2], nq),
+    masks.walk_blocks(kw[..., 2:6], nq),
+  )
 
 
 def _visited(walk_row):
@@ -188,18 +198,31 @@ def test_interval_walk_compacts_empty_intervals():
 
 def test_worked_example():
   # sample 1: t3 i4 t2; sample 2: prompt t2, chosen t2, rejected t2; then 3 padding tokens
-  samples = [[Span(3), Span(4, image=True), Span(2)],
-             [Span(2), Span(2, branch=1), Span(2, branch=2)]]
+  samples = [
+    [Span(3), Span(4, image=True), Span(2)],
+    [Span(2), Span(2, branch=1), Span(2, branch=2)],
+  ]
   ids = ids_from_arrays(*(x[None] for x in row_ids(samples, 18)))
   r = np.asarray(masks.kv_ranges(ids))[0]
   expected = [
-      [0, 1, 0, 0], [0, 2, 0, 0], [0, 3, 0, 0],  # text: causal
-      [0, 7, 0, 0], [0, 7, 0, 0], [0, 7, 0, 0], [0, 7, 0, 0],  # the image: up to its end
-      [0, 8, 0, 0], [0, 9, 0, 0],
-      [9, 10, 0, 0], [9, 11, 0, 0],  # prompt
-      [9, 12, 0, 0], [9, 13, 0, 0],  # chosen: prompt + itself, one interval
-      [9, 11, 13, 14], [9, 11, 13, 15],  # rejected: prompt, then its own run
-      [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0],  # padding
+    [0, 1, 0, 0],
+    [0, 2, 0, 0],
+    [0, 3, 0, 0],  # text: causal
+    [0, 7, 0, 0],
+    [0, 7, 0, 0],
+    [0, 7, 0, 0],
+    [0, 7, 0, 0],  # the image: up to its end
+    [0, 8, 0, 0],
+    [0, 9, 0, 0],
+    [9, 10, 0, 0],
+    [9, 11, 0, 0],  # prompt
+    [9, 12, 0, 0],
+    [9, 13, 0, 0],  # chosen: prompt + itself, one interval
+    [9, 11, 13, 14],
+    [9, 11, 13, 15],  # rejected: prompt, then its own run
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],  # padding
   ]
   np.testing.assert_array_equal(r[:15], expected[:15])
   np.testing.assert_array_equal(r[15:], expected[15:])
@@ -219,8 +242,9 @@ def test_block_skipping_on_a_packed_row():
   np.testing.assert_array_equal(states[3], [2, 2, 2, 1] + [0] * 8)  # causal diagonal
   visited = (states != masks.BLOCK_SKIP).sum()
   assert visited == 2 * 13, visited  # of 144 blocks
-  np.testing.assert_array_equal(np.asarray(tables.kv_blocks)[0, :4], [[0, 4], [0, 4], [0, 4],
-                                                                      [3, 4]])
+  np.testing.assert_array_equal(
+    np.asarray(tables.kv_blocks)[0, :4], [[0, 4], [0, 4], [0, 4], [3, 4]]
+  )
 
 
 def test_rejected_queries_skip_the_chosen_blocks():

@@ -22,8 +22,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -33,20 +33,34 @@ CONFIG = str(REPO / "configs" / "pretrain.py") + ":tiny"
 STEPS = 3
 # the tiny pretrain config, shrunk: 8 rows of 64 tokens, K = 16, one checkpoint at the end
 TRAIN_OVERRIDES = (
-    f"--config.total_steps={STEPS}", "--config.data.batch_size=8", "--config.data.seq_len=64",
-    "--config.data.visual_budget=16", "--config.loss.positions_per_row=16",
-    "--config.loss.chunk_size=16", "--config.optimizer.warmup_steps=1",
-    "--config.checkpoint.every_steps=100", "--config.log.every_steps=1",
-    "--config.log.progress_bar=false", "--config.log.tensorboard=false",
-    "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.tensor=1")
+  f"--config.total_steps={STEPS}",
+  "--config.data.batch_size=8",
+  "--config.data.seq_len=64",
+  "--config.data.visual_budget=16",
+  "--config.loss.positions_per_row=16",
+  "--config.loss.chunk_size=16",
+  "--config.optimizer.warmup_steps=1",
+  "--config.checkpoint.every_steps=100",
+  "--config.log.every_steps=1",
+  "--config.log.progress_bar=false",
+  "--config.log.tensorboard=false",
+  "--config.mesh.data=1",
+  "--config.mesh.fsdp=8",
+  "--config.mesh.tensor=1",
+)
 # fast: random packed batches (the config's synthetic pipeline) and a 512-token vocabulary;
 # slow: the embedded easy-vqa captions through grain with Qwen3's 151,936-token vocabulary
 VARIANTS = {
-    "synthetic": ("--config.data.pipeline=synthetic", "--config.model.vocab_size=512",
-                  "--config.model.img_context_token_id=511",
-                  "--config.model.img_start_token_id=510", "--config.model.img_end_token_id=509",
-                  "--config.model.eos_token_id=508", "--config.model.pad_token_id=507"),
-    "easy_vqa": (),
+  "synthetic": (
+    "--config.data.pipeline=synthetic",
+    "--config.model.vocab_size=512",
+    "--config.model.img_context_token_id=511",
+    "--config.model.img_start_token_id=510",
+    "--config.model.img_end_token_id=509",
+    "--config.model.eos_token_id=508",
+    "--config.model.pad_token_id=507",
+  ),
+  "easy_vqa": (),
 }
 N_RECORDS = 37  # odd: the two shards differ in size
 WORKER_TIMEOUT_S = 240
@@ -54,10 +68,13 @@ WORKER_TIMEOUT_S = 240
 
 # --- the worker side ----------------------------------------------------------------------------
 
+
 def _save_state_shards(out_dir: str) -> None:
   """Wraps RunCheckpointer.save so each process records the state shards it holds."""
   import jax
+
   from neo_jax.trainer import checkpoint as ckpt_lib
+
   original = ckpt_lib.RunCheckpointer.save
 
   def save(self, state, data_state=None, meta=None):
@@ -66,17 +83,27 @@ def _save_state_shards(out_dir: str) -> None:
     for path, leaf in flat:
       name = jax.tree_util.keystr(path)
       shards = [s for s in leaf.addressable_shards if s.replica_id == 0]
-      info[name] = {"shape": list(leaf.shape), "fully_addressable": leaf.is_fully_addressable,
-                    "local_shards": len(leaf.addressable_shards)}
-      for k, shard in enumerate(shards):
+      info[name] = {
+        "shape": list(leaf.shape),
+        "fully_addressable": leaf.is_fully_addressable,
+        "local_shards": len(leaf.addressable_shards),
+      }
+      for shard in shards:
         key = f"a{len(arrays)}"
         arrays[key] = np.asarray(shard.data)
         index[key] = [name, [[sl.start, sl.stop] for sl in _slices(shard.index, leaf.shape)]]
     pid = jax.process_index()
     np.savez(os.path.join(out_dir, f"state_p{pid}.npz"), **arrays)
     with open(os.path.join(out_dir, f"state_p{pid}.json"), "w") as f:
-      json.dump({"index": index, "info": info, "step": int(jax.device_get(state.step)),
-                 "data_state": data_state}, f)
+      json.dump(
+        {
+          "index": index,
+          "info": info,
+          "step": int(jax.device_get(state.step)),
+          "data_state": data_state,
+        },
+        f,
+      )
     return original(self, state, data_state, meta)
 
   ckpt_lib.RunCheckpointer.save = save
@@ -86,28 +113,48 @@ def _slices(index: tuple, shape: tuple) -> list[slice]:
   return [slice(*s.indices(n)[:2]) for s, n in zip(index, shape)]
 
 
-def worker_train(process_id: int, port: int, workdir: str, out_dir: str, source: str,
-                 extra: Sequence[str] = ()) -> int:
+def worker_train(
+  process_id: int, port: int, workdir: str, out_dir: str, source: str, extra: Sequence[str] = ()
+) -> int:
   """`neo-jax train` in a group of two, then (same group) one epoch of `source`."""
   import jax
+
   jax.config.update("jax_num_cpu_devices", 4)  # before the backend starts
   _save_state_shards(out_dir)
   from neo_jax.cli import main
-  rc = main(["train", "--config", CONFIG, "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(process_id),
-             f"--config.workdir={workdir}", *TRAIN_OVERRIDES, *extra])
+
+  rc = main(
+    [
+      "train",
+      "--config",
+      CONFIG,
+      "--coordinator",
+      f"127.0.0.1:{port}",
+      "--num-processes",
+      "2",
+      "--process-id",
+      str(process_id),
+      f"--config.workdir={workdir}",
+      *TRAIN_OVERRIDES,
+      *extra,
+    ]
+  )
   return rc or worker_data(out_dir, source)
 
 
 def worker_restore(workdir: str, out_dir: str) -> int:
   """One process, 8 devices: restore on a (2, 2, 2) mesh and on one device."""
   import jax
+
   jax.config.update("jax_num_cpu_devices", 8)
+  from neo_jax import run_dir
   from neo_jax.model import abstract_params
   from neo_jax.parallel import make_mesh
-  from neo_jax import run_dir
-  from neo_jax.trainer import checkpoint as ckpt_lib, config as config_lib, optimizer as opt_lib
+  from neo_jax.trainer import checkpoint as ckpt_lib
+  from neo_jax.trainer import config as config_lib
+  from neo_jax.trainer import optimizer as opt_lib
   from neo_jax.trainer.state import abstract_state, state_shardings
+
   with open(os.path.join(workdir, "train_config.json")) as f:
     cfg = config_lib.config_from_json(f.read())
   model_config = run_dir.run_model_config(workdir)
@@ -121,29 +168,40 @@ def worker_restore(workdir: str, out_dir: str) -> int:
   arrays, names = {}, {}
   for k, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
     assert leaf.sharding.is_equivalent_to(  # placed on the new mesh directly
-        jax.tree.leaves(shardings)[k], leaf.ndim)
+      jax.tree.leaves(shardings)[k], leaf.ndim
+    )
     arrays[f"a{k}"], names[f"a{k}"] = np.asarray(leaf), jax.tree_util.keystr(path)
   params, _ = run_dir.load_run_params(workdir)  # one device
   for k, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
     arrays[f"p{k}"], names[f"p{k}"] = np.asarray(leaf), ".params" + jax.tree_util.keystr(path)
   np.savez(os.path.join(out_dir, "restored.npz"), **arrays)
   with open(os.path.join(out_dir, "restored.json"), "w") as f:
-    json.dump({"names": names, "meta": meta, "mesh": dict(mesh.shape),
-               "devices": jax.device_count()}, f)
+    json.dump(
+      {"names": names, "meta": meta, "mesh": dict(mesh.shape), "devices": jax.device_count()}, f
+    )
   return 0
 
 
 def worker_data(out_dir: str, source: str) -> int:
   """One epoch of `source` through the trainer's data path, in the group `train` joined."""
   import jax
+
   from neo_jax.data.tokenizer import load_tokenizer
   from neo_jax.parallel import distributed, make_mesh, shard_batch
-  from neo_jax.trainer import batches as data_lib, config as config_lib
+  from neo_jax.trainer import batches as data_lib
+  from neo_jax.trainer import config as config_lib
+
   group = distributed.initialize()  # already joined: returns that group
-  cfg = config_lib.load_config(CONFIG, [
-      "--config.data.kind=text", f"--config.data.sources=('jsonl:{source}',)",
-      "--config.data.batch_size=8", "--config.data.seq_len=64",
-      "--config.loss.positions_per_row=0"])  # 4 rows per process, one per device
+  cfg = config_lib.load_config(
+    CONFIG,
+    [
+      "--config.data.kind=text",
+      f"--config.data.sources=('jsonl:{source}',)",
+      "--config.data.batch_size=8",
+      "--config.data.seq_len=64",
+      "--config.loss.positions_per_row=0",
+    ],
+  )  # 4 rows per process, one per device
   model_config = config_lib.model_config(cfg)
   tokenizer = load_tokenizer()
   it = data_lib.make_iterator(cfg, model_config, num_epochs=1)
@@ -160,13 +218,24 @@ def worker_data(out_dir: str, source: str) -> int:
   placed = [int(s.data[0, 0]) for s in rows.addressable_shards]
   total = int(jax.jit(lambda x: x.sum())(rows))
   with open(os.path.join(out_dir, f"data_p{jax.process_index()}.json"), "w") as f:
-    json.dump({"ids": ids, "batches": batches, "stats": it.stats(), "group": group.source,
-               "process_count": jax.process_count(), "placed": placed,
-               "global_rows": rows.shape[0], "global_sum": total}, f)
+    json.dump(
+      {
+        "ids": ids,
+        "batches": batches,
+        "stats": it.stats(),
+        "group": group.source,
+        "process_count": jax.process_count(),
+        "placed": placed,
+        "global_rows": rows.shape[0],
+        "global_sum": total,
+      },
+      f,
+    )
   return 0
 
 
 # --- the test side ------------------------------------------------------------------------------
+
 
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -175,22 +244,38 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("NEO_JAX_", "SLURM_", "TPU_", "JAX_", "XLA_FLAGS"))}
-  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
-             NEO_JAX_INIT_TIMEOUT="120", PYTHONPATH=str(REPO), **extra)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("NEO_JAX_", "SLURM_", "TPU_", "JAX_", "XLA_FLAGS"))
+  }
+  env.update(
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONUNBUFFERED="1",
+    NEO_JAX_INIT_TIMEOUT="120",
+    PYTHONPATH=str(REPO),
+    **extra,
+  )
   return env
 
 
-def _run(commands: Sequence[tuple[list[str], dict[str, str]]], log_dir: Path,
-         script: str = __file__) -> list[str]:
+def _run(
+  commands: Sequence[tuple[list[str], dict[str, str]]], log_dir: Path, script: str = __file__
+) -> list[str]:
   """Starts the processes (`script` with each command's arguments) together, waits for all;
   returns their logs. Fails on any error."""
   procs = []
   for k, (args, env) in enumerate(commands):
     log = open(log_dir / f"proc{k}.log", "w")
-    procs.append((subprocess.Popen([sys.executable, script, *args], env=env, cwd=REPO,
-                                   stdout=log, stderr=subprocess.STDOUT), log))
+    procs.append(
+      (
+        subprocess.Popen(
+          [sys.executable, script, *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        ),
+        log,
+      )
+    )
   deadline = time.monotonic() + WORKER_TIMEOUT_S
   try:
     for proc, _ in procs:
@@ -235,8 +320,9 @@ def _write_records(path: Path) -> None:
       f.write(json.dumps({"text": f"record={i:03d}; a short line of text number {i}."}) + "\n")
 
 
-@pytest.fixture(scope="module", params=[
-    "synthetic", pytest.param("easy_vqa", marks=pytest.mark.slow)])
+@pytest.fixture(
+  scope="module", params=["synthetic", pytest.param("easy_vqa", marks=pytest.mark.slow)]
+)
 def two_process_run(request, tmp_path_factory):
   """Two processes train, save, then read one epoch of a JSONL file (one start-up for both)."""
   root = tmp_path_factory.mktemp(f"multihost_{request.param}")
@@ -244,8 +330,24 @@ def two_process_run(request, tmp_path_factory):
   out_dir.mkdir()
   _write_records(source)
   port = _free_port()
-  logs = _run([(["train", str(pid), str(port), str(workdir), str(out_dir), str(source),
-                 *VARIANTS[request.param]], _env()) for pid in range(2)], out_dir)
+  logs = _run(
+    [
+      (
+        [
+          "train",
+          str(pid),
+          str(port),
+          str(workdir),
+          str(out_dir),
+          str(source),
+          *VARIANTS[request.param],
+        ],
+        _env(),
+      )
+      for pid in range(2)
+    ],
+    out_dir,
+  )
   return workdir, out_dir, logs, request.param
 
 
@@ -258,8 +360,7 @@ def test_two_processes_train_with_parameters_split_across_them(two_process_run):
   assert "'fsdp': 2" in topo[0]  # the fsdp axis spans both processes
   assert not any("topology:" in line for line in logs[1].splitlines())
   assert "joining the process group: explicit" in logs[1]
-  assert re.search(r"process 1 of 2 joined: 4 local cpu device\(s\) \[[\d, ]+\], 8 global",
-                   logs[1])
+  assert re.search(r"process 1 of 2 joined: 4 local cpu device\(s\) \[[\d, ]+\], 8 global", logs[1])
   # metrics from the primary only, one record per step; the loss is finite
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [1, 2, 3]

@@ -6,9 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neo_jax.objectives.cross_entropy import (chunked_token_cross_entropy, select_supervised,
-                                  streamed_cross_entropy, token_cross_entropy,
-                                  weighted_next_token_loss)
+from neo_jax.objectives.cross_entropy import (
+  chunked_token_cross_entropy,
+  select_supervised,
+  streamed_cross_entropy,
+  token_cross_entropy,
+  weighted_next_token_loss,
+)
 
 B, L, D, V = 2, 37, 16, 50
 
@@ -18,8 +22,9 @@ def _inputs(seed=0):
   hidden = jax.random.normal(k1, (B, L, D), jnp.float32)
   head = jax.random.normal(k2, (D, V), jnp.float32) * 0.3
   targets = jax.random.randint(k3, (B, L), 0, V)
-  weights = jnp.where(jax.random.uniform(k4, (B, L)) < 0.4,
-                      jax.random.uniform(k4, (B, L)) + 0.5, 0.0)
+  weights = jnp.where(
+    jax.random.uniform(k4, (B, L)) < 0.4, jax.random.uniform(k4, (B, L)) + 0.5, 0.0
+  )
   return hidden, head, targets, weights
 
 
@@ -54,8 +59,9 @@ def test_chunked_gradients_equal_plain(remat):
     return out.loss_sum / out.weight_sum
 
   value, grads = jax.value_and_grad(chunked_loss, argnums=(0, 1))(hidden, head)
-  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(hidden, head, targets,
-                                                                          weights)
+  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(
+    hidden, head, targets, weights
+  )
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
@@ -75,24 +81,24 @@ def _all_eqns(jaxpr):
 
 def _all_shapes(jaxpr) -> set:
   """Shapes of every value a jaxpr computes."""
-  return {tuple(getattr(var.aval, "shape", ())) for eqn in _all_eqns(jaxpr)
-          for var in eqn.outvars}
+  return {tuple(getattr(var.aval, "shape", ())) for eqn in _all_eqns(jaxpr) for var in eqn.outvars}
 
 
 def test_chunked_never_builds_full_logits():
   """The jaxpr of the chunked loss holds no [B, L, V] array, forward or backward."""
   hidden, head, targets, weights = _inputs()
-  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
-                                                      chunk=8).loss_sum, argnums=(0, 1))
+  fn = jax.grad(
+    lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8).loss_sum, argnums=(0, 1)
+  )
   shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
   assert (B, L, V) not in shapes and (B, 40, V) not in shapes
   assert (B, 8, V) in shapes
 
 
 def test_select_supervised_first_k_in_order_and_overflow():
-  weights = jnp.asarray([[0, 1, 0, 2, 3, 0, 4],
-                         [0, 0, 0, 0, 0, 0, 5],
-                         [0, 0, 0, 0, 0, 0, 0]], jnp.float32)
+  weights = jnp.asarray(
+    [[0, 1, 0, 2, 3, 0, 4], [0, 0, 0, 0, 0, 0, 5], [0, 0, 0, 0, 0, 0, 0]], jnp.float32
+  )
   sel = select_supervised(weights, 3)
   np.testing.assert_array_equal(sel.index_bk, [[1, 3, 4], [6, 0, 0], [0, 0, 0]])
   np.testing.assert_array_equal(sel.valid_bk, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
@@ -103,15 +109,18 @@ def test_k_positions_equal_all_positions_when_k_suffices():
   hidden, head, targets, weights = _inputs(2)
   k = int((weights != 0).sum(-1).max())
   full = weighted_next_token_loss(hidden, head, targets, weights, chunk=8)
-  gathered = weighted_next_token_loss(hidden, head, targets, weights, chunk=4,
-                                      positions_per_row=k)
+  gathered = weighted_next_token_loss(hidden, head, targets, weights, chunk=4, positions_per_row=k)
   np.testing.assert_allclose(gathered.loss_sum, full.loss_sum, rtol=1e-6)
   np.testing.assert_allclose(gathered.weight_sum, full.weight_sum, rtol=1e-6)
   assert float(gathered.metrics["overflow_tokens"]) == 0
-  g_full = jax.grad(lambda h: weighted_next_token_loss(h, head, targets, weights,
-                                                       chunk=8).loss_sum)(hidden)
-  g_k = jax.grad(lambda h: weighted_next_token_loss(h, head, targets, weights, chunk=4,
-                                                    positions_per_row=k).loss_sum)(hidden)
+  g_full = jax.grad(
+    lambda h: weighted_next_token_loss(h, head, targets, weights, chunk=8).loss_sum
+  )(hidden)
+  g_k = jax.grad(
+    lambda h: (
+      weighted_next_token_loss(h, head, targets, weights, chunk=4, positions_per_row=k).loss_sum
+    )
+  )(hidden)
   np.testing.assert_allclose(g_k, g_full, rtol=1e-5, atol=1e-6)
 
 
@@ -142,11 +151,13 @@ def test_unsupervised_nonfinite_positions_do_not_leak():
 def test_bfloat16_compute_stays_close():
   hidden, head, targets, weights = _inputs(5)
   f32 = weighted_next_token_loss(hidden, head, targets, weights)
-  bf16 = weighted_next_token_loss(hidden.astype(jnp.bfloat16), head, targets, weights,
-                                  compute_dtype=jnp.bfloat16)
+  bf16 = weighted_next_token_loss(
+    hidden.astype(jnp.bfloat16), head, targets, weights, compute_dtype=jnp.bfloat16
+  )
   assert bf16.loss_sum.dtype == jnp.float32
-  np.testing.assert_allclose(bf16.loss_sum / bf16.weight_sum, f32.loss_sum / f32.weight_sum,
-                             rtol=2e-2)
+  np.testing.assert_allclose(
+    bf16.loss_sum / bf16.weight_sum, f32.loss_sum / f32.weight_sum, rtol=2e-2
+  )
 
 
 @pytest.mark.parametrize("piece", [1, 7, 10, 49, 50, 64])
@@ -155,7 +166,8 @@ def test_streamed_values_equal_plain(piece):
   hidden, head, targets, _ = _inputs(6)
   plain, plain_ok = token_cross_entropy(hidden, head, targets)
   streamed, streamed_ok = jax.jit(streamed_cross_entropy, static_argnums=3)(
-      hidden, head, targets, piece)
+    hidden, head, targets, piece
+  )
   np.testing.assert_allclose(streamed, plain, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(streamed_ok, plain_ok)
 
@@ -169,8 +181,9 @@ def test_streamed_gradients_equal_plain(piece):
     return out.loss_sum / out.weight_sum
 
   value, grads = jax.jit(jax.value_and_grad(streamed_loss, argnums=(0, 1)))(hidden, head)
-  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(hidden, head, targets,
-                                                                          weights)
+  ref_value, ref_grads = jax.value_and_grad(_plain_loss, argnums=(0, 1))(
+    hidden, head, targets, weights
+  )
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
@@ -178,8 +191,10 @@ def test_streamed_gradients_equal_plain(piece):
 
 def test_streamed_never_builds_chunk_by_vocab_logits():
   hidden, head, targets, weights = _inputs()
-  fn = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8,
-                                                      vocab_chunk=16).loss_sum, argnums=(0, 1))
+  fn = jax.grad(
+    lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8, vocab_chunk=16).loss_sum,
+    argnums=(0, 1),
+  )
   shapes = _all_shapes(jax.make_jaxpr(fn)(hidden, head).jaxpr)
   assert not any(len(s) == 3 and s[-1] == V for s in shapes)
   assert (B, 8, 16) in shapes
@@ -200,9 +215,11 @@ def test_fused_loss_equals_unfused_values_and_gradients(chunk, k):
 
   def loss(fused, remat):
     def fn(h, w, wt):
-      out = weighted_next_token_loss(h, w, targets, wt, chunk=chunk, positions_per_row=k,
-                                     fused=fused, remat=remat)
+      out = weighted_next_token_loss(
+        h, w, targets, wt, chunk=chunk, positions_per_row=k, fused=fused, remat=remat
+      )
       return out.loss_sum / out.weight_sum, out.metrics
+
     return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True))
 
   (value, metrics), grads = loss(True, True)(hidden, head, weights)
@@ -219,19 +236,23 @@ def test_fused_loss_equals_unfused_values_and_gradients(chunk, k):
 def test_fused_loss_scales_by_the_cotangent():
   """The backward pass multiplies the forward's gradients by whatever flows in."""
   hidden, head, targets, weights = _inputs(6)
-  loss = lambda h, scale: scale * weighted_next_token_loss(h, head, targets, weights,
-                                                           chunk=8).loss_sum ** 2
-  ref = lambda h, scale: scale * weighted_next_token_loss(h, head, targets, weights, chunk=8,
-                                                          fused=False).loss_sum ** 2
+  loss = lambda h, scale: (
+    scale * weighted_next_token_loss(h, head, targets, weights, chunk=8).loss_sum ** 2
+  )
+  ref = lambda h, scale: (
+    scale * weighted_next_token_loss(h, head, targets, weights, chunk=8, fused=False).loss_sum ** 2
+  )
   for scale in (1.0, -2.5):
     assert _rel(jax.grad(loss)(hidden, scale), jax.grad(ref)(hidden, scale)) <= 1e-6
 
 
 def _head_matmuls(fn, *args) -> int:
   """dot_generals of a jaxpr (scans and custom VJPs included) with the vocabulary in a shape."""
-  return sum(any(V in tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars))
-             for eqn in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-             if eqn.primitive.name == "dot_general")
+  return sum(
+    any(V in tuple(v.aval.shape) for v in list(eqn.invars) + list(eqn.outvars))
+    for eqn in _all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+    if eqn.primitive.name == "dot_general"
+  )
 
 
 def test_fused_loss_runs_three_head_matmuls():
@@ -239,8 +260,11 @@ def test_fused_loss_runs_three_head_matmuls():
   unfused loss with remat runs four, and the fused primal (no gradient) one."""
   hidden, head, targets, weights = _inputs(7)
   grad = lambda fused: jax.value_and_grad(
-      lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8, fused=fused,
-                                            remat=True).loss_sum, argnums=(0, 1))
+    lambda h, w: (
+      weighted_next_token_loss(h, w, targets, weights, chunk=8, fused=fused, remat=True).loss_sum
+    ),
+    argnums=(0, 1),
+  )
   assert _head_matmuls(grad(True), hidden, head) == 3
   assert _head_matmuls(grad(False), hidden, head) == 4
   value = lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8).loss_sum
@@ -251,17 +275,22 @@ def test_fused_loss_gradients_ignore_nonfinite_unsupervised_positions():
   hidden, head, targets, weights = _inputs(8)
   hidden = hidden.at[1, 3].set(jnp.nan)
   weights = weights.at[1, 3].set(0.0)
-  grads = jax.grad(lambda h, w: weighted_next_token_loss(h, w, targets, weights,
-                                                         chunk=8).loss_sum,
-                   argnums=(0, 1))(hidden, head)
+  grads = jax.grad(
+    lambda h, w: weighted_next_token_loss(h, w, targets, weights, chunk=8).loss_sum, argnums=(0, 1)
+  )(hidden, head)
   assert np.isfinite(np.asarray(grads[1])).all()
   assert np.isfinite(np.delete(np.asarray(grads[0]).reshape(B * L, D), L + 3, axis=0)).all()
 
 
 def test_fused_loss_bfloat16_matches_unfused():
   hidden, head, targets, weights = _inputs(9)
-  fn = lambda fused: jax.grad(lambda h, w: weighted_next_token_loss(
-      h, w, targets, weights, chunk=8, compute_dtype=jnp.bfloat16, fused=fused).loss_sum,
-      argnums=(0, 1))(hidden, head)
+  fn = lambda fused: jax.grad(
+    lambda h, w: (
+      weighted_next_token_loss(
+        h, w, targets, weights, chunk=8, compute_dtype=jnp.bfloat16, fused=fused
+      ).loss_sum
+    ),
+    argnums=(0, 1),
+  )(hidden, head)
   for g, r in zip(fn(True), fn(False)):
     assert _rel(g, r) <= 2e-2

@@ -36,17 +36,21 @@ def params(model_config):
 
 
 def spec_for(model_config, **fields):
-  base = dict(batch_size=2, seq_len=96, visual_tokens=24, gather_size=32, pairs_per_row=3,
-              seed=5)
+  base = dict(batch_size=2, seq_len=96, visual_tokens=24, gather_size=32, pairs_per_row=3, seed=5)
   return PairSpec.for_model(model_config, **{**base, **fields})
 
 
 def separate_logps(model_config, params, rows, spec, branch):
   """Summed log-probs of prompt + one response per pair, each its own ordinary segment."""
-  cfg = PackingConfig(batch_size=spec.batch_size, seq_len=spec.seq_len,
-                      visual_budget=spec.visual_tokens, img_context_id=spec.img_context_id,
-                      img_start_id=spec.img_start_id, pad_id=spec.pad_id,
-                      loss_reduction="token")
+  cfg = PackingConfig(
+    batch_size=spec.batch_size,
+    seq_len=spec.seq_len,
+    visual_budget=spec.visual_tokens,
+    img_context_id=spec.img_context_id,
+    img_start_id=spec.img_start_id,
+    pad_id=spec.pad_id,
+    loss_reduction="token",
+  )
   pieces = []
   for row in rows:
     pieces.append([])
@@ -56,11 +60,19 @@ def separate_logps(model_config, params, rows, spec, branch):
       pieces[-1].append(make_piece(ids, resp, p["pixels"], p["pixel_rc"], None, cfg))
   batch = assemble_batch(pieces, cfg)
   hidden = NeoModel(model_config).apply(
-      {"params": params}, batch["input_ids"], batch["positions"], batch["segment_ids"],
-      batch["pixels"], batch["pixel_rc"], None, return_hidden=True)
+    {"params": params},
+    batch["input_ids"],
+    batch["positions"],
+    batch["segment_ids"],
+    batch["pixels"],
+    batch["pixel_rc"],
+    None,
+    return_hidden=True,
+  )
   logits = jnp.einsum("bld,dv->blv", hidden, head_weight(params, model_config))
-  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None],
-                             -1)[..., 0]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None], -1)[
+    ..., 0
+  ]
   logp = np.asarray(jnp.where(batch["loss_weights"] != 0, logp, 0.0), np.float64)
   out = np.zeros((spec.batch_size, pref.num_pairs(spec.gather_size)))
   lengths = np.zeros_like(out)
@@ -78,8 +90,9 @@ def test_shared_prefix_forward_equals_two_separate_forwards(model_config, params
   assert all(len(row) >= 2 for row in rows)  # several pairs per row, each with an image
   batch = pack_pairs(rows, spec)
   assert batch["pixels"].any() and (batch["branch_ids"] == 2).any()
-  pairs, counts = jax.jit(lambda p, b: pref.sequence_logps(
-      NeoModel(model_config), p, model_config, b, chunk=16))(params, batch)
+  pairs, counts = jax.jit(
+    lambda p, b: pref.sequence_logps(NeoModel(model_config), p, model_config, b, chunk=16)
+  )(params, batch)
   chosen, chosen_len = separate_logps(model_config, params, rows, spec, 1)
   rejected, rejected_len = separate_logps(model_config, params, rows, spec, 2)
   np.testing.assert_allclose(np.asarray(pairs.chosen), chosen, atol=1e-5, rtol=0)
@@ -97,8 +110,9 @@ def test_the_rejected_branch_does_not_see_the_chosen_one(model_config, params):
   """Changing a chosen token leaves every rejected log-prob as it was (and moves a chosen one)."""
   spec = spec_for(model_config)
   batch = pack_pairs(random_rows(np.random.default_rng(12), spec), spec)
-  fn = jax.jit(lambda b: pref.sequence_logps(NeoModel(model_config), params, model_config, b,
-                                             chunk=32)[0])
+  fn = jax.jit(
+    lambda b: pref.sequence_logps(NeoModel(model_config), params, model_config, b, chunk=32)[0]
+  )
   before = fn(batch)
   changed = dict(batch)
   ids = batch["input_ids"].copy()
@@ -112,15 +126,15 @@ def test_the_rejected_branch_does_not_see_the_chosen_one(model_config, params):
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "acpo"])
-def test_loss_is_ln2_at_the_reference_and_precomputed_reference_agrees(model_config, params,
-                                                                        kind):
+def test_loss_is_ln2_at_the_reference_and_precomputed_reference_agrees(model_config, params, kind):
   spec = spec_for(model_config)
   batch = next(PairIterator(spec))
   ref = jax.jit(pref.make_reference_fn(model_config, chunk=32))(params, batch)
   with_ref = {**batch, **ref}
   hp = {"beta": 0.1} if kind == "sigmoid" else {"beta": 0.1, "delta": 0.01}
-  loss_fn = pref.make_preference_loss(model_config, kind=kind, hparams=hp, reference="batch",
-                                      chunk=32)
+  loss_fn = pref.make_preference_loss(
+    model_config, kind=kind, hparams=hp, reference="batch", chunk=32
+  )
   out, _ = jax.jit(loss_fn)(params, with_ref, pref.pl.init_state(kind))
   n = float(out.weight_sum)
   assert n == sum(1 for row in random_rows(np.random.default_rng([5, 0]), spec) for _ in row)
@@ -135,9 +149,15 @@ def test_loss_is_ln2_at_the_reference_and_precomputed_reference_agrees(model_con
 
 
 def _trainer_config(workdir, steps, *extra):
-  return config_lib.load_config(LOCAL, [
-      f"--config.workdir={workdir}", f"--config.total_steps={steps}",
-      f"--config.checkpoint.every_steps={steps}", *extra])
+  return config_lib.load_config(
+    LOCAL,
+    [
+      f"--config.workdir={workdir}",
+      f"--config.total_steps={steps}",
+      f"--config.checkpoint.every_steps={steps}",
+      *extra,
+    ],
+  )
 
 
 class TwoBatches:
@@ -157,14 +177,21 @@ class TwoBatches:
 
 def test_tiny_acpo_steps_raise_the_margins(tmp_path, model_config):
   steps = 8
-  cfg = _trainer_config(tmp_path, steps, "--config.optimizer.lr=3e-3",
-                        "--config.optimizer.schedule=constant")
-  spec = PairSpec.for_model(model_config, batch_size=4, seq_len=96, visual_tokens=24,
-                            gather_size=32, pairs_per_row=3, seed=1)
+  cfg = _trainer_config(
+    tmp_path, steps, "--config.optimizer.lr=3e-3", "--config.optimizer.schedule=constant"
+  )
+  spec = PairSpec.for_model(
+    model_config,
+    batch_size=4,
+    seq_len=96,
+    visual_tokens=24,
+    gather_size=32,
+    pairs_per_row=3,
+    seed=1,
+  )
   result = stage.train(cfg, data_iterator=TwoBatches(spec))
   assert result.status == "completed" and result.step == steps
-  records = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-             if "train/loss" in r]
+  records = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "train/loss" in r]
   margins = [r["train/rewards/margins"] for r in records]
   # step 1 runs at policy = reference: ln 2 and zero rewards
   np.testing.assert_allclose(records[0]["train/loss"], math.log(2.0), rtol=1e-5)
@@ -172,12 +199,21 @@ def test_tiny_acpo_steps_raise_the_margins(tmp_path, model_config):
   assert min(margins[-2:]) > max(0.05, max(margins[:4])), margins
   assert records[-1]["train/rewards/accuracies"] > 0.6
   assert records[-1]["train/loss"] < records[1]["train/loss"] < math.log(2.0) + 1e-3
-  for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
-               "logps/rejected", "acpo/alpha_mean", "acpo/alpha_clip_frac", "acpo/tau"):
+  for name in (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "acpo/alpha_mean",
+    "acpo/alpha_clip_frac",
+    "acpo/tau",
+  ):
     assert f"train/{name}" in records[-1], name
   assert 0.0 <= records[-1]["train/acpo/alpha_mean"] <= 1.0
   # the frozen reference: saved once at the start, not moved by the steps
   import orbax.checkpoint as ocp
+
   reference = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, run_dir.REFERENCE_DIR))
   final, _ = load_run_params(str(tmp_path))
   ref_leaf = np.asarray(reference["embed_tokens"]["embedding"])

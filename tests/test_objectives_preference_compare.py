@@ -13,8 +13,9 @@ ACPO_CONFIG = os.path.join(REPO, "configs", "preference.py") + ":tiny"
 def test_configs_differ_only_in_the_loss_and_the_run_directory(tmp_path):
   sft = tmp_path / "sft"
   (sft / "checkpoints").mkdir(parents=True)
-  configs = cp.run_configs(ACPO_CONFIG, str(sft), str(tmp_path / "out"), cp.LOSSES,
-                           ["--config.total_steps=7"])
+  configs = cp.run_configs(
+    ACPO_CONFIG, str(sft), str(tmp_path / "out"), cp.LOSSES, ["--config.total_steps=7"]
+  )
   assert list(configs) == ["sigmoid", "acpo"]
   dpo, acpo = configs["sigmoid"].to_dict(), configs["acpo"].to_dict()
   assert dpo["preference"].pop("loss") == "sigmoid" and acpo["preference"].pop("loss") == "acpo"
@@ -27,9 +28,13 @@ def test_configs_differ_only_in_the_loss_and_the_run_directory(tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-  history = lambda slope, vqa: ([{"step": s, "train/rewards/chosen": slope * s,
-                                  "train/logps/chosen": -5.0 + slope * s} for s in range(1, 6)]
-                                + [{"step": 5, "vqa/accuracy": vqa}])
+  history = lambda slope, vqa: (
+    [
+      {"step": s, "train/rewards/chosen": slope * s, "train/logps/chosen": -5.0 + slope * s}
+      for s in range(1, 6)
+    ]
+    + [{"step": 5, "vqa/accuracy": vqa}]
+  )
   histories = {"sigmoid": history(-0.1, 0.6), "acpo": history(0.1, 0.7)}
   path = tmp_path / "compare.png"
   cp.plot(histories, str(path))

@@ -40,11 +40,30 @@ def rhos(i):
   return CHOSEN[i] - REF_CHOSEN[i], REJECTED[i] - REF_REJECTED[i]
 
 
-def run(kind, chosen=CHOSEN, rejected=REJECTED, ref_chosen=REF_CHOSEN, ref_rejected=REF_REJECTED,
-        chosen_len=CHOSEN_LEN, rejected_len=REJECTED_LEN, state=None, **hp):
+def run(
+  kind,
+  chosen=CHOSEN,
+  rejected=REJECTED,
+  ref_chosen=REF_CHOSEN,
+  ref_rejected=REF_REJECTED,
+  chosen_len=CHOSEN_LEN,
+  rejected_len=REJECTED_LEN,
+  state=None,
+  **hp,
+):
   arr = lambda x: jnp.asarray(x, jnp.float32)
-  return pl.preference_loss(kind, arr(chosen), arr(rejected), arr(ref_chosen), arr(ref_rejected),
-                            arr(chosen_len), arr(rejected_len), state, beta=BETA, **hp)
+  return pl.preference_loss(
+    kind,
+    arr(chosen),
+    arr(rejected),
+    arr(ref_chosen),
+    arr(ref_rejected),
+    arr(chosen_len),
+    arr(rejected_len),
+    state,
+    beta=BETA,
+    **hp,
+  )
 
 
 def hand(kind, **hp):
@@ -93,20 +112,20 @@ def hand(kind, **hp):
 
 
 CASES = [
-    ("sigmoid", {}),
-    ("sigmoid", {"label_smoothing": 0.2}),
-    ("robust", {"label_smoothing": 0.1}),
-    ("hinge", {}),
-    ("ipo", {}),
-    ("sigmoid_norm", {}),
-    ("simpo", {"gamma": 0.5}),
-    ("dpop", {"dpop_lambda": 50.0}),
-    ("nca_pair", {}),
-    ("sppo_hard", {}),
-    ("apo_zero", {}),
-    ("apo_down", {}),
-    ("exo_pair", {"label_smoothing": 1e-3}),
-    ("discopop", {"discopop_tau": 0.05}),
+  ("sigmoid", {}),
+  ("sigmoid", {"label_smoothing": 0.2}),
+  ("robust", {"label_smoothing": 0.1}),
+  ("hinge", {}),
+  ("ipo", {}),
+  ("sigmoid_norm", {}),
+  ("simpo", {"gamma": 0.5}),
+  ("dpop", {"dpop_lambda": 50.0}),
+  ("nca_pair", {}),
+  ("sppo_hard", {}),
+  ("apo_zero", {}),
+  ("apo_down", {}),
+  ("exo_pair", {"label_smoothing": 1e-3}),
+  ("discopop", {"discopop_tau": 0.05}),
 ]
 
 
@@ -134,21 +153,39 @@ def test_simpo_ignores_the_reference():
 # --- docs/reference/acpo.md#test-vectors: policy = reference (every rho = 0) ----------------------
 
 AT_REFERENCE = [
-    ("sigmoid", {}, LN2), ("dpo", {}, LN2), ("sigmoid", {"label_smoothing": 0.1}, LN2),
-    ("robust", {"label_smoothing": 0.1}, LN2), ("dpop", {}, LN2), ("acpo", {}, LN2),
-    ("acpo", {"alpha_mode": "batch"}, LN2), ("ipo", {}, (1 / (2 * BETA)) ** 2),
-    ("hinge", {}, 1.0), ("nca_pair", {}, 2 * LN2), ("apo_zero", {}, 1.0), ("apo_down", {}, 1.0),
-    ("sppo_hard", {}, 2 * (1 / (2 * BETA)) ** 2), ("simpo", {"gamma": 0.5}, -ls(-0.5)),
-    ("bco_pair", {}, 2 * LN2),
+  ("sigmoid", {}, LN2),
+  ("dpo", {}, LN2),
+  ("sigmoid", {"label_smoothing": 0.1}, LN2),
+  ("robust", {"label_smoothing": 0.1}, LN2),
+  ("dpop", {}, LN2),
+  ("acpo", {}, LN2),
+  ("acpo", {"alpha_mode": "batch"}, LN2),
+  ("ipo", {}, (1 / (2 * BETA)) ** 2),
+  ("hinge", {}, 1.0),
+  ("nca_pair", {}, 2 * LN2),
+  ("apo_zero", {}, 1.0),
+  ("apo_down", {}, 1.0),
+  ("sppo_hard", {}, 2 * (1 / (2 * BETA)) ** 2),
+  ("simpo", {"gamma": 0.5}, -ls(-0.5)),
+  ("bco_pair", {}, 2 * LN2),
 ]
 
 
-@pytest.mark.parametrize("kind,hp,expected", AT_REFERENCE,
-                         ids=[f"{k}{hp}" for k, hp, _ in AT_REFERENCE])
+@pytest.mark.parametrize(
+  "kind,hp,expected", AT_REFERENCE, ids=[f"{k}{hp}" for k, hp, _ in AT_REFERENCE]
+)
 def test_values_at_policy_equals_reference(kind, hp, expected):
   same = [-3.0, -8.0]
-  loss, metrics, _ = run(kind, chosen=same, rejected=same, ref_chosen=same, ref_rejected=same,
-                         chosen_len=[2.0, 2.0], rejected_len=[2.0, 2.0], **hp)
+  loss, metrics, _ = run(
+    kind,
+    chosen=same,
+    rejected=same,
+    ref_chosen=same,
+    ref_rejected=same,
+    chosen_len=[2.0, 2.0],
+    rejected_len=[2.0, 2.0],
+    **hp,
+  )
   np.testing.assert_allclose(np.asarray(loss), [expected] * 2, rtol=1e-6)
   if kind == "acpo":  # r_l = 0: the guard gives alpha = 1, plain DPO
     assert float(metrics["acpo/alpha_mean"]) == 1.0
@@ -156,6 +193,7 @@ def test_values_at_policy_equals_reference(kind, hp, expected):
 
 
 # --- ACPO ---------------------------------------------------------------------------------------
+
 
 def hand_acpo(delta, mode="per_sample", clip=(0.0, 1.0), guard=1e-6):
   """(losses, alphas, clipped flags, tau) of docs/reference/acpo.md#acpo-reconstruction."""
@@ -217,8 +255,15 @@ def test_acpo_guard_for_small_rejected_reward():
   # pair 1 has rho_l = 0 exactly (r_l below any guard); pair 0 |r_l| = 0.05
   chosen, rejected = [-10.0, -4.0], [-12.5, -5.0]
   ref_c, ref_r = [-11.0, -5.0], [-12.0, -5.0]
-  kw = dict(chosen=chosen, rejected=rejected, ref_chosen=ref_c, ref_rejected=ref_r,
-            chosen_len=[1.0, 1.0], rejected_len=[1.0, 1.0], delta=0.0)
+  kw = dict(
+    chosen=chosen,
+    rejected=rejected,
+    ref_chosen=ref_c,
+    ref_rejected=ref_r,
+    chosen_len=[1.0, 1.0],
+    rejected_len=[1.0, 1.0],
+    delta=0.0,
+  )
   loss, metrics, _ = run("acpo", guard_eps=0.1, **kw)  # both guarded: DPO
   dpo, _, _ = run("sigmoid", **{k: v for k, v in kw.items() if k != "delta"})
   np.testing.assert_allclose(np.asarray(loss), np.asarray(dpo), rtol=1e-6)
@@ -230,8 +275,9 @@ def test_acpo_guard_for_small_rejected_reward():
 
 def _grads(kind, chosen, rejected, **hp):
   f = lambda c, r: run(kind, chosen=c, rejected=r, **hp)[0].sum()
-  return jax.grad(f, argnums=(0, 1))(jnp.asarray(chosen, jnp.float32),
-                                      jnp.asarray(rejected, jnp.float32))
+  return jax.grad(f, argnums=(0, 1))(
+    jnp.asarray(chosen, jnp.float32), jnp.asarray(rejected, jnp.float32)
+  )
 
 
 def test_acpo_gradient_chosen_is_dpo_rejected_scaled_by_alpha():
@@ -244,8 +290,9 @@ def test_acpo_gradient_chosen_is_dpo_rejected_scaled_by_alpha():
   scaled = [REF_REJECTED[i] + alphas[i] * rhos(i)[1] for i in range(3)]
   d_w, d_l = _grads("sigmoid", CHOSEN, scaled)
   np.testing.assert_allclose(np.asarray(g_w), np.asarray(d_w), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(g_l), np.asarray(alphas) * np.asarray(d_l),
-                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+    np.asarray(g_l), np.asarray(alphas) * np.asarray(d_l), rtol=1e-6, atol=1e-9
+  )
   for i in range(3):  # and the closed forms
     rw, rl = BETA * rhos(i)[0], BETA * rhos(i)[1]
     s = sig(-(rw - alphas[i] * rl))
@@ -258,8 +305,9 @@ def test_dpo_gradients_are_equal_and_opposite():
   g_w, g_l = _grads("sigmoid", CHOSEN, REJECTED)
   np.testing.assert_allclose(np.asarray(g_l), -np.asarray(g_w), rtol=1e-6)
   for i in range(3):
-    np.testing.assert_allclose(float(g_w[i]), -BETA * sig(-BETA * (rhos(i)[0] - rhos(i)[1])),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      float(g_w[i]), -BETA * sig(-BETA * (rhos(i)[0] - rhos(i)[1])), rtol=1e-5
+    )
 
 
 def test_acpo_undetached_alpha_changes_the_gradient():
@@ -271,20 +319,27 @@ def test_acpo_undetached_alpha_changes_the_gradient():
 
 # --- metrics, masks, state ----------------------------------------------------------------------
 
+
 def test_metrics_follow_trl():
   _, m, _ = run("sigmoid")
   rw = [BETA * rhos(i)[0] for i in range(3)]
   rl = [BETA * rhos(i)[1] for i in range(3)]
   np.testing.assert_allclose(float(m["rewards/chosen"]), np.mean(rw), rtol=1e-5)
   np.testing.assert_allclose(float(m["rewards/rejected"]), np.mean(rl), rtol=1e-5)
-  np.testing.assert_allclose(float(m["rewards/margins"]), np.mean(np.subtract(rw, rl)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(m["rewards/margins"]), np.mean(np.subtract(rw, rl)), rtol=1e-5)
   np.testing.assert_allclose(float(m["rewards/accuracies"]), np.mean(np.greater(rw, rl)))
   np.testing.assert_allclose(float(m["logps/chosen"]), np.mean(CHOSEN), rtol=1e-6)
   np.testing.assert_allclose(float(m["logps/rejected"]), np.mean(REJECTED), rtol=1e-6)
   # a tie is not a correct ranking (strict >)
-  _, m, _ = run("sigmoid", chosen=[-1.0], rejected=[-1.0], ref_chosen=[-1.0],
-                ref_rejected=[-1.0], chosen_len=[1.0], rejected_len=[1.0])
+  _, m, _ = run(
+    "sigmoid",
+    chosen=[-1.0],
+    rejected=[-1.0],
+    ref_chosen=[-1.0],
+    ref_rejected=[-1.0],
+    chosen_len=[1.0],
+    rejected_len=[1.0],
+  )
   assert float(m["rewards/accuracies"]) == 0.0
 
 
@@ -293,23 +348,41 @@ def test_simpo_metrics_follow_trl_cpo():
   tokens and logs rewards = beta * those averages; accuracy compares the two rewards, so it
   follows SimPO's own (length-normalised) comparison, not the summed log-probs'."""
   chosen, rejected, chosen_len, rejected_len = [-10.0, -6.0], [-20.0, -30.0], [2, 3], [10, 10]
-  _, m, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[0.0, 0.0],
-                ref_rejected=[0.0, 0.0], chosen_len=chosen_len, rejected_len=rejected_len,
-                gamma=0.5)
+  _, m, _ = run(
+    "simpo",
+    chosen=chosen,
+    rejected=rejected,
+    ref_chosen=[0.0, 0.0],
+    ref_rejected=[0.0, 0.0],
+    chosen_len=chosen_len,
+    rejected_len=rejected_len,
+    gamma=0.5,
+  )
   avg_w = [c / n for c, n in zip(chosen, chosen_len)]  # [-5, -2]
   avg_l = [r / n for r, n in zip(rejected, rejected_len)]  # [-2, -3]
   rw, rl = [BETA * a for a in avg_w], [BETA * a for a in avg_l]
-  expected = {"rewards/chosen": np.mean(rw), "rewards/rejected": np.mean(rl),
-              "rewards/margins": np.mean(np.subtract(rw, rl)),
-              "rewards/accuracies": np.mean(np.greater(rw, rl)),
-              "logps/chosen": np.mean(avg_w), "logps/rejected": np.mean(avg_l)}
+  expected = {
+    "rewards/chosen": np.mean(rw),
+    "rewards/rejected": np.mean(rl),
+    "rewards/margins": np.mean(np.subtract(rw, rl)),
+    "rewards/accuracies": np.mean(np.greater(rw, rl)),
+    "logps/chosen": np.mean(avg_w),
+    "logps/rejected": np.mean(avg_l),
+  }
   assert expected["rewards/accuracies"] == 0.5  # summed log-probs would rank both right
   for name, value in expected.items():
     np.testing.assert_allclose(float(m[name]), value, rtol=1e-6, atol=1e-7, err_msg=name)
   # the reference never enters SimPO's metrics
-  _, m2, _ = run("simpo", chosen=chosen, rejected=rejected, ref_chosen=[-1.0, -7.0],
-                 ref_rejected=[-3.0, -2.0], chosen_len=chosen_len, rejected_len=rejected_len,
-                 gamma=0.5)
+  _, m2, _ = run(
+    "simpo",
+    chosen=chosen,
+    rejected=rejected,
+    ref_chosen=[-1.0, -7.0],
+    ref_rejected=[-3.0, -2.0],
+    chosen_len=chosen_len,
+    rejected_len=rejected_len,
+    gamma=0.5,
+  )
   for name in expected:
     assert float(m2[name]) == float(m[name]), name
 
@@ -323,8 +396,9 @@ def test_ipo_metrics_are_per_token_like_trl_dpo():
   np.testing.assert_allclose(float(m["rewards/chosen"]), np.mean(rw), rtol=1e-5)
   np.testing.assert_allclose(float(m["rewards/rejected"]), np.mean(rl), rtol=1e-5)
   np.testing.assert_allclose(float(m["rewards/accuracies"]), np.mean(np.greater(rw, rl)))
-  np.testing.assert_allclose(float(m["logps/chosen"]),
-                             np.mean(np.divide(CHOSEN, CHOSEN_LEN)), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(m["logps/chosen"]), np.mean(np.divide(CHOSEN, CHOSEN_LEN)), rtol=1e-6
+  )
 
 
 def test_padding_pairs_count_for_nothing():
@@ -333,9 +407,16 @@ def test_padding_pairs_count_for_nothing():
   assert float(loss[1]) == 0.0
   keep = [0, 2]
   sub = lambda x: [x[i] for i in keep]
-  loss2, m2, _ = run("acpo", delta=0.02, chosen=sub(CHOSEN), rejected=sub(REJECTED),
-                     ref_chosen=sub(REF_CHOSEN), ref_rejected=sub(REF_REJECTED),
-                     chosen_len=sub(CHOSEN_LEN), rejected_len=sub(REJECTED_LEN))
+  loss2, m2, _ = run(
+    "acpo",
+    delta=0.02,
+    chosen=sub(CHOSEN),
+    rejected=sub(REJECTED),
+    ref_chosen=sub(REF_CHOSEN),
+    ref_rejected=sub(REF_REJECTED),
+    chosen_len=sub(CHOSEN_LEN),
+    rejected_len=sub(REJECTED_LEN),
+  )
   np.testing.assert_allclose(np.asarray(loss)[keep], np.asarray(loss2), rtol=1e-6)
   for name in m2:
     np.testing.assert_allclose(float(m[name]), float(m2[name]), rtol=1e-6, err_msg=name)
@@ -368,8 +449,10 @@ def test_bco_running_mean_and_mpo_mix():
   np.testing.assert_allclose(float(m["sft/nll"]), -sum(CHOSEN) / tokens, rtol=1e-5)
   seq, _, _ = run("mpo", sft_reduction="sequence")
   np.testing.assert_allclose(
-      np.asarray(seq) - np.asarray(mpo),
-      [-CHOSEN[i] / CHOSEN_LEN[i] - sft[i] for i in range(3)], rtol=1e-5)
+    np.asarray(seq) - np.asarray(mpo),
+    [-CHOSEN[i] / CHOSEN_LEN[i] - sft[i] for i in range(3)],
+    rtol=1e-5,
+  )
 
 
 def test_errors_name_the_problem():
@@ -386,8 +469,12 @@ def test_errors_name_the_problem():
 # --- the alpha table of docs/acpo.md ------------------------------------------------------------
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "acpo.md"
-BRANCH_METRIC = {"guard": "acpo/guard_frac", "low": "acpo/alpha_low_frac",
-                 "high": "acpo/alpha_high_frac", "inside": "acpo/alpha_inside_frac"}
+BRANCH_METRIC = {
+  "guard": "acpo/guard_frac",
+  "low": "acpo/alpha_low_frac",
+  "high": "acpo/alpha_high_frac",
+  "inside": "acpo/alpha_inside_frac",
+}
 
 
 def docs_alpha_rows():
@@ -398,8 +485,16 @@ def docs_alpha_rows():
   for line in table.strip().splitlines()[2:]:
     cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
     first_number = lambda c: float(re.match(r"-?[0-9.]+", c).group())
-    rows.append((float(cells[1]), float(cells[2]), cells[3], first_number(cells[4]), cells[5],
-                 first_number(cells[6])))
+    rows.append(
+      (
+        float(cells[1]),
+        float(cells[2]),
+        cells[3],
+        first_number(cells[4]),
+        cells[5],
+        first_number(cells[6]),
+      )
+    )
   return rows
 
 
@@ -410,8 +505,16 @@ def test_docs_alpha_table():
   assert len(rows) >= 7 and {r[4] for r in rows} == set(BRANCH_METRIC)
   tau = 0.01 * (3 + 4)
   for r_w, r_l, alpha_star_text, alpha, branch, loss in rows:
-    per_pair, m, _ = run("acpo", chosen=[r_w / BETA], rejected=[r_l / BETA], ref_chosen=[0.0],
-                         ref_rejected=[0.0], chosen_len=[3.0], rejected_len=[4.0], delta=0.01)
+    per_pair, m, _ = run(
+      "acpo",
+      chosen=[r_w / BETA],
+      rejected=[r_l / BETA],
+      ref_chosen=[0.0],
+      ref_rejected=[0.0],
+      chosen_len=[3.0],
+      rejected_len=[4.0],
+      delta=0.01,
+    )
     where = f"row r_w={r_w}, r_l={r_l}"
     assert float(m["acpo/tau"]) == pytest.approx(tau), where
     assert float(m["acpo/alpha_mean"]) == pytest.approx(alpha, abs=5e-4), where

@@ -18,8 +18,9 @@ def fake_mesh(owners: list) -> types.SimpleNamespace:
   devices = np.empty(owners.shape, object)
   for index, p in np.ndenumerate(owners):
     devices[index] = types.SimpleNamespace(process_index=int(p))
-  return types.SimpleNamespace(devices=devices,
-                               shape=dict(zip(("data", "fsdp", "tensor"), owners.shape)))
+  return types.SimpleNamespace(
+    devices=devices, shape=dict(zip(("data", "fsdp", "tensor"), owners.shape))
+  )
 
 
 def test_one_process_feeds_every_shard():
@@ -52,17 +53,27 @@ def test_a_tensor_group_across_processes_feeds_the_same_rows():
 
 def test_meshes_no_stream_can_feed_are_refused_naming_the_axes():
   mesh = fake_mesh([[[0, 0], [0, 1], [1, 1]]])  # process 0: shards {0, 1}, process 1: {1, 2}
-  with pytest.raises(UserError, match=r"processes 0 and 1 hold batch shards \[0, 1\] and "
-                     r"\[1, 2\].*axes spanning processes: fsdp=3, tensor=2"):
+  with pytest.raises(
+    UserError,
+    match=r"processes 0 and 1 hold batch shards \[0, 1\] and "
+    r"\[1, 2\].*axes spanning processes: fsdp=3, tensor=2",
+  ):
     batch_layout(mesh, 6, process_index=0)
 
 
-@pytest.mark.parametrize("rows, accum, message", [
-    (6, 1, "6 rows per micro-batch .* not divisible by the mesh's 4 batch shards "
-           r"\(data=2, fsdp=2\); set data.batch_size to a multiple of 4"),
+@pytest.mark.parametrize(
+  "rows, accum, message",
+  [
+    (
+      6,
+      1,
+      "6 rows per micro-batch .* not divisible by the mesh's 4 batch shards "
+      r"\(data=2, fsdp=2\); set data.batch_size to a multiple of 4",
+    ),
     (8, 4, "2 rows per micro-batch .* a multiple of 16"),
     (9, 2, "9 rows per update do not split into grad_accum_steps=2"),
-])
+  ],
+)
 def test_batch_sizes_that_do_not_fit_the_mesh_are_one_line_errors(rows, accum, message):
   mesh = fake_mesh(np.zeros((2, 2, 1), int).tolist())
   with pytest.raises(UserError, match=message):

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_neo_reference as ref
 from safetensors.torch import save_file
 
-import torch_neo_reference as ref
 from neo_jax import cli
 from neo_jax.config import tiny
 from neo_jax.convert import hf_checkpoint, jax_checkpoint, mapping
@@ -30,8 +30,12 @@ GRIDS = [(4, 6), (2, 2), (6, 4)]  # 16-px grids: 6, 1 and 6 visual tokens
 def convert(sd, config):
   """Torch state dict -> our params through the conversion table."""
   arrays = {k: v.numpy() for k, v in sd.items()}
-  return mapping.params_from_hf(arrays.__getitem__, {k: a.shape for k, a in arrays.items()},
-                                {k: a.dtype for k, a in arrays.items()}, config)
+  return mapping.params_from_hf(
+    arrays.__getitem__,
+    {k: a.shape for k, a in arrays.items()},
+    {k: a.dtype for k, a in arrays.items()},
+    config,
+  )
 
 
 def inputs(config, grids=GRIDS, seed=0):
@@ -62,8 +66,10 @@ def test_decoder_layer_matches_torch():
   expected = ref.decoder_layer(sd, 0, ref.Dims(hf), x, ref.thw_indexes(ids, grid_hw, ref.Dims(hf)))
   positions = jnp.asarray(batch["positions"])
   ids_j = jnp.asarray(batch["input_ids"])
-  attn_ids = AttnIds(jnp.asarray(batch["segment_ids"]),
-                     image_ids(ids_j, positions[:, 0], config.img_context_token_id))
+  attn_ids = AttnIds(
+    jnp.asarray(batch["segment_ids"]),
+    image_ids(ids_j, positions[:, 0], config.img_context_token_id),
+  )
   ctx = LayerContext(rope_tables(positions, config), attn_ids, None, None)
   got, _ = DecoderLayer(config).apply({"params": layer}, jnp.asarray(x.numpy())[None], ctx, None)
   err = np.abs(np.asarray(got[0]) - expected.numpy()).max()
@@ -82,7 +88,8 @@ def test_hw_subheads_matter_in_the_layer():
   full = ref.decoder_layer(sd, 0, ref.Dims(hf), x, thw)
   no_hw = dict(sd)
   no_hw["language_model.model.layers.0.self_attn.k_proj_hw.weight"] = torch.zeros_like(
-      sd["language_model.model.layers.0.self_attn.k_proj_hw.weight"])
+    sd["language_model.model.layers.0.self_attn.k_proj_hw.weight"]
+  )
   assert (full - ref.decoder_layer(no_hw, 0, ref.Dims(hf), x, thw)).abs().max() > 1e-2
 
 
@@ -94,8 +101,9 @@ def test_patch_embedding_matches_torch():
   ids, pixel_values, grid_hw = inputs(config, seed=4)
   batch = hf_inputs_to_batch(ids.numpy(), pixel_values.numpy(), grid_hw.numpy(), config)
   expected = ref.vision(sd, ref.Dims(hf), pixel_values, grid_hw)
-  got = PatchEmbedding(config).apply({"params": params["vision"]}, jnp.asarray(batch["pixels"]),
-                                     jnp.asarray(batch["pixel_rc"]))
+  got = PatchEmbedding(config).apply(
+    {"params": params["vision"]}, jnp.asarray(batch["pixels"]), jnp.asarray(batch["pixel_rc"])
+  )
   assert got.shape == (1, expected.shape[0], config.hidden_size)
   err = np.abs(np.asarray(got[0]) - expected.numpy()).max()
   assert err <= 1e-5, err
@@ -119,15 +127,21 @@ def golden_model(tmp_path_factory):
   sd64 = {k: v.double() for k, v in sd.items()}
   logits = ref.neo_logits(sd64, hf, ids, pixel_values.double(), grid_hw).float()
   golden = root / "golden.npz"
-  np.savez(golden, input_ids=ids.numpy(), pixel_values=pixel_values.numpy(),
-           grid_hw=grid_hw.numpy(), logits=logits.numpy())
+  np.savez(
+    golden,
+    input_ids=ids.numpy(),
+    pixel_values=pixel_values.numpy(),
+    grid_hw=grid_hw.numpy(),
+    logits=logits.numpy(),
+  )
   return hf_dir, golden, root
 
 
 def test_compare_logits_passes_on_torch_golden(golden_model, capsys):
   hf_dir, golden, _ = golden_model
-  code = cli.main(["compare-logits", "--checkpoint", str(hf_dir), "--golden", str(golden),
-                   "--atol", "1e-5"])
+  code = cli.main(
+    ["compare-logits", "--checkpoint", str(hf_dir), "--golden", str(golden), "--atol", "1e-5"]
+  )
   out = capsys.readouterr().out
   assert code == 0, out
   assert "OK" in out and "mean KL" in out

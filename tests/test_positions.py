@@ -6,7 +6,9 @@ The example: docs/reference/neo.md#worked-example.
 import jax.numpy as jnp
 import numpy as np
 
-from neo_jax.config import IMG_CONTEXT_TOKEN_ID as C, IMG_END_TOKEN_ID as E, IMG_START_TOKEN_ID as I
+from neo_jax.config import IMG_CONTEXT_TOKEN_ID as C
+from neo_jax.config import IMG_END_TOKEN_ID as E
+from neo_jax.config import IMG_START_TOKEN_ID as I
 from neo_jax.positions import grid_rc, image_ids, native_rope_positions
 
 X = 9707  # any text token
@@ -16,19 +18,24 @@ def positions(ids, rc, seg=None, branch=None, xp=np):
   ids = np.asarray(ids)
   seg = np.ones_like(ids) if seg is None else np.asarray(seg)
   args = [xp.asarray(ids), xp.asarray(seg), xp.asarray(rc)]
-  return np.asarray(native_rope_positions(*args, None if branch is None else xp.asarray(branch),
-                                          img_context_id=C, img_start_id=I))
+  return np.asarray(
+    native_rope_positions(
+      *args, None if branch is None else xp.asarray(branch), img_context_id=C, img_start_id=I
+    )
+  )
 
 
 def test_worked_example_two_images():
   # a 2x3 image, then a 1x2 image (docs/reference/neo.md#worked-example)
   ids = [X, X, X, I] + [C] * 6 + [E, X, X, I, C, C, E, X]
   rc = np.concatenate([grid_rc(2, 3), grid_rc(1, 2)])
-  expected = np.array([
+  expected = np.array(
+    [
       [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 5, 6, 7, 8, 9, 9, 10, 11],
       [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
       [0, 0, 0, 0, 0, 1, 2, 0, 1, 2, 0, 0, 0, 0, 0, 1, 0, 0],
-  ])
+    ]
+  )
   np.testing.assert_array_equal(positions(ids, rc), expected)
   np.testing.assert_array_equal(positions(ids, rc, xp=jnp), expected)
 

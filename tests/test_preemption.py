@@ -34,17 +34,23 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "pretrain.py") + ":tiny,local"
 STEPS = 40
 STEP_SLEEP_S = 0.1
-OVERRIDES = ("--config.mesh.num_devices=0", "--config.mesh.fsdp=-1",
-             "--config.checkpoint.every_steps=1000", "--config.checkpoint.max_to_keep=5",
-             "--config.log.tensorboard=false")
+OVERRIDES = (
+  "--config.mesh.num_devices=0",
+  "--config.mesh.fsdp=-1",
+  "--config.checkpoint.every_steps=1000",
+  "--config.checkpoint.max_to_keep=5",
+  "--config.log.tensorboard=false",
+)
 TIMEOUT_S = 240
 
 
 def worker(workdir: str, port: int, process_id: int, steps: int) -> int:
   import jax
+
   jax.config.update("jax_num_cpu_devices", 1)
   from neo_jax.cli import main
   from neo_jax.trainer import loop
+
   call_hooks = loop.Trainer._call_hooks
 
   def slow_hooks(self, info):  # time for a signal to land mid-run
@@ -52,12 +58,26 @@ def worker(workdir: str, port: int, process_id: int, steps: int) -> int:
     return call_hooks(self, info)
 
   loop.Trainer._call_hooks = slow_hooks
-  return main(["train", "--config", CONFIG, "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--process-id", str(process_id),
-               f"--config.workdir={workdir}", f"--config.total_steps={steps}", *OVERRIDES])
+  return main(
+    [
+      "train",
+      "--config",
+      CONFIG,
+      "--coordinator",
+      f"127.0.0.1:{port}",
+      "--num-processes",
+      "2",
+      "--process-id",
+      str(process_id),
+      f"--config.workdir={workdir}",
+      f"--config.total_steps={steps}",
+      *OVERRIDES,
+    ]
+  )
 
 
 # --- the test side ------------------------------------------------------------------------------
+
 
 def _records(workdir: Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
@@ -75,9 +95,15 @@ def _launch(workdir: Path, log_dir: Path, name: str, signals=(), env_extra=None)
   for pid in range(2):
     log = open(log_dir / f"{name}_p{pid}.log", "w")
     logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, __file__, str(workdir), str(port), str(pid), str(STEPS)], env=env,
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, __file__, str(workdir), str(port), str(pid), str(STEPS)],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+    )
   deadline = time.monotonic() + TIMEOUT_S
   try:
     if signals:
@@ -151,19 +177,26 @@ def _interrupt_and_finish(run: Path, logs: Path, launches, straight: Path) -> No
 def test_sigterm_to_one_then_to_both_stops_all_after_the_same_step(straight, tmp_path):
   """JAX's preemption service decides: SIGTERM to one process; after resuming, SIGTERM to
   both a second apart."""
-  _interrupt_and_finish(tmp_path / "run", tmp_path, [
+  _interrupt_and_finish(
+    tmp_path / "run",
+    tmp_path,
+    [
       ("one", [(1, signal.SIGTERM, 0.0)], None),
       ("both", [(0, signal.SIGTERM, 0.0), (1, signal.SIGTERM, 1.0)], None),
-  ], straight)
+    ],
+    straight,
+  )
 
 
 @pytest.mark.slow
-def test_sighup_without_the_preemption_service_stops_all_after_the_same_step(straight,
-                                                                             tmp_path):
+def test_sighup_without_the_preemption_service_stops_all_after_the_same_step(straight, tmp_path):
   """With JAX's preemption service off the processes gather their flags after each update."""
-  _interrupt_and_finish(tmp_path / "run", tmp_path, [
-      ("gather", [(1, signal.SIGHUP, 0.0)], {"JAX_ENABLE_PREEMPTION_SERVICE": "false"}),
-  ], straight)
+  _interrupt_and_finish(
+    tmp_path / "run",
+    tmp_path,
+    [("gather", [(1, signal.SIGHUP, 0.0)], {"JAX_ENABLE_PREEMPTION_SERVICE": "false"})],
+    straight,
+  )
 
 
 if __name__ == "__main__":

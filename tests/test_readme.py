@@ -47,7 +47,9 @@ def test_quickstart_is_what_make_and_ci_run():
   quickstart = _read("README.md").split("## Quickstart", 1)[1]
   first_block = re.search(r"```bash\n(.*?)```", quickstart, re.S).group(1)
   assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == [
-      "make demo", "make test"]
+    "make demo",
+    "make test",
+  ]
   makefile = _read("Makefile")
   assert re.search(r"^demo: .*\n\t\$\(BIN\)/neo-jax demo$", makefile, re.M)
   assert re.search(r"^test: .*\n\t\$\(BIN\)/python -m pytest$", makefile, re.M)
@@ -62,8 +64,7 @@ def test_neo_jax_commands_take_the_flags_shown(capsys):
     command = [args[0]] + ([args[1]] if args[0] == "convert" else [])
     assert command[0] in cli.COMMANDS, words
     text = _help(command, capsys)
-    flags = [a.split("=")[0] for a in args if a.startswith("--")
-             and not a.startswith("--config.")]
+    flags = [a.split("=")[0] for a in args if a.startswith("--") and not a.startswith("--config.")]
     for flag in flags:
       assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (flag, words)
     overrides = [a for a in args if a.startswith("--config.")]
@@ -73,12 +74,16 @@ def test_neo_jax_commands_take_the_flags_shown(capsys):
 
 
 def test_launch_scripts_take_the_flags_shown():
-  commands = [_program(w) for w in readme_commands() if _program(w)[:1]
-              and _program(w)[0].startswith("launch/")]
+  commands = [
+    _program(w)
+    for w in readme_commands()
+    if _program(w)[:1] and _program(w)[0].startswith("launch/")
+  ]
   assert {c[0] for c in commands} == {"launch/tpu_pod.sh", "launch/gpu_slurm.sbatch"}
   for words in commands:
-    out = subprocess.run(["bash", os.path.join(REPO, words[0]), "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+      ["bash", os.path.join(REPO, words[0]), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for flag in (a.split("=")[0] for a in words[1:] if a.startswith("--")):
       if flag.startswith("--config."):  # passed through to `neo-jax train`
         continue

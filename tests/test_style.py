@@ -11,8 +11,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _ruff(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "ruff", *args, "--no-cache", str(ROOT)],
-                        capture_output=True, text=True, cwd=ROOT)
+  return subprocess.run(
+    [sys.executable, "-m", "ruff", *args, "--no-cache", str(ROOT)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
 
 
 def test_ruff_check_is_clean():

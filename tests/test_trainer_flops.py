@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from neo_jax.config import tiny
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 from neo_jax.ops.masks import AttnIds, dense_mask
 from neo_jax.positions import image_ids
-from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 from neo_jax.trainer import flops as M
 from neo_jax.trainer import optimizer as O
 
@@ -18,8 +18,9 @@ CFG = compact_vocab(tiny(), 512)
 
 
 def _dense_pairs(seg, img, branch=None):
-  ids = AttnIds(jnp.asarray(seg), jnp.asarray(img),
-                None if branch is None else jnp.asarray(branch), None)
+  ids = AttnIds(
+    jnp.asarray(seg), jnp.asarray(img), None if branch is None else jnp.asarray(branch), None
+  )
   return np.asarray(dense_mask(ids).sum(axis=(1, 2)))
 
 
@@ -61,12 +62,19 @@ def test_attention_pairs_with_preference_branches():
 
 def test_step_flops_by_hand_for_one_text_sample():
   n, L = 10, 16
-  batch = {"input_ids": np.full((1, L), 5, np.int32),
-           "segment_ids": np.asarray([[1] * n + [0] * (L - n)], np.int32),
-           "positions": np.zeros((1, 3, L), np.int32)}
+  batch = {
+    "input_ids": np.full((1, L), 5, np.int32),
+    "segment_ids": np.asarray([[1] * n + [0] * (L - n)], np.int32),
+    "positions": np.zeros((1, 3, L), np.int32),
+  }
   c = CFG
-  d, f, h, kv, hd = (c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                     c.num_key_value_heads, c.head_dim)
+  d, f, h, kv, hd = (
+    c.hidden_size,
+    c.intermediate_size,
+    c.num_attention_heads,
+    c.num_key_value_heads,
+    c.head_dim,
+  )
   per_token_layer = 2 * (d * hd * (3 * h + 3 * kv) + 3 * d * f)
   layers = per_token_layer * n * c.num_hidden_layers
   attention = 2 * (2 * hd + hd) * h * (n * (n + 1) // 2) * c.num_hidden_layers
@@ -82,14 +90,19 @@ def test_frozen_parameters_get_no_weight_gradient_flops():
   batch = synthetic_batch(spec, 0)
   everything = M.step_flops(CFG, batch, None)
   from neo_jax.model import abstract_params
+
   pretrain = O.trainable_paths(abstract_params(CFG), O.stage_patterns("pretrain"))
   frozen = M.step_flops(CFG, batch, pretrain)
   assert frozen["forward"] == everything["forward"]
   # the difference is exactly the weight gradients of the frozen LLM matmuls and the head
   c, tokens = CFG, frozen["tokens"]
   d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-  llm = 2 * tokens * c.num_llm_layers * (
-      d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * d * f)
+  llm = (
+    2
+    * tokens
+    * c.num_llm_layers
+    * (d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) + 3 * d * f)
+  )
   head = 2 * d * c.vocab_size * batch["input_ids"].size
   assert everything["backward"] - frozen["backward"] == pytest.approx(llm + head)
   assert frozen["visual_tokens"] == (batch["input_ids"] == CFG.img_context_token_id).sum()
@@ -98,11 +111,20 @@ def test_frozen_parameters_get_no_weight_gradient_flops():
 def test_six_n_is_close_for_long_text_without_attention():
   big = tiny(vocab_size=1000)
   n = 2048
-  batch = {"input_ids": np.full((1, n), 5, np.int32), "segment_ids": np.ones((1, n), np.int32),
-           "positions": np.zeros((1, 3, n), np.int32)}
+  batch = {
+    "input_ids": np.full((1, n), 5, np.int32),
+    "segment_ids": np.ones((1, n), np.int32),
+    "positions": np.zeros((1, 3, n), np.int32),
+  }
   out = M.step_flops(big, batch)
-  attn = 3 * 2 * (big.qk_head_dim + big.head_dim) * big.num_attention_heads \
-      * (n * (n + 1) / 2) * big.num_hidden_layers
+  attn = (
+    3
+    * 2
+    * (big.qk_head_dim + big.head_dim)
+    * big.num_attention_heads
+    * (n * (n + 1) / 2)
+    * big.num_hidden_layers
+  )
   assert (out["total"] - attn) / n == pytest.approx(M.params_flops_per_token(big), rel=1e-6)
 
 

@@ -6,17 +6,41 @@ import numpy as np
 import pytest
 
 from neo_jax.errors import RunError
-from neo_jax.trainer.hooks import (Cadence, Evaluate, LogMetrics, NanPolicy, NonFiniteError,
-                                   ProgressBar, SaveCheckpoint, SkippedUpdatesError, StepInfo,
-                                   Throughput, memory_stats, train_record)
+from neo_jax.trainer.hooks import (
+  Cadence,
+  Evaluate,
+  LogMetrics,
+  NanPolicy,
+  NonFiniteError,
+  ProgressBar,
+  SaveCheckpoint,
+  SkippedUpdatesError,
+  StepInfo,
+  Throughput,
+  memory_stats,
+  train_record,
+)
 from neo_jax.trainer.metrics import MetricWriter, read_jsonl
 
 
 def info(step=1, *, first=False, last=False, seconds=0.5, batch=None, **metrics):
-  base = {"loss": 2.0, "grad_norm": 1.0, "learning_rate": 1e-3, "nonfinite_loss": 0,
-          "nonfinite_grad_norm": 0}
-  return StepInfo(step=step, state="STATE", metrics={**base, **metrics}, batch=batch or {},
-                  data_state={"step": step}, seconds=seconds, first=first, last=last)
+  base = {
+    "loss": 2.0,
+    "grad_norm": 1.0,
+    "learning_rate": 1e-3,
+    "nonfinite_loss": 0,
+    "nonfinite_grad_norm": 0,
+  }
+  return StepInfo(
+    step=step,
+    state="STATE",
+    metrics={**base, **metrics},
+    batch=batch or {},
+    data_state={"step": step},
+    seconds=seconds,
+    first=first,
+    last=last,
+  )
 
 
 def test_cadence():
@@ -51,9 +75,12 @@ def test_nan_policy_continues_a_resumed_count_and_fails_past_its_share():
   policy(info(9, loss=float("nan"), nonfinite_loss=1))
   assert policy.report() == {"train/skipped_steps": 3.0}
   policy.check_share(12)  # 3 of 12 = 0.25: at the limit, not over it
-  with pytest.raises(SkippedUpdatesError, match=r"3 of 11 updates were skipped .* "
-                     r"max_skipped_share=0.25; the run ended at step 11 \(last checkpoint: "
-                     r"step 8\)"):
+  with pytest.raises(
+    SkippedUpdatesError,
+    match=r"3 of 11 updates were skipped .* "
+    r"max_skipped_share=0.25; the run ended at step 11 \(last checkpoint: "
+    r"step 8\)",
+  ):
     policy.check_share(11)
   assert issubclass(SkippedUpdatesError, RunError) and issubclass(NonFiniteError, RunError)
 
@@ -84,12 +111,26 @@ def test_progress_bar_counts_from_the_start_step():
 
 
 def test_train_record_names_and_token_accuracy():
-  record = train_record({"loss": 1.5, "grad_norm": 2.0, "learning_rate": 0.1,
-                         "nonfinite_loss": 0, "nonfinite_grad_norm": 0,
-                         "correct_tokens": 3.0, "supervised_tokens": 4.0, "pairs": 2.0})
-  assert record == {"train/loss": 1.5, "train/grad_norm": 2.0, "train/learning_rate": 0.1,
-                    "train/token_accuracy": 0.75, "train/supervised_tokens": 4.0,
-                    "train/pairs": 2.0}
+  record = train_record(
+    {
+      "loss": 1.5,
+      "grad_norm": 2.0,
+      "learning_rate": 0.1,
+      "nonfinite_loss": 0,
+      "nonfinite_grad_norm": 0,
+      "correct_tokens": 3.0,
+      "supervised_tokens": 4.0,
+      "pairs": 2.0,
+    }
+  )
+  assert record == {
+    "train/loss": 1.5,
+    "train/grad_norm": 2.0,
+    "train/learning_rate": 0.1,
+    "train/token_accuracy": 0.75,
+    "train/supervised_tokens": 4.0,
+    "train/pairs": 2.0,
+  }
 
 
 def test_log_metrics_writes_one_record_with_its_sources(tmp_path):
@@ -115,7 +156,8 @@ def test_evaluate_merges_evaluators_into_one_record(tmp_path):
   writer.close()
   assert seen == [("STATE", 8)]
   assert read_jsonl(str(tmp_path / "metrics.jsonl")) == [
-      {"step": 8, "eval/loss": 0.5, "vqa/accuracy": 0.75}]
+    {"step": 8, "eval/loss": 0.5, "vqa/accuracy": 0.75}
+  ]
 
 
 def test_save_checkpoint_passes_state_data_position_and_meta():
@@ -126,7 +168,7 @@ def test_save_checkpoint_passes_state_data_position_and_meta():
       saved.append((state, data_state, meta))
 
   SaveCheckpoint(Recorder(), "sft", lambda: {"skipped_steps": 3})(info(5, loss=1.25))
-  (state, data_state, meta), = saved
+  ((state, data_state, meta),) = saved
   assert state == "STATE" and data_state == {"step": 5}
   assert meta["stage"] == "sft" and meta["loss"] == 1.25 and meta["time"] > 0
   assert meta["skipped_steps"] == 3

@@ -8,19 +8,18 @@ import time
 
 import jax
 import numpy as np
-import pytest
-
 import orbax.checkpoint as ocp
+import pytest
 
 from neo_jax import objectives, stage
 from neo_jax.run_dir import load_run_params
-from neo_jax.trainer.hooks import NonFiniteError
-from neo_jax.trainer.loop import Trainer
-from neo_jax.trainer.objective import LossOutput, Objective
 from neo_jax.trainer import config as config_lib
 from neo_jax.trainer.batches import synthetic_iterator
 from neo_jax.trainer.checkpoint import RunCheckpointer
+from neo_jax.trainer.hooks import NonFiniteError
+from neo_jax.trainer.loop import Trainer
 from neo_jax.trainer.metrics import read_jsonl
+from neo_jax.trainer.objective import LossOutput, Objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny pretrain stage shrunk: 1 + 1 layers, a 512-token vocabulary, 8 synthetic rows of 64
@@ -29,8 +28,9 @@ LOCAL = os.path.join(REPO, "configs", "pretrain.py") + ":tiny,local"
 
 
 def small_config(workdir, total_steps, *extra):
-  return config_lib.load_config(LOCAL, [f"--config.workdir={workdir}",
-                                        f"--config.total_steps={total_steps}", *extra])
+  return config_lib.load_config(
+    LOCAL, [f"--config.workdir={workdir}", f"--config.total_steps={total_steps}", *extra]
+  )
 
 
 def _losses(history):
@@ -47,8 +47,9 @@ N = 8  # steps before the interruption; the straight run takes 2N
 def straight(tmp_path_factory):
   """2N steps of the tiny pretrain stage (its own mask: LLM frozen), checkpoints every N."""
   workdir = tmp_path_factory.mktemp("straight")
-  config = small_config(workdir, 2 * N, f"--config.checkpoint.every_steps={N}",
-                        "--config.trainable=()")
+  config = small_config(
+    workdir, 2 * N, f"--config.checkpoint.every_steps={N}", "--config.trainable=()"
+  )
   return workdir, stage.train(config)
 
 
@@ -60,8 +61,15 @@ def test_tiny_pretrain_loss_falls_and_logs(straight):
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in records] == list(range(1, 2 * N + 1))
   last = records[-1]
-  for key in ("train/loss", "train/grad_norm", "train/learning_rate", "perf/tokens_per_s",
-              "perf/step_time_s", "perf/tflops_per_s_per_device", "data/batches"):
+  for key in (
+    "train/loss",
+    "train/grad_norm",
+    "train/learning_rate",
+    "perf/tokens_per_s",
+    "perf/step_time_s",
+    "perf/tflops_per_s_per_device",
+    "data/batches",
+  ):
     assert key in last and np.isfinite(last[key]), key
   assert "perf/first_step_s" in records[0]
   events = os.listdir(os.path.join(workdir, "tensorboard"))
@@ -114,11 +122,20 @@ def test_nonfinite_loss_stops_with_step_and_metric(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_during_cli_run_leaves_a_restorable_checkpoint(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "neo_jax.cli", "train", "--config", LOCAL,
-         f"--config.workdir={tmp_path}", "--config.total_steps=100000",
-         "--config.checkpoint.every_steps=100000"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "neo_jax.cli",
+    "train",
+    "--config",
+    LOCAL,
+    f"--config.workdir={tmp_path}",
+    "--config.total_steps=100000",
+    "--config.checkpoint.every_steps=100000",
+  ]
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -149,8 +166,12 @@ def test_a_second_objective_plugs_into_the_same_trainer(straight, tmp_path):
 
     def loss_fn(params, batch):
       out = inner(params, batch)
-      return LossOutput(2.0 * out.loss_sum, out.weight_sum,
-                        {**out.metrics, "rows": (batch["segment_ids"][:, 0] > 0).sum() * 1.0})
+      return LossOutput(
+        2.0 * out.loss_sum,
+        out.weight_sum,
+        {**out.metrics, "rows": (batch["segment_ids"][:, 0] > 0).sum() * 1.0},
+      )
+
     return loss_fn
 
   doubled = Objective("doubled", make_loss, base.step_flops)

@@ -8,17 +8,16 @@ import optax
 import pytest
 
 from neo_jax.config import neo_2b, tiny
+from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 from neo_jax.model import abstract_params
+from neo_jax.objectives.next_token import next_token_loss
 from neo_jax.parallel import batch_shardings, make_mesh, shard_batch
 from neo_jax.trainer import optimizer as O
 from neo_jax.trainer.state import init_state, state_shardings
-from neo_jax.objectives.next_token import next_token_loss
 from neo_jax.trainer.step import compile_step, make_train_step
-from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
-SPEC = SyntheticSpec.for_model(CFG, batch_size=4, seq_len=64, visual_tokens=24,
-                               max_image_tokens=9)
+SPEC = SyntheticSpec.for_model(CFG, batch_size=4, seq_len=64, visual_tokens=24, max_image_tokens=9)
 HW = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 
 
@@ -26,8 +25,12 @@ def test_pretrain_mask_selects_exactly_the_paper_set():
   paths = set(O.flat(abstract_params(neo_2b())))
   chosen = O.trainable_paths(abstract_params(neo_2b()), O.stage_patterns("pretrain"))
   expected = {p for p in paths if p.startswith(("vision/", "pre_buffer/"))}
-  expected |= {f"llm/self_attn/{name}/{leaf}" for name in HW
-               for leaf in ("kernel", "scale") if f"llm/self_attn/{name}/{leaf}" in paths}
+  expected |= {
+    f"llm/self_attn/{name}/{leaf}"
+    for name in HW
+    for leaf in ("kernel", "scale")
+    if f"llm/self_attn/{name}/{leaf}" in paths
+  }
   assert chosen == expected
   assert "embed_tokens/embedding" not in chosen and "norm/scale" not in chosen
   assert "llm/self_attn/q_proj/kernel" not in chosen
@@ -50,11 +53,13 @@ def pretrain_run():
   tx = O.adamw()
   state0 = init_state(CFG, tx, trainable, mesh, seed=0)
   before = jax.device_get(state0.params)
-  step = make_train_step(next_token_loss(CFG, chunk=16), tx,
-                         O.learning_rate_schedule(1e-2, 10), trainable)
+  step = make_train_step(
+    next_token_loss(CFG, chunk=16), tx, O.learning_rate_schedule(1e-2, 10), trainable
+  )
   batch = synthetic_batch(SPEC, 0)
-  run = compile_step(step, mesh, state_shardings(CFG, tx, trainable, mesh),
-                     batch_shardings(batch, mesh))
+  run = compile_step(
+    step, mesh, state_shardings(CFG, tx, trainable, mesh), batch_shardings(batch, mesh)
+  )
   state = state0
   for i in range(3):
     state, _ = run(state, shard_batch(synthetic_batch(SPEC, i), mesh))
@@ -113,19 +118,26 @@ def test_nonfinite_step_is_skipped_without_touching_state():
 
   def loss_fn(p, batch):
     from neo_jax.trainer.objective import LossOutput
+
     value = jnp.sum(p["w"] * batch["x"][:, :2].sum()) + p["b"].sum()
     return LossOutput(value, jnp.float32(1.0), {})
 
   from neo_jax.trainer.state import create_state
+
   state = create_state(params, tx, trainable, seed=0)
   for policy, expect_same in (("skip", True), ("stop", True), ("ignore", False)):
-    step = jax.jit(make_train_step(loss_fn, tx, O.learning_rate_schedule(0.1, 10), trainable,
-                                   nan_policy=policy))
+    step = jax.jit(
+      make_train_step(loss_fn, tx, O.learning_rate_schedule(0.1, 10), trainable, nan_policy=policy)
+    )
     new, metrics = step(state, {"x": jnp.full((3, 3), jnp.nan)})
     assert int(metrics["nonfinite_loss"]) == 1 and int(new.step) == 1
-    same = all(np.array_equal(a, b, equal_nan=True) for a, b in
-               zip(jax.tree.leaves((new.params, new.opt_state)),
-                   jax.tree.leaves((state.params, state.opt_state))))
+    same = all(
+      np.array_equal(a, b, equal_nan=True)
+      for a, b in zip(
+        jax.tree.leaves((new.params, new.opt_state)),
+        jax.tree.leaves((state.params, state.opt_state)),
+      )
+    )
     assert same == expect_same, policy
     good, metrics = step(state, {"x": jnp.ones((3, 3))})
     assert int(metrics["nonfinite_loss"]) == 0

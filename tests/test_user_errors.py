@@ -11,15 +11,15 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_inference_support import image, random_model, tokenizer
 
 from neo_jax import cli, run_dir
 from neo_jax.convert import load_checkpoint, save_params
-from neo_jax.data.packing import PackedBatchIterator, PackingConfig, STATS_KEY
+from neo_jax.data.packing import STATS_KEY, PackedBatchIterator, PackingConfig
 from neo_jax.data.stats import STAT_INDEX, reset_skip_warnings
 from neo_jax.errors import UserError
 from neo_jax.inference.loading import load_for_inference
 from neo_jax.trainer.metrics import read_jsonl
-from test_inference_support import image, random_model, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the SFT stage shrunk: 1 + 1 layers, 512-token vocabulary, synthetic rows, one device
@@ -31,9 +31,18 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")  # conftest.py
 
 def train(workdir, *extra):
   """`neo-jax train` of 4 steps of LOCAL, checkpoints at steps 2 and 4."""
-  return cli.main(["train", "--config", LOCAL, f"--config.workdir={workdir}",
-                   "--config.total_steps=4", "--config.checkpoint.every_steps=2",
-                   "--log-level=WARNING", *extra])
+  return cli.main(
+    [
+      "train",
+      "--config",
+      LOCAL,
+      f"--config.workdir={workdir}",
+      "--config.total_steps=4",
+      "--config.checkpoint.every_steps=2",
+      "--log-level=WARNING",
+      *extra,
+    ]
+  )
 
 
 def error_line(capsys, command):
@@ -91,16 +100,17 @@ def params_dir(tmp_path_factory):
   """A neo-jax parameter directory of a tiny random model with the NEO tokenizer files."""
   params, config = random_model()
   root = tmp_path_factory.mktemp("params")
-  return save_params(str(root / "model"), params, config,
-                     tokenizer_dir=str(tokenizer().directory))
+  return save_params(str(root / "model"), params, config, tokenizer_dir=str(tokenizer().directory))
 
 
 # --- the table: bad input in, one line out, nothing written or lost -----------------------------
 
+
 def test_wrong_type_in_a_sequence_field_fails_before_any_work(tmp_path, capsys):
   workdir = tmp_path / "never"
-  rc = cli.main(["train", "--config", TINY, f"--config.workdir={workdir}",
-                 "--config.data.sources=5"])
+  rc = cli.main(
+    ["train", "--config", TINY, f"--config.workdir={workdir}", "--config.data.sources=5"]
+  )
   line = error_line(capsys, "train")
   assert rc == 2 and "data.sources=(5,)" in line and "--config.data.sources=" in line
   assert not workdir.exists()
@@ -109,19 +119,20 @@ def test_wrong_type_in_a_sequence_field_fails_before_any_work(tmp_path, capsys):
 @pytest.mark.parametrize("field", ["checkpoint.every_steps", "log.every_steps"])
 def test_zero_cadence_fails_before_any_work(tmp_path, capsys, field):
   workdir = tmp_path / "never"
-  rc = cli.main(["train", "--config", LOCAL, f"--config.workdir={workdir}",
-                 f"--config.{field}=0"])
+  rc = cli.main(["train", "--config", LOCAL, f"--config.workdir={workdir}", f"--config.{field}=0"])
   line = error_line(capsys, "train")
   assert rc == 2 and f"{field}=0 must be > 0" in line
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("damage, message", [
+@pytest.mark.parametrize(
+  "damage, message",
+  [
     ("truncate_array", "unreadable (Exception: Encountered error while reading array"),
     ("remove_metadata", "lists no parameters"),
-])
-def test_generate_on_a_damaged_parameter_directory(params_dir, tmp_path, capsys, damage,
-                                                   message):
+  ],
+)
+def test_generate_on_a_damaged_parameter_directory(params_dir, tmp_path, capsys, damage, message):
   damaged = str(tmp_path / "model")
   shutil.copytree(params_dir, damaged)
   if damage == "truncate_array":
@@ -202,9 +213,23 @@ def test_eval_skips_and_counts_a_line_that_is_not_utf8(params_dir, tmp_path, cap
   good = json.dumps({"image": "a.png", "question": "What color?", "answer": "red"}).encode()
   (tmp_path / "vqa.jsonl").write_bytes(good + b"\n" + b'{"question": "\xff\xfe"}\n' + good + b"\n")
   out = tmp_path / "pred.jsonl"
-  rc = cli.main(["eval", "--checkpoint", params_dir, "--task", "vqa", "--data",
-                 str(tmp_path / "vqa.jsonl"), "--out", str(out), "--batch-size", "2",
-                 "--max-new-tokens", "2"])
+  rc = cli.main(
+    [
+      "eval",
+      "--checkpoint",
+      params_dir,
+      "--task",
+      "vqa",
+      "--data",
+      str(tmp_path / "vqa.jsonl"),
+      "--out",
+      str(out),
+      "--batch-size",
+      "2",
+      "--max-new-tokens",
+      "2",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 0
   assert "skipped 1 samples" in err and "vqa.jsonl:2: not UTF-8 text" in err
@@ -215,16 +240,22 @@ def test_eval_skips_and_counts_a_line_that_is_not_utf8(params_dir, tmp_path, cap
 
 def test_a_sample_too_long_for_a_row_is_named(caplog):
   reset_skip_warnings()
-  cfg = PackingConfig(batch_size=1, seq_len=64, visual_budget=4, img_context_id=9,
-                      img_start_id=8, pad_id=0)
+  cfg = PackingConfig(
+    batch_size=1, seq_len=64, visual_budget=4, img_context_id=9, img_start_id=8, pad_id=0
+  )
 
   def sample(n, record_id):
-    return {"input_ids": np.arange(1, n + 1, dtype=np.int32),
-            "supervised": np.ones(n, bool), "pixels": np.zeros((0, 4, 768), np.uint8),
-            "pixel_rc": np.zeros((0, 2), np.int32), "splittable": np.asarray(False),
-            "id": record_id}
+    return {
+      "input_ids": np.arange(1, n + 1, dtype=np.int32),
+      "supervised": np.ones(n, bool),
+      "pixels": np.zeros((0, 4, 768), np.uint8),
+      "pixel_rc": np.zeros((0, 2), np.int32),
+      "splittable": np.asarray(False),
+      "id": record_id,
+    }
 
   import grain
+
   parent = grain.MapDataset.source([sample(300, "long.jsonl:7"), sample(10, "ok.jsonl:1")])
   iterator = PackedBatchIterator(parent.to_iter_dataset().__iter__(), cfg)
   with caplog.at_level(logging.WARNING, logger="neo_jax.data"):
@@ -232,15 +263,20 @@ def test_a_sample_too_long_for_a_row_is_named(caplog):
   assert batch[STATS_KEY][STAT_INDEX["dropped/too_many_tokens"]] == 1
   assert batch[STATS_KEY][STAT_INDEX["samples"]] == 1
   named = [r.getMessage() for r in caplog.records if "too_many_tokens" in r.getMessage()]
-  assert named == ["dropping a sample (too_many_tokens): long.jsonl:7: 300 tokens > "
-                   "data.seq_len 64"]
+  assert named == [
+    "dropping a sample (too_many_tokens): long.jsonl:7: 300 tokens > data.seq_len 64"
+  ]
 
 
 def test_skipped_updates_are_counted_across_resume_and_fail_the_run(tmp_path, capsys):
   """lr = 1e30 blows the parameters up after step 2: every later update is non-finite."""
   run = str(tmp_path / "run")
-  nan = ("--config.nan_policy=skip", "--config.optimizer.lr=1e30", "--config.total_steps=8",
-         "--config.checkpoint.every_steps=4")
+  nan = (
+    "--config.nan_policy=skip",
+    "--config.optimizer.lr=1e30",
+    "--config.total_steps=8",
+    "--config.checkpoint.every_steps=4",
+  )
   assert train(run, *nan, "--config.max_skipped_share=1.0") == 0  # accepted: 6 of 8 skipped
   shutil.rmtree(os.path.join(run, "checkpoints", "8"))  # as if killed before saving step 8
   capsys.readouterr()
@@ -271,10 +307,11 @@ def test_conversion_names_each_tensor_holding_nan_or_inf(tmp_path, capsys):
   warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
   layer = config.num_prebuffer_layers  # llm layer 0 is HF layer E
   assert rc == 0 and warnings == [
-      "warning: non-finite values in language_model.model.embed_tokens.weight: 0 NaN, 2 Inf "
-      f"of {params['embed_tokens']['embedding'].size} values",
-      f"warning: non-finite values in language_model.model.layers.{layer}.mlp.down_proj."
-      f"weight: 1 NaN, 0 Inf of {params['llm']['mlp']['down_proj']['kernel'][0].size} values"]
+    "warning: non-finite values in language_model.model.embed_tokens.weight: 0 NaN, 2 Inf "
+    f"of {params['embed_tokens']['embedding'].size} values",
+    f"warning: non-finite values in language_model.model.layers.{layer}.mlp.down_proj."
+    f"weight: 1 NaN, 0 Inf of {params['llm']['mlp']['down_proj']['kernel'][0].size} values",
+  ]
   assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
 
 
@@ -288,6 +325,7 @@ def test_exported_tokenizer_files_have_neos_eos_and_chat_still_stops_at_im_end(p
 
 
 # --- the error contract ---------------------------------------------------------------------------
+
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
   args = ["train", "--config", TINY, f"--config.workdir={tmp_path}", "--config.data.sources=5"]
@@ -303,6 +341,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 
 
 # --- damaged checkpoint directories ---------------------------------------------------------------
+
 
 def test_every_file_of_the_newest_step_truncated_or_removed(trained, tmp_path, caplog):
   """Each file of step 4 truncated to half, then removed, in turn. Every case restores either
@@ -348,7 +387,7 @@ def test_every_file_of_the_newest_step_truncated_or_removed(trained, tmp_path, c
         with open(os.path.join(step4, name), "rb") as f:
           content = f.read()
         with open(target_file, "wb") as f:
-          f.write(content[:len(content) // 2])
+          f.write(content[: len(content) // 2])
       damaged = listing(os.path.join(run, "checkpoints", "4"))
       caplog.clear()
       with caplog.at_level(logging.WARNING, logger="neo_jax"):

@@ -9,7 +9,7 @@ read docs/reference/neo.md the same way (#patch-embedding, #decoder-layer,
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ class Dims:
 
 # --- positions (docs/reference/neo.md#index-rule) ----------------------------------------------
 
+
 def thw_indexes(input_ids: Tensor, grid_hw: Tensor, dims: Dims) -> Tensor:
   """[3, L] T/H/W of one sequence: T = cumsum(s + n) - 1; image tokens take (row, col)."""
   prev = torch.cat([torch.full((1,), -1, dtype=input_ids.dtype), input_ids[:-1]])
@@ -66,6 +67,7 @@ def thw_indexes(input_ids: Tensor, grid_hw: Tensor, dims: Dims) -> Tensor:
 
 # --- decoder (docs/reference/neo.md#decoder-layer, #multi-head-native-attention, #native-rope,
 # #attention-mask, #output-head) ----------------------------------------------------------------
+
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
   x32 = x.float()
@@ -95,8 +97,14 @@ def mixed_mask(t: Tensor) -> Tensor:
   return torch.zeros(length, length).masked_fill(~allowed, float("-inf"))
 
 
-def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
-                  thw: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def decoder_layer(
+  sd: Mapping[str, Tensor],
+  layer: int,
+  dims: Dims,
+  x: Tensor,
+  thw: Tensor,
+  mask: Tensor | None = None,
+) -> Tensor:
   """One NEO layer on x [L, hidden] with positions thw [3, L]; `mask` is mixed_mask(thw[0])
   (computed here when not given)."""
   p = LAYER.format(layer)
@@ -113,10 +121,16 @@ def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
     t = split_heads(F.linear(hn, w(f"self_attn.{prefix}_proj.weight")), heads)
     hw = split_heads(F.linear(hn, w(f"self_attn.{prefix}_proj_hw.weight")), heads)
     t = rope(rms_norm(t, w(f"self_attn.{prefix}_norm.weight"), dims.eps), t_pos, dims.theta_t)
-    hh = rope(rms_norm(hw[..., :dhw], w(f"self_attn.{prefix}_norm_h.weight"), dims.eps), h_pos,
-              dims.theta_hw)
-    ww = rope(rms_norm(hw[..., dhw:], w(f"self_attn.{prefix}_norm_w.weight"), dims.eps), w_pos,
-              dims.theta_hw)
+    hh = rope(
+      rms_norm(hw[..., :dhw], w(f"self_attn.{prefix}_norm_h.weight"), dims.eps),
+      h_pos,
+      dims.theta_hw,
+    )
+    ww = rope(
+      rms_norm(hw[..., dhw:], w(f"self_attn.{prefix}_norm_w.weight"), dims.eps),
+      w_pos,
+      dims.theta_hw,
+    )
     return torch.cat([t, hh, ww], dim=-1)
 
   q = qk("q", dims.heads)  # [nH, L, 2d]
@@ -137,6 +151,7 @@ def decoder_layer(sd: Mapping[str, Tensor], layer: int, dims: Dims, x: Tensor,
 
 # --- vision (docs/reference/neo.md#patch-embedding) ---------------------------------------------
 
+
 def vision_rotary(f: Tensor, x_pos: Tensor, y_pos: Tensor, theta: float) -> Tensor:
   """Interleaved pairs; first half of channels rotated by column x, second half by row y."""
   part = f.shape[-1] // 2
@@ -155,17 +170,22 @@ def vision(sd: Mapping[str, Tensor], dims: Dims, pixel_values: Tensor, grid_hw: 
   """[N_patches, 768] row-major patches per image -> [sum h16*w16/4, hidden] visual tokens."""
   e = "vision_model.embeddings."
   p = dims.patch
-  x = F.conv2d(pixel_values.view(-1, 3, p, p), sd[e + "patch_embedding.weight"],
-               sd[e + "patch_embedding.bias"], stride=p)
+  x = F.conv2d(
+    pixel_values.view(-1, 3, p, p),
+    sd[e + "patch_embedding.weight"],
+    sd[e + "patch_embedding.bias"],
+    stride=p,
+  )
   f = F.gelu(x.flatten(1))
   outputs, start = [], 0
   for h16, w16 in grid_hw.tolist():
     n = h16 * w16
     k = torch.arange(n)
-    img = vision_rotary(f[start:start + n], k % w16, k // w16, dims.theta_v)
+    img = vision_rotary(f[start : start + n], k % w16, k // w16, dims.theta_v)
     grid = img.view(h16, w16, -1).permute(2, 0, 1)[None]
-    merged = F.conv2d(grid, sd[e + "dense_embedding.weight"], sd[e + "dense_embedding.bias"],
-                      stride=2)
+    merged = F.conv2d(
+      grid, sd[e + "dense_embedding.weight"], sd[e + "dense_embedding.bias"], stride=2
+    )
     outputs.append(merged.flatten(2)[0].transpose(0, 1))
     start += n
   return torch.cat(outputs)
@@ -173,15 +193,26 @@ def vision(sd: Mapping[str, Tensor], dims: Dims, pixel_values: Tensor, grid_hw: 
 
 # --- whole model ----------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def neo_logits(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
-               pixel_values: Optional[Tensor] = None, grid_hw: Optional[Tensor] = None) -> Tensor:
+def neo_logits(
+  sd: Mapping[str, Tensor],
+  hf_config: Mapping,
+  input_ids: Tensor,
+  pixel_values: Tensor | None = None,
+  grid_hw: Tensor | None = None,
+) -> Tensor:
   """Logits [L, vocab] of one sequence (batch size 1, as the HF model)."""
   return neo_forward(sd, hf_config, input_ids, pixel_values, grid_hw)
 
 
-def neo_forward(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
-                pixel_values: Optional[Tensor] = None, grid_hw: Optional[Tensor] = None) -> Tensor:
+def neo_forward(
+  sd: Mapping[str, Tensor],
+  hf_config: Mapping,
+  input_ids: Tensor,
+  pixel_values: Tensor | None = None,
+  grid_hw: Tensor | None = None,
+) -> Tensor:
   """`neo_logits` under autograd (gradients reach every tensor of `sd` that requires them);
   the mask is built once, as the HF model does."""
   dims = Dims(hf_config)
@@ -200,8 +231,9 @@ def neo_forward(sd: Mapping[str, Tensor], hf_config: Mapping, input_ids: Tensor,
   return F.linear(x, head)
 
 
-def random_state_dict(hf_config: Mapping, seed: int = 0, tied: bool = True,
-                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def random_state_dict(
+  hf_config: Mapping, seed: int = 0, tied: bool = True, dtype: torch.dtype = torch.float32
+) -> dict[str, Tensor]:
   """Every tensor of docs/reference/neo.md#state-dict-keys, random and non-zero (H/W included).
 
   Projections are N(0, 1/fan_in) so activations stay O(1); norm weights are 1 + N(0, 0.1^2)
@@ -213,13 +245,15 @@ def random_state_dict(hf_config: Mapping, seed: int = 0, tied: bool = True,
   lin = lambda out, inp: torch.randn(out, inp, generator=g) / math.sqrt(inp)
   norm = lambda n: 1.0 + 0.1 * torch.randn(n, generator=g)
   sd = {
-      "vision_model.embeddings.patch_embedding.weight": torch.randn(c, 3, dims.patch, dims.patch,
-                                                                    generator=g) / math.sqrt(768),
-      "vision_model.embeddings.patch_embedding.bias": 0.1 * torch.randn(c, generator=g),
-      "vision_model.embeddings.dense_embedding.weight": torch.randn(hid, c, 2, 2, generator=g)
-                                                        / math.sqrt(4 * c),
-      "vision_model.embeddings.dense_embedding.bias": 0.1 * torch.randn(hid, generator=g),
-      "language_model.model.embed_tokens.weight": torch.randn(dims.vocab, hid, generator=g),
+    "vision_model.embeddings.patch_embedding.weight": torch.randn(
+      c, 3, dims.patch, dims.patch, generator=g
+    )
+    / math.sqrt(768),
+    "vision_model.embeddings.patch_embedding.bias": 0.1 * torch.randn(c, generator=g),
+    "vision_model.embeddings.dense_embedding.weight": torch.randn(hid, c, 2, 2, generator=g)
+    / math.sqrt(4 * c),
+    "vision_model.embeddings.dense_embedding.bias": 0.1 * torch.randn(hid, generator=g),
+    "language_model.model.embed_tokens.weight": torch.randn(dims.vocab, hid, generator=g),
   }
   for layer in range(dims.layers):
     p = LAYER.format(layer)
@@ -251,8 +285,9 @@ def random_images(grid_hws: list[tuple[int, int]], seed: int = 0) -> tuple[Tenso
   return torch.cat(pixels), torch.tensor(grid_hws, dtype=torch.long)
 
 
-def sequence_with_images(grid_hws: list[tuple[int, int]], dims_or_config, seed: int = 0,
-                         text_between: int = 3) -> Tensor:
+def sequence_with_images(
+  grid_hws: list[tuple[int, int]], dims_or_config, seed: int = 0, text_between: int = 3
+) -> Tensor:
   """Text, then per image `<img>` + `<IMG_CONTEXT>` x (h16*w16/4) + `</img>` + text."""
   dims = dims_or_config if isinstance(dims_or_config, Dims) else Dims(dims_or_config)
   g = torch.Generator().manual_seed(seed)

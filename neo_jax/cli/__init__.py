@@ -16,41 +16,58 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from neo_jax.errors import (DEBUG_ENV, EXIT_RUN_FAILED, EXIT_USER_ERROR, RunError, UserError,
-                            debug_enabled, one_line)
+from neo_jax.errors import (
+  DEBUG_ENV,
+  EXIT_RUN_FAILED,
+  EXIT_USER_ERROR,
+  RunError,
+  UserError,
+  debug_enabled,
+  one_line,
+)
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "demo": ("neo_jax.cli.demo",
-             "the main job: train the tiny NEO on easy-vqa (pretrain -> SFT -> ACPO) on CPU"),
-    "train": ("neo_jax.cli.train", "train a NEO model from an ml_collections config"),
-    "compare-preference": ("neo_jax.cli.compare_preference", "DPO vs ACPO from one SFT run"),
-    "convert": ("neo_jax.cli.convert",
-                "convert checkpoints: hf-to-jax | jax-to-hf | qwen3-to-neo"),
-    "compare-logits": ("neo_jax.cli.compare_logits",
-                       "check a checkpoint's logits against a golden .npz file"),
-    "generate": ("neo_jax.cli.generate", "answer a prompt about images with a checkpoint"),
-    "eval": ("neo_jax.cli.eval", "evaluate a checkpoint on VQA or POPE files"),
-    "data": ("neo_jax.cli.data", "build and inspect data sets (TFDS builders, embedded data)"),
+  "demo": (
+    "neo_jax.cli.demo",
+    "the main job: train the tiny NEO on easy-vqa (pretrain -> SFT -> ACPO) on CPU",
+  ),
+  "train": ("neo_jax.cli.train", "train a NEO model from an ml_collections config"),
+  "compare-preference": ("neo_jax.cli.compare_preference", "DPO vs ACPO from one SFT run"),
+  "convert": ("neo_jax.cli.convert", "convert checkpoints: hf-to-jax | jax-to-hf | qwen3-to-neo"),
+  "compare-logits": (
+    "neo_jax.cli.compare_logits",
+    "check a checkpoint's logits against a golden .npz file",
+  ),
+  "generate": ("neo_jax.cli.generate", "answer a prompt about images with a checkpoint"),
+  "eval": ("neo_jax.cli.eval", "evaluate a checkpoint on VQA or POPE files"),
+  "data": ("neo_jax.cli.data", "build and inspect data sets (TFDS builders, embedded data)"),
 }
 
 # what a user's input raises (ValueError covers json.JSONDecodeError and UnicodeDecodeError)
-_USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError)
+_USER_ERRORS = (
+  UserError,
+  ValueError,
+  FileNotFoundError,
+  NotADirectoryError,
+  IsADirectoryError,
+  PermissionError,
+)
 DEBUG_FLAG = "--debug"
 _DEBUG_HELP = f"show the traceback of an error instead of one line (also: {DEBUG_ENV}=1)"
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="neo-jax",
-      description="NEO native vision-language models and ACPO preference training in JAX.",
-      epilog="Run `neo-jax COMMAND --help` for a command's flags. Errors are one line on "
-             "stderr: exit status 2 for a bad flag, config value or file, 1 for a run that "
-             "failed (non-finite values, too many skipped updates), 130 / 143 when stopped by "
-             "Ctrl-C / SIGTERM.")
+    prog="neo-jax",
+    description="NEO native vision-language models and ACPO preference training in JAX.",
+    epilog="Run `neo-jax COMMAND --help` for a command's flags. Errors are one line on "
+    "stderr: exit status 2 for a bad flag, config value or file, 1 for a run that "
+    "failed (non-finite values, too many skipped updates), 130 / 143 when stopped by "
+    "Ctrl-C / SIGTERM.",
+  )
   parser.add_argument(DEBUG_FLAG, action="store_true", help=_DEBUG_HELP)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (_, help_text) in COMMANDS.items():
@@ -58,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   # --debug anywhere (before the command, after it, after a subcommand such as convert's)
   debug = DEBUG_FLAG in argv or debug_enabled()

@@ -36,18 +36,37 @@ ACCEPTS_CONFIG_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--sft", required=True, metavar="DIR",
-                      help="the SFT run directory (or any NEO checkpoint) both runs start from")
-  parser.add_argument("--out", required=True, metavar="DIR",
-                      help="output directory: a run directory per loss, compare.png, "
-                           "summary.json")
-  parser.add_argument("--config", default=os.path.join("configs", "preference.py") + ":tiny",
-                      metavar="FILE[:ARG]", help="preference config (default: %(default)s)")
-  parser.add_argument("--losses", default=",".join(LOSSES),
-                      help="comma-separated preference losses to run (default: %(default)s)")
-  parser.add_argument("--questions", type=int, default=1000, metavar="N",
-                      help="easy-vqa test questions every run (and the SFT start) answers; 0: "
-                           "none (default: %(default)s)")
+  parser.add_argument(
+    "--sft",
+    required=True,
+    metavar="DIR",
+    help="the SFT run directory (or any NEO checkpoint) both runs start from",
+  )
+  parser.add_argument(
+    "--out",
+    required=True,
+    metavar="DIR",
+    help="output directory: a run directory per loss, compare.png, summary.json",
+  )
+  parser.add_argument(
+    "--config",
+    default=os.path.join("configs", "preference.py") + ":tiny",
+    metavar="FILE[:ARG]",
+    help="preference config (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--losses",
+    default=",".join(LOSSES),
+    help="comma-separated preference losses to run (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--questions",
+    type=int,
+    default=1000,
+    metavar="N",
+    help="easy-vqa test questions every run (and the SFT start) answers; 0: "
+    "none (default: %(default)s)",
+  )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,18 +74,21 @@ def run(args: argparse.Namespace) -> int:
   if args.questions < 0:
     raise UserError(f"--questions={args.questions} must be >= 0")
   losses = [x.strip() for x in args.losses.split(",") if x.strip()]
-  configs = run_configs(args.config, args.sft, args.out,
-                        losses, getattr(args, "config_overrides", []))
+  configs = run_configs(
+    args.config, args.sft, args.out, losses, getattr(args, "config_overrides", [])
+  )
   os.makedirs(args.out, exist_ok=True)
   histories, summaries = {}, {}
   for loss, config in configs.items():
     config.eval.vqa_examples = 0  # every run is scored below, on the same questions
-    logging.getLogger("neo_jax.train").info("compare-preference: %s in %s", loss,
-                                            config.workdir)
+    logging.getLogger("neo_jax.train").info("compare-preference: %s in %s", loss, config.workdir)
     result = stage.train(config)
     if result.status != "completed":
-      print(f"neo-jax compare-preference: {loss} stopped at step {result.step} "
-            f"({result.status}); run the same command to resume", file=sys.stderr)
+      print(
+        f"neo-jax compare-preference: {loss} stopped at step {result.step} "
+        f"({result.status}); run the same command to resume",
+        file=sys.stderr,
+      )
       return 1
   examples = read_vqa_eval("test", args.questions) if args.questions else []
   scores = {}
@@ -88,11 +110,14 @@ def run(args: argparse.Namespace) -> int:
     json.dump(summaries, f, indent=2)
   for loss, values in summaries.items():
     if isinstance(values, dict):
-      shown = ", ".join(f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in values.items()
-                        if v is not None)
+      shown = ", ".join(
+        f"{k.split('/', 1)[-1]} {v:.4g}" for k, v in values.items() if v is not None
+      )
       print(f"{LABELS.get(loss, loss)}: {shown}")
   if examples:
-    print(f"VQA accuracy on the same {len(examples)} questions ({summaries['question_set']}): "
-          + ", ".join(f"{LABELS.get(k, k)} {v['accuracy']:.1%}" for k, v in scores.items()))
+    print(
+      f"VQA accuracy on the same {len(examples)} questions ({summaries['question_set']}): "
+      + ", ".join(f"{LABELS.get(k, k)} {v['accuracy']:.1%}" for k, v in scores.items())
+    )
   print(f"neo-jax compare-preference: wrote {png}", file=sys.stderr)
   return 0

@@ -3,7 +3,7 @@
     stage 1  pretrain  configs/pretrain.py:tiny                captions: vision from random weights
     stage 2  sft       configs/sft.py:tiny                     questions -> answers, from stage 1
     stage 3  dpo       configs/preference.py:tiny,loss=dpo     preference pairs, from stage 2
-    stage 4  acpo      configs/preference.py:tiny              the same pairs and steps, from stage 2
+    stage 4  acpo      configs/preference.py:tiny              the same pairs and steps, from 2
 
 Each stage is `neo_jax.stage.train` on the stage's own config, with its run directory
 under the demo's work directory and its initial weights taken from the run it starts from.
@@ -24,9 +24,11 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from neo_jax import run_dir, stage as stage_lib
+from neo_jax import run_dir
+from neo_jax import stage as stage_lib
 from neo_jax.cli.train import setup_logging
 from neo_jax.evals.easy_vqa import format_accuracy, log_score, score_run
 from neo_jax.objectives.preference import compare
@@ -35,13 +37,22 @@ from neo_jax.trainer.hooks import StepInfo
 from neo_jax.trainer.metrics import read_jsonl
 
 # (stage, config file, its argument, the stage whose weights it starts from)
-STAGES = (("pretrain", "pretrain.py", "tiny", None), ("sft", "sft.py", "tiny", "pretrain"),
-          ("dpo", "preference.py", "tiny,loss=dpo", "sft"),
-          ("acpo", "preference.py", "tiny", "sft"))
+STAGES = (
+  ("pretrain", "pretrain.py", "tiny", None),
+  ("sft", "sft.py", "tiny", "pretrain"),
+  ("dpo", "preference.py", "tiny,loss=dpo", "sft"),
+  ("acpo", "preference.py", "tiny", "sft"),
+)
 PREFERENCE = ("dpo", "acpo")  # the same start, pairs and steps: only the loss differs
 EVAL_AFTER = ("sft",) + PREFERENCE  # stages whose model answers the VQA test questions
-CURVES = ("train/logps/chosen", "train/rewards/chosen", "train/logps/rejected",
-          "train/rewards/rejected", "train/rewards/margins", "train/rewards/accuracies")
+CURVES = (
+  "train/logps/chosen",
+  "train/rewards/chosen",
+  "train/logps/rejected",
+  "train/rewards/rejected",
+  "train/rewards/margins",
+  "train/rewards/accuracies",
+)
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "loss.png"
 PREFERENCE_PLOT = "preference.png"
@@ -66,27 +77,45 @@ newest checkpoint; delete WORKDIR to start over. Ctrl-C saves a checkpoint and s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
-  parser.description = ("Train the tiny NEO on the embedded easy-vqa data on CPU: pretrain, "
-                        "SFT, then DPO and ACPO from the same SFT weights; print the held-out "
-                        "VQA accuracy of each.")
+  parser.description = (
+    "Train the tiny NEO on the embedded easy-vqa data on CPU: pretrain, "
+    "SFT, then DPO and ACPO from the same SFT weights; print the held-out "
+    "VQA accuracy of each."
+  )
   parser.epilog = EPILOG
-  parser.add_argument("--workdir", default=None,
-                      help=f"where the stages' run directories, loss.png and summary.json go "
-                           f"(default {DEFAULT_WORKDIR}; {QUICK_WORKDIR} with --quick)")
-  parser.add_argument("--quick", action="store_true",
-                      help=f"{QUICK_STEPS} updates per stage and {QUICK_QUESTIONS} test "
-                           "questions: checks that everything runs (minutes), learns nothing")
-  parser.add_argument("--skip-preference", action="store_true",
-                      help="stop after SFT (no DPO / ACPO stages)")
-  parser.add_argument("--questions", type=int, default=None, metavar="N",
-                      help="easy-vqa test questions to score (default 1000 of 9,673; "
-                           f"{QUICK_QUESTIONS} with --quick)")
-  parser.add_argument("--configs", default=None, metavar="DIR",
-                      help="directory of the stage config files (default: the repository's "
-                           "configs/)")
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help=f"where the stages' run directories, loss.png and summary.json go "
+    f"(default {DEFAULT_WORKDIR}; {QUICK_WORKDIR} with --quick)",
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"{QUICK_STEPS} updates per stage and {QUICK_QUESTIONS} test "
+    "questions: checks that everything runs (minutes), learns nothing",
+  )
+  parser.add_argument(
+    "--skip-preference", action="store_true", help="stop after SFT (no DPO / ACPO stages)"
+  )
+  parser.add_argument(
+    "--questions",
+    type=int,
+    default=None,
+    metavar="N",
+    help="easy-vqa test questions to score (default 1000 of 9,673; "
+    f"{QUICK_QUESTIONS} with --quick)",
+  )
+  parser.add_argument(
+    "--configs",
+    default=None,
+    metavar="DIR",
+    help="directory of the stage config files (default: the repository's configs/)",
+  )
 
 
 # --- stages -----------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Stage:
@@ -96,7 +125,7 @@ class Stage:
   config_path: str
   config_arg: str  # get_config's argument: the model and its variant
   workdir: str
-  init_from: Optional[str]  # the run directory of the stage it starts from
+  init_from: str | None  # the run directory of the stage it starts from
 
 
 def default_configs_dir() -> str:
@@ -105,8 +134,9 @@ def default_configs_dir() -> str:
   return os.path.normpath(os.path.join(here, "..", "..", "configs"))
 
 
-def plan(workdir: str, configs_dir: str, skip_preference: bool,
-         say: Callable[[str], None] = print) -> list[Stage]:
+def plan(
+  workdir: str, configs_dir: str, skip_preference: bool, say: Callable[[str], None] = print
+) -> list[Stage]:
   """The stages to run, in order; a missing preference config drops those stages with a
   message."""
   stages: list[Stage] = []
@@ -150,7 +180,7 @@ def stage_config(stage: Stage, quick: bool) -> Any:
   return config
 
 
-def finished_step(workdir: str) -> Optional[int]:
+def finished_step(workdir: str) -> int | None:
   """The newest checkpoint's step of a run directory, or None (no orbax needed)."""
   steps = run_dir.saved_steps(workdir)
   return steps[-1] if steps else None
@@ -174,8 +204,10 @@ class StepPrinter:
   def __call__(self, info: StepInfo) -> None:
     rate = f", {self._seconds / self._steps:.2f} s/step" if self._steps else ""
     self._steps, self._seconds = 0, 0.0
-    self.say(f"  {self.name} step {info.step}/{self.total}: loss {info.metrics['loss']:.4f}"
-             f"{rate}, {time.perf_counter() - self.t0:.0f} s")
+    self.say(
+      f"  {self.name} step {info.step}/{self.total}: loss {info.metrics['loss']:.4f}"
+      f"{rate}, {time.perf_counter() - self.t0:.0f} s"
+    )
 
 
 def run_stage(stage: Stage, config: Any, say: Callable[[str], None]) -> dict:
@@ -203,16 +235,20 @@ def run_stage(stage: Stage, config: Any, say: Callable[[str], None]) -> dict:
     out["final_loss"] = last[-1]["train/loss"]
   if evals:
     out["heldout_loss"] = evals[-1]["eval/loss"]
-  say(f"stage {stage.name}: {result.step} steps in {seconds / 60:.1f} min"
-      + (f", loss {out['final_loss']:.4f}" if last else "")
-      + (f", held-out loss {out['heldout_loss']:.4f}" if evals else ""))
+  say(
+    f"stage {stage.name}: {result.step} steps in {seconds / 60:.1f} min"
+    + (f", loss {out['final_loss']:.4f}" if last else "")
+    + (f", held-out loss {out['heldout_loss']:.4f}" if evals else "")
+  )
   return out
 
 
 # --- report -----------------------------------------------------------------------------------
 
-def stage_curves(workdir: str, keys: Sequence[str] = ("train/loss", "eval/loss")
-                 ) -> dict[str, list[tuple[int, float]]]:
+
+def stage_curves(
+  workdir: str, keys: Sequence[str] = ("train/loss", "eval/loss")
+) -> dict[str, list[tuple[int, float]]]:
   """(step, value) series of a run's metrics.jsonl, one per key."""
   path = os.path.join(workdir, run_dir.METRICS_FILE)
   series: dict[str, dict[int, float]] = {k: {} for k in keys}
@@ -227,8 +263,10 @@ def stage_curves(workdir: str, keys: Sequence[str] = ("train/loss", "eval/loss")
 def plot_losses(stages: Sequence[Stage], path: str, accuracies: dict[str, float]) -> None:
   """One panel per stage (their losses are different quantities): train and held-out loss."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.6), squeeze=False)
   for ax, stage in zip(axes[0], stages):
     curves = stage_curves(stage.workdir)
@@ -257,13 +295,19 @@ def preference_summary(stages: Sequence[Stage], records: dict) -> dict:
   """DPO against ACPO: where they started, their curves (CURVES) and their VQA accuracies on
   the same questions as SFT's."""
   runs = [s for s in stages if s.name in PREFERENCE]
-  curves = {s.name: {k: [list(p) for p in v] for k, v in stage_curves(s.workdir, CURVES).items()}
-            for s in runs}
+  curves = {
+    s.name: {k: [list(p) for p in v] for k, v in stage_curves(s.workdir, CURVES).items()}
+    for s in runs
+  }
   vqa = {name: records[name]["vqa"] for name in EVAL_AFTER if "vqa" in records.get(name, {})}
   sets = {v["question_set"] for v in vqa.values()}
-  return {"start": runs[0].init_from, "steps": {s.name: records[s.name]["steps"] for s in runs},
-          "curves": curves, "question_set": sets.pop() if len(sets) == 1 else None,
-          "vqa_accuracy": {name: v["accuracy"] for name, v in vqa.items()}}
+  return {
+    "start": runs[0].init_from,
+    "steps": {s.name: records[s.name]["steps"] for s in runs},
+    "curves": curves,
+    "question_set": sets.pop() if len(sets) == 1 else None,
+    "vqa_accuracy": {name: v["accuracy"] for name, v in vqa.items()},
+  }
 
 
 def format_preference(summary: dict) -> list[str]:
@@ -278,10 +322,11 @@ def format_preference(summary: dict) -> list[str]:
       if points:
         moves.append(f"{label(name)} {points[0][1]:+.3f} -> {points[-1][1]:+.3f}")
     lines.append(f"  {key.removeprefix('train/'):<16} " + ";  ".join(moves))
-  accuracies = ", ".join(f"{label(k) if k in PREFERENCE else k.upper()} {v:.1%}"
-                         for k, v in summary["vqa_accuracy"].items())
-  lines.append(f"  VQA exact match on the same questions ({summary['question_set']}): "
-               f"{accuracies}")
+  accuracies = ", ".join(
+    f"{label(k) if k in PREFERENCE else k.upper()} {v:.1%}"
+    for k, v in summary["vqa_accuracy"].items()
+  )
+  lines.append(f"  VQA exact match on the same questions ({summary['question_set']}): {accuracies}")
   return lines
 
 
@@ -311,21 +356,29 @@ def run(args: argparse.Namespace) -> int:
   summary_path = os.path.join(workdir, SUMMARY_FILE)
   summary = _read_summary(summary_path)
   if summary and summary.get("quick") != args.quick:
-    raise ValueError(f"{workdir} holds a {'quick' if summary.get('quick') else 'full'} demo; "
-                     "use another --workdir or delete it")
+    raise ValueError(
+      f"{workdir} holds a {'quick' if summary.get('quick') else 'full'} demo; "
+      "use another --workdir or delete it"
+    )
   setup_logging("INFO", "neo_jax.train")
   stages = plan(workdir, args.configs or default_configs_dir(), args.skip_preference, say)
   configs = [stage_config(s, args.quick) for s in stages]  # fail on a bad config up front
-  summary.update(quick=args.quick, workdir=os.path.abspath(workdir),
-                 stages=summary.get("stages", {}))
-  say(f"neo-jax demo: {len(stages)} stages ({' -> '.join(s.name for s in stages)}) in "
-      f"{os.path.abspath(workdir)}")
+  summary.update(
+    quick=args.quick, workdir=os.path.abspath(workdir), stages=summary.get("stages", {})
+  )
+  say(
+    f"neo-jax demo: {len(stages)} stages ({' -> '.join(s.name for s in stages)}) in "
+    f"{os.path.abspath(workdir)}"
+  )
   accuracies = {}
   for i, (stage, config) in enumerate(zip(stages, configs), 1):
-    say(f"stage {i}/{len(stages)}: {stage.name} ({os.path.basename(stage.config_path)}:"
-        f"{stage.config_arg}, "
-        f"{config.total_steps} steps"
-        + (f", from {stage.init_from}" if stage.init_from else ", random start") + ")")
+    say(
+      f"stage {i}/{len(stages)}: {stage.name} ({os.path.basename(stage.config_path)}:"
+      f"{stage.config_arg}, "
+      f"{config.total_steps} steps"
+      + (f", from {stage.init_from}" if stage.init_from else ", random start")
+      + ")"
+    )
     record = summary["stages"].get(stage.name, {})
     ran = run_stage(stage, config, say)
     if not ran["skipped"]:
@@ -349,22 +402,36 @@ def run(args: argparse.Namespace) -> int:
   if all(name in accuracies for name in PREFERENCE):
     summary["preference"] = preference_summary(stages, summary["stages"])
     preference_plot = os.path.join(workdir, PREFERENCE_PLOT)
-    compare.plot({s.name: read_jsonl(os.path.join(s.workdir, run_dir.METRICS_FILE))
-                  for s in stages if s.name in PREFERENCE}, preference_plot)
+    compare.plot(
+      {
+        s.name: read_jsonl(os.path.join(s.workdir, run_dir.METRICS_FILE))
+        for s in stages
+        if s.name in PREFERENCE
+      },
+      preference_plot,
+    )
     plots.append(os.path.abspath(preference_plot))
     for line in format_preference(summary["preference"]):
       say(line)
   wall = time.perf_counter() - t_start
   final = stages[-1].name if stages[-1].name in accuracies else None
-  summary.update(last_run_seconds=round(wall, 1), plot=plots[0], plots=plots,
-                 final_stage=stages[-1].name,
-                 vqa_accuracy=accuracies.get(final) if final else None)
+  summary.update(
+    last_run_seconds=round(wall, 1),
+    plot=plots[0],
+    plots=plots,
+    final_stage=stages[-1].name,
+    vqa_accuracy=accuracies.get(final) if final else None,
+  )
   _write_summary(summary_path, summary)
-  say(f"plots: {', '.join(plots)}; summary: {os.path.abspath(summary_path)}; "
-      f"TensorBoard: tensorboard --logdir {os.path.abspath(workdir)}")
+  say(
+    f"plots: {', '.join(plots)}; summary: {os.path.abspath(summary_path)}; "
+    f"TensorBoard: tensorboard --logdir {os.path.abspath(workdir)}"
+  )
   if final:
-    say(f"held-out VQA accuracy: {accuracies[final]:.1%} "
-        f"({summary['stages'][final]['vqa']['questions']} easy-vqa test questions, "
-        f"after {final})")
+    say(
+      f"held-out VQA accuracy: {accuracies[final]:.1%} "
+      f"({summary['stages'][final]['vqa']['questions']} easy-vqa test questions, "
+      f"after {final})"
+    )
   say(f"total wall time: {wall / 60:.1f} min")
   return 0

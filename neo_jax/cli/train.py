@@ -39,26 +39,45 @@ skipped under nan_policy=skip); 143 / 130 stopped by a signal. --debug: tracebac
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.epilog = EPILOG
-  parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                      help="an ml_collections config file defining get_config()")
-  parser.add_argument("--print-config", action="store_true",
-                      help="print the resolved config (after overrides) and exit")
-  parser.add_argument("--log-level", default="INFO",
-                      choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                      help="verbosity of the neo_jax loggers (default INFO)")
+  parser.add_argument(
+    "--config",
+    required=True,
+    metavar="FILE[:ARG]",
+    help="an ml_collections config file defining get_config()",
+  )
+  parser.add_argument(
+    "--print-config",
+    action="store_true",
+    help="print the resolved config (after overrides) and exit",
+  )
+  parser.add_argument(
+    "--log-level",
+    default="INFO",
+    choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    help="verbosity of the neo_jax loggers (default INFO)",
+  )
   group = parser.add_argument_group(
-      "multi-process runs",
-      "Flags win over NEO_JAX_COORDINATOR / NEO_JAX_NUM_PROCESSES / NEO_JAX_PROCESS_ID / "
-      "NEO_JAX_LOCAL_DEVICE_IDS, which win over SLURM (srun) and Cloud TPU VM detection; "
-      "without any, one process (docs/multihost.md).")
-  group.add_argument("--coordinator", metavar="HOST[:PORT]",
-                     help="address of process 0's coordination service")
-  group.add_argument("--num-processes", type=int, metavar="N",
-                     help="processes in the run (1: single process, no cluster detection)")
+    "multi-process runs",
+    "Flags win over NEO_JAX_COORDINATOR / NEO_JAX_NUM_PROCESSES / NEO_JAX_PROCESS_ID / "
+    "NEO_JAX_LOCAL_DEVICE_IDS, which win over SLURM (srun) and Cloud TPU VM detection; "
+    "without any, one process (docs/multihost.md).",
+  )
+  group.add_argument(
+    "--coordinator", metavar="HOST[:PORT]", help="address of process 0's coordination service"
+  )
+  group.add_argument(
+    "--num-processes",
+    type=int,
+    metavar="N",
+    help="processes in the run (1: single process, no cluster detection)",
+  )
   group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
-  group.add_argument("--local-device-ids", type=_device_ids, metavar="IDS",
-                     help="accelerators this process drives, e.g. 0 (one process per GPU) "
-                          "or 0,1,2,3")
+  group.add_argument(
+    "--local-device-ids",
+    type=_device_ids,
+    metavar="IDS",
+    help="accelerators this process drives, e.g. 0 (one process per GPU) or 0,1,2,3",
+  )
 
 
 def _device_ids(text: str) -> tuple[int, ...]:
@@ -70,8 +89,12 @@ def _device_ids(text: str) -> tuple[int, ...]:
 
 def setup_logging(level: str, name: str = "neo_jax") -> None:
   """Timestamped lines on stderr; the `name` loggers at `level`, everything else warnings."""
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stderr)
+  logging.basicConfig(
+    level=logging.WARNING,
+    format="%(asctime)s %(levelname)s %(message)s",
+    datefmt="%H:%M:%S",
+    stream=sys.stderr,
+  )
   logging.getLogger(name).setLevel(level)
   absl_logging.set_verbosity(absl_logging.WARNING)
 
@@ -82,8 +105,12 @@ def _log_topology(config) -> None:
   if not distributed.is_primary():
     return
   try:
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                     devices=jax.devices()[:config.mesh.num_devices or None])
+    mesh = make_mesh(
+      config.mesh.data,
+      config.mesh.fsdp,
+      config.mesh.tensor,
+      devices=jax.devices()[: config.mesh.num_devices or None],
+    )
   except ValueError:
     mesh = None
   logging.getLogger("neo_jax.train").info("topology: %s", distributed.describe_topology(mesh))
@@ -96,17 +123,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
   setup_logging(args.log_level)
   # before anything touches a device: joining a process group must come first
-  distributed.initialize(getattr(args, "coordinator", None),
-                         getattr(args, "num_processes", None),
-                         getattr(args, "process_id", None),
-                         getattr(args, "local_device_ids", None))
+  distributed.initialize(
+    getattr(args, "coordinator", None),
+    getattr(args, "num_processes", None),
+    getattr(args, "process_id", None),
+    getattr(args, "local_device_ids", None),
+  )
   _log_topology(config)
   result = stage.train(config)  # NonFiniteError / SkippedUpdatesError: one line, status 1
   where = run_dir.path(result.workdir)
   if result.status == "interrupted":
-    print(f"neo-jax train: stopped by {result.signal} at step {result.step}; checkpoint saved "
-          f"in {where}; run the same command to resume", file=sys.stderr)
+    print(
+      f"neo-jax train: stopped by {result.signal} at step {result.step}; checkpoint saved "
+      f"in {where}; run the same command to resume",
+      file=sys.stderr,
+    )
     return 128 + int(getattr(signal, result.signal))
-  print(f"neo-jax train: finished {config.name} at step {result.step}; run directory {where}",
-        file=sys.stderr)
+  print(
+    f"neo-jax train: finished {config.name} at step {result.step}; run directory {where}",
+    file=sys.stderr,
+  )
   return 0

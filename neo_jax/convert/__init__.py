@@ -21,6 +21,17 @@ from neo_jax.convert.jax_checkpoint import load_params, save_params
 from neo_jax.convert.loading import detect_kind, load_checkpoint, register_kind
 from neo_jax.convert.qwen3 import qwen3_to_neo
 
-__all__ = ["compare_logits", "detect_kind", "hf_inputs_to_batch", "load_checkpoint",
-           "load_params", "patches_to_token_blocks", "qwen3_to_neo", "read_golden",
-           "read_hf_neo", "register_kind", "save_params", "write_hf_neo"]
+__all__ = [
+  "compare_logits",
+  "detect_kind",
+  "hf_inputs_to_batch",
+  "load_checkpoint",
+  "load_params",
+  "patches_to_token_blocks",
+  "qwen3_to_neo",
+  "read_golden",
+  "read_hf_neo",
+  "register_kind",
+  "save_params",
+  "write_hf_neo",
+]

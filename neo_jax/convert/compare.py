@@ -10,7 +10,8 @@ The golden file holds the inputs and logits of the PyTorch model, in its own lay
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,19 +55,27 @@ def model_logits(params: Mapping, config: NeoConfig, batch: Mapping[str, np.ndar
     return np.asarray(forward(params, inputs))
 
 
-def compare_logits(params: Mapping, config: NeoConfig,
-                   golden: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def compare_logits(
+  params: Mapping, config: NeoConfig, golden: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
   """Runs the model on the golden inputs; max abs difference and mean KL(golden || ours)."""
-  batch = hf_inputs_to_batch(golden["input_ids"], golden["pixel_values"].astype(np.float32),
-                             golden["grid_hw"], config)
+  batch = hf_inputs_to_batch(
+    golden["input_ids"], golden["pixel_values"].astype(np.float32), golden["grid_hw"], config
+  )
   ours = model_logits(params, config, batch)[0]
   expected = np.asarray(golden["logits"], np.float32)
   if ours.shape != expected.shape:
-    raise UserError(f"golden logits are {list(expected.shape)}, the model gives "
-                    f"{list(ours.shape)} (vocab_size {config.vocab_size})")
+    raise UserError(
+      f"golden logits are {list(expected.shape)}, the model gives "
+      f"{list(ours.shape)} (vocab_size {config.vocab_size})"
+    )
   log_p, log_q = log_softmax64(expected), log_softmax64(ours)
   kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
   diff = np.abs(ours.astype(np.float64) - expected)
-  return {"max_abs_diff": float(diff.max()), "mean_kl": float(kl.mean()),
-          "argmax_agreement": float((ours.argmax(-1) == expected.argmax(-1)).mean()),
-          "positions": int(expected.shape[0]), "worst_position": int(diff.max(-1).argmax())}
+  return {
+    "max_abs_diff": float(diff.max()),
+    "mean_kl": float(kl.mean()),
+    "argmax_agreement": float((ours.argmax(-1) == expected.argmax(-1)).mean()),
+    "positions": int(expected.shape[0]),
+    "worst_position": int(diff.max(-1).argmax()),
+  }

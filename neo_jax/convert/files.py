@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-from typing import Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -55,8 +55,9 @@ class TensorSet:
       raise UserError(f"{index_path}: not valid JSON ({e})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-      raise UserError(f"{index_path}: bad index, expected {{\"weight_map\": {{tensor: file}}}}")
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+      raise UserError(f'{index_path}: bad index, expected {{"weight_map": {{tensor: file}}}}')
     for name in sorted(set(weight_map.values())):
       path = os.path.join(self.directory, name)
       if os.path.basename(name) != name or not os.path.isfile(path):
@@ -89,9 +90,19 @@ class TensorSet:
 
 
 def parse_size(text: str) -> int:
-  """"5GB" / "500MB" / "2GiB" / "123" -> bytes (decimal units as HF, binary with "i")."""
-  units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+  """ "5GB" / "500MB" / "2GiB" / "123" -> bytes (decimal units as HF, binary with "i")."""
+  units = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+  }
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
   if not match or match.group(2).upper() not in units:
     raise UserError(f"--max-shard-size: cannot read {text!r}; use e.g. 5GB, 500MB or 2GiB")
@@ -101,8 +112,7 @@ def parse_size(text: str) -> int:
   return size
 
 
-def plan_shards(specs: Sequence[TensorSpec],
-                max_shard_bytes: Optional[int]) -> list[list[TensorSpec]]:
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int | None) -> list[list[TensorSpec]]:
   """Consecutive groups of tensors of at most `max_shard_bytes` (a larger tensor stands alone)."""
   shards: list[list[TensorSpec]] = [[]]
   size = 0
@@ -115,9 +125,13 @@ def plan_shards(specs: Sequence[TensorSpec],
   return shards
 
 
-def write_tensor_set(directory: str, specs: Sequence[TensorSpec],
-                     produce: Callable[[str], np.ndarray], max_shard_bytes: Optional[int] = None,
-                     on_tensor: Optional[Callable[[str], None]] = None) -> list[str]:
+def write_tensor_set(
+  directory: str,
+  specs: Sequence[TensorSpec],
+  produce: Callable[[str], np.ndarray],
+  max_shard_bytes: int | None = None,
+  on_tensor: Callable[[str], None] | None = None,
+) -> list[str]:
   """Writes model.safetensors, or numbered shards plus the index; returns the file names."""
   shard_glob = os.path.join(glob.escape(directory), "model-*-of-*.safetensors")
   stale = [os.path.join(directory, n) for n in (SINGLE_FILE, INDEX_FILE)] + glob.glob(shard_glob)
@@ -126,16 +140,17 @@ def write_tensor_set(directory: str, specs: Sequence[TensorSpec],
       os.remove(path)
   shards = plan_shards(specs, max_shard_bytes)
   if len(shards) == 1:
-    write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], produce,
-                      on_tensor=on_tensor)
+    write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0], produce, on_tensor=on_tensor)
     return [SINGLE_FILE]
   names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   weight_map = {}
   for name, shard in zip(names, shards):
     write_safetensors(os.path.join(directory, name), shard, produce, on_tensor=on_tensor)
     weight_map.update({spec.name: name for spec in shard})
-  index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-           "weight_map": dict(sorted(weight_map.items()))}
+  index = {
+    "metadata": {"total_size": sum(s.nbytes for s in specs)},
+    "weight_map": dict(sorted(weight_map.items())),
+  }
   with open(os.path.join(directory, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=2)
     f.write("\n")
@@ -151,7 +166,7 @@ def carried_files(directory: str) -> list[str]:
   return names
 
 
-def copy_carried_files(src: Optional[str], dst: str) -> list[str]:
+def copy_carried_files(src: str | None, dst: str) -> list[str]:
   """Copies tokenizer and generation files from `src` (if any) into `dst`."""
   if src is None or os.path.abspath(src) == os.path.abspath(dst):
     return []

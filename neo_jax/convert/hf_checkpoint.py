@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from neo_jax.config import DTYPES, NeoConfig
 from neo_jax.convert import files
-from neo_jax.convert.mapping import (EMBED_KEY, LM_HEAD_KEY, HFTensors, params_from_hf,
-                                     sharded_params_from_hf)
+from neo_jax.convert.mapping import (
+  EMBED_KEY,
+  LM_HEAD_KEY,
+  HFTensors,
+  params_from_hf,
+  sharded_params_from_hf,
+)
 from neo_jax.convert.progress import progress_bar
 from neo_jax.convert.safetensors_io import TensorSpec
 from neo_jax.errors import UserError
@@ -62,9 +68,13 @@ def stored_param_dtype(params: Mapping) -> str:
   return label if label in DTYPES else "float32"
 
 
-def read_hf_neo(directory: str, *, progress: Optional[bool] = None,
-                shardings: Optional[Callable[[NeoConfig], Any]] = None,
-                **compute: Any) -> tuple[dict, NeoConfig]:
+def read_hf_neo(
+  directory: str,
+  *,
+  progress: bool | None = None,
+  shardings: Callable[[NeoConfig], Any] | None = None,
+  **compute: Any,
+) -> tuple[dict, NeoConfig]:
   """Loads an HF NEO directory as (numpy parameter tree, NeoConfig).
 
   `compute` sets NeoConfig's computation fields; `param_dtype` there casts every leaf,
@@ -80,32 +90,53 @@ def read_hf_neo(directory: str, *, progress: Optional[bool] = None,
   config = config.replace(tie_word_embeddings=LM_HEAD_KEY not in tensors)
   shapes = tensors.shapes()
   if shardings is not None:
-    params = sharded_params_from_hf(tensors.read, shapes, tensors.dtypes(), config,
-                                    shardings(config), dtype=None if cast is None else cast)
+    params = sharded_params_from_hf(
+      tensors.read,
+      shapes,
+      tensors.dtypes(),
+      config,
+      shardings(config),
+      dtype=None if cast is None else cast,
+    )
   else:
-    with progress_bar(len(shapes), f"reading {os.path.basename(directory.rstrip('/'))}",
-                      progress) as bar:
-      params = params_from_hf(tensors.__getitem__, shapes, tensors.dtypes(), config,
-                              dtype=None if cast is None else np.dtype(cast),
-                              on_tensor=lambda _: bar.update())
+    with progress_bar(
+      len(shapes), f"reading {os.path.basename(directory.rstrip('/'))}", progress
+    ) as bar:
+      params = params_from_hf(
+        tensors.__getitem__,
+        shapes,
+        tensors.dtypes(),
+        config,
+        dtype=None if cast is None else np.dtype(cast),
+        on_tensor=lambda _: bar.update(),
+      )
   if cast is None:
     config = config.replace(param_dtype=stored_param_dtype(params))
   return params, config
 
 
-def write_hf_neo(directory: str, params: Mapping, config: NeoConfig, *,
-                 dtype: Optional[str] = None, max_shard_bytes: Optional[int] = None,
-                 carry_from: Optional[str] = None, overwrite: bool = False,
-                 progress: Optional[bool] = None) -> list[str]:
+def write_hf_neo(
+  directory: str,
+  params: Mapping,
+  config: NeoConfig,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int | None = None,
+  carry_from: str | None = None,
+  overwrite: bool = False,
+  progress: bool | None = None,
+) -> list[str]:
   """Writes an HF NEO directory: config.json, safetensors (sharded above `max_shard_bytes`),
   and the tokenizer/generation files found in `carry_from`. Returns the files written."""
-  directory = files.prepare_output_dir(directory, overwrite,
-                                       (CONFIG_FILE, files.SINGLE_FILE, files.INDEX_FILE))
+  directory = files.prepare_output_dir(
+    directory, overwrite, (CONFIG_FILE, files.SINGLE_FILE, files.INDEX_FILE)
+  )
   tensors = HFTensors(params, config, dtype=None if dtype is None else np.dtype(dtype))
   specs = [TensorSpec(k, *tensors.spec(k)) for k in tensors]
   with progress_bar(len(specs), f"writing {os.path.basename(directory)}", progress) as bar:
-    written = files.write_tensor_set(directory, specs, tensors.__getitem__, max_shard_bytes,
-                                     on_tensor=lambda _: bar.update())
+    written = files.write_tensor_set(
+      directory, specs, tensors.__getitem__, max_shard_bytes, on_tensor=lambda _: bar.update()
+    )
   torch_dtype = dtype_label(tensors.spec(EMBED_KEY)[1])
   config.save_hf(directory, torch_dtype=torch_dtype)
   return written + [CONFIG_FILE] + files.copy_carried_files(carry_from, directory)

@@ -8,8 +8,6 @@ batch holds, per visual token, its 2x2 block of patches in (dy, dx) order and th
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from neo_jax.config import NeoConfig
@@ -17,8 +15,9 @@ from neo_jax.errors import UserError
 from neo_jax.positions import grid_rc, native_rope_positions
 
 
-def patches_to_token_blocks(pixel_values: np.ndarray, grid_hw: np.ndarray,
-                            merge: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def patches_to_token_blocks(
+  pixel_values: np.ndarray, grid_hw: np.ndarray, merge: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
   """[N16, P] row-major patches of each image -> ([N, merge^2, P] blocks, [N, 2] (row, col))."""
   pixel_values = np.asarray(pixel_values)
   grid_hw = np.asarray(grid_hw, dtype=np.int64).reshape(-1, 2)
@@ -26,28 +25,34 @@ def patches_to_token_blocks(pixel_values: np.ndarray, grid_hw: np.ndarray,
   blocks, rcs, start = [], [], 0
   for i, (h16, w16) in enumerate(grid_hw):
     if h16 % merge or w16 % merge or h16 <= 0 or w16 <= 0:
-      raise UserError(f"grid_hw[{i}] = ({h16}, {w16}): each side must be a positive multiple "
-                      f"of {merge}")
+      raise UserError(
+        f"grid_hw[{i}] = ({h16}, {w16}): each side must be a positive multiple of {merge}"
+      )
     n = int(h16 * w16)
     if start + n > len(pixel_values):
-      raise UserError(f"grid_hw needs {int(grid_hw.prod(-1).sum())} patches, pixel_values has "
-                      f"{len(pixel_values)}")
-    grid = pixel_values[start:start + n].reshape(h16 // merge, merge, w16 // merge, merge,
-                                                 patch_dim)
+      raise UserError(
+        f"grid_hw needs {int(grid_hw.prod(-1).sum())} patches, pixel_values has {len(pixel_values)}"
+      )
+    grid = pixel_values[start : start + n].reshape(
+      h16 // merge, merge, w16 // merge, merge, patch_dim
+    )
     blocks.append(grid.transpose(0, 2, 1, 3, 4).reshape(-1, merge * merge, patch_dim))
     rcs.append(grid_rc(h16 // merge, w16 // merge))
     start += n
   if start != len(pixel_values):
     raise UserError(f"grid_hw covers {start} patches, pixel_values has {len(pixel_values)}")
   if not blocks:
-    return (np.zeros((0, merge * merge, patch_dim), pixel_values.dtype),
-            np.zeros((0, 2), np.int32))
+    return (np.zeros((0, merge * merge, patch_dim), pixel_values.dtype), np.zeros((0, 2), np.int32))
   return np.concatenate(blocks), np.concatenate(rcs).astype(np.int32)
 
 
-def hf_inputs_to_batch(input_ids: np.ndarray, pixel_values: Optional[np.ndarray],
-                       grid_hw: Optional[np.ndarray], config: NeoConfig,
-                       visual_budget: Optional[int] = None) -> dict[str, np.ndarray]:
+def hf_inputs_to_batch(
+  input_ids: np.ndarray,
+  pixel_values: np.ndarray | None,
+  grid_hw: np.ndarray | None,
+  config: NeoConfig,
+  visual_budget: int | None = None,
+) -> dict[str, np.ndarray]:
   """One sequence of HF NEO inputs -> a batch of one row (numpy, batch-contract names).
 
   Returns input_ids/segment_ids [1, L], positions [1, 3, L], and when there are images,
@@ -64,12 +69,14 @@ def hf_inputs_to_batch(input_ids: np.ndarray, pixel_values: Optional[np.ndarray]
   else:
     pixel_values = np.asarray(pixel_values)
     if pixel_values.ndim != 2 or pixel_values.shape[1] != config.patch_dim:
-      raise UserError(f"pixel_values: expected [N_patches, {config.patch_dim}], got "
-                      f"{list(pixel_values.shape)}")
+      raise UserError(
+        f"pixel_values: expected [N_patches, {config.patch_dim}], got {list(pixel_values.shape)}"
+      )
     blocks, rc = patches_to_token_blocks(pixel_values, grid_hw, config.merge_size)
     if len(blocks) != n_ctx:
-      raise UserError(f"input_ids hold {n_ctx} <IMG_CONTEXT> tokens, the images give "
-                      f"{len(blocks)} visual tokens")
+      raise UserError(
+        f"input_ids hold {n_ctx} <IMG_CONTEXT> tokens, the images give {len(blocks)} visual tokens"
+      )
     if visual_budget is not None:
       if visual_budget < len(blocks):
         raise UserError(f"{len(blocks)} visual tokens exceed the budget of {visual_budget}")
@@ -78,6 +85,10 @@ def hf_inputs_to_batch(input_ids: np.ndarray, pixel_values: Optional[np.ndarray]
       rc = np.concatenate([rc, np.zeros((pad, 2), np.int32)])
     batch["pixels"], batch["pixel_rc"] = blocks[None], rc[None]
   batch["positions"] = native_rope_positions(
-      batch["input_ids"], batch["segment_ids"], rc[None],
-      img_context_id=config.img_context_token_id, img_start_id=config.img_start_token_id)
+    batch["input_ids"],
+    batch["segment_ids"],
+    rc[None],
+    img_context_id=config.img_context_token_id,
+    img_start_id=config.img_start_token_id,
+  )
   return batch

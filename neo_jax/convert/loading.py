@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -32,8 +33,9 @@ class CheckpointKind:
 _KINDS: list[CheckpointKind] = []
 
 
-def register_kind(name: str, detect: Callable[[str], bool], load: Loader, holds: str,
-                  first: bool = False) -> None:
+def register_kind(
+  name: str, detect: Callable[[str], bool], load: Loader, holds: str, first: bool = False
+) -> None:
   """Adds (or replaces) a checkpoint kind; `first` makes it win over the existing kinds."""
   kind = CheckpointKind(name, detect, load, holds)
   _KINDS[:] = [k for k in _KINDS if k.name != name]
@@ -61,8 +63,9 @@ def detect_kind(path: str) -> CheckpointKind:
   raise UserError(f"{path}: not a checkpoint directory; expected one of: {expected}")
 
 
-def load_checkpoint(path: str, shardings: Optional[Any] = None,
-                    **compute: Any) -> tuple[dict, NeoConfig]:
+def load_checkpoint(
+  path: str, shardings: Any | None = None, **compute: Any
+) -> tuple[dict, NeoConfig]:
   """(params, NeoConfig) from any registered kind of checkpoint directory.
 
   `compute` sets NeoConfig's computation fields (dtype, param_dtype, attention_impl, ...);
@@ -73,7 +76,7 @@ def load_checkpoint(path: str, shardings: Optional[Any] = None,
   return detect_kind(path).load(os.fspath(path), shardings=shardings, **compute)
 
 
-def _load_hf(path: str, shardings: Optional[Any] = None, **compute: Any):
+def _load_hf(path: str, shardings: Any | None = None, **compute: Any):
   if callable(shardings):  # each process reads the slices its devices hold
     return hf_checkpoint.read_hf_neo(path, shardings=shardings, **compute)
   params, config = hf_checkpoint.read_hf_neo(path, **compute)
@@ -82,8 +85,15 @@ def _load_hf(path: str, shardings: Optional[Any] = None, **compute: Any):
 
 
 register_kind(run_dir.RUN_KIND, run_dir.is_run_dir, run_dir.load_run_params, run_dir.HOLDS)
-register_kind("neo-jax params", jax_checkpoint.is_params_dir, jax_checkpoint.load_params,
-              f"{hf_checkpoint.CONFIG_FILE} + {jax_checkpoint.PARAMS_DIR}/")
-register_kind("HF NEO", hf_checkpoint.is_hf_dir, _load_hf,
-              f"{hf_checkpoint.CONFIG_FILE} + model.safetensors or model.safetensors.index.json")
-
+register_kind(
+  "neo-jax params",
+  jax_checkpoint.is_params_dir,
+  jax_checkpoint.load_params,
+  f"{hf_checkpoint.CONFIG_FILE} + {jax_checkpoint.PARAMS_DIR}/",
+)
+register_kind(
+  "HF NEO",
+  hf_checkpoint.is_hf_dir,
+  _load_hf,
+  f"{hf_checkpoint.CONFIG_FILE} + model.safetensors or model.safetensors.index.json",
+)

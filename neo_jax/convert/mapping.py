@@ -16,7 +16,8 @@ Layouts (PyTorch -> ours):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -39,11 +40,13 @@ class Transform(NamedTuple):
 COPY = Transform(lambda w, cfg: w, lambda p, cfg: p)
 LINEAR = Transform(lambda w, cfg: w.T, lambda k, cfg: k.T)
 PATCH_CONV = Transform(
-    lambda w, cfg: w.reshape(w.shape[0], -1).T,
-    lambda k, cfg: k.T.reshape(k.shape[1], cfg.num_channels, cfg.patch_size, cfg.patch_size))
+  lambda w, cfg: w.reshape(w.shape[0], -1).T,
+  lambda k, cfg: k.T.reshape(k.shape[1], cfg.num_channels, cfg.patch_size, cfg.patch_size),
+)
 MERGE_CONV = Transform(
-    lambda w, cfg: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
-    lambda k, cfg: k.reshape(cfg.merge_size, cfg.merge_size, -1, k.shape[1]).transpose(3, 2, 0, 1))
+  lambda w, cfg: w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]),
+  lambda k, cfg: k.reshape(cfg.merge_size, cfg.merge_size, -1, k.shape[1]).transpose(3, 2, 0, 1),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,28 +61,45 @@ LAYER_PREFIX = "language_model.model.layers."
 PREBUFFER_GROUP, LLM_GROUP = "pre_buffer", "llm"
 
 GLOBAL_ENTRIES: tuple[Entry, ...] = (
-    Entry("vision_model.embeddings.patch_embedding.weight", ("vision", "patch_embedding", "kernel"),
-          PATCH_CONV),
-    Entry("vision_model.embeddings.patch_embedding.bias", ("vision", "patch_embedding", "bias"),
-          COPY),
-    Entry("vision_model.embeddings.dense_embedding.weight", ("vision", "dense_embedding", "kernel"),
-          MERGE_CONV),
-    Entry("vision_model.embeddings.dense_embedding.bias", ("vision", "dense_embedding", "bias"),
-          COPY),
-    Entry("language_model.model.embed_tokens.weight", ("embed_tokens", "embedding"), COPY),
+  Entry(
+    "vision_model.embeddings.patch_embedding.weight",
+    ("vision", "patch_embedding", "kernel"),
+    PATCH_CONV,
+  ),
+  Entry(
+    "vision_model.embeddings.patch_embedding.bias", ("vision", "patch_embedding", "bias"), COPY
+  ),
+  Entry(
+    "vision_model.embeddings.dense_embedding.weight",
+    ("vision", "dense_embedding", "kernel"),
+    MERGE_CONV,
+  ),
+  Entry(
+    "vision_model.embeddings.dense_embedding.bias", ("vision", "dense_embedding", "bias"), COPY
+  ),
+  Entry("language_model.model.embed_tokens.weight", ("embed_tokens", "embedding"), COPY),
 )
 LAYER_ENTRIES: tuple[Entry, ...] = tuple(
-    [Entry(f"self_attn.{n}.weight", ("self_attn", n, "kernel"), LINEAR)
-     for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_proj_hw", "k_proj_hw")]
-    + [Entry(f"self_attn.{n}.weight", ("self_attn", n, "scale"), COPY)
-       for n in ("q_norm", "k_norm", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")]
-    + [Entry(f"mlp.{n}.weight", ("mlp", n, "kernel"), LINEAR)
-       for n in ("gate_proj", "up_proj", "down_proj")]
-    + [Entry(f"{n}.weight", (n, "scale"), COPY)
-       for n in ("input_layernorm", "post_attention_layernorm")])
+  [
+    Entry(f"self_attn.{n}.weight", ("self_attn", n, "kernel"), LINEAR)
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_proj_hw", "k_proj_hw")
+  ]
+  + [
+    Entry(f"self_attn.{n}.weight", ("self_attn", n, "scale"), COPY)
+    for n in ("q_norm", "k_norm", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
+  ]
+  + [
+    Entry(f"mlp.{n}.weight", ("mlp", n, "kernel"), LINEAR)
+    for n in ("gate_proj", "up_proj", "down_proj")
+  ]
+  + [
+    Entry(f"{n}.weight", (n, "scale"), COPY)
+    for n in ("input_layernorm", "post_attention_layernorm")
+  ]
+)
 FINAL_ENTRIES: tuple[Entry, ...] = (
-    Entry("language_model.model.norm.weight", ("norm", "scale"), COPY),
-    Entry("language_model.lm_head.weight", ("lm_head", "kernel"), LINEAR, untied_only=True),
+  Entry("language_model.model.norm.weight", ("norm", "scale"), COPY),
+  Entry("language_model.lm_head.weight", ("lm_head", "kernel"), LINEAR, untied_only=True),
 )
 
 LM_HEAD_KEY = "language_model.lm_head.weight"
@@ -91,7 +111,7 @@ class Location(NamedTuple):
 
   entry: Entry
   path: ParamPath  # full path of the (possibly stacked) leaf
-  index: Optional[int]  # position on the stacked layer axis, None for unstacked leaves
+  index: int | None  # position on the stacked layer axis, None for unstacked leaves
 
 
 def layer_group(layer: int, config: NeoConfig) -> tuple[str, int]:
@@ -160,15 +180,18 @@ def expected_hf_shapes(config: NeoConfig) -> dict[str, tuple[int, ...]]:
 def check_covers(params: Mapping, config: NeoConfig) -> None:
   """Fails when a parameter tree and the table for `config` disagree: a tree that belongs to
   another config (tied vs untied head, no pre-Buffer), or a model change the table misses."""
-  tree_paths = {tuple(k.key for k in path)
-                for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  tree_paths = {
+    tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   table_paths = set(leaf_paths(config))
   if tree_paths != table_paths:
-    raise ValueError(f"parameters do not match the conversion table for this config "
-                     f"(tie_word_embeddings={config.tie_word_embeddings}, "
-                     f"{config.num_prebuffer_layers} pre-Buffer layers): only in the parameters "
-                     f"{sorted(tree_paths - table_paths)}, only in the table "
-                     f"{sorted(table_paths - tree_paths)}")
+    raise ValueError(
+      f"parameters do not match the conversion table for this config "
+      f"(tie_word_embeddings={config.tie_word_embeddings}, "
+      f"{config.num_prebuffer_layers} pre-Buffer layers): only in the parameters "
+      f"{sorted(tree_paths - table_paths)}, only in the table "
+      f"{sorted(table_paths - tree_paths)}"
+    )
 
 
 def check_tensors(found: Mapping[str, Sequence[int]], config: NeoConfig) -> None:
@@ -177,24 +200,33 @@ def check_tensors(found: Mapping[str, Sequence[int]], config: NeoConfig) -> None
   missing = [k for k in expected if k not in found]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise UserError(f"checkpoint is missing {missing[0]}{more}; model expects "
-                    f"{_fmt(expected[missing[0]])}")
+    raise UserError(
+      f"checkpoint is missing {missing[0]}{more}; model expects {_fmt(expected[missing[0]])}"
+    )
   unexpected = [k for k in found if k not in expected]
   if unexpected:
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-    why = (" (the config ties the LM head to the embeddings)" if unexpected[0] == LM_HEAD_KEY
-           else f" (not part of a NEO model with {config.num_hidden_layers} layers)")
-    raise UserError(f"checkpoint has unexpected tensor {unexpected[0]} "
-                    f"{_fmt(found[unexpected[0]])}{more}{why}")
+    why = (
+      " (the config ties the LM head to the embeddings)"
+      if unexpected[0] == LM_HEAD_KEY
+      else f" (not part of a NEO model with {config.num_hidden_layers} layers)"
+    )
+    raise UserError(
+      f"checkpoint has unexpected tensor {unexpected[0]} {_fmt(found[unexpected[0]])}{more}{why}"
+    )
   for key, shape in expected.items():
     if tuple(found[key]) != tuple(shape):
       raise UserError(f"{key}: checkpoint has {_fmt(found[key])}, model expects {_fmt(shape)}")
 
 
-def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Sequence[int]],
-                   dtypes: Mapping[str, np.dtype], config: NeoConfig,
-                   dtype: Optional[np.dtype] = None,
-                   on_tensor: Optional[Callable[[str], None]] = None) -> dict:
+def params_from_hf(
+  read: Callable[[str], np.ndarray],
+  shapes: Mapping[str, Sequence[int]],
+  dtypes: Mapping[str, np.dtype],
+  config: NeoConfig,
+  dtype: np.dtype | None = None,
+  on_tensor: Callable[[str], None] | None = None,
+) -> dict:
   """HF tensors -> parameter tree of numpy arrays.
 
   `read(key)` returns one PyTorch-layout tensor (e.g. a memory-mapped view); `shapes` and
@@ -209,8 +241,9 @@ def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Seque
   params: dict = {}
   for path, keys in groups.items():
     loc0 = locs[keys[0]]
-    leaf_dtype = (np.dtype(dtype) if dtype is not None
-                  else np.result_type(*(dtypes[k] for k in keys)))
+    leaf_dtype = (
+      np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
+    )
     shape = _leaf_shape(shapes[keys[0]], loc0, config)
     if loc0.index is not None:
       shape = (len(keys),) + shape
@@ -228,8 +261,9 @@ def params_from_hf(read: Callable[[str], np.ndarray], shapes: Mapping[str, Seque
   return params
 
 
-def _leaf_slice(read: Callable[[str, tuple], np.ndarray], key: str, loc: Location,
-                index: tuple, config: NeoConfig) -> np.ndarray:
+def _leaf_slice(
+  read: Callable[[str, tuple], np.ndarray], key: str, loc: Location, index: tuple, config: NeoConfig
+) -> np.ndarray:
   """`index` of one HF tensor's leaf layout, reading only that slice where the layout is a
   transpose or a copy (every large tensor), else the whole (small) tensor."""
   transform = loc.entry.transform
@@ -241,10 +275,14 @@ def _leaf_slice(read: Callable[[str, tuple], np.ndarray], key: str, loc: Locatio
   return np.asarray(transform.to_params(read(key, ()), config))[index]
 
 
-def sharded_params_from_hf(read: Callable[[str, tuple], np.ndarray],
-                           shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, np.dtype],
-                           config: NeoConfig, shardings: Any,
-                           dtype: Optional[np.dtype] = None) -> dict:
+def sharded_params_from_hf(
+  read: Callable[[str, tuple], np.ndarray],
+  shapes: Mapping[str, Sequence[int]],
+  dtypes: Mapping[str, np.dtype],
+  config: NeoConfig,
+  shardings: Any,
+  dtype: np.dtype | None = None,
+) -> dict:
   """HF tensors -> parameter tree of jax arrays placed on `shardings`, each process reading
   only the slices its devices hold (`read(key, index)` returns a slice of one HF tensor)."""
   check_tensors(shapes, config)
@@ -255,8 +293,9 @@ def sharded_params_from_hf(read: Callable[[str, tuple], np.ndarray],
   params: dict = {}
   for path, keys in groups.items():
     loc0 = locs[keys[0]]
-    leaf_dtype = (np.dtype(dtype) if dtype is not None
-                  else np.result_type(*(dtypes[k] for k in keys)))
+    leaf_dtype = (
+      np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
+    )
     shape = _leaf_shape(shapes[keys[0]], loc0, config)
     stacked = loc0.index is not None
     if stacked:
@@ -267,8 +306,9 @@ def sharded_params_from_hf(read: Callable[[str, tuple], np.ndarray],
       if not stacked:
         return _leaf_slice(read, keys[0], loc0, index, config).astype(leaf_dtype, copy=False)
       layers = range(*index[0].indices(len(keys)))
-      return np.stack([_leaf_slice(read, keys[i], locs[keys[i]], index[1:], config)
-                       for i in layers]).astype(leaf_dtype, copy=False)
+      return np.stack(
+        [_leaf_slice(read, keys[i], locs[keys[i]], index[1:], config) for i in layers]
+      ).astype(leaf_dtype, copy=False)
 
     _set(params, path, jax.make_array_from_callback(shape, _get(shardings, path), piece))
   return params
@@ -277,7 +317,7 @@ def sharded_params_from_hf(read: Callable[[str, tuple], np.ndarray],
 class HFTensors:
   """The HF view of a parameter tree: specs up front, each tensor computed on demand."""
 
-  def __init__(self, params: Mapping, config: NeoConfig, dtype: Optional[np.dtype] = None):
+  def __init__(self, params: Mapping, config: NeoConfig, dtype: np.dtype | None = None):
     check_covers(params, config)
     self.params, self.config = params, config
     self.dtype = None if dtype is None else np.dtype(dtype)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from tqdm.auto import tqdm
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, enabled: Optional[bool] = None) -> Iterator[tqdm]:
+def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Iterator[tqdm]:
   """`enabled=None` shows the bar only when stderr is a terminal."""
-  bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, dynamic_ncols=True,
-             disable=None if enabled is None else not enabled)
+  bar = tqdm(
+    total=total,
+    desc=desc,
+    unit="tensor",
+    leave=False,
+    dynamic_ncols=True,
+    disable=None if enabled is None else not enabled,
+  )
   try:
     yield bar
   finally:

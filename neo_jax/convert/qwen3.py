@@ -17,19 +17,28 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 from neo_jax.config import NeoConfig
 from neo_jax.convert import files
 from neo_jax.convert.hf_checkpoint import read_config_json, stored_param_dtype
-from neo_jax.convert.mapping import (EMBED_KEY, GLOBAL_ENTRIES, LAYER_ENTRIES, LAYER_PREFIX,
-                                     LM_HEAD_KEY, expected_hf_shapes, locations, params_from_hf,
-                                     sharded_params_from_hf)
+from neo_jax.convert.mapping import (
+  EMBED_KEY,
+  GLOBAL_ENTRIES,
+  LAYER_ENTRIES,
+  LAYER_PREFIX,
+  LM_HEAD_KEY,
+  expected_hf_shapes,
+  locations,
+  params_from_hf,
+  sharded_params_from_hf,
+)
 from neo_jax.convert.progress import progress_bar
 from neo_jax.errors import UserError
 from neo_jax.model.vision import PatchEmbedding
@@ -39,16 +48,21 @@ NORM_KEY = "language_model.model.norm.weight"
 
 # Qwen3 per-layer tensors, identical names in NEO (after `language_model.`).
 QWEN3_LAYER_KEYS = tuple(
-    [f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
-    + [f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
-    + ["input_layernorm.weight", "post_attention_layernorm.weight"])
-_QWEN3_GLOBAL = {"model.embed_tokens.weight": EMBED_KEY, "model.norm.weight": NORM_KEY,
-                 "lm_head.weight": LM_HEAD_KEY}
+  [f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")]
+  + [f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")]
+  + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+)
+_QWEN3_GLOBAL = {
+  "model.embed_tokens.weight": EMBED_KEY,
+  "model.norm.weight": NORM_KEY,
+  "lm_head.weight": LM_HEAD_KEY,
+}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def neo_config_from_qwen3(qwen: Mapping[str, Any], num_prebuffer_layers: int,
-                          **fields: Any) -> NeoConfig:
+def neo_config_from_qwen3(
+  qwen: Mapping[str, Any], num_prebuffer_layers: int, **fields: Any
+) -> NeoConfig:
   """NeoConfig of a Qwen3 config.json plus E pre-Buffer layers; `fields` sets the rest
   (vision_hidden_size, rope_theta_vision, rope_theta_hw, dtype, ...)."""
   model_type = qwen.get("model_type", "qwen3")
@@ -67,18 +81,18 @@ def neo_config_from_qwen3(qwen: Mapping[str, Any], num_prebuffer_layers: int,
     heads = int(qwen["num_attention_heads"])
     hidden = int(qwen["hidden_size"])
     base = dict(
-        vocab_size=int(qwen["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(qwen["intermediate_size"]),
-        num_hidden_layers=int(qwen["num_hidden_layers"]) + num_prebuffer_layers,
-        num_prebuffer_layers=num_prebuffer_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(qwen.get("num_key_value_heads") or heads),
-        head_dim=int(qwen.get("head_dim") or hidden // heads),
-        rope_theta=float(1_000_000.0 if rope_theta is None else rope_theta),
-        rms_norm_eps=float(qwen.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(qwen.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(qwen.get("max_position_embeddings", 32768)),
+      vocab_size=int(qwen["vocab_size"]),
+      hidden_size=hidden,
+      intermediate_size=int(qwen["intermediate_size"]),
+      num_hidden_layers=int(qwen["num_hidden_layers"]) + num_prebuffer_layers,
+      num_prebuffer_layers=num_prebuffer_layers,
+      num_attention_heads=heads,
+      num_key_value_heads=int(qwen.get("num_key_value_heads") or heads),
+      head_dim=int(qwen.get("head_dim") or hidden // heads),
+      rope_theta=float(1_000_000.0 if rope_theta is None else rope_theta),
+      rms_norm_eps=float(qwen.get("rms_norm_eps", 1e-6)),
+      tie_word_embeddings=bool(qwen.get("tie_word_embeddings", False)),
+      max_position_embeddings=int(qwen.get("max_position_embeddings", 32768)),
     )
   except KeyError as e:
     raise UserError(f"config.json: missing {e.args[0]}") from None
@@ -89,19 +103,23 @@ def neo_config_from_qwen3(qwen: Mapping[str, Any], num_prebuffer_layers: int,
     raise UserError(str(e)) from None
 
 
-def _neo_key(qwen_key: str, prebuffer: int) -> Optional[str]:
+def _neo_key(qwen_key: str, prebuffer: int) -> str | None:
   match = _LAYER_RE.fullmatch(qwen_key)
   if match:
     return f"{LAYER_PREFIX}{int(match.group(1)) + prebuffer}.{match.group(2)}"
   return _QWEN3_GLOBAL.get(qwen_key)
 
 
-def _check_qwen3(found: Mapping[str, tuple[int, ...]], config: NeoConfig,
-                 neo_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+def _check_qwen3(
+  found: Mapping[str, tuple[int, ...]], config: NeoConfig, neo_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, str]:
   """Checks the Qwen3 tensors by their own names; returns NEO key -> Qwen3 key."""
   e = config.num_prebuffer_layers
-  expected = {f"model.layers.{i}.{name}": f"{LAYER_PREFIX}{i + e}.{name}"
-              for i in range(config.num_llm_layers) for name in QWEN3_LAYER_KEYS}
+  expected = {
+    f"model.layers.{i}.{name}": f"{LAYER_PREFIX}{i + e}.{name}"
+    for i in range(config.num_llm_layers)
+    for name in QWEN3_LAYER_KEYS
+  }
   expected.update({"model.embed_tokens.weight": EMBED_KEY, "model.norm.weight": NORM_KEY})
   fmt = lambda shape: "[" + ", ".join(map(str, shape)) + "]"
   for key, neo in expected.items():
@@ -111,14 +129,17 @@ def _check_qwen3(found: Mapping[str, tuple[int, ...]], config: NeoConfig,
     if key == "lm_head.weight":
       continue
     if key not in expected:
-      raise UserError(f"Qwen3 checkpoint has unexpected tensor {key} {fmt(shape)} (a Qwen3 with "
-                      f"{config.num_llm_layers} layers has none)")
+      raise UserError(
+        f"Qwen3 checkpoint has unexpected tensor {key} {fmt(shape)} (a Qwen3 with "
+        f"{config.num_llm_layers} layers has none)"
+      )
   if "lm_head.weight" in found and not config.tie_word_embeddings:
     expected["lm_head.weight"] = LM_HEAD_KEY
   for key, neo in expected.items():
     if tuple(found[key]) != tuple(neo_shapes[neo]):
-      raise UserError(f"{key}: checkpoint has {fmt(found[key])}, model expects "
-                      f"{fmt(neo_shapes[neo])}")
+      raise UserError(
+        f"{key}: checkpoint has {fmt(found[key])}, model expects {fmt(neo_shapes[neo])}"
+      )
   return {neo: key for key, neo in expected.items()}
 
 
@@ -128,7 +149,7 @@ def q_proj_hw_from_q_proj(q_weight: np.ndarray, num_heads: int) -> np.ndarray:
   d = rows // num_heads
   quarter = d // 4
   heads = q_weight.reshape(num_heads, d, hidden)
-  w1, w3 = heads[:, :quarter], heads[:, 2 * quarter:3 * quarter]
+  w1, w3 = heads[:, :quarter], heads[:, 2 * quarter : 3 * quarter]
   return np.concatenate([w1, w3, w1, w3], axis=1).reshape(rows, hidden)
 
 
@@ -149,10 +170,16 @@ def vision_init_hf(config: NeoConfig, seed: int) -> dict[str, np.ndarray]:
   return out
 
 
-def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
-                 dtype: Optional[str] = None, progress: Optional[bool] = None,
-                 shardings: Optional[Callable[[NeoConfig], Any]] = None,
-                 **fields: Any) -> tuple[dict, NeoConfig]:
+def qwen3_to_neo(
+  src: str,
+  num_prebuffer_layers: int,
+  *,
+  seed: int = 0,
+  dtype: str | None = None,
+  progress: bool | None = None,
+  shardings: Callable[[NeoConfig], Any] | None = None,
+  **fields: Any,
+) -> tuple[dict, NeoConfig]:
   """(numpy params, NeoConfig) of a NEO initialised from the Qwen3 directory `src`.
 
   Leaves take the dtype of Qwen3's embedding unless `dtype` is given; `fields` are extra
@@ -178,7 +205,7 @@ def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
       return tensors["model.embed_tokens.weight"]
     if key in vision:
       return vision[key]
-    layer_text, name = key[len(LAYER_PREFIX):].split(".", 1)
+    layer_text, name = key[len(LAYER_PREFIX) :].split(".", 1)
     layer, shape = int(layer_text), neo_shapes[key]
     if "norm" in name:  # every RMSNorm weight of a new tensor starts at 1
       return np.ones(shape, np.float32)
@@ -193,6 +220,7 @@ def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
     raise AssertionError(f"no rule for {key}")
 
   if shardings is not None:
+
     def read_slice(key: str, index: tuple) -> np.ndarray:
       if key in neo_to_qwen:
         return tensors.read(neo_to_qwen[key], index)
@@ -200,10 +228,22 @@ def qwen3_to_neo(src: str, num_prebuffer_layers: int, *, seed: int = 0,
         return tensors.read("model.embed_tokens.weight", index)
       return np.asarray(read(key))[index]
 
-    params = sharded_params_from_hf(read_slice, neo_shapes, {k: out_dtype for k in locs},
-                                    config, shardings(config), dtype=out_dtype)
+    params = sharded_params_from_hf(
+      read_slice,
+      neo_shapes,
+      {k: out_dtype for k in locs},
+      config,
+      shardings(config),
+      dtype=out_dtype,
+    )
     return params, config.replace(param_dtype=stored_param_dtype(params))
   with progress_bar(len(locs), "initialising NEO from Qwen3", progress) as bar:
-    params = params_from_hf(read, neo_shapes, {k: out_dtype for k in locs}, config,
-                            dtype=out_dtype, on_tensor=lambda _: bar.update())
+    params = params_from_hf(
+      read,
+      neo_shapes,
+      {k: out_dtype for k in locs},
+      config,
+      dtype=out_dtype,
+      on_tensor=lambda _: bar.update(),
+    )
   return params, config.replace(param_dtype=stored_param_dtype(params))

@@ -14,7 +14,8 @@ import json
 import mmap
 import os
 import struct
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -23,21 +24,21 @@ from neo_jax.errors import UserError
 
 # safetensors dtype name <-> numpy dtype (little-endian).
 _DTYPES = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("?"),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U64": np.dtype("<u8"),
+  "U32": np.dtype("<u4"),
+  "U16": np.dtype("<u2"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
@@ -72,7 +73,7 @@ class SafetensorsFile:
     if header_len > min(size - 8, _MAX_HEADER_BYTES):
       raise self._corrupt(f"header length {header_len} does not fit in a {size}-byte file")
     try:
-      header = json.loads(bytes(self._map[8:8 + header_len]))
+      header = json.loads(bytes(self._map[8 : 8 + header_len]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise self._corrupt(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -87,8 +88,9 @@ class SafetensorsFile:
   def _corrupt(self, why: str) -> UserError:
     return UserError(f"{self.path}: not a valid safetensors file: {why}")
 
-  def _check_entry(self, name: str, entry: Any,
-                   data_bytes: int) -> tuple[np.dtype, tuple[int, ...], int]:
+  def _check_entry(
+    self, name: str, entry: Any, data_bytes: int
+  ) -> tuple[np.dtype, tuple[int, ...], int]:
     try:
       dtype = _DTYPES[entry["dtype"]]
       shape = tuple(int(d) for d in entry["shape"])
@@ -97,8 +99,10 @@ class SafetensorsFile:
       raise self._corrupt(f"tensor {name}: bad header entry {entry!r}") from None
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_bytes or end - begin != expected:
-      raise self._corrupt(f"tensor {name}: offsets [{begin}, {end}) do not hold {entry['dtype']} "
-                          f"{list(shape)} inside {data_bytes} data bytes (file truncated?)")
+      raise self._corrupt(
+        f"tensor {name}: offsets [{begin}, {end}) do not hold {entry['dtype']} "
+        f"{list(shape)} inside {data_bytes} data bytes (file truncated?)"
+      )
     return dtype, shape, begin
 
   def keys(self) -> list[str]:
@@ -144,10 +148,13 @@ class TensorSpec:
     return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
-                      produce: Callable[[str], np.ndarray],
-                      metadata: Mapping[str, str] | None = None,
-                      on_tensor: Callable[[str], None] | None = None) -> None:
+def write_safetensors(
+  path: str | os.PathLike,
+  specs: Iterable[TensorSpec],
+  produce: Callable[[str], np.ndarray],
+  metadata: Mapping[str, str] | None = None,
+  on_tensor: Callable[[str], None] | None = None,
+) -> None:
   """Writes tensors computed one at a time by `produce(name)`, in the order of `specs`.
 
   Tensors are laid out by decreasing itemsize, then name (as the reference library does), so
@@ -157,8 +164,11 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
   header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
   offset = 0
   for spec in specs:
-    header[spec.name] = {"dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
-                         "data_offsets": [offset, offset + spec.nbytes]}
+    header[spec.name] = {
+      "dtype": dtype_name(spec.dtype),
+      "shape": list(spec.shape),
+      "data_offsets": [offset, offset + spec.nbytes],
+    }
     offset += spec.nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
@@ -169,8 +179,10 @@ def write_safetensors(path: str | os.PathLike, specs: Iterable[TensorSpec],
     for spec in specs:
       array = np.ascontiguousarray(produce(spec.name))
       if array.shape != spec.shape or array.dtype != spec.dtype:
-        raise ValueError(f"{spec.name}: produced {array.dtype} {list(array.shape)}, planned "
-                         f"{spec.dtype} {list(spec.shape)}")
+        raise ValueError(
+          f"{spec.name}: produced {array.dtype} {list(array.shape)}, planned "
+          f"{spec.dtype} {list(spec.shape)}"
+        )
       f.write(array.reshape(-1).view(np.uint8))
       if on_tensor is not None:
         on_tensor(spec.name)

@@ -10,7 +10,7 @@ import contextlib
 import os
 import pathlib
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 CACHE_ENV = "NEO_JAX_CACHE"
 
@@ -44,4 +44,5 @@ def atomic_directory(final: pathlib.Path) -> Iterator[pathlib.Path]:
 
 def _rmtree(path: pathlib.Path) -> None:
   import shutil
+
   shutil.rmtree(path, ignore_errors=True)

@@ -29,7 +29,7 @@ import pathlib
 import re
 import time
 import zlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from neo_jax.data.cache import cache_root
 from neo_jax.data.stats import logger
@@ -44,10 +44,10 @@ EASY_VQA = "easy_vqa"
 PYDOC = "pydoc"
 # embedded data set -> (record kind, config name)
 DATASETS = {
-    "easy_vqa/captions": ("caption", EASY_VQA),
-    "easy_vqa/vqa": ("conversation", EASY_VQA),
-    "easy_vqa/preference": ("preference", EASY_VQA),
-    "pydoc/text": ("text", PYDOC),
+  "easy_vqa/captions": ("caption", EASY_VQA),
+  "easy_vqa/vqa": ("conversation", EASY_VQA),
+  "easy_vqa/preference": ("preference", EASY_VQA),
+  "pydoc/text": ("text", PYDOC),
 }
 TEXT_PIECE_CHARS = 1500
 
@@ -58,8 +58,10 @@ def tfds_dir() -> pathlib.Path:
 
 # --- easy-vqa ---------------------------------------------------------------------------------
 
+
 def _questions(split: str) -> tuple[list[str], list[str], list[int], dict[int, str]]:
   import easy_vqa
+
   if split == "train":
     (qs, answers, ids), paths = easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()
   elif split == "test":
@@ -69,8 +71,9 @@ def _questions(split: str) -> tuple[list[str], list[str], list[int], dict[int, s
   return list(qs), list(answers), [int(i) for i in ids], dict(paths)
 
 
-def image_labels(questions: list[str], answers: list[str],
-                 image_ids: list[int]) -> dict[int, tuple[Optional[str], Optional[str]]]:
+def image_labels(
+  questions: list[str], answers: list[str], image_ids: list[int]
+) -> dict[int, tuple[str | None, str | None]]:
   """image id -> (colour or None, shape or None), derived from the image's questions.
 
   A colour / shape answer names it directly; a colour question about a named shape ("what
@@ -105,8 +108,8 @@ def image_labels(questions: list[str], answers: list[str],
   return labels
 
 
-def caption_for(color: Optional[str], shape: Optional[str]) -> str:
-  """"A blue circle.", with the unknown part left out: "A blue shape.", "A circle."."""
+def caption_for(color: str | None, shape: str | None) -> str:
+  """ "A blue circle.", with the unknown part left out: "A blue shape.", "A circle."."""
   return f"A {color + ' ' if color else ''}{shape or 'shape'}."
 
 
@@ -133,21 +136,36 @@ def _easy_vqa_records(split: str, what: str) -> Iterator[dict]:
     labels = image_labels(qs, answers, ids)
     for i in sorted(pngs):
       color, shape = labels.get(i, (None, None))
-      yield {"kind": "caption", "images": [pngs[i]], "caption": caption_for(color, shape),
-             "id": f"{split}/{i}"}
+      yield {
+        "kind": "caption",
+        "images": [pngs[i]],
+        "caption": caption_for(color, shape),
+        "id": f"{split}/{i}",
+      }
     return
   for k, (q, a, i) in enumerate(zip(qs, answers, ids)):
     rid = f"{split}/{i}/{k}"
     if what == "vqa":
-      yield {"kind": "conversation", "images": [pngs[i]], "system": "", "id": rid,
-             "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+      yield {
+        "kind": "conversation",
+        "images": [pngs[i]],
+        "system": "",
+        "id": rid,
+        "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+      }
     else:
-      yield {"kind": "preference", "images": [pngs[i]], "id": rid,
-             "prompt": [{"from": "human", "value": q}], "chosen": a,
-             "rejected": wrong_answer(a, q, i)}
+      yield {
+        "kind": "preference",
+        "images": [pngs[i]],
+        "id": rid,
+        "prompt": [{"from": "human", "value": q}],
+        "chosen": a,
+        "rejected": wrong_answer(a, q, i),
+      }
 
 
 # --- pydoc text -------------------------------------------------------------------------------
+
 
 def text_pieces(text: str, max_chars: int = TEXT_PIECE_CHARS) -> list[str]:
   """Paragraph groups of at most max_chars (a longer paragraph is its own piece)."""
@@ -164,6 +182,7 @@ def text_pieces(text: str, max_chars: int = TEXT_PIECE_CHARS) -> list[str]:
 
 def _pydoc_records(split: str) -> Iterator[dict]:
   from pydoc_data import topics
+
   for t, name in enumerate(sorted(topics.topics)):
     if (t % 10 == 0) != (split == "test"):
       continue
@@ -172,6 +191,7 @@ def _pydoc_records(split: str) -> Iterator[dict]:
 
 
 # --- building ---------------------------------------------------------------------------------
+
 
 def _splits(name: str) -> dict:
   if name == "pydoc/text":
@@ -203,13 +223,14 @@ def embedded_dir(name: str, build: bool = True) -> pathlib.Path:
     with _build_lock(data_dir):
       if not is_built(directory):
         start = time.perf_counter()
-        build_tfds(kind, config, _splits(name), data_dir,
-                   description=f"neo_jax embedded data set {name}")
+        build_tfds(
+          kind, config, _splits(name), data_dir, description=f"neo_jax embedded data set {name}"
+        )
         logger.info("built %s in %.1f s", name, time.perf_counter() - start)
   return directory
 
 
-def build_embedded(names: Optional[list[str]] = None) -> dict[str, pathlib.Path]:
+def build_embedded(names: list[str] | None = None) -> dict[str, pathlib.Path]:
   """Builds the embedded data sets (all by default); returns name -> directory."""
   return {name: embedded_dir(name) for name in (names or list(DATASETS))}
 
@@ -231,7 +252,7 @@ def answers() -> tuple[str, ...]:
   return YES_NO + SHAPES + COLORS
 
 
-def read_vqa_eval(split: str = "test", limit: Optional[int] = None) -> list[VqaExample]:
+def read_vqa_eval(split: str = "test", limit: int | None = None) -> list[VqaExample]:
   """easy-vqa questions of a split (default: the held-out test split), in a fixed order."""
   source = embedded_source("easy_vqa/vqa", split)
   out = []
@@ -240,8 +261,7 @@ def read_vqa_eval(split: str = "test", limit: Optional[int] = None) -> list[VqaE
     if record["kind"] != "conversation":
       continue
     turns = record["conversations"]
-    out.append(VqaExample(record["images"][0], turns[0]["value"], turns[1]["value"],
-                          record["id"]))
+    out.append(VqaExample(record["images"][0], turns[0]["value"], turns[1]["value"], record["id"]))
   out.sort(key=lambda e: tuple(int(x) for x in e.id.split("/")[1:]))
   return out[:limit] if limit is not None else out
 
@@ -250,16 +270,29 @@ def read_vqa_eval(split: str = "test", limit: Optional[int] = None) -> list[VqaE
 
 EASY_VQA_TOKENIZER = "easy_vqa"
 # what the chat template and the sample formats write around easy-vqa's own text
-TEMPLATE_TEXTS = ("user", "assistant", "system", "\n", "Image-1: ", "Image-2: ", "shape", ".",
-                  "A ", " ", "0123456789")
+TEMPLATE_TEXTS = (
+  "user",
+  "assistant",
+  "system",
+  "\n",
+  "Image-1: ",
+  "Image-2: ",
+  "shape",
+  ".",
+  "A ",
+  " ",
+  "0123456789",
+)
 
 
 def easy_vqa_texts() -> list[str]:
   """Every string the easy-vqa data sets encode: questions, answers, caption words, template
   pieces (the easy-vqa tokenizer keeps exactly the Qwen3 tokens these use)."""
   import easy_vqa
-  texts = list(TEMPLATE_TEXTS) + [caption_for(c, s) for c in COLORS + (None,)
-                                  for s in SHAPES + (None,)]
+
+  texts = list(TEMPLATE_TEXTS) + [
+    caption_for(c, s) for c in COLORS + (None,) for s in SHAPES + (None,)
+  ]
   for questions, answers_, _ in (easy_vqa.get_train_questions(), easy_vqa.get_test_questions()):
     texts.extend(questions)
     texts.extend(answers_)

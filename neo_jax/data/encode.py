@@ -17,7 +17,8 @@ A sample is a dict of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +30,10 @@ from neo_jax.data.tokenizer import NeoTokenizer
 
 # which record kinds each pipeline kind accepts
 ACCEPTED = {
-    "sft": ("conversation", "caption", "text"),
-    "pretrain": ("caption", "conversation", "text"),
-    "text": ("text",),
-    "preference": ("preference",),
+  "sft": ("conversation", "caption", "text"),
+  "pretrain": ("caption", "conversation", "text"),
+  "text": ("text",),
+  "preference": ("preference",),
 }
 
 
@@ -89,8 +90,11 @@ class SampleEncoder:
       reason, detail = split_error(record.get("error", "bad_record: ?"))
       return self._skip(reason, detail)
     if kind not in ACCEPTED[self.kind]:
-      return self._skip("wrong_kind", f"{record.get('id', '')}: a {kind!r} record in a "
-                        f"{self.kind!r} pipeline (accepts {ACCEPTED[self.kind]})")
+      return self._skip(
+        "wrong_kind",
+        f"{record.get('id', '')}: a {kind!r} record in a "
+        f"{self.kind!r} pipeline (accepts {ACCEPTED[self.kind]})",
+      )
     tok = self.tokenizer
     if kind == "text":
       text = record.get("text")
@@ -106,27 +110,38 @@ class SampleEncoder:
         raise template.TemplateError("bad_record", "caption is not a string")
       encoded = template.encode_caption(tok, caption, counts)
     elif kind == "conversation":
-      encoded = template.encode_conversation(tok, record.get("conversations") or [], counts,
-                                             system=record.get("system", "") or self.system)
+      encoded = template.encode_conversation(
+        tok,
+        record.get("conversations") or [],
+        counts,
+        system=record.get("system", "") or self.system,
+      )
     else:
       chosen, rejected = record.get("chosen"), record.get("rejected")
       if not isinstance(chosen, str) or not isinstance(rejected, str):
         raise template.TemplateError("bad_record", "chosen / rejected are not strings")
-      encoded = template.encode_preference(tok, record.get("prompt") or [], chosen, rejected,
-                                           counts, system=self.system)
+      encoded = template.encode_preference(
+        tok, record.get("prompt") or [], chosen, rejected, counts, system=self.system
+      )
     return _sample(encoded, images, splittable=False)
 
 
-def _sample(encoded: template.TokenizedSample, images: list[image_lib.ProcessedImage],
-            splittable: bool) -> dict:
+def _sample(
+  encoded: template.TokenizedSample, images: list[image_lib.ProcessedImage], splittable: bool
+) -> dict:
   if images:
     pixels = np.concatenate([im.pixels for im in images], axis=0)
     rc = np.concatenate([im.rc for im in images], axis=0).astype(np.int32)
   else:
     pixels = np.zeros((0, 4, image_lib.PATCH_DIM), np.uint8)
     rc = np.zeros((0, 2), np.int32)
-  sample = {"input_ids": encoded.input_ids, "supervised": encoded.supervised,
-            "pixels": pixels, "pixel_rc": rc, "splittable": np.asarray(splittable)}
+  sample = {
+    "input_ids": encoded.input_ids,
+    "supervised": encoded.supervised,
+    "pixels": pixels,
+    "pixel_rc": rc,
+    "splittable": np.asarray(splittable),
+  }
   if encoded.branch_ids is not None:
     sample["branch_ids"] = encoded.branch_ids
   return sample

@@ -14,7 +14,6 @@ import dataclasses
 import io
 import math
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -29,7 +28,7 @@ MAX_ASPECT_RATIO = 200
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ImageLike = Union[Image.Image, np.ndarray, bytes, str]
+ImageLike = Image.Image | np.ndarray | bytes | str
 
 
 class ImageError(ValueError):
@@ -40,16 +39,19 @@ class ImageError(ValueError):
     self.reason = reason
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int,
-                 factor: int = FACTOR) -> tuple[int, int]:
+def smart_resize(
+  height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR
+) -> tuple[int, int]:
   """(h, w) rounded to multiples of `factor` with h*w in [min_pixels, max_pixels] (Qwen2-VL's
   rule, as NEO uses it); aspect ratio kept approximately."""
   if height <= 0 or width <= 0:
     raise ImageError("empty_image", f"image has zero size ({height}x{width})")
   if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-    raise ImageError("bad_aspect_ratio",
-                     f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got "
-                     f"{max(height, width) / min(height, width):.1f} ({height}x{width})")
+    raise ImageError(
+      "bad_aspect_ratio",
+      f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got "
+      f"{max(height, width) / min(height, width):.1f} ({height}x{width})",
+    )
   h_bar = max(factor, round(height / factor) * factor)
   w_bar = max(factor, round(width / factor) * factor)
   if h_bar * w_bar > max_pixels:
@@ -158,18 +160,22 @@ def resize_to_grid(image: Image.Image, min_pixels: int, max_pixels: int) -> np.n
 
 
 def patchify_tokens(rgb_hw3: np.ndarray) -> np.ndarray:
-  """uint8 [h, w, 3] with h, w multiples of 32 -> [h32*w32, 4, 768] (token, (dy, dx), (c, py, px))."""
+  """uint8 [h, w, 3] with h, w multiples of 32 -> [h32*w32, 4, 768]: (token, (dy, dx),
+  (c, py, px))."""
   h, w, c = rgb_hw3.shape
   if h % FACTOR or w % FACTOR or c != 3:
-    raise ValueError(f"image must be [h, w, 3] with h, w multiples of {FACTOR}, got {rgb_hw3.shape}")
+    raise ValueError(
+      f"image must be [h, w, 3] with h, w multiples of {FACTOR}, got {rgb_hw3.shape}"
+    )
   x = rgb_hw3.reshape(h // FACTOR, MERGE, PATCH, w // FACTOR, MERGE, PATCH, 3)
   # (h32, dy, py, w32, dx, px, c) -> (h32, w32, dy, dx, c, py, px)
   x = x.transpose(0, 3, 1, 4, 6, 2, 5)
   return np.ascontiguousarray(x).reshape(-1, MERGE * MERGE, PATCH_DIM)
 
 
-def preprocess_image(source: ImageLike, min_pixels: int, max_pixels: int,
-                     inference: bool = False) -> ProcessedImage:
+def preprocess_image(
+  source: ImageLike, min_pixels: int, max_pixels: int, inference: bool = False
+) -> ProcessedImage:
   """Decode, convert to RGB, smart_resize and patchify one image into the batch layout.
 
   `inference=True` applies the eval wrapper's RGBA rule; training uses a plain RGB convert.
@@ -181,6 +187,7 @@ def preprocess_image(source: ImageLike, min_pixels: int, max_pixels: int,
 
 
 # --- HF layout: pixel_values [n_patches, 768] row-major over the 16-px grid, grid_hw (h16, w16)
+
 
 def tokens_to_hf_patches(pixels_n4p: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   """[h32*w32, 4, 768] -> [h16*w16, 768] in HF order (row-major over the 16-px grid)."""

@@ -7,7 +7,7 @@ ending with "<|im_start|>assistant\\n". Batch size 1, unpadded.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -18,11 +18,15 @@ from neo_jax.data.tokenizer import NeoTokenizer
 from neo_jax.positions import native_rope_positions
 
 
-def prepare_generation_inputs(tokenizer: NeoTokenizer, model_config: NeoConfig,
-                              question: str | Sequence[Mapping | Message],
-                              images: Sequence[ImageLike] = (), system: str = "",
-                              min_pixels: Optional[int] = None,
-                              max_pixels: Optional[int] = None) -> dict[str, np.ndarray]:
+def prepare_generation_inputs(
+  tokenizer: NeoTokenizer,
+  model_config: NeoConfig,
+  question: str | Sequence[Mapping | Message],
+  images: Sequence[ImageLike] = (),
+  system: str = "",
+  min_pixels: int | None = None,
+  max_pixels: int | None = None,
+) -> dict[str, np.ndarray]:
   """Prompt arrays with a leading batch axis of 1:
 
       input_ids int32 [1, n], segment_ids int32 [1, n] (all 1), positions int32 [1, 3, n],
@@ -35,8 +39,9 @@ def prepare_generation_inputs(tokenizer: NeoTokenizer, model_config: NeoConfig,
   lo = model_config.min_pixels if min_pixels is None else min_pixels
   hi = model_config.max_pixels if max_pixels is None else max_pixels
   processed = [preprocess_image(im, lo, hi, inference=True) for im in images]
-  ids = build_generation_prompt(tokenizer, question, [p.num_tokens for p in processed],
-                                system=system)
+  ids = build_generation_prompt(
+    tokenizer, question, [p.num_tokens for p in processed], system=system
+  )
   if processed:
     pixels = np.concatenate([p.pixels for p in processed])
     rc = np.concatenate([p.rc for p in processed]).astype(np.int32)
@@ -44,8 +49,17 @@ def prepare_generation_inputs(tokenizer: NeoTokenizer, model_config: NeoConfig,
     pixels = np.zeros((0, 4, PATCH_DIM), np.uint8)
     rc = np.zeros((0, 2), np.int32)
   segment_ids = np.ones_like(ids)
-  positions = native_rope_positions(ids[None], segment_ids[None], rc[None],
-                                    img_context_id=tokenizer.img_context_id,
-                                    img_start_id=tokenizer.img_start_id)
-  return {"input_ids": ids[None].astype(np.int32), "segment_ids": segment_ids[None],
-          "positions": positions, "pixels": pixels[None], "pixel_rc": rc[None]}
+  positions = native_rope_positions(
+    ids[None],
+    segment_ids[None],
+    rc[None],
+    img_context_id=tokenizer.img_context_id,
+    img_start_id=tokenizer.img_start_id,
+  )
+  return {
+    "input_ids": ids[None].astype(np.int32),
+    "segment_ids": segment_ids[None],
+    "positions": positions,
+    "pixels": pixels[None],
+    "pixel_rc": rc[None],
+  }

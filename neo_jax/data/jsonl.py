@@ -48,8 +48,9 @@ class JsonlSource:
       try:
         data = json.load(f)
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{self.path}: not valid JSON ({e}); use JSONL to skip bad lines "
-                         "instead") from None
+        raise ValueError(
+          f"{self.path}: not valid JSON ({e}); use JSONL to skip bad lines instead"
+        ) from None
     return data
 
   def _index_lines(self) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +64,8 @@ class JsonlSource:
           numbers.append(number)
         pos += len(line)
     return np.stack([np.asarray(starts, np.int64), np.asarray(ends, np.int64)], -1).reshape(
-        -1, 2), np.asarray(numbers, np.int64)
+      -1, 2
+    ), np.asarray(numbers, np.int64)
 
   def __len__(self) -> int:
     return len(self._array) if self._array is not None else len(self._offsets)

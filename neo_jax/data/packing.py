@@ -47,15 +47,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import grain
 import numpy as np
 
 from neo_jax.data.encode import is_skip
 from neo_jax.data.image import PATCH_DIM
-from neo_jax.data.stats import (DROP_REASONS, SKIP_REASONS, STAT_INDEX, STAT_KEYS, DataError,
-                                report_drop)
+from neo_jax.data.stats import (
+  DROP_REASONS,
+  SKIP_REASONS,
+  STAT_INDEX,
+  STAT_KEYS,
+  DataError,
+  report_drop,
+)
 from neo_jax.positions import native_rope_positions
 
 STATS_KEY = "_stats"  # per-batch int64 [len(STAT_KEYS)] deltas; the pipeline iterator pops it
@@ -71,7 +77,7 @@ class PackingConfig:
   img_context_id: int
   img_start_id: int
   pad_id: int
-  loss_token_budget: Optional[int] = None  # supervised positions per row (K)
+  loss_token_budget: int | None = None  # supervised positions per row (K)
   loss_reduction: str = "square"
   preference: bool = False
   # consecutive skipped / dropped records after which the data is declared unusable (an
@@ -80,16 +86,17 @@ class PackingConfig:
 
   def __post_init__(self):
     if self.batch_size < 1 or self.seq_len < 2 or self.visual_budget < 0:
-      raise ValueError(f"packing: need batch_size >= 1, seq_len >= 2, visual_budget >= 0 "
-                       f"(got {self.batch_size}, {self.seq_len}, {self.visual_budget})")
+      raise ValueError(
+        f"packing: need batch_size >= 1, seq_len >= 2, visual_budget >= 0 "
+        f"(got {self.batch_size}, {self.seq_len}, {self.visual_budget})"
+      )
     if self.loss_token_budget is not None and self.loss_token_budget < 1:
       raise ValueError(f"packing: loss_token_budget must be >= 1, got {self.loss_token_budget}")
     if self.loss_reduction not in LOSS_REDUCTIONS:
-      raise ValueError(f"packing: loss_reduction {self.loss_reduction!r} not in "
-                       f"{LOSS_REDUCTIONS}")
+      raise ValueError(f"packing: loss_reduction {self.loss_reduction!r} not in {LOSS_REDUCTIONS}")
 
   @property
-  def gather_size(self) -> Optional[int]:
+  def gather_size(self) -> int | None:
     """K of the gather_* keys (preference batches only), else None."""
     if not self.preference:
       return None
@@ -99,18 +106,27 @@ class PackingConfig:
     """key -> (shape, dtype) of every batch entry (fixed for a config)."""
     b, l, n = self.batch_size, self.seq_len, self.visual_budget
     shapes = {
-        "input_ids": ((b, l), np.int32), "targets": ((b, l), np.int32),
-        "loss_weights": ((b, l), np.float32), "segment_ids": ((b, l), np.int32),
-        "positions": ((b, 3, l), np.int32), "pixels": ((b, n, 4, PATCH_DIM), np.uint8),
-        "pixel_rc": ((b, n, 2), np.int32),
+      "input_ids": ((b, l), np.int32),
+      "targets": ((b, l), np.int32),
+      "loss_weights": ((b, l), np.float32),
+      "segment_ids": ((b, l), np.int32),
+      "positions": ((b, 3, l), np.int32),
+      "pixels": ((b, n, 4, PATCH_DIM), np.uint8),
+      "pixel_rc": ((b, n, 2), np.int32),
     }
     if self.preference:
       shapes["branch_ids"] = ((b, l), np.int32)
     k = self.gather_size
     if k is not None:
-      shapes.update({"gather_index": ((b, k), np.int32), "gather_targets": ((b, k), np.int32),
-                     "gather_weights": ((b, k), np.float32),
-                     "gather_segment": ((b, k), np.int32), "gather_branch": ((b, k), np.int32)})
+      shapes.update(
+        {
+          "gather_index": ((b, k), np.int32),
+          "gather_targets": ((b, k), np.int32),
+          "gather_weights": ((b, k), np.float32),
+          "gather_segment": ((b, k), np.int32),
+          "gather_branch": ((b, k), np.int32),
+        }
+      )
     return {key: (shape, np.dtype(dtype)) for key, (shape, dtype) in shapes.items()}
 
 
@@ -121,7 +137,7 @@ class _Piece:
   ids: np.ndarray  # int32 [n]
   targets: np.ndarray  # int32 [n]
   weights: np.ndarray  # float32 [n]
-  branch: Optional[np.ndarray]  # int32 [n]
+  branch: np.ndarray | None  # int32 [n]
   pixels: np.ndarray  # uint8 [v, 4, 768]
   rc: np.ndarray  # int32 [v, 2]
   loss_pos: np.ndarray  # int32 [m] position predicting each loss token
@@ -148,8 +164,14 @@ def _reduction_weight(count: int, reduction: str) -> float:
   return 1.0 / math.sqrt(count) if reduction == "square" else 1.0
 
 
-def make_piece(ids: np.ndarray, supervised: np.ndarray, pixels: np.ndarray, rc: np.ndarray,
-               branch: Optional[np.ndarray], cfg: PackingConfig) -> _Piece:
+def make_piece(
+  ids: np.ndarray,
+  supervised: np.ndarray,
+  pixels: np.ndarray,
+  rc: np.ndarray,
+  branch: np.ndarray | None,
+  cfg: PackingConfig,
+) -> _Piece:
   """Targets, weights and loss positions of one segment."""
   ids = np.asarray(ids, np.int32)
   supervised = np.asarray(supervised, bool)
@@ -161,8 +183,18 @@ def make_piece(ids: np.ndarray, supervised: np.ndarray, pixels: np.ndarray, rc: 
     pos = np.nonzero(supervised[1:])[0].astype(np.int32)
     w = _reduction_weight(len(pos), cfg.loss_reduction)
     weights[pos] = w
-    return _Piece(ids, targets, weights, None, pixels, rc, pos, ids[pos + 1],
-                  np.full(len(pos), w, np.float32), np.zeros(len(pos), np.int32))
+    return _Piece(
+      ids,
+      targets,
+      weights,
+      None,
+      pixels,
+      rc,
+      pos,
+      ids[pos + 1],
+      np.full(len(pos), w, np.float32),
+      np.zeros(len(pos), np.int32),
+    )
   branch = np.asarray(branch, np.int32)
   n_prompt = int(np.sum(branch == 0))
   if n_prompt == 0 or np.any(branch[:n_prompt] != 0) or np.any(np.diff(branch) < 0):
@@ -180,11 +212,21 @@ def make_piece(ids: np.ndarray, supervised: np.ndarray, pixels: np.ndarray, rc: 
   chosen = branch[resp] == 1
   w = _reduction_weight(int(chosen.sum()), cfg.loss_reduction)
   weights[pred[chosen]] = w
-  return _Piece(ids, targets, weights, branch, pixels, rc, pred, ids[resp],
-                np.ones(len(resp), np.float32), branch[resp])
+  return _Piece(
+    ids,
+    targets,
+    weights,
+    branch,
+    pixels,
+    rc,
+    pred,
+    ids[resp],
+    np.ones(len(resp), np.float32),
+    branch[resp],
+  )
 
 
-def _fits_fresh_row(tokens: int, visual: int, loss: int, cfg: PackingConfig) -> Optional[str]:
+def _fits_fresh_row(tokens: int, visual: int, loss: int, cfg: PackingConfig) -> str | None:
   """None, or the drop reason of a piece that exceeds an empty row."""
   if tokens > cfg.seq_len:
     return "too_many_tokens"
@@ -204,8 +246,10 @@ def _drop_detail(sample: dict, reason: str, cfg: PackingConfig) -> str:
   elif reason == "too_many_visual_tokens":
     what = f"{len(sample['pixels'])} visual tokens > data.visual_budget {cfg.visual_budget}"
   else:
-    what = (f"{int(np.count_nonzero(sample['supervised'][1:]))} supervised tokens > the "
-            f"loss-token budget {cfg.loss_token_budget}")
+    what = (
+      f"{int(np.count_nonzero(sample['supervised'][1:]))} supervised tokens > the "
+      f"loss-token budget {cfg.loss_token_budget}"
+    )
   return f"{name}: {what}"
 
 
@@ -215,7 +259,7 @@ def _text_piece_end(supervised: np.ndarray, offset: int, cfg: PackingConfig) -> 
   k = cfg.loss_token_budget
   if k is not None:
     # loss positions of piece [offset, e) are offset <= i < e - 1 with supervised[i + 1]
-    loss_cum = np.cumsum(supervised[offset + 1:end])
+    loss_cum = np.cumsum(supervised[offset + 1 : end])
     over = np.nonzero(loss_cum > k)[0]
     if len(over):
       end = offset + 1 + int(over[0])  # piece [offset, end) has exactly k loss positions
@@ -229,9 +273,11 @@ class _Row:
 
   def fits(self, p: _Piece, cfg: PackingConfig) -> bool:
     k = cfg.loss_token_budget
-    return (self.tokens + p.n_tokens <= cfg.seq_len
-            and self.visual + p.n_visual <= cfg.visual_budget
-            and (k is None or self.loss + p.n_loss <= k))
+    return (
+      self.tokens + p.n_tokens <= cfg.seq_len
+      and self.visual + p.n_visual <= cfg.visual_budget
+      and (k is None or self.loss + p.n_loss <= k)
+    )
 
   def add(self, p: _Piece) -> None:
     self.pieces.append(p)
@@ -243,8 +289,9 @@ class _Row:
 def assemble_batch(rows: list[list[_Piece]], cfg: PackingConfig) -> dict[str, np.ndarray]:
   """Fixed-shape batch arrays from the pieces of each row (rows may be empty)."""
   shapes = cfg.batch_shapes()
-  out = {key: np.zeros(shape, dtype) for key, (shape, dtype) in shapes.items()
-         if key != "positions"}
+  out = {
+    key: np.zeros(shape, dtype) for key, (shape, dtype) in shapes.items() if key != "positions"
+  }
   out["input_ids"][:] = cfg.pad_id
   out["targets"][:] = cfg.pad_id
   k = cfg.gather_size
@@ -252,26 +299,30 @@ def assemble_batch(rows: list[list[_Piece]], cfg: PackingConfig) -> dict[str, np
     t = v = g = 0
     for seg, p in enumerate(pieces, start=1):
       n, nv, m = p.n_tokens, p.n_visual, p.n_loss
-      out["input_ids"][r, t:t + n] = p.ids
-      out["targets"][r, t:t + n] = p.targets
-      out["loss_weights"][r, t:t + n] = p.weights
-      out["segment_ids"][r, t:t + n] = seg
+      out["input_ids"][r, t : t + n] = p.ids
+      out["targets"][r, t : t + n] = p.targets
+      out["loss_weights"][r, t : t + n] = p.weights
+      out["segment_ids"][r, t : t + n] = seg
       if cfg.preference:
-        out["branch_ids"][r, t:t + n] = p.branch
+        out["branch_ids"][r, t : t + n] = p.branch
       if nv:
-        out["pixels"][r, v:v + nv] = p.pixels
-        out["pixel_rc"][r, v:v + nv] = p.rc
+        out["pixels"][r, v : v + nv] = p.pixels
+        out["pixel_rc"][r, v : v + nv] = p.rc
       if k is not None and m:
-        out["gather_index"][r, g:g + m] = p.loss_pos + t
-        out["gather_targets"][r, g:g + m] = p.loss_tgt
-        out["gather_weights"][r, g:g + m] = p.loss_w
-        out["gather_segment"][r, g:g + m] = seg
-        out["gather_branch"][r, g:g + m] = p.loss_branch
+        out["gather_index"][r, g : g + m] = p.loss_pos + t
+        out["gather_targets"][r, g : g + m] = p.loss_tgt
+        out["gather_weights"][r, g : g + m] = p.loss_w
+        out["gather_segment"][r, g : g + m] = seg
+        out["gather_branch"][r, g : g + m] = p.loss_branch
       t, v, g = t + n, v + nv, g + m
   out["positions"] = native_rope_positions(
-      out["input_ids"], out["segment_ids"], out["pixel_rc"],
-      out["branch_ids"] if cfg.preference else None,
-      img_context_id=cfg.img_context_id, img_start_id=cfg.img_start_id)
+    out["input_ids"],
+    out["segment_ids"],
+    out["pixel_rc"],
+    out["branch_ids"] if cfg.preference else None,
+    img_context_id=cfg.img_context_id,
+    img_start_id=cfg.img_start_id,
+  )
   return out
 
 
@@ -282,7 +333,7 @@ class PackedBatchIterDataset(grain.IterDataset):
     super().__init__(parent)
     self._config = config
 
-  def __iter__(self) -> "PackedBatchIterator":
+  def __iter__(self) -> PackedBatchIterator:
     return PackedBatchIterator(self._parent.__iter__(), self._config)
 
   def __str__(self) -> str:
@@ -296,7 +347,7 @@ class PackedBatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._cfg = config
     # (sample, offset, parent state before the sample) carried into the next batch
-    self._pending: Optional[tuple[dict, int, Any]] = None
+    self._pending: tuple[dict, int, Any] | None = None
     self._resume_offset = 0
     # counts seen after the last batch when the stream ends with no usable sample left (no
     # batch carries them); the pipeline iterator collects them when it runs in-process
@@ -316,7 +367,7 @@ class PackedBatchIterator(grain.DatasetIterator):
     self._resume_offset = int(state.get("offset", 0))
 
   # --- packing -------------------------------------------------------------------------------
-  def _next_sample(self, delta: np.ndarray) -> Optional[tuple[dict, int, Any]]:
+  def _next_sample(self, delta: np.ndarray) -> tuple[dict, int, Any] | None:
     """The next usable (sample, offset, state), counting skip markers; None at the end."""
     if self._pending is not None:
       item, self._pending = self._pending, None
@@ -334,8 +385,7 @@ class PackedBatchIterator(grain.DatasetIterator):
       offset, self._resume_offset = self._resume_offset, 0
       return sample, offset, state
 
-  def _piece(self, sample: dict, offset: int) -> tuple[Optional[_Piece], Optional[int],
-                                                       Optional[str]]:
+  def _piece(self, sample: dict, offset: int) -> tuple[_Piece | None, int | None, str | None]:
     """(piece, offset of the rest or None, drop reason or None)."""
     cfg = self._cfg
     ids, sup = sample["input_ids"], sample["supervised"]
@@ -346,8 +396,9 @@ class PackedBatchIterator(grain.DatasetIterator):
       end = _text_piece_end(sup, offset, cfg)
       if end - offset < 2:
         return None, None, "too_many_loss_tokens"
-      piece = make_piece(ids[offset:end], sup[offset:end], sample["pixels"], sample["pixel_rc"],
-                         None, cfg)
+      piece = make_piece(
+        ids[offset:end], sup[offset:end], sample["pixels"], sample["pixel_rc"], None, cfg
+      )
       rest = end - 1 if end < len(ids) else None
       return piece, rest, None
     n_loss_upper = int(np.count_nonzero(sup[1:]))
@@ -397,9 +448,11 @@ class PackedBatchIterator(grain.DatasetIterator):
     self._consecutive_bad += 1
     if self._consecutive_bad > self._cfg.max_consecutive_bad:
       counts = {k: int(v) for k, v in zip(STAT_KEYS[:_N_BAD], delta[:_N_BAD]) if v}
-      raise DataError(f"no usable sample in the last {self._cfg.max_consecutive_bad} records "
-                      f"(this batch so far: {counts}); check the sources, the pipeline kind "
-                      "and the row budgets")
+      raise DataError(
+        f"no usable sample in the last {self._cfg.max_consecutive_bad} records "
+        f"(this batch so far: {counts}); check the sources, the pipeline kind "
+        "and the row budgets"
+      )
 
   def __str__(self) -> str:
     return "PackedBatchIterator"

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -34,8 +35,12 @@ from neo_jax.config import NeoConfig
 from neo_jax.data import embedded
 from neo_jax.data.encode import ACCEPTED, SampleEncoder
 from neo_jax.data.jsonl import JsonlSource
-from neo_jax.data.packing import (PackedBatchIterDataset, PackedBatchIterator, PackingConfig,
-                                  STATS_KEY)
+from neo_jax.data.packing import (
+  STATS_KEY,
+  PackedBatchIterator,
+  PackedBatchIterDataset,
+  PackingConfig,
+)
 from neo_jax.data.stats import STAT_KEYS, summarize
 from neo_jax.data.template import render_text
 from neo_jax.data.tfds_sources import TfdsSource, is_built
@@ -45,8 +50,11 @@ from neo_jax.errors import UserError
 KINDS = tuple(ACCEPTED)  # "sft", "pretrain", "text", "preference"
 
 # what the short source name "easy_vqa" means for each pipeline kind
-_EASY_VQA_FOR_KIND = {"sft": "easy_vqa/vqa", "pretrain": "easy_vqa/captions",
-                      "preference": "easy_vqa/preference"}
+_EASY_VQA_FOR_KIND = {
+  "sft": "easy_vqa/vqa",
+  "pretrain": "easy_vqa/captions",
+  "preference": "easy_vqa/preference",
+}
 # the source used when DataConfig.sources is empty
 DEFAULT_SOURCES = {**_EASY_VQA_FOR_KIND, "text": "pydoc/text"}
 
@@ -68,20 +76,20 @@ class DataConfig:
 
   kind: str = "sft"  # "sft" | "pretrain" | "preference" | "text"
   sources: tuple[str, ...] = ()
-  weights: Optional[tuple[float, ...]] = None
+  weights: tuple[float, ...] | None = None
   split: str = "train"
   text_sources: tuple[str, ...] = ("pydoc/text",)
   text_ratio: float = 0.0
   seq_len: int = 1024  # L, tokens per row
   visual_budget: int = 256  # N, visual tokens per row
-  loss_token_budget: Optional[int] = None  # K, supervised positions per row (None: no cap)
+  loss_token_budget: int | None = None  # K, supervised positions per row (None: no cap)
   batch_size: int = 1  # rows per process
-  min_pixels: Optional[int] = None  # None: the model config's
-  max_pixels: Optional[int] = None
+  min_pixels: int | None = None  # None: the model config's
+  max_pixels: int | None = None
   loss_reduction: str = "square"  # "square" (NEO) | "token"
   system_prompt: str = ""
   seed: int = 0
-  num_epochs: Optional[int] = None  # None: repeat forever
+  num_epochs: int | None = None  # None: repeat forever
   strict: bool = False  # raise on the first bad input instead of skipping it
   num_workers: int = 0  # grain worker processes (0: packing in this process)
   read_threads: int = 2  # threads decoding / tokenising ahead of the packer
@@ -89,16 +97,20 @@ class DataConfig:
 
   def __post_init__(self):
     checks = [
-        (self.kind in KINDS, f"kind={self.kind!r} is not one of {KINDS}"),
-        (self.weights is None or len(self.weights) == len(self.resolved_sources()),
-         f"weights {self.weights} do not match sources {self.resolved_sources()}"),
-        (self.weights is None or all(w > 0 for w in self.weights), "weights must be > 0"),
-        (0.0 <= self.text_ratio < 1.0, f"text_ratio={self.text_ratio} must be in [0, 1)"),
-        (not (self.kind in ("preference", "text") and self.text_ratio > 0),
-         f"text_ratio must be 0 for {self.kind!r} data"),
-        (bool(self.text_sources) or self.text_ratio == 0, "text_ratio > 0 needs text_sources"),
-        (self.num_workers >= 0 and self.read_threads >= 0, "num_workers / read_threads < 0"),
-        (self.num_epochs is None or self.num_epochs >= 1, "num_epochs must be >= 1 or None"),
+      (self.kind in KINDS, f"kind={self.kind!r} is not one of {KINDS}"),
+      (
+        self.weights is None or len(self.weights) == len(self.resolved_sources()),
+        f"weights {self.weights} do not match sources {self.resolved_sources()}",
+      ),
+      (self.weights is None or all(w > 0 for w in self.weights), "weights must be > 0"),
+      (0.0 <= self.text_ratio < 1.0, f"text_ratio={self.text_ratio} must be in [0, 1)"),
+      (
+        not (self.kind in ("preference", "text") and self.text_ratio > 0),
+        f"text_ratio must be 0 for {self.kind!r} data",
+      ),
+      (bool(self.text_sources) or self.text_ratio == 0, "text_ratio > 0 needs text_sources"),
+      (self.num_workers >= 0 and self.read_threads >= 0, "num_workers / read_threads < 0"),
+      (self.num_epochs is None or self.num_epochs >= 1, "num_epochs must be >= 1 or None"),
     ]
     for ok, message in checks:
       if not ok:
@@ -108,13 +120,17 @@ class DataConfig:
     return tuple(self.sources) or (DEFAULT_SOURCES.get(self.kind, "easy_vqa"),)
 
   def packing_config(self, tokenizer: NeoTokenizer) -> PackingConfig:
-    return PackingConfig(batch_size=self.batch_size, seq_len=self.seq_len,
-                         visual_budget=self.visual_budget,
-                         img_context_id=tokenizer.img_context_id,
-                         img_start_id=tokenizer.img_start_id, pad_id=tokenizer.pad_id,
-                         loss_token_budget=self.loss_token_budget,
-                         loss_reduction=self.loss_reduction,
-                         preference=self.kind == "preference")
+    return PackingConfig(
+      batch_size=self.batch_size,
+      seq_len=self.seq_len,
+      visual_budget=self.visual_budget,
+      img_context_id=tokenizer.img_context_id,
+      img_start_id=tokenizer.img_start_id,
+      pad_id=tokenizer.pad_id,
+      loss_token_budget=self.loss_token_budget,
+      loss_reduction=self.loss_reduction,
+      preference=self.kind == "preference",
+    )
 
   def pixel_range(self, model_config: NeoConfig) -> tuple[int, int]:
     lo = self.min_pixels if self.min_pixels is not None else model_config.min_pixels
@@ -140,40 +156,50 @@ def resolve_source(spec: str, kind: str, split: str = "train"):
   if spec in embedded.DATASETS:
     return embedded.embedded_source(spec, split)
   if spec.startswith("tfds:"):
-    return TfdsSource(spec[len("tfds:"):], split)
+    return TfdsSource(spec[len("tfds:") :], split)
   if spec.startswith("jsonl:"):
-    path, _, image_root = spec[len("jsonl:"):].partition("@")
+    path, _, image_root = spec[len("jsonl:") :].partition("@")
     return JsonlSource(path, image_root or None)
   if os.path.isdir(spec):
     if not is_built(spec):
-      raise UserError(f"source {spec!r}: directory has no dataset_info.json (not a built "
-                      "TFDS data set)")
+      raise UserError(
+        f"source {spec!r}: directory has no dataset_info.json (not a built TFDS data set)"
+      )
     return TfdsSource(spec, split)
   if os.path.isfile(spec):
     return JsonlSource(spec)
-  raise UserError(f"source {spec!r}: not an embedded data set ({sorted(embedded.DATASETS)}), "
-                  "a tfds:DIR, a jsonl:FILE, or an existing file / directory")
+  raise UserError(
+    f"source {spec!r}: not an embedded data set ({sorted(embedded.DATASETS)}), "
+    "a tfds:DIR, a jsonl:FILE, or an existing file / directory"
+  )
 
 
 def _seed_for(seed: int, index: int) -> int:
   return (seed * 1_000_003 + 7919 * index) % 2**32
 
 
-def _shard(source, seed: int, process_index: int, process_count: int,
-           num_epochs: Optional[int]) -> grain.MapDataset:
+def _shard(
+  source, seed: int, process_index: int, process_count: int, num_epochs: int | None
+) -> grain.MapDataset:
   """Shuffled per epoch (per-epoch seeds), then this process's slice, then repeated."""
   if len(source) == 0:
     raise UserError(f"source {source!r} is empty")
   if len(source) < process_count:
-    raise UserError(f"source {source!r} has {len(source)} records, fewer than "
-                    f"{process_count} processes")
+    raise UserError(
+      f"source {source!r} has {len(source)} records, fewer than {process_count} processes"
+    )
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[process_index::process_count]
   return ds.repeat(num_epochs)
 
 
-def build_sample_dataset(cfg: DataConfig, tokenizer: NeoTokenizer, model_config: NeoConfig,
-                         process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def build_sample_dataset(
+  cfg: DataConfig,
+  tokenizer: NeoTokenizer,
+  model_config: NeoConfig,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """MapDataset of encoded samples (or skip markers) for this process, before packing."""
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} not in [0, process_count={process_count})")
@@ -184,12 +210,19 @@ def build_sample_dataset(cfg: DataConfig, tokenizer: NeoTokenizer, model_config:
     weights = [w / total * (1 - cfg.text_ratio) for w in weights]
     weights += [cfg.text_ratio / len(cfg.text_sources)] * len(cfg.text_sources)
     specs += list(cfg.text_sources)
-  parts = [_shard(resolve_source(spec, cfg.kind, cfg.split), _seed_for(cfg.seed, i),
-                  process_index, process_count, cfg.num_epochs) for i, spec in enumerate(specs)]
+  parts = [
+    _shard(
+      resolve_source(spec, cfg.kind, cfg.split),
+      _seed_for(cfg.seed, i),
+      process_index,
+      process_count,
+      cfg.num_epochs,
+    )
+    for i, spec in enumerate(specs)
+  ]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   lo, hi = cfg.pixel_range(model_config)
-  encoder = SampleEncoder(tokenizer, cfg.kind, lo, hi, system=cfg.system_prompt,
-                          strict=cfg.strict)
+  encoder = SampleEncoder(tokenizer, cfg.kind, lo, hi, system=cfg.system_prompt, strict=cfg.strict)
   return ds.map(encoder)
 
 
@@ -260,38 +293,52 @@ def _jsonable(x: Any) -> Any:
 def _mark_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside absl.app.run they must be marked parsed."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def build_train_iterator(cfg: DataConfig, tokenizer: NeoTokenizer, model_config: NeoConfig,
-                         process_index: int = 0, process_count: int = 1) -> DataIterator:
+def build_train_iterator(
+  cfg: DataConfig,
+  tokenizer: NeoTokenizer,
+  model_config: NeoConfig,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> DataIterator:
   """The checkpointable iterator of fixed-shape numpy batches for this process."""
-  for name, ours, theirs in (("<IMG_CONTEXT>", tokenizer.img_context_id,
-                              model_config.img_context_token_id),
-                             ("<img>", tokenizer.img_start_id, model_config.img_start_token_id)):
+  for name, ours, theirs in (
+    ("<IMG_CONTEXT>", tokenizer.img_context_id, model_config.img_context_token_id),
+    ("<img>", tokenizer.img_start_id, model_config.img_start_token_id),
+  ):
     if ours != theirs:
       raise UserError(f"tokenizer id of {name} is {ours}, the model config says {theirs}")
   packing = cfg.packing_config(tokenizer)
   samples = build_sample_dataset(cfg, tokenizer, model_config, process_index, process_count)
-  read = grain.ReadOptions(num_threads=cfg.read_threads,
-                           prefetch_buffer_size=max(4 * cfg.read_threads, 8))
+  read = grain.ReadOptions(
+    num_threads=cfg.read_threads, prefetch_buffer_size=max(4 * cfg.read_threads, 8)
+  )
   ds = PackedBatchIterDataset(samples.to_iter_dataset(read), packing)
   if cfg.num_workers > 0:
     _mark_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                     per_worker_buffer_size=cfg.worker_buffer_size))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size
+      )
+    )
   return DataIterator(iter(ds), packing)
 
 
-def read_vqa_eval(split: str = "test", limit: Optional[int] = None
-                  ) -> list[embedded.VqaExample]:
+def read_vqa_eval(split: str = "test", limit: int | None = None) -> list[embedded.VqaExample]:
   """easy-vqa questions (PNG image, question, answer) for VQA accuracy; test split by default."""
   return embedded.read_vqa_eval(split, limit)
 
 
-def describe_batch(batch: dict[str, np.ndarray], tokenizer: NeoTokenizer,
-                   rows: Sequence[int] = (0,), max_chars: int = 2000) -> str:
+def describe_batch(
+  batch: dict[str, np.ndarray],
+  tokenizer: NeoTokenizer,
+  rows: Sequence[int] = (0,),
+  max_chars: int = 2000,
+) -> str:
   """Human-readable rows: each segment's text with supervised tokens (those whose prediction
   is trained) in [[...]], image runs collapsed, preference branches marked, budget use."""
   lines = []
@@ -301,10 +348,15 @@ def describe_batch(batch: dict[str, np.ndarray], tokenizer: NeoTokenizer,
   for r in rows:
     n_tokens = int((seg[r] > 0).sum())
     n_visual = int((ids[r] == tokenizer.img_context_id).sum())
-    n_loss = (int((batch["gather_weights"][r] > 0).sum()) if "gather_weights" in batch
-              else int((w[r] > 0).sum()))
-    lines.append(f"row {r}: {int(seg[r].max())} segments, {n_tokens}/{ids.shape[1]} tokens, "
-                 f"{n_visual}/{batch['pixels'].shape[1]} visual tokens, {n_loss} loss positions")
+    n_loss = (
+      int((batch["gather_weights"][r] > 0).sum())
+      if "gather_weights" in batch
+      else int((w[r] > 0).sum())
+    )
+    lines.append(
+      f"row {r}: {int(seg[r].max())} segments, {n_tokens}/{ids.shape[1]} tokens, "
+      f"{n_visual}/{batch['pixels'].shape[1]} visual tokens, {n_loss} loss positions"
+    )
     for s in range(1, int(seg[r].max()) + 1):
       idx = np.nonzero(seg[r] == s)[0]
       if branch is not None:  # response tokens are the supervised ones

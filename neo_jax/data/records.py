@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 KINDS = ("caption", "conversation", "preference", "text")
 
@@ -71,26 +72,43 @@ def record_from_json(obj: Any, image_root: str | None = None, record_id: str = "
     if isinstance(prompt, str):
       prompt = [{"from": "human", "value": prompt}]
     if not isinstance(prompt, list):
-      return error_record("bad_record", f"{record_id}: preference record without a prompt",
-                          record_id)
-    return {"kind": "preference", "images": images, "prompt": prompt,
-            "chosen": obj["chosen"], "rejected": obj["rejected"], "id": rid}
+      return error_record(
+        "bad_record", f"{record_id}: preference record without a prompt", record_id
+      )
+    return {
+      "kind": "preference",
+      "images": images,
+      "prompt": prompt,
+      "chosen": obj["chosen"],
+      "rejected": obj["rejected"],
+      "id": rid,
+    }
   turns = obj.get("conversations", obj.get("messages"))
   if turns is not None:
     if not isinstance(turns, list):
       return error_record("bad_record", f"{record_id}: conversations is not a list", record_id)
-    return {"kind": "conversation", "images": images, "conversations": turns,
-            "system": str(obj.get("system", "")), "id": rid}
+    return {
+      "kind": "conversation",
+      "images": images,
+      "conversations": turns,
+      "system": str(obj.get("system", "")),
+      "id": rid,
+    }
   if "caption" in obj:
     return {"kind": "caption", "images": images, "caption": obj["caption"], "id": rid}
   if "text" in obj:
     return {"kind": "text", "text": obj["text"], "id": rid}
-  return error_record("bad_record", f"{record_id}: no conversations / caption / chosen+rejected "
-                      f"/ text field (keys: {sorted(obj)[:8]})", record_id)
+  return error_record(
+    "bad_record",
+    f"{record_id}: no conversations / caption / chosen+rejected "
+    f"/ text field (keys: {sorted(obj)[:8]})",
+    record_id,
+  )
 
 
-def record_from_json_line(line: str | bytes, image_root: str | None = None,
-                          record_id: str = "") -> dict:
+def record_from_json_line(
+  line: str | bytes, image_root: str | None = None, record_id: str = ""
+) -> dict:
   try:
     obj = json.loads(line)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:

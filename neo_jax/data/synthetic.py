@@ -11,7 +11,7 @@ and resume is exact.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,23 +40,34 @@ class SyntheticSpec:
   process_index: int = 0
   # global row index of each row this process makes (default: the process's block,
   # process_index * batch_size + 0 .. batch_size - 1)
-  row_ids: Optional[tuple[int, ...]] = None
+  row_ids: tuple[int, ...] | None = None
 
   @classmethod
-  def for_model(cls, config: NeoConfig, **fields) -> "SyntheticSpec":
-    return cls(img_context_id=config.img_context_token_id,
-               img_start_id=config.img_start_token_id, img_end_id=config.img_end_token_id,
-               eos_id=config.eos_token_id, pad_id=config.pad_token_id,
-               patch_dim=config.patch_dim, sub_patches=config.merge_size**2, **fields)
+  def for_model(cls, config: NeoConfig, **fields) -> SyntheticSpec:
+    return cls(
+      img_context_id=config.img_context_token_id,
+      img_start_id=config.img_start_token_id,
+      img_end_id=config.img_end_token_id,
+      eos_id=config.eos_token_id,
+      pad_id=config.pad_token_id,
+      patch_dim=config.patch_dim,
+      sub_patches=config.merge_size**2,
+      **fields,
+    )
 
 
 def compact_vocab(config: NeoConfig, vocab_size: int) -> NeoConfig:
   """`config` with a small vocabulary whose last ids are the special tokens (fast tests and
   benchmarks of everything but the embedding size)."""
   top = vocab_size - 1
-  return config.replace(vocab_size=vocab_size, img_context_token_id=top,
-                        img_start_token_id=top - 1, img_end_token_id=top - 2,
-                        eos_token_id=top - 3, pad_token_id=top - 4)
+  return config.replace(
+    vocab_size=vocab_size,
+    img_context_token_id=top,
+    img_start_token_id=top - 1,
+    img_end_token_id=top - 2,
+    eos_token_id=top - 3,
+    pad_token_id=top - 4,
+  )
 
 
 def _grid(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[int, int]:
@@ -74,8 +85,14 @@ def _sample(rng: np.random.Generator, spec: SyntheticSpec):
   prompt = rng.integers(low, spec.text_vocab, size=int(rng.integers(1, 6))).tolist()
   question = [spec.num_classes, spec.num_classes + 1, spec.num_classes + 2]
   answer = [cls, spec.eos_id]
-  ids = (prompt + [spec.img_start_id] + [spec.img_context_id] * (h * w) + [spec.img_end_id]
-         + question + answer)
+  ids = (
+    prompt
+    + [spec.img_start_id]
+    + [spec.img_context_id] * (h * w)
+    + [spec.img_end_id]
+    + question
+    + answer
+  )
   supervised = [False] * (len(ids) - len(answer)) + [True] * len(answer)
   level = int(255 * cls / max(spec.num_classes - 1, 1))
   noise = rng.integers(-8, 9, size=(h * w, spec.sub_patches, spec.patch_dim))
@@ -124,10 +141,18 @@ def synthetic_row(rng: np.random.Generator, spec: SyntheticSpec) -> dict[str, np
     if where.any():
       weights[where] = 1.0 / np.sqrt(where.sum())
   targets = np.where(same_next, targets, 0)
-  positions = native_rope_positions(ids_l, seg_l, rc, img_context_id=spec.img_context_id,
-                                    img_start_id=spec.img_start_id)
-  return dict(input_ids=ids_l, targets=targets, loss_weights=weights, segment_ids=seg_l,
-              positions=positions, pixels=pixels, pixel_rc=rc)
+  positions = native_rope_positions(
+    ids_l, seg_l, rc, img_context_id=spec.img_context_id, img_start_id=spec.img_start_id
+  )
+  return dict(
+    input_ids=ids_l,
+    targets=targets,
+    loss_weights=weights,
+    segment_ids=seg_l,
+    positions=positions,
+    pixels=pixels,
+    pixel_rc=rc,
+  )
 
 
 def synthetic_batch(spec: SyntheticSpec, step: int) -> dict[str, np.ndarray]:

@@ -29,15 +29,21 @@ Formats for the other sample kinds (chosen here; NEO's code does not fix them):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from neo_jax.data.tokenizer import NeoTokenizer
 
 IMAGE_TAG = "<image>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system"}
+ROLES = {
+  "human": "user",
+  "user": "user",
+  "gpt": "assistant",
+  "assistant": "assistant",
+  "system": "system",
+}
 
 
 class TemplateError(ValueError):
@@ -106,8 +112,7 @@ def place_image_tags(messages: Sequence[Message], n_images: int) -> list[Message
     messages[first_user] = dataclasses.replace(m, content=image_prefix(n_images) + m.content)
     n_tags = n_images
   if n_tags != n_images:
-    raise TemplateError("image_tag_mismatch",
-                        f"{n_tags} {IMAGE_TAG} tags but {n_images} images")
+    raise TemplateError("image_tag_mismatch", f"{n_tags} {IMAGE_TAG} tags but {n_images} images")
   return messages
 
 
@@ -147,17 +152,22 @@ class _Builder:
   def turn(self, message: Message, supervise_assistant: bool = True, branch: int = 0) -> None:
     if message.role == "assistant":
       self.add_text("<|im_start|>assistant\n", False, branch)
-      self.add_text(message.content + "<|im_end|>\n",
-                    supervise_assistant and not message.is_input, branch)
+      self.add_text(
+        message.content + "<|im_end|>\n", supervise_assistant and not message.is_input, branch
+      )
     else:
       self.add_text(f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n", False, branch)
 
   def finish(self, with_branches: bool = False) -> TokenizedSample:
     if self.next_image != len(self.image_tokens):
-      raise TemplateError("image_tag_mismatch",
-                          f"{self.next_image} <image> tags but {len(self.image_tokens)} images")
-    return TokenizedSample(np.asarray(self.ids, np.int32), np.asarray(self.sup, bool),
-                           np.asarray(self.branch, np.int32) if with_branches else None)
+      raise TemplateError(
+        "image_tag_mismatch", f"{self.next_image} <image> tags but {len(self.image_tokens)} images"
+      )
+    return TokenizedSample(
+      np.asarray(self.ids, np.int32),
+      np.asarray(self.sup, bool),
+      np.asarray(self.branch, np.int32) if with_branches else None,
+    )
 
 
 def _with_system(messages: list[Message], system: str) -> list[Message]:
@@ -167,8 +177,12 @@ def _with_system(messages: list[Message], system: str) -> list[Message]:
   return messages
 
 
-def encode_conversation(tokenizer: NeoTokenizer, conversation: Sequence[Mapping | Message],
-                        image_tokens: Sequence[int] = (), system: str = "") -> TokenizedSample:
+def encode_conversation(
+  tokenizer: NeoTokenizer,
+  conversation: Sequence[Mapping | Message],
+  image_tokens: Sequence[int] = (),
+  system: str = "",
+) -> TokenizedSample:
   """An SFT conversation: user/system masked, assistant content + `<|im_end|>\\n` supervised.
 
   Raises TemplateError("no_assistant_turn") when nothing would be supervised.
@@ -182,8 +196,9 @@ def encode_conversation(tokenizer: NeoTokenizer, conversation: Sequence[Mapping 
   return b.finish()
 
 
-def encode_caption(tokenizer: NeoTokenizer, caption: str,
-                   image_tokens: Sequence[int]) -> TokenizedSample:
+def encode_caption(
+  tokenizer: NeoTokenizer, caption: str, image_tokens: Sequence[int]
+) -> TokenizedSample:
   """Pre-training caption: image blocks (masked) then "{caption}<|im_end|>" supervised."""
   if not caption.strip():
     raise TemplateError("empty_text", "caption is empty")
@@ -203,9 +218,14 @@ def encode_text(tokenizer: NeoTokenizer, text: str) -> TokenizedSample:
   return TokenizedSample(np.asarray(ids, np.int32), np.ones(len(ids), bool))
 
 
-def encode_preference(tokenizer: NeoTokenizer, prompt: str | Sequence[Mapping | Message],
-                      chosen: str, rejected: str, image_tokens: Sequence[int] = (),
-                      system: str = "") -> TokenizedSample:
+def encode_preference(
+  tokenizer: NeoTokenizer,
+  prompt: str | Sequence[Mapping | Message],
+  chosen: str,
+  rejected: str,
+  image_tokens: Sequence[int] = (),
+  system: str = "",
+) -> TokenizedSample:
   """A preference pair laid out prompt | chosen | rejected with branch ids 0 / 1 / 2."""
   if isinstance(prompt, str):
     prompt = [Message("user", prompt)]
@@ -223,9 +243,12 @@ def encode_preference(tokenizer: NeoTokenizer, prompt: str | Sequence[Mapping | 
   return b.finish(with_branches=True)
 
 
-def build_generation_prompt(tokenizer: NeoTokenizer,
-                            question: str | Sequence[Mapping | Message],
-                            image_tokens: Sequence[int] = (), system: str = "") -> np.ndarray:
+def build_generation_prompt(
+  tokenizer: NeoTokenizer,
+  question: str | Sequence[Mapping | Message],
+  image_tokens: Sequence[int] = (),
+  system: str = "",
+) -> np.ndarray:
   """int32 [n] prompt ids for generation, ending with "<|im_start|>assistant\\n".
 
   `question` is the user text, or a whole history ending with a user turn. Images without

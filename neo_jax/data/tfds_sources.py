@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import pathlib
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -21,13 +21,18 @@ from neo_jax.data.records import KINDS, error_record
 
 VERSION = "1.0.0"
 # builder class name per kind; TFDS names the data set directory after it (snake_case)
-_BUILDER_NAMES = {"caption": "neo_captions", "conversation": "neo_conversations",
-                  "preference": "neo_preferences", "text": "neo_text"}
+_BUILDER_NAMES = {
+  "caption": "neo_captions",
+  "conversation": "neo_conversations",
+  "preference": "neo_preferences",
+  "text": "neo_text",
+}
 
 
 @functools.cache
 def _tfds():
   import tensorflow_datasets as tfds
+
   tfds.disable_progress_bar()
   return tfds
 
@@ -40,10 +45,10 @@ def _features(kind: str):
   if kind != "text":
     common["images"] = f.Sequence(f.Tensor(shape=(), dtype=np.object_))
   per_kind = {
-      "caption": {"caption": text()},
-      "conversation": {"conversations": text(), "system": text()},
-      "preference": {"prompt": text(), "chosen": text(), "rejected": text()},
-      "text": {"text": text()},
+    "caption": {"caption": text()},
+    "conversation": {"conversations": text(), "system": text()},
+    "preference": {"prompt": text(), "chosen": text(), "rejected": text()},
+    "text": {"text": text()},
   }[kind]
   return f.FeaturesDict({**common, **per_kind})
 
@@ -76,10 +81,10 @@ def record_to_example(record: Mapping, kind: str, key: str) -> dict:
       images.append(data or b"")
     example["images"] = images
   fields = {
-      "caption": ("caption",),
-      "conversation": ("conversations", "system"),
-      "preference": ("prompt", "chosen", "rejected"),
-      "text": ("text",),
+    "caption": ("caption",),
+    "conversation": ("conversations", "system"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "text": ("text",),
   }[kind]
   for name in fields:
     value = record.get(name, "")
@@ -108,15 +113,21 @@ def _base_builder():
     def code_path(cls):
       return None
 
-    def __init__(self, *, splits: Mapping[str, Callable[[], Iterable[Mapping]]] | None = None,
-                 description: str = "", **kwargs):
+    def __init__(
+      self,
+      *,
+      splits: Mapping[str, Callable[[], Iterable[Mapping]]] | None = None,
+      description: str = "",
+      **kwargs,
+    ):
       self._splits = dict(splits or {})
       self._description = description
       super().__init__(**kwargs)
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, description=self._description,
-                                   features=_features(self.KIND))
+      return tfds.core.DatasetInfo(
+        builder=self, description=self._description, features=_features(self.KIND)
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -140,8 +151,13 @@ def builder_class(kind: str):
   return type(camel, (_base_builder(),), {"__module__": __name__, "name": name, "KIND": kind})
 
 
-def build_tfds(kind: str, name: str, splits: Mapping[str, Callable[[], Iterable[Mapping]]],
-               data_dir: str | os.PathLike, description: str = "") -> pathlib.Path:
+def build_tfds(
+  kind: str,
+  name: str,
+  splits: Mapping[str, Callable[[], Iterable[Mapping]]],
+  data_dir: str | os.PathLike,
+  description: str = "",
+) -> pathlib.Path:
   """Builds (once) a TFDS array_record data set of `kind` records; returns its directory.
 
   `name` becomes the builder config (e.g. "easy_vqa" or the user's data set name); each split
@@ -149,9 +165,13 @@ def build_tfds(kind: str, name: str, splits: Mapping[str, Callable[[], Iterable[
   """
   tfds = _tfds()
   cls = builder_class(kind)
-  builder = cls(splits=splits, description=description, data_dir=os.fspath(data_dir),
-                config=tfds.core.BuilderConfig(name=name, version=VERSION),
-                file_format="array_record")
+  builder = cls(
+    splits=splits,
+    description=description,
+    data_dir=os.fspath(data_dir),
+    config=tfds.core.BuilderConfig(name=name, version=VERSION),
+    file_format="array_record",
+  )
   builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)
 
@@ -167,8 +187,12 @@ def is_built(directory: str | os.PathLike) -> bool:
 
 def kind_of_features(features: Iterable[str]) -> str:
   keys = set(features)
-  for kind, field in (("preference", "chosen"), ("conversation", "conversations"),
-                      ("caption", "caption"), ("text", "text")):
+  for kind, field in (
+    ("preference", "chosen"),
+    ("conversation", "conversations"),
+    ("caption", "caption"),
+    ("text", "text"),
+  ):
     if field in keys:
       return kind
   raise ValueError(f"not a neo_jax TFDS data set (features {sorted(keys)})")

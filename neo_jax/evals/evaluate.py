@@ -12,51 +12,76 @@ that tests can plug in a predictor with known answers:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from neo_jax.config import NeoConfig
 from neo_jax.data.image import ImageError
 from neo_jax.data.inputs import prepare_generation_inputs
 from neo_jax.evals.examples import EvalExample, SkipLog
-from neo_jax.evals.metrics import (normalize_vqa_answer, pope_metrics, vqa_correct, vqa_metrics,
-                                   yes_no)
+from neo_jax.evals.metrics import (
+  normalize_vqa_answer,
+  pope_metrics,
+  vqa_correct,
+  vqa_metrics,
+  yes_no,
+)
 from neo_jax.inference.generation import decode_text, generate
 
 
 class Predictor(Protocol):
-  def prepare(self, example: EvalExample) -> Any:
-    ...
+  def prepare(self, example: EvalExample) -> Any: ...
 
-  def answer(self, prompts: Sequence[Any]) -> list[str]:
-    ...
+  def answer(self, prompts: Sequence[Any]) -> list[str]: ...
 
 
 class ModelPredictor:
   """Greedy answers of a NEO model; every batch is padded to `batch_size` rows (one compile)."""
 
-  def __init__(self, params: Any, config: NeoConfig, tokenizer: Any, *, max_new_tokens: int = 32,
-               batch_size: int = 8, min_pixels: Optional[int] = None,
-               max_pixels: Optional[int] = None, system: str = ""):
+  def __init__(
+    self,
+    params: Any,
+    config: NeoConfig,
+    tokenizer: Any,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    system: str = "",
+  ):
     self.params, self.config, self.tokenizer = params, config, tokenizer
     self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
     self.min_pixels, self.max_pixels, self.system = min_pixels, max_pixels, system
 
   def prepare(self, example: EvalExample) -> Any:
-    return prepare_generation_inputs(self.tokenizer, self.config, example.question,
-                                     [example.image], system=self.system,
-                                     min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+    return prepare_generation_inputs(
+      self.tokenizer,
+      self.config,
+      example.question,
+      [example.image],
+      system=self.system,
+      min_pixels=self.min_pixels,
+      max_pixels=self.max_pixels,
+    )
 
   def answer(self, prompts: Sequence[Any]) -> list[str]:
-    out = generate(self.params, self.config, list(prompts), self.max_new_tokens,
-                   batch_size=self.batch_size)
+    out = generate(
+      self.params, self.config, list(prompts), self.max_new_tokens, batch_size=self.batch_size
+    )
     stops = (self.config.eos_token_id,)
     return [decode_text(self.tokenizer, ids, stops) for ids in out.token_lists()]
 
 
 def score(task: str, example: EvalExample, prediction: str) -> dict:
   """The per-sample record: inputs, raw prediction, how it was read, whether it is right."""
-  record = {"index": example.index, "image": example.image_name, "question": example.question,
-            **example.extra, "prediction": prediction}
+  record = {
+    "index": example.index,
+    "image": example.image_name,
+    "question": example.question,
+    **example.extra,
+    "prediction": prediction,
+  }
   if task == "vqa":
     record["answer"] = example.answers[0] if len(example.answers) == 1 else list(example.answers)
     record["normalized_prediction"] = normalize_vqa_answer(prediction)
@@ -81,16 +106,22 @@ class EvalResult:
   metrics: dict
 
 
-def evaluate(examples: Sequence[EvalExample], predictor: Predictor, task: str, *,
-             batch_size: int = 8, skips: Optional[SkipLog] = None, progress: bool = True,
-             on_record: Optional[Callable[[dict], None]] = None) -> EvalResult:
+def evaluate(
+  examples: Sequence[EvalExample],
+  predictor: Predictor,
+  task: str,
+  *,
+  batch_size: int = 8,
+  skips: SkipLog | None = None,
+  progress: bool = True,
+  on_record: Callable[[dict], None] | None = None,
+) -> EvalResult:
   """Answers every example (bad images skipped into `skips`) and computes the task's metrics.
 
   The metrics hold the task's numbers, `skipped` (count per reason, file lines included when
   `skips` came from the reader) and `skipped_total`.
   """
   from tqdm.auto import tqdm
-
 
   skips = skips if skips is not None else SkipLog()
   records: list[dict] = []
@@ -120,6 +151,10 @@ def evaluate(examples: Sequence[EvalExample], predictor: Predictor, task: str, *
         flush()
     if pending:
       flush()
-  metrics = {"task": task, **metrics_of(task, records), "skipped": dict(skips.counts),
-             "skipped_total": skips.total}
+  metrics = {
+    "task": task,
+    **metrics_of(task, records),
+    "skipped": dict(skips.counts),
+    "skipped_total": skips.total,
+  }
   return EvalResult(records, metrics)

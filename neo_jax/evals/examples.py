@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 from neo_jax.data.pipeline import read_vqa_eval
 from neo_jax.errors import UserError
@@ -44,7 +44,7 @@ class EvalExample:
   or the one label (POPE)."""
 
   index: int  # line number in the file (1-based), or position in a built-in set
-  image: Union[str, bytes]
+  image: str | bytes
   image_name: str  # as written in the file (for the predictions)
   question: str
   answers: tuple[str, ...]
@@ -70,12 +70,13 @@ class SkipLog:
     return sum(self.counts.values())
 
   def summary(self) -> str:
-    parts = [f"{reason} {n} (first: {self.first[reason]})"
-             for reason, n in sorted(self.counts.items())]
+    parts = [
+      f"{reason} {n} (first: {self.first[reason]})" for reason, n in sorted(self.counts.items())
+    ]
     return "; ".join(parts)
 
 
-def _text(record: dict, keys: tuple[str, ...]) -> Optional[Any]:
+def _text(record: dict, keys: tuple[str, ...]) -> Any | None:
   for k in keys:
     if k in record:
       return record[k]
@@ -88,7 +89,7 @@ def _parse(record: Any, task: str) -> tuple[str, str, tuple[str, ...]]:
     raise ValueError("not_object", f"expected a JSON object, got {type(record).__name__}")
   image = record.get("image")
   if not isinstance(image, str) or not image:
-    raise ValueError("missing_field", "no \"image\" path")
+    raise ValueError("missing_field", 'no "image" path')
   if task == "vqa":
     question = _text(record, ("question", "text"))
     answer = _text(record, ("answer", "answers"))
@@ -97,24 +98,29 @@ def _parse(record: Any, task: str) -> tuple[str, str, tuple[str, ...]]:
     elif isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer):
       answers = tuple(answer)
     else:
-      raise ValueError("missing_field", "no \"answer\" (a string or a list of strings)")
+      raise ValueError("missing_field", 'no "answer" (a string or a list of strings)')
   else:
     question = _text(record, ("text", "question"))
     label = _text(record, ("label", "answer"))
     if not isinstance(label, str):
-      raise ValueError("missing_field", "no \"label\"")
+      raise ValueError("missing_field", 'no "label"')
     label = label.strip().lower()
     if label not in ("yes", "no"):
-      raise ValueError("bad_label", f"label must be \"yes\" or \"no\", got {label!r}")
+      raise ValueError("bad_label", f'label must be "yes" or "no", got {label!r}')
     answers = (label,)
   if not isinstance(question, str) or not question.strip():
     raise ValueError("missing_field", "no question text")
   return image, question, answers
 
 
-def read_eval_file(path: str, task: str, *, image_root: Optional[str] = None,
-                   skips: Optional[SkipLog] = None, limit: Optional[int] = None
-                   ) -> list[EvalExample]:
+def read_eval_file(
+  path: str,
+  task: str,
+  *,
+  image_root: str | None = None,
+  skips: SkipLog | None = None,
+  limit: int | None = None,
+) -> list[EvalExample]:
   """Examples of a VQA or POPE JSONL file; unusable lines go to `skips`."""
   if task not in TASKS:
     raise UserError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -156,18 +162,20 @@ def read_eval_file(path: str, task: str, *, image_root: Optional[str] = None,
       if not os.path.isfile(image_path):
         skips.skip("missing_image", f"{where}: image not found: {image_path}")
         continue
-      extra = {k: v for k, v in record.items()
-               if k not in ("image", "question", "text", "answer", "answers", "label")}
+      extra = {
+        k: v
+        for k, v in record.items()
+        if k not in ("image", "question", "text", "answer", "answers", "label")
+      }
       examples.append(EvalExample(line_no, image_path, image, question, answers, extra))
   return examples
 
 
-def read_builtin(name: str, task: str, limit: Optional[int] = None) -> list[EvalExample]:
+def read_builtin(name: str, task: str, limit: int | None = None) -> list[EvalExample]:
   """easy-vqa:SPLIT as evaluation examples (POPE: its yes/no questions only)."""
-  split = name[len(BUILTIN_PREFIX):]
+  split = name[len(BUILTIN_PREFIX) :]
   if split not in ("train", "test"):
-    raise UserError(f"--data {name}: unknown split {split!r}; use easy-vqa:test or "
-                    "easy-vqa:train")
+    raise UserError(f"--data {name}: unknown split {split!r}; use easy-vqa:test or easy-vqa:train")
   examples = []
   for i, ex in enumerate(read_vqa_eval(split)):
     if limit is not None and len(examples) >= limit:
@@ -178,9 +186,14 @@ def read_builtin(name: str, task: str, limit: Optional[int] = None) -> list[Eval
   return examples
 
 
-def read_examples(data: str, task: str, *, image_root: Optional[str] = None,
-                  skips: Optional[SkipLog] = None, limit: Optional[int] = None
-                  ) -> list[EvalExample]:
+def read_examples(
+  data: str,
+  task: str,
+  *,
+  image_root: str | None = None,
+  skips: SkipLog | None = None,
+  limit: int | None = None,
+) -> list[EvalExample]:
   """A data file or a built-in name (`easy-vqa:test`)."""
   if data.startswith(BUILTIN_PREFIX):
     return read_builtin(data, task, limit)

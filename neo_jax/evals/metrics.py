@@ -25,13 +25,31 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11",
-    "twelve": "12", "thirteen": "13", "fourteen": "14", "fifteen": "15", "sixteen": "16",
-    "seventeen": "17", "eighteen": "18", "nineteen": "19", "twenty": "20",
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+  "eleven": "11",
+  "twelve": "12",
+  "thirteen": "13",
+  "fourteen": "14",
+  "fifteen": "15",
+  "sixteen": "16",
+  "seventeen": "17",
+  "eighteen": "18",
+  "nineteen": "19",
+  "twenty": "20",
 }
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = set(string.punctuation + "“”‘’«»…–—·¿¡") - {"'"}
@@ -61,15 +79,15 @@ def vqa_metrics(correct: Iterable[bool]) -> dict[str, float]:
   return {"examples": n, "correct": sum(hits), "accuracy": sum(hits) / n if n else 0.0}
 
 
-def yes_no(text: str) -> Optional[str]:
-  """"yes" / "no" by the first such word of the answer, None when it has neither."""
+def yes_no(text: str) -> str | None:
+  """ "yes" / "no" by the first such word of the answer, None when it has neither."""
   for word in normalize_vqa_answer(text).split():
     if word in ("yes", "no"):
       return word
   return None
 
 
-def pope_metrics(predicted: Sequence[Optional[str]], labels: Sequence[str]) -> dict[str, float]:
+def pope_metrics(predicted: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
   """POPE metrics from predicted labels ("yes" / "no" / None) and true labels ("yes" / "no")."""
   if len(predicted) != len(labels):
     raise ValueError(f"{len(predicted)} predictions for {len(labels)} labels")
@@ -81,12 +99,15 @@ def pope_metrics(predicted: Sequence[Optional[str]], labels: Sequence[str]) -> d
   ratio = lambda a, b: a / b if b else 0.0
   precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
   return {
-      "examples": n,
-      "accuracy": ratio(tp + tn, n),
-      "precision": precision,
-      "recall": recall,
-      "f1": ratio(2 * precision * recall, precision + recall),
-      "yes_ratio": ratio(sum(p == "yes" for p in predicted), n),
-      "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-      "unanswered": sum(p is None for p in predicted),
+    "examples": n,
+    "accuracy": ratio(tp + tn, n),
+    "precision": precision,
+    "recall": recall,
+    "f1": ratio(2 * precision * recall, precision + recall),
+    "yes_ratio": ratio(sum(p == "yes" for p in predicted), n),
+    "tp": tp,
+    "fp": fp,
+    "tn": tn,
+    "fn": fn,
+    "unanswered": sum(p is None for p in predicted),
   }

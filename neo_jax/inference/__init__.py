@@ -12,10 +12,28 @@ Prompts come from `neo_jax.data.inputs.prepare_generation_inputs`; scoring answe
 neo_jax/evals/; the `neo-jax generate` command is neo_jax/cli/generate.py.
 """
 
-from neo_jax.inference.generation import (GenerationOutput, batch_prompts, decode, decode_text,
-                                          generate, prefill, vqa_answer_fn)
+from neo_jax.inference.generation import (
+  GenerationOutput,
+  batch_prompts,
+  decode,
+  decode_text,
+  generate,
+  prefill,
+  vqa_answer_fn,
+)
 from neo_jax.inference.loading import InferenceModel, load_for_inference
 from neo_jax.inference.sampling import GREEDY, Sampling
 
-__all__ = ["GREEDY", "GenerationOutput", "InferenceModel", "Sampling", "batch_prompts", "decode",
-           "decode_text", "generate", "load_for_inference", "prefill", "vqa_answer_fn"]
+__all__ = [
+  "GREEDY",
+  "GenerationOutput",
+  "InferenceModel",
+  "Sampling",
+  "batch_prompts",
+  "decode",
+  "decode_text",
+  "generate",
+  "load_for_inference",
+  "prefill",
+  "vqa_answer_fn",
+]

@@ -20,7 +20,8 @@ max_new_tokens tokens; it runs inside `lax.while_loop`, so a whole answer is one
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,30 +48,38 @@ class PromptBatch(NamedTuple):
   input_ids: np.ndarray  # int32 [B, P]
   segment_ids: np.ndarray  # int32 [B, P]; 1 on prompt tokens, 0 on padding
   positions: np.ndarray  # int32 [B, 3, P]
-  pixels: Optional[np.ndarray]  # [B, N, 4, 768] (uint8 or normalised float), None if N = 0
-  pixel_rc: Optional[np.ndarray]  # int32 [B, N, 2]
+  pixels: np.ndarray | None  # [B, N, 4, 768] (uint8 or normalised float), None if N = 0
+  pixel_rc: np.ndarray | None  # int32 [B, N, 2]
   rows: np.ndarray  # bool [B]: real prompt (False: a filler row that pads the batch)
   prompt_lengths: np.ndarray  # int32 [B]
 
 
 def _row(prompt: Prompt, key: str, ndim: int) -> np.ndarray:
   if key not in prompt:
-    raise ValueError(f"generation prompt is missing {key!r} (expected the output of "
-                     "neo_jax.data.inputs.prepare_generation_inputs)")
+    raise ValueError(
+      f"generation prompt is missing {key!r} (expected the output of "
+      "neo_jax.data.inputs.prepare_generation_inputs)"
+    )
   x = np.asarray(prompt[key])
   if x.ndim == ndim + 1:
     if x.shape[0] != 1:
-      raise ValueError(f"generation prompt {key!r} holds {x.shape[0]} rows; give one prompt "
-                       "per list entry")
+      raise ValueError(
+        f"generation prompt {key!r} holds {x.shape[0]} rows; give one prompt per list entry"
+      )
     x = x[0]
   if x.ndim != ndim:
     raise ValueError(f"generation prompt {key!r} has shape {x.shape}, expected {ndim} axes")
   return x
 
 
-def batch_prompts(prompts: Sequence[Prompt], config: NeoConfig, *,
-                  batch_size: Optional[int] = None, length_bucket: int = LENGTH_BUCKET,
-                  visual_bucket: int = VISUAL_BUCKET) -> PromptBatch:
+def batch_prompts(
+  prompts: Sequence[Prompt],
+  config: NeoConfig,
+  *,
+  batch_size: int | None = None,
+  length_bucket: int = LENGTH_BUCKET,
+  visual_bucket: int = VISUAL_BUCKET,
+) -> PromptBatch:
   """Left-pads prompts into one batch; `batch_size` adds filler rows up to that many."""
   if not prompts:
     raise ValueError("generate: no prompts")
@@ -89,8 +98,10 @@ def batch_prompts(prompts: Sequence[Prompt], config: NeoConfig, *,
     else:
       pix, rc = None, np.zeros((0, 2), np.int32)
     if len(rc) != n_ctx or (pix is not None and len(pix) != n_ctx):
-      raise ValueError(f"prompt {i}: {n_ctx} <IMG_CONTEXT> tokens but "
-                       f"{0 if pix is None else len(pix)} visual tokens")
+      raise ValueError(
+        f"prompt {i}: {n_ctx} <IMG_CONTEXT> tokens but "
+        f"{0 if pix is None else len(pix)} visual tokens"
+      )
     if ids.size == 0:
       raise ValueError(f"prompt {i} is empty")
     rows.append((ids, pos, pix, rc))
@@ -113,12 +124,12 @@ def batch_prompts(prompts: Sequence[Prompt], config: NeoConfig, *,
     segment_ids[r, start:] = 1
     positions[r, :, start:] = pos
     if pix is not None:
-      pixels[r, :len(pix)] = pix
-      pixel_rc[r, :len(rc)] = rc
+      pixels[r, : len(pix)] = pix
+      pixel_rc[r, : len(rc)] = rc
   valid = np.zeros(n_rows, bool)
-  valid[:len(rows)] = True
+  valid[: len(rows)] = True
   lengths = np.zeros(n_rows, np.int32)
-  lengths[:len(rows)] = [r[0].size for r in rows]
+  lengths[: len(rows)] = [r[0].size for r in rows]
   return PromptBatch(input_ids, segment_ids, positions, pixels, pixel_rc, valid, lengths)
 
 
@@ -132,7 +143,7 @@ class DecodeState(NamedTuple):
   rows: jax.Array  # bool [B]: real rows
   step: jax.Array  # int32 scalar: tokens chosen so far
   tokens: jax.Array  # int32 [B, max_new]: chosen tokens, pad after the stop
-  logits: Optional[jax.Array]  # float32 [B, max_new, V] when kept (tests, diagnostics)
+  logits: jax.Array | None  # float32 [B, max_new, V] when kept (tests, diagnostics)
 
 
 class GenerationOutput(NamedTuple):
@@ -141,11 +152,11 @@ class GenerationOutput(NamedTuple):
   tokens: np.ndarray  # int32 [B, max_new]: pad_token_id after a row's stop token
   lengths: np.ndarray  # int32 [B]: new tokens of each row, the stop token included
   finished: np.ndarray  # bool [B]: the row produced a stop token
-  logits: Optional[np.ndarray]  # float32 [B, max_new, V] with `return_logits`
+  logits: np.ndarray | None  # float32 [B, max_new, V] with `return_logits`
 
   def token_lists(self) -> list[list[int]]:
     """Each row's new tokens up to and including its stop token."""
-    return [self.tokens[r, :int(n)].tolist() for r, n in enumerate(self.lengths)]
+    return [self.tokens[r, : int(n)].tolist() for r, n in enumerate(self.lengths)]
 
 
 def _choose(logits_bv, state_done, rows, sampling, rng, step, config, stop_ids):
@@ -159,16 +170,35 @@ def _choose(logits_bv, state_done, rows, sampling, rng, step, config, stop_ids):
 def _record(state_tokens, state_logits, token, logits_bv, step):
   tokens = jax.lax.dynamic_update_slice_in_dim(state_tokens, token[:, None], step, axis=1)
   if state_logits is not None:
-    state_logits = jax.lax.dynamic_update_slice_in_dim(state_logits, logits_bv[:, None], step,
-                                                       axis=1)
+    state_logits = jax.lax.dynamic_update_slice_in_dim(
+      state_logits, logits_bv[:, None], step, axis=1
+    )
   return tokens, state_logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "max_new_tokens", "sampling",
-                                             "stop_ids", "return_logits"))
-def prefill(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, config: NeoConfig,
-            cache_len: int, max_new_tokens: int, sampling: Sampling = GREEDY,
-            stop_ids: tuple[int, ...] = (), return_logits: bool = False) -> DecodeState:
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "cache_len",
+    "max_new_tokens",
+    "sampling",
+    "stop_ids",
+    "return_logits",
+  ),
+)
+def prefill(
+  params: Any,
+  batch: Mapping[str, jax.Array],
+  rng: jax.Array,
+  *,
+  config: NeoConfig,
+  cache_len: int,
+  max_new_tokens: int,
+  sampling: Sampling = GREEDY,
+  stop_ids: tuple[int, ...] = (),
+  return_logits: bool = False,
+) -> DecodeState:
   """Runs the padded prompts through the model into a fresh cache and picks the first token.
 
   `batch` holds the PromptBatch arrays (input_ids, segment_ids, positions, pixels, pixel_rc,
@@ -178,25 +208,42 @@ def prefill(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, conf
   ids, positions = batch["input_ids"], batch["positions"]
   b = ids.shape[0]
   cache = init_cache(config, b, cache_len)
-  hidden, cache = model.apply({"params": params}, ids, positions, batch["segment_ids"],
-                              batch.get("pixels"), batch.get("pixel_rc"), cache=cache,
-                              return_hidden=True)
+  hidden, cache = model.apply(
+    {"params": params},
+    ids,
+    positions,
+    batch["segment_ids"],
+    batch.get("pixels"),
+    batch.get("pixel_rc"),
+    cache=cache,
+    return_hidden=True,
+  )
   logits_bv = model.apply({"params": params}, hidden[:, -1:], method=NeoModel.logits)[:, 0]
   rows = batch["rows"]
   token, done = _choose(logits_bv, ~rows, rows, sampling, rng, 0, config, stop_ids)
   tokens = jnp.full((b, max_new_tokens), config.pad_token_id, jnp.int32)
-  logits = jnp.zeros((b, max_new_tokens, logits_bv.shape[-1]), jnp.float32) if return_logits \
-      else None
+  logits = (
+    jnp.zeros((b, max_new_tokens, logits_bv.shape[-1]), jnp.float32) if return_logits else None
+  )
   tokens, logits = _record(tokens, logits, token, logits_bv, 0)
   next_t = jnp.max(jnp.where(batch["segment_ids"] > 0, positions[:, 0], 0), axis=-1) + 1
-  return DecodeState(cache, token, next_t.astype(jnp.int32), done, rows,
-                     jnp.ones((), jnp.int32), tokens, logits)
+  return DecodeState(
+    cache, token, next_t.astype(jnp.int32), done, rows, jnp.ones((), jnp.int32), tokens, logits
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "stop_ids"),
-                   donate_argnames=("state",))
-def decode(params: Any, state: DecodeState, rng: jax.Array, *, config: NeoConfig,
-           sampling: Sampling = GREEDY, stop_ids: tuple[int, ...] = ()) -> DecodeState:
+@functools.partial(
+  jax.jit, static_argnames=("config", "sampling", "stop_ids"), donate_argnames=("state",)
+)
+def decode(
+  params: Any,
+  state: DecodeState,
+  rng: jax.Array,
+  *,
+  config: NeoConfig,
+  sampling: Sampling = GREEDY,
+  stop_ids: tuple[int, ...] = (),
+) -> DecodeState:
   """Feeds one token per row and picks the next, until every row stopped or the buffer is full."""
   model = NeoModel(config)
   max_new = state.tokens.shape[1]
@@ -208,8 +255,9 @@ def decode(params: Any, state: DecodeState, rng: jax.Array, *, config: NeoConfig
     zeros = jnp.zeros_like(s.next_t)
     positions = jnp.stack([s.next_t, zeros, zeros], axis=1)[:, :, None]  # [B, 3, 1]
     segment_ids = s.rows.astype(jnp.int32)[:, None]
-    logits, cache = model.apply({"params": params}, s.token[:, None], positions, segment_ids,
-                                cache=s.cache)
+    logits, cache = model.apply(
+      {"params": params}, s.token[:, None], positions, segment_ids, cache=s.cache
+    )
     logits_bv = logits[:, 0]
     token, done = _choose(logits_bv, s.done, s.rows, sampling, rng, s.step, config, stop_ids)
     tokens, kept = _record(s.tokens, s.logits, token, logits_bv, s.step)
@@ -220,8 +268,12 @@ def decode(params: Any, state: DecodeState, rng: jax.Array, *, config: NeoConfig
 
 def prompt_arrays(batch: PromptBatch) -> dict[str, np.ndarray]:
   """The arrays `prefill` takes (pixels only when some prompt has images)."""
-  out = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids,
-         "positions": batch.positions, "rows": batch.rows}
+  out = {
+    "input_ids": batch.input_ids,
+    "segment_ids": batch.segment_ids,
+    "positions": batch.positions,
+    "rows": batch.rows,
+  }
   if batch.pixels is not None:
     out["pixels"], out["pixel_rc"] = batch.pixels, batch.pixel_rc
   return out
@@ -236,11 +288,20 @@ def _finish(state: DecodeState, n_prompts: int, stop_ids: tuple[int, ...]) -> Ge
   return GenerationOutput(tokens, lengths, finished, logits)
 
 
-def generate(params: Any, config: NeoConfig, prompts: Sequence[Prompt], max_new_tokens: int,
-             sampling: Sampling = GREEDY, rng: Optional[jax.Array] = None, *,
-             batch_size: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None,
-             return_logits: bool = False, length_bucket: int = LENGTH_BUCKET,
-             visual_bucket: int = VISUAL_BUCKET) -> GenerationOutput:
+def generate(
+  params: Any,
+  config: NeoConfig,
+  prompts: Sequence[Prompt],
+  max_new_tokens: int,
+  sampling: Sampling = GREEDY,
+  rng: jax.Array | None = None,
+  *,
+  batch_size: int | None = None,
+  stop_ids: Sequence[int] | None = None,
+  return_logits: bool = False,
+  length_bucket: int = LENGTH_BUCKET,
+  visual_bucket: int = VISUAL_BUCKET,
+) -> GenerationOutput:
   """Generates up to `max_new_tokens` new tokens for each prompt.
 
   Args:
@@ -263,22 +324,33 @@ def generate(params: Any, config: NeoConfig, prompts: Sequence[Prompt], max_new_
   chunk = len(prompts) if batch_size is None else batch_size
   outputs = []
   for start in range(0, len(prompts), max(chunk, 1)):
-    part = prompts[start:start + chunk]
-    batch = batch_prompts(part, config, batch_size=batch_size, length_bucket=length_bucket,
-                          visual_bucket=visual_bucket)
+    part = prompts[start : start + chunk]
+    batch = batch_prompts(
+      part, config, batch_size=batch_size, length_bucket=length_bucket, visual_bucket=visual_bucket
+    )
     key = jax.random.fold_in(rng, start)
-    state = prefill(params, prompt_arrays(batch), key, config=config,
-                    cache_len=batch.input_ids.shape[1] + max_new_tokens,
-                    max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stops,
-                    return_logits=return_logits)
+    state = prefill(
+      params,
+      prompt_arrays(batch),
+      key,
+      config=config,
+      cache_len=batch.input_ids.shape[1] + max_new_tokens,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      stop_ids=stops,
+      return_logits=return_logits,
+    )
     state = decode(params, state, key, config=config, sampling=sampling, stop_ids=stops)
     outputs.append(_finish(state, len(part), stops))
   if len(outputs) == 1:
     return outputs[0]
   logits = None if not return_logits else np.concatenate([o.logits for o in outputs])
-  return GenerationOutput(np.concatenate([o.tokens for o in outputs]),
-                          np.concatenate([o.lengths for o in outputs]),
-                          np.concatenate([o.finished for o in outputs]), logits)
+  return GenerationOutput(
+    np.concatenate([o.tokens for o in outputs]),
+    np.concatenate([o.lengths for o in outputs]),
+    np.concatenate([o.finished for o in outputs]),
+    logits,
+  )
 
 
 def decode_text(tokenizer: Any, token_ids: Sequence[int], stop_ids: Sequence[int]) -> str:
@@ -295,9 +367,15 @@ def decode_text(tokenizer: Any, token_ids: Sequence[int], stop_ids: Sequence[int
 AnswerFn = Callable[[Any, Sequence[Any]], list[str]]
 
 
-def vqa_answer_fn(config: NeoConfig, tokenizer: Any, *, max_new_tokens: int = 16,
-                  batch_size: int = 8, min_pixels: Optional[int] = None,
-                  max_pixels: Optional[int] = None) -> AnswerFn:
+def vqa_answer_fn(
+  config: NeoConfig,
+  tokenizer: Any,
+  *,
+  max_new_tokens: int = 16,
+  batch_size: int = 8,
+  min_pixels: int | None = None,
+  max_pixels: int | None = None,
+) -> AnswerFn:
   """`answer(params, examples) -> [text]` by greedy decoding, for the training loop's VQA hook.
 
   Examples need `.image` (anything `preprocess_image` takes) and `.question`, like
@@ -311,17 +389,26 @@ def vqa_answer_fn(config: NeoConfig, tokenizer: Any, *, max_new_tokens: int = 16
   def prompt_of(example: Any) -> Prompt:
     hit = prepared.get(id(example))
     if hit is None or hit[0] is not example:
-      hit = (example, prepare_generation_inputs(tokenizer, config, example.question,
-                                                [example.image], min_pixels=min_pixels,
-                                                max_pixels=max_pixels))
+      hit = (
+        example,
+        prepare_generation_inputs(
+          tokenizer,
+          config,
+          example.question,
+          [example.image],
+          min_pixels=min_pixels,
+          max_pixels=max_pixels,
+        ),
+      )
       prepared[id(example)] = hit
     return hit[1]
 
   def answer(params: Any, examples: Sequence[Any]) -> list[str]:
     if not examples:
       return []
-    out = generate(params, config, [prompt_of(e) for e in examples], max_new_tokens,
-                   batch_size=batch_size)
+    out = generate(
+      params, config, [prompt_of(e) for e in examples], max_new_tokens, batch_size=batch_size
+    )
     return [decode_text(tokenizer, ids, stops) for ids in out.token_lists()]
 
   return answer

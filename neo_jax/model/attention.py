@@ -9,7 +9,7 @@ query/key; values stay head_dim wide; the scale is 1/sqrt(head_dim).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,14 +50,24 @@ class NativeAttention(nn.Module):
   config: NeoConfig
 
   @nn.compact
-  def __call__(self, x_bld: jax.Array, rope: RopeTables, q_ids: AttnIds,
-               kv_ids: Optional[AttnIds] = None, cache: Optional[LayerCache] = None,
-               cache_index: Optional[jax.Array] = None
-               ) -> tuple[jax.Array, Optional[LayerCache]]:
+  def __call__(
+    self,
+    x_bld: jax.Array,
+    rope: RopeTables,
+    q_ids: AttnIds,
+    kv_ids: AttnIds | None = None,
+    cache: LayerCache | None = None,
+    cache_index: jax.Array | None = None,
+  ) -> tuple[jax.Array, LayerCache | None]:
     cfg = self.config
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     b, l, _ = x_bld.shape
-    nh, nkv, d, dhw = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hw_head_dim
+    nh, nkv, d, dhw = (
+      cfg.num_attention_heads,
+      cfg.num_key_value_heads,
+      cfg.head_dim,
+      cfg.hw_head_dim,
+    )
 
     def proj(features, axes, name):
       return Linear(features, axes, dtype=dtype, param_dtype=param_dtype, name=name)(x_bld)
@@ -83,15 +93,26 @@ class NativeAttention(nn.Module):
 
     new_cache = None
     if cache is not None:
-      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
-                                                                  cache_index, axis=1)
+      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(
+        buf, new.astype(buf.dtype), cache_index, axis=1
+      )
       new_cache = LayerCache(write(cache.k, k), write(cache.v, v))
       k, v = new_cache.k.astype(dtype), new_cache.v.astype(dtype)
 
     with jax.named_scope("attention_op"):  # a name for profiles (benchmarks/profile_step.py)
-      out = attention(q, k, v, q_ids, kv_ids, impl=cfg.attention_impl, scale=d**-0.5,
-                      q_chunk=cfg.attention_q_chunk, platform=cfg.platform or None)
+      out = attention(
+        q,
+        k,
+        v,
+        q_ids,
+        kv_ids,
+        impl=cfg.attention_impl,
+        scale=d**-0.5,
+        q_chunk=cfg.attention_q_chunk,
+        platform=cfg.platform or None,
+      )
     out = nn.with_logical_constraint(out, OUT_ACTIVATION)
-    out = Linear(cfg.hidden_size, ("q_heads", "embed"), dtype=dtype, param_dtype=param_dtype,
-                 name="o_proj")(out.reshape(b, l, nh * d))
+    out = Linear(
+      cfg.hidden_size, ("q_heads", "embed"), dtype=dtype, param_dtype=param_dtype, name="o_proj"
+    )(out.reshape(b, l, nh * d))
     return out, new_cache

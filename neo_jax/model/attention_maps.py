@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +26,25 @@ import jax.numpy as jnp
 from neo_jax.config import NeoConfig
 from neo_jax.model import attention as attention_module
 from neo_jax.model.layers import dtype_of
-from neo_jax.model.neo import (LAYER_GROUPS, DecoderLayer, LayerContext, NeoModel,
-                               place_visual_tokens, rope_tables)
+from neo_jax.model.neo import (
+  LAYER_GROUPS,
+  DecoderLayer,
+  LayerContext,
+  NeoModel,
+  place_visual_tokens,
+  rope_tables,
+)
 from neo_jax.ops.masks import AttnIds, dense_mask
 from neo_jax.positions import image_ids as compute_image_ids
 
-__all__ = ["AttentionCall", "capture_attention", "probabilities", "layer_inputs",
-           "attention_call", "attention_probs"]
+__all__ = [
+  "AttentionCall",
+  "capture_attention",
+  "probabilities",
+  "layer_inputs",
+  "attention_call",
+  "attention_probs",
+]
 
 
 class AttentionCall(NamedTuple):
@@ -41,7 +54,7 @@ class AttentionCall(NamedTuple):
   k: jax.Array  # [B, Lk, Hkv, 2*head_dim]
   v: jax.Array  # [B, Lk, Hkv, head_dim]
   q_ids: AttnIds
-  kv_ids: Optional[AttnIds]
+  kv_ids: AttnIds | None
   scale: float
   output: jax.Array  # [B, Lq, Hq, head_dim]
 
@@ -56,12 +69,19 @@ def capture_attention() -> Iterator[list[AttentionCall]]:
   calls: list[AttentionCall] = []
   original = attention_module.attention
 
-  def recording(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
-                kv_ids: Optional[AttnIds] = None, **kwargs: Any) -> jax.Array:
+  def recording(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_ids: AttnIds,
+    kv_ids: AttnIds | None = None,
+    **kwargs: Any,
+  ) -> jax.Array:
     out = original(q, k, v, q_ids, kv_ids, **kwargs)
     scale = kwargs.get("scale")
-    calls.append(AttentionCall(q, k, v, q_ids, kv_ids,
-                               q.shape[-1] ** -0.5 if scale is None else scale, out))
+    calls.append(
+      AttentionCall(q, k, v, q_ids, kv_ids, q.shape[-1] ** -0.5 if scale is None else scale, out)
+    )
     return out
 
   attention_module.attention = recording
@@ -71,8 +91,9 @@ def capture_attention() -> Iterator[list[AttentionCall]]:
     attention_module.attention = original
 
 
-def probabilities(q: jax.Array, k: jax.Array, q_ids: AttnIds, kv_ids: Optional[AttnIds] = None,
-                  *, scale: float) -> jax.Array:
+def probabilities(
+  q: jax.Array, k: jax.Array, q_ids: AttnIds, kv_ids: AttnIds | None = None, *, scale: float
+) -> jax.Array:
   """float32 [B, Hq, Lq, Lk]: softmax of the masked scores (GQA: head h reads kv head
   h // (Hq / Hkv)); a query with no allowed key (padding) gets an all-zero row."""
   mask = dense_mask(q_ids, kv_ids)[:, None]  # [B, 1, Lq, Lk]
@@ -83,18 +104,27 @@ def probabilities(q: jax.Array, k: jax.Array, q_ids: AttnIds, kv_ids: Optional[A
   return jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
 
 
-def _embed(model: NeoModel, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-           pixels: Optional[jax.Array], pixel_rc: Optional[jax.Array],
-           branch_ids: Optional[jax.Array]) -> tuple[jax.Array, LayerContext]:
+def _embed(
+  model: NeoModel,
+  input_ids: jax.Array,
+  positions: jax.Array,
+  segment_ids: jax.Array,
+  pixels: jax.Array | None,
+  pixel_rc: jax.Array | None,
+  branch_ids: jax.Array | None,
+) -> tuple[jax.Array, LayerContext]:
   """The input of the first layer and the context every layer shares (as NeoModel builds)."""
   cfg = model.config
   x = model.embed_tokens(input_ids).astype(dtype_of(cfg.dtype))
   if pixels is not None:
-    x = place_visual_tokens(x, model.vision(pixels, pixel_rc), input_ids,
-                            cfg.img_context_token_id)
+    x = place_visual_tokens(x, model.vision(pixels, pixel_rc), input_ids, cfg.img_context_token_id)
   img_ids = compute_image_ids(input_ids, positions[:, 0], cfg.img_context_token_id)
-  q_ids = AttnIds(segment_ids.astype(jnp.int32), img_ids,
-                  None if branch_ids is None else branch_ids.astype(jnp.int32), None)
+  q_ids = AttnIds(
+    segment_ids.astype(jnp.int32),
+    img_ids,
+    None if branch_ids is None else branch_ids.astype(jnp.int32),
+    None,
+  )
   return x, LayerContext(rope_tables(positions, cfg), q_ids, None, None)
 
 
@@ -112,8 +142,9 @@ def _model_inputs(batch: Mapping[str, Any]) -> dict:
   return {k: (jnp.asarray(batch[k]) if batch.get(k) is not None else None) for k in keys}
 
 
-def _walk(params: Mapping, config: NeoConfig, batch: Mapping[str, Any],
-          stop: int) -> tuple[list[jax.Array], LayerContext]:
+def _walk(
+  params: Mapping, config: NeoConfig, batch: Mapping[str, Any], stop: int
+) -> tuple[list[jax.Array], LayerContext]:
   """Hidden states entering layers 0..stop (inclusive of stop) and the shared context."""
   inputs = _model_inputs(batch)
   x, ctx = NeoModel(config).apply({"params": params}, **inputs, method=_embed)
@@ -135,8 +166,9 @@ def layer_inputs(params: Mapping, config: NeoConfig, batch: Mapping[str, Any]) -
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer"))
-def attention_call(params: Mapping, config: NeoConfig, batch: Mapping[str, Any],
-                   layer: int) -> AttentionCall:
+def attention_call(
+  params: Mapping, config: NeoConfig, batch: Mapping[str, Any], layer: int
+) -> AttentionCall:
   """The q, k, v, ids and output of `layer`'s attention on `batch` (0-based over all layers,
   pre-Buffer first; `batch` holds the batch contract's arrays)."""
   hidden, ctx = _walk(params, config, batch, layer)
@@ -149,8 +181,9 @@ def attention_call(params: Mapping, config: NeoConfig, batch: Mapping[str, Any],
   return calls[0]
 
 
-def attention_probs(params: Mapping, config: NeoConfig, batch: Mapping[str, Any],
-                    layer: int) -> jax.Array:
+def attention_probs(
+  params: Mapping, config: NeoConfig, batch: Mapping[str, Any], layer: int
+) -> jax.Array:
   """float32 [B, H, L, L]: attention probabilities of every query head of `layer` on
   `batch`, [b, h, q, k] = how much query q of row b attends to key k in head h."""
   call = attention_call(params, config, batch, layer)

@@ -7,7 +7,7 @@ weights' names, which `neo_jax.parallel.sharding` maps onto the device mesh.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,8 +34,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return normed.astype(x.dtype) * scale.astype(x.dtype)
@@ -55,13 +59,25 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
-                        (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=self.out_dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)),
+      (x.shape[-1], self.features),
+      self.param_dtype,
+    )
+    y = jnp.einsum(
+      "...i,io->...o",
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      preferred_element_type=self.out_dtype,
+    )
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.axes[1],)),
-                        (self.features,), self.param_dtype)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(self.bias_init, (self.axes[1],)),
+        (self.features,),
+        self.param_dtype,
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -75,8 +91,9 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_bld: jax.Array) -> jax.Array:
-    dense = lambda n, axes, name: Linear(n, axes, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         name=name)
+    dense = lambda n, axes, name: Linear(
+      n, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x_bld)
     up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x_bld)
     h_blf = nn.with_logical_constraint(jax.nn.silu(gate) * up, MLP_ACTIVATION)

@@ -16,7 +16,7 @@ Layers of each group run under `nn.scan`, so compile time does not grow with dep
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from neo_jax.config import NeoConfig
 from neo_jax.model.attention import LayerCache, NativeAttention, RopeTables
-from neo_jax.model.layers import (DEFAULT_INIT, EMBED_ACTIVATION, MLP, Linear, RMSNorm,
-                                  dtype_of)
+from neo_jax.model.layers import DEFAULT_INIT, EMBED_ACTIVATION, MLP, Linear, RMSNorm, dtype_of
 from neo_jax.model.rope import rotate_half_cos_sin
 from neo_jax.model.vision import PatchEmbedding
 from neo_jax.ops.masks import AttnIds
@@ -34,9 +33,9 @@ from neo_jax.positions import image_ids as compute_image_ids
 LAYER_GROUPS = ("pre_buffer", "llm")
 
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -54,8 +53,8 @@ class LayerContext(NamedTuple):
 
   rope: RopeTables
   q_ids: AttnIds
-  kv_ids: Optional[AttnIds]
-  cache_index: Optional[jax.Array]
+  kv_ids: AttnIds | None
+  cache_index: jax.Array | None
 
 
 class DecoderLayer(nn.Module):
@@ -64,14 +63,16 @@ class DecoderLayer(nn.Module):
   config: NeoConfig
 
   @nn.compact
-  def __call__(self, x_bld: jax.Array, ctx: LayerContext, cache: Optional[LayerCache]
-               ) -> tuple[jax.Array, Optional[LayerCache]]:
+  def __call__(
+    self, x_bld: jax.Array, ctx: LayerContext, cache: LayerCache | None
+  ) -> tuple[jax.Array, LayerCache | None]:
     cfg = self.config
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     x_bld = nn.with_logical_constraint(x_bld, EMBED_ACTIVATION)
     h = RMSNorm(cfg.rms_norm_eps, param_dtype, name="input_layernorm")(x_bld)
     attn, new_cache = NativeAttention(cfg, name="self_attn")(
-        h, ctx.rope, ctx.q_ids, ctx.kv_ids, cache, ctx.cache_index)
+      h, ctx.rope, ctx.q_ids, ctx.kv_ids, cache, ctx.cache_index
+    )
     x_bld = x_bld + attn
     h = RMSNorm(cfg.rms_norm_eps, param_dtype, name="post_attention_layernorm")(x_bld)
     x_bld = x_bld + MLP(cfg.intermediate_size, dtype, param_dtype, name="mlp")(h)
@@ -82,9 +83,14 @@ def _layer_stack(config: NeoConfig, length: int, name: str) -> nn.Module:
   layer = DecoderLayer
   if config.remat_policy != "none":
     layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
-  scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, 0), length=length,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
+  scanned = nn.scan(
+    layer,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, 0),
+    length=length,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
   return scanned(config, name=name)
 
 
@@ -97,8 +103,9 @@ def rope_tables(positions_b3l: jax.Array, config: NeoConfig) -> RopeTables:
   return RopeTables(cos_t, sin_t, cos_h, sin_h, cos_w, sin_w)
 
 
-def place_visual_tokens(text_bld: jax.Array, visual_bnd: jax.Array, input_ids: jax.Array,
-                        img_context_id: int) -> jax.Array:
+def place_visual_tokens(
+  text_bld: jax.Array, visual_bnd: jax.Array, input_ids: jax.Array, img_context_id: int
+) -> jax.Array:
   """The k-th `<IMG_CONTEXT>` token of each row takes visual token k of that row."""
   is_ctx = input_ids == img_context_id
   index = jnp.clip(jnp.cumsum(is_ctx, axis=-1) - 1, 0, visual_bnd.shape[1] - 1)
@@ -114,20 +121,38 @@ class NeoModel(nn.Module):
     param_dtype = dtype_of(cfg.param_dtype)
     self.vision = PatchEmbedding(cfg)
     self.embed_tokens = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
-        embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")))
-    self.groups = {name: _layer_stack(cfg, n, name)
-                   for name, n in zip(LAYER_GROUPS, (cfg.num_prebuffer_layers, cfg.num_llm_layers))
-                   if n > 0}
+      cfg.vocab_size,
+      cfg.hidden_size,
+      param_dtype=param_dtype,
+      embedding_init=nn.with_logical_partitioning(DEFAULT_INIT, ("vocab", "embed")),
+    )
+    self.groups = {
+      name: _layer_stack(cfg, n, name)
+      for name, n in zip(LAYER_GROUPS, (cfg.num_prebuffer_layers, cfg.num_llm_layers))
+      if n > 0
+    }
     self.norm = RMSNorm(cfg.rms_norm_eps, param_dtype)
     if not cfg.tie_word_embeddings:
-      self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=dtype_of(cfg.dtype),
-                            param_dtype=param_dtype, out_dtype=jnp.float32)
+      self.lm_head = Linear(
+        cfg.vocab_size,
+        ("embed", "vocab"),
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=param_dtype,
+        out_dtype=jnp.float32,
+      )
 
-  def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               pixels: Optional[jax.Array] = None, pixel_rc: Optional[jax.Array] = None,
-               branch_ids: Optional[jax.Array] = None, *, cache: Optional[KVCache] = None,
-               return_hidden: bool = False) -> Any:
+  def __call__(
+    self,
+    input_ids: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    pixels: jax.Array | None = None,
+    pixel_rc: jax.Array | None = None,
+    branch_ids: jax.Array | None = None,
+    *,
+    cache: KVCache | None = None,
+    return_hidden: bool = False,
+  ) -> Any:
     """Logits float32 [B, L, V] (or final hidden [B, L, D] with `return_hidden`).
 
     Args follow the batch contract (docs/architecture.md#the-batch-contract-between-data-and-model):
@@ -144,16 +169,21 @@ class NeoModel(nn.Module):
     x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
 
     img_ids = compute_image_ids(input_ids, positions[:, 0], cfg.img_context_token_id)
-    q_ids = AttnIds(segment_ids.astype(jnp.int32), img_ids,
-                    None if branch_ids is None else branch_ids.astype(jnp.int32), None)
+    q_ids = AttnIds(
+      segment_ids.astype(jnp.int32),
+      img_ids,
+      None if branch_ids is None else branch_ids.astype(jnp.int32),
+      None,
+    )
     kv_ids, cache_index = None, None
     if cache is not None:
       cache_index = cache.index
       slots = cache_index + jnp.arange(input_ids.shape[1], dtype=jnp.int32)
       q_ids = q_ids._replace(positions=jnp.broadcast_to(slots, input_ids.shape))
       write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, cache_index, axis=1)
-      kv_ids = AttnIds(write(cache.segment_ids, q_ids.segment_ids),
-                       write(cache.image_ids, img_ids), None, None)
+      kv_ids = AttnIds(
+        write(cache.segment_ids, q_ids.segment_ids), write(cache.image_ids, img_ids), None, None
+      )
     ctx = LayerContext(rope_tables(positions, cfg), q_ids, kv_ids, cache_index)
 
     new_layers = {}
@@ -163,8 +193,9 @@ class NeoModel(nn.Module):
     out = x if return_hidden else self.logits(x)
     if cache is None:
       return out
-    new_cache = KVCache(new_layers, kv_ids.segment_ids, kv_ids.image_ids,
-                        cache_index + input_ids.shape[1])
+    new_cache = KVCache(
+      new_layers, kv_ids.segment_ids, kv_ids.image_ids, cache_index + input_ids.shape[1]
+    )
     return out, new_cache
 
   def logits(self, hidden_bld: jax.Array) -> jax.Array:
@@ -193,15 +224,16 @@ def gather_embedding(params: dict) -> dict:
   return {**params, "embed_tokens": {**params["embed_tokens"], "embedding": emb}}
 
 
-def init_cache(config: NeoConfig, batch: int, max_len: int,
-               dtype: Optional[str] = None) -> KVCache:
+def init_cache(config: NeoConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
   """An empty cache of `max_len` slots (static, so decoding compiles once)."""
   dt = dtype_of(dtype or config.dtype)
   nkv = config.num_key_value_heads
   layers = {}
   for name, n in zip(LAYER_GROUPS, (config.num_prebuffer_layers, config.num_llm_layers)):
     if n > 0:
-      layers[name] = LayerCache(jnp.zeros((n, batch, max_len, nkv, config.qk_head_dim), dt),
-                                jnp.zeros((n, batch, max_len, nkv, config.head_dim), dt))
+      layers[name] = LayerCache(
+        jnp.zeros((n, batch, max_len, nkv, config.qk_head_dim), dt),
+        jnp.zeros((n, batch, max_len, nkv, config.head_dim), dt),
+      )
   zeros = jnp.zeros((batch, max_len), jnp.int32)
   return KVCache(layers, zeros, zeros, jnp.zeros((), jnp.int32))

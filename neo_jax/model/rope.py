@@ -23,8 +23,9 @@ def inv_frequencies(dim: int, theta: float) -> np.ndarray:
   return (1.0 / (theta**exponent)).astype(np.float32)
 
 
-def rotate_half_cos_sin(positions: jax.Array, dim: int, theta: float,
-                        dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def rotate_half_cos_sin(
+  positions: jax.Array, dim: int, theta: float, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
   """cos, sin [..., dim] for integer positions [...], rotate_half layout."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_frequencies(dim, theta)
   angles = jnp.concatenate([freqs, freqs], axis=-1)
@@ -39,8 +40,9 @@ def apply_rotate_half(x_blhd: jax.Array, cos_bld: jax.Array, sin_bld: jax.Array)
   return x_blhd * cos + rotated * sin
 
 
-def apply_vision_rotary(features: jax.Array, col: jax.Array, row: jax.Array,
-                        theta: float) -> jax.Array:
+def apply_vision_rotary(
+  features: jax.Array, col: jax.Array, row: jax.Array, theta: float
+) -> jax.Array:
   """Rotates patch features [..., C] by their 16-px column (first C/2) and row (last C/2).
 
   Interleaved pairs: (f[2j], f[2j+1]) -> (f[2j] cos - f[2j+1] sin, f[2j] sin + f[2j+1] cos).

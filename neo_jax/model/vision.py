@@ -38,6 +38,7 @@ def torch_default_bias_init(fan_in: int):
   def init(key, shape, dtype=jnp.float32):
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -61,13 +62,20 @@ class PatchEmbedding(nn.Module):
       pixels_bnsp = normalize_pixels(pixels_bnsp, cfg.patch_size, dtype)
     b, n, sub, patch_dim = pixels_bnsp.shape
     if sub != cfg.merge_size**2 or patch_dim != cfg.patch_dim:
-      raise ValueError(f"pixels: expected [B, N, {cfg.merge_size**2}, {cfg.patch_dim}], got "
-                       f"{pixels_bnsp.shape}")
+      raise ValueError(
+        f"pixels: expected [B, N, {cfg.merge_size**2}, {cfg.patch_dim}], got {pixels_bnsp.shape}"
+      )
     c = cfg.vision_hidden_size
-    feats = Linear(c, ("patch", "vision"), use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=torch_default_kernel_init,
-                   bias_init=torch_default_bias_init(patch_dim), name="patch_embedding")(
-                       pixels_bnsp.astype(dtype))
+    feats = Linear(
+      c,
+      ("patch", "vision"),
+      use_bias=True,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(patch_dim),
+      name="patch_embedding",
+    )(pixels_bnsp.astype(dtype))
     feats = jax.nn.gelu(feats, approximate=False)
     # 16-px coordinates of each sub-patch: (2*row + dy, 2*col + dx).
     dy, dx = np.divmod(np.arange(sub), cfg.merge_size)
@@ -75,6 +83,13 @@ class PatchEmbedding(nn.Module):
     col = pixel_rc_bn2[..., 1:2] * cfg.merge_size + dx
     feats = apply_vision_rotary(feats, col, row, cfg.rope_theta_vision)
     merged = feats.reshape(b, n, sub * c)
-    return Linear(cfg.hidden_size, ("vision_merge", "embed"), use_bias=True, dtype=dtype,
-                  param_dtype=param_dtype, kernel_init=torch_default_kernel_init,
-                  bias_init=torch_default_bias_init(sub * c), name="dense_embedding")(merged)
+    return Linear(
+      cfg.hidden_size,
+      ("vision_merge", "embed"),
+      use_bias=True,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(sub * c),
+      name="dense_embedding",
+    )(merged)

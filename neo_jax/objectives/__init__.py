@@ -16,8 +16,8 @@ from neo_jax.objectives.preference import objective as preference
 from neo_jax.trainer.objective import Objective
 
 OBJECTIVES: dict[str, Objective] = {
-    "next_token": next_token.OBJECTIVE,
-    "preference": preference.OBJECTIVE,
+  "next_token": next_token.OBJECTIVE,
+  "preference": preference.OBJECTIVE,
 }
 
 

@@ -35,11 +35,16 @@ import jax.numpy as jnp
 from neo_jax.trainer.objective import LossOutput
 
 
-def token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
-                        compute_dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+def token_cross_entropy(
+  hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array, compute_dtype: Any = jnp.float32
+) -> tuple[jax.Array, jax.Array]:
   """Plain reference: CE and argmax-correctness per position, float32 [B, L] each."""
-  logits = jnp.einsum("bld,dv->blv", hidden_bld.astype(compute_dtype),
-                      head_dv.astype(compute_dtype), preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+    "bld,dv->blv",
+    hidden_bld.astype(compute_dtype),
+    head_dv.astype(compute_dtype),
+    preferred_element_type=jnp.float32,
+  )
   return _ce_from_logits(logits, targets_bl)
 
 
@@ -57,8 +62,12 @@ def _vocab_pieces(vocab: int, piece: int) -> tuple[int, int]:
 
 
 def _piece_logits(h_bcd: jax.Array, w_pd: jax.Array, compute_dtype: Any) -> jax.Array:
-  return jnp.einsum("bcd,pd->bcp", h_bcd.astype(compute_dtype), w_pd.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum(
+    "bcd,pd->bcp",
+    h_bcd.astype(compute_dtype),
+    w_pd.astype(compute_dtype),
+    preferred_element_type=jnp.float32,
+  )
 
 
 def _hits(targets_bc: jax.Array, offset: jax.Array, size: int) -> jax.Array:
@@ -83,11 +92,14 @@ def _streamed_stats(h_bcd, w_vd, t_bc, piece, compute_dtype):
     offset = i * size
     return update(carry, jax.lax.dynamic_slice_in_dim(w_vd, offset, size, axis=0), offset), None
 
-  init = (jnp.full(t_bc.shape, -jnp.inf, jnp.float32), jnp.zeros(t_bc.shape, jnp.float32),
-          jnp.zeros(t_bc.shape, jnp.float32))
+  init = (
+    jnp.full(t_bc.shape, -jnp.inf, jnp.float32),
+    jnp.zeros(t_bc.shape, jnp.float32),
+    jnp.zeros(t_bc.shape, jnp.float32),
+  )
   carry, _ = jax.lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
   if n * size < vocab:  # the short last piece
-    carry = update(carry, w_vd[n * size:], jnp.int32(n * size))
+    carry = update(carry, w_vd[n * size :], jnp.int32(n * size))
   return carry
 
 
@@ -115,10 +127,12 @@ def _streamed_ce_bwd(piece, compute_dtype, residuals, cotangents):
     d = jnp.exp(logits - lse[..., None]) - _hits(t_bc, offset, w_pd.shape[0])
     # positions without weight (padding, possibly non-finite) contribute nothing
     d = jnp.where(g_bc[..., None] != 0, d * g_bc[..., None], 0.0).astype(compute_dtype)
-    dh = jnp.einsum("bcp,pd->bcd", d, w_pd.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
-    dw = jnp.einsum("bcp,bcd->pd", d, h_bcd.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
+    dh = jnp.einsum(
+      "bcp,pd->bcd", d, w_pd.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+    dw = jnp.einsum(
+      "bcp,bcd->pd", d, h_bcd.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
     return dh, dw
 
   def body(carry, i):
@@ -131,32 +145,40 @@ def _streamed_ce_bwd(piece, compute_dtype, residuals, cotangents):
   init = (jnp.zeros(h_bcd.shape, jnp.float32), jnp.zeros(w_vd.shape, w_vd.dtype))
   (dh, dw), _ = jax.lax.scan(body, init, jnp.arange(n, dtype=jnp.int32))
   if n * size < vocab:
-    dh_tail, dw_tail = piece_grads(w_vd[n * size:], jnp.int32(n * size))
+    dh_tail, dw_tail = piece_grads(w_vd[n * size :], jnp.int32(n * size))
     dh = dh + dh_tail
-    dw = dw.at[n * size:].set(dw_tail.astype(dw.dtype))
+    dw = dw.at[n * size :].set(dw_tail.astype(dw.dtype))
   return dh.astype(h_bcd.dtype), dw, None
 
 
 _streamed_ce.defvjp(_streamed_ce_fwd, _streamed_ce_bwd)
 
 
-def streamed_cross_entropy(hidden_bcd: jax.Array, head_dv: jax.Array, targets_bc: jax.Array,
-                           vocab_chunk: int, compute_dtype: Any = jnp.float32
-                           ) -> tuple[jax.Array, jax.Array]:
+def streamed_cross_entropy(
+  hidden_bcd: jax.Array,
+  head_dv: jax.Array,
+  targets_bc: jax.Array,
+  vocab_chunk: int,
+  compute_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
   """`token_cross_entropy` computed `vocab_chunk` vocabulary entries at a time.
 
   Logits never exist beyond [B, C, vocab_chunk]; the backward pass recomputes each piece
   (one more head matmul) instead of reading saved logits. "Correct" means the target's logit
   is the largest (a tie counts as correct, where argmax would pick the first).
   """
-  return _streamed_ce(hidden_bcd, head_dv.T, targets_bc, int(vocab_chunk),
-                      jnp.dtype(compute_dtype))
+  return _streamed_ce(hidden_bcd, head_dv.T, targets_bc, int(vocab_chunk), jnp.dtype(compute_dtype))
 
 
-def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
-                                targets_bl: jax.Array, chunk: int = 1024,
-                                compute_dtype: Any = jnp.float32, remat: bool = True,
-                                vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+def chunked_token_cross_entropy(
+  hidden_bld: jax.Array,
+  head_dv: jax.Array,
+  targets_bl: jax.Array,
+  chunk: int = 1024,
+  compute_dtype: Any = jnp.float32,
+  remat: bool = True,
+  vocab_chunk: int = 0,
+) -> tuple[jax.Array, jax.Array]:
   """Same values as `token_cross_entropy`, computed at most `chunk` positions at a time.
 
   Peak memory for logits is B * chunk * V float32 in forward and backward (with `remat` the
@@ -174,8 +196,9 @@ def chunked_token_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
     h_bcd, t_bc = args
     if stream:
       return streamed_cross_entropy(h_bcd, head, t_bc, vocab_chunk, compute_dtype)
-    logits = jnp.einsum("bcd,dv->bcv", h_bcd.astype(compute_dtype), head,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+      "bcd,dv->bcv", h_bcd.astype(compute_dtype), head, preferred_element_type=jnp.float32
+    )
     return _ce_from_logits(logits, t_bc)
 
   if remat and not stream:  # a streamed chunk keeps nothing of size V to recompute
@@ -211,8 +234,9 @@ def _weighted_sum(ce_bl: jax.Array, weights_bl: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused_ce(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
-  ce_bl, correct_bl = chunked_token_cross_entropy(h_bld, w_dv, t_bl, chunk, compute_dtype,
-                                                  remat=False)
+  ce_bl, correct_bl = chunked_token_cross_entropy(
+    h_bld, w_dv, t_bl, chunk, compute_dtype, remat=False
+  )
   return _weighted_sum(ce_bl, wt_bl), correct_bl
 
 
@@ -234,35 +258,47 @@ def _fused_ce_fwd(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
     # d (w CE) / d logits = w (softmax - one-hot); positions without weight contribute nothing
     keep = (wt_bc != 0)[..., None]
     one_hot = _hits(t_bc, 0, logits.shape[-1])
-    d = jnp.where(keep, e * (wt_bc / s)[..., None] - jnp.where(one_hot, wt_bc[..., None], 0.0),
-                  0.0).astype(compute_dtype)
+    d = jnp.where(
+      keep, e * (wt_bc / s)[..., None] - jnp.where(one_hot, wt_bc[..., None], 0.0), 0.0
+    ).astype(compute_dtype)
     dh = jnp.einsum("bcv,dv->bcd", d, head, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("bcd,bcv->dv", jnp.where(keep, h_bcd, 0), d,
-                    preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bcd,bcv->dv", jnp.where(keep, h_bcd, 0), d, preferred_element_type=jnp.float32)
     return dw_dv + dw, (dh, ce, correct)
 
   dw_dv, (dh_nbcd, ce_nbc, correct_nbc) = jax.lax.scan(
-      one_chunk, jnp.zeros(w_dv.shape, jnp.float32), (h_nbcd, t_nbc, wt_nbc))
+    one_chunk, jnp.zeros(w_dv.shape, jnp.float32), (h_nbcd, t_nbc, wt_nbc)
+  )
   ce_bl = unchunk(ce_nbc)
-  residuals = (unchunk(dh_nbcd).astype(h_bld.dtype), dw_dv.astype(w_dv.dtype),
-               jnp.where(wt_bl != 0, ce_bl, 0.0))
+  residuals = (
+    unchunk(dh_nbcd).astype(h_bld.dtype),
+    dw_dv.astype(w_dv.dtype),
+    jnp.where(wt_bl != 0, ce_bl, 0.0),
+  )
   return (_weighted_sum(ce_bl, wt_bl), unchunk(correct_nbc)), residuals
 
 
 def _fused_ce_bwd(chunk, compute_dtype, residuals, cotangents):
   dh_bld, dw_dv, ce_bl = residuals
   g = cotangents[0]  # `correct` has no gradient
-  return ((g * dh_bld).astype(dh_bld.dtype), (g * dw_dv).astype(dw_dv.dtype), None,
-          (g * ce_bl).astype(ce_bl.dtype))
+  return (
+    (g * dh_bld).astype(dh_bld.dtype),
+    (g * dw_dv).astype(dw_dv.dtype),
+    None,
+    (g * ce_bl).astype(ce_bl.dtype),
+  )
 
 
 _fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
-def fused_weighted_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
-                                 targets_bl: jax.Array, weights_bl: jax.Array, chunk: int = 1024,
-                                 compute_dtype: Any = jnp.float32
-                                 ) -> tuple[jax.Array, jax.Array]:
+def fused_weighted_cross_entropy(
+  hidden_bld: jax.Array,
+  head_dv: jax.Array,
+  targets_bl: jax.Array,
+  weights_bl: jax.Array,
+  chunk: int = 1024,
+  compute_dtype: Any = jnp.float32,
+) -> tuple[jax.Array, jax.Array]:
   """(sum(w * CE), correct [B, L]) with the head's gradients computed in the forward pass.
 
   Under differentiation each chunk of at most `chunk` positions computes its logits, the
@@ -271,8 +307,14 @@ def fused_weighted_cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array,
   differentiation it is `chunked_token_cross_entropy` and the weighted sum. Weights are
   differentiable too (d/dw = CE where w != 0).
   """
-  return _fused_ce(hidden_bld, head_dv, targets_bl, weights_bl.astype(jnp.float32), int(chunk),
-                   jnp.dtype(compute_dtype))
+  return _fused_ce(
+    hidden_bld,
+    head_dv,
+    targets_bl,
+    weights_bl.astype(jnp.float32),
+    int(chunk),
+    jnp.dtype(compute_dtype),
+  )
 
 
 class Selected(NamedTuple):
@@ -293,15 +335,22 @@ def select_supervised(weights_bl: jax.Array, k: int) -> Selected:
     order_bl = jnp.pad(order_bl, ((0, 0), (0, k - order_bl.shape[-1])))
   index_bk = order_bl[:, :k]
   valid_bk = jnp.arange(k, dtype=jnp.int32)[None, :] < count_b[:, None]
-  return Selected(jnp.where(valid_bk, index_bk, 0), valid_bk,
-                  jnp.maximum(count_b - k, 0))
+  return Selected(jnp.where(valid_bk, index_bk, 0), valid_bk, jnp.maximum(count_b - k, 0))
 
 
-def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
-                             weights_bl: jax.Array, *, chunk: int = 1024,
-                             positions_per_row: int = 0, compute_dtype: Any = jnp.float32,
-                             remat: bool = True, vocab_chunk: int = 0,
-                             fused: bool = True) -> LossOutput:
+def weighted_next_token_loss(
+  hidden_bld: jax.Array,
+  head_dv: jax.Array,
+  targets_bl: jax.Array,
+  weights_bl: jax.Array,
+  *,
+  chunk: int = 1024,
+  positions_per_row: int = 0,
+  compute_dtype: Any = jnp.float32,
+  remat: bool = True,
+  vocab_chunk: int = 0,
+  fused: bool = True,
+) -> LossOutput:
   """sum(w * CE) and sum(w) of a batch, chunked; optionally over K positions per row.
 
   `positions_per_row` = K > 0 gathers the first K supervised positions of each row before the
@@ -321,16 +370,18 @@ def weighted_next_token_loss(hidden_bld: jax.Array, head_dv: jax.Array, targets_
     weights_bl = jnp.where(sel.valid_bk, take(weights_bl), 0.0)
     overflow = sel.overflow_b.sum()
   if fused and not 0 < vocab_chunk < head_dv.shape[1]:
-    loss_sum, correct_bl = fused_weighted_cross_entropy(hidden_bld, head_dv, targets_bl,
-                                                        weights_bl, chunk, compute_dtype)
+    loss_sum, correct_bl = fused_weighted_cross_entropy(
+      hidden_bld, head_dv, targets_bl, weights_bl, chunk, compute_dtype
+    )
   else:
-    ce_bl, correct_bl = chunked_token_cross_entropy(hidden_bld, head_dv, targets_bl, chunk,
-                                                    compute_dtype, remat, vocab_chunk)
+    ce_bl, correct_bl = chunked_token_cross_entropy(
+      hidden_bld, head_dv, targets_bl, chunk, compute_dtype, remat, vocab_chunk
+    )
     loss_sum = _weighted_sum(ce_bl, weights_bl)
   supervised = (weights_bl != 0).astype(jnp.float32)
   metrics = {
-      "supervised_tokens": supervised.sum(),
-      "correct_tokens": (correct_bl * supervised).sum(),
-      "overflow_tokens": overflow.astype(jnp.float32),
+    "supervised_tokens": supervised.sum(),
+    "correct_tokens": (correct_bl * supervised).sum(),
+    "overflow_tokens": overflow.astype(jnp.float32),
   }
   return LossOutput(loss_sum, weights_bl.sum(), metrics)

@@ -45,11 +45,12 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from neo_jax.errors import UserError
 from neo_jax.ops import cudnn, pallas_gpu, pallas_tpu, reference, xla_flash
@@ -73,7 +74,7 @@ DEFAULT_MESH_AXES = MeshAxes()
 class _Impl:
   fn: AttentionFn
   kernel: bool  # self-attention only, runs per shard under a mesh
-  check: Optional[Callable[..., None]] = None  # check(q, k, v) raises if it cannot compile
+  check: Callable[..., None] | None = None  # check(q, k, v) raises if it cannot compile
 
 
 class KernelFallbackWarning(UserWarning):
@@ -83,11 +84,16 @@ class KernelFallbackWarning(UserWarning):
 _IMPLS: dict[str, _Impl] = {}
 _AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": [], "gpu": [], "tpu": []}
 _AUTO_FALLBACK = "xla_chunked"
-_CHECKED: dict[tuple, Optional[str]] = {}  # (impl, head shapes, dtype) -> error or None
+_CHECKED: dict[tuple, str | None] = {}  # (impl, head shapes, dtype) -> error or None
 
 
-def register(name: str, fn: AttentionFn, auto_backends: Sequence[str] = (),
-             kernel: bool = False, check: Optional[Callable[..., None]] = None) -> None:
+def register(
+  name: str,
+  fn: AttentionFn,
+  auto_backends: Sequence[str] = (),
+  kernel: bool = False,
+  check: Callable[..., None] | None = None,
+) -> None:
   """Adds an implementation; `auto_backends` makes it the `auto` choice on those backends.
 
   fn(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform) -> out, `platform` the one the
@@ -113,7 +119,7 @@ def _family(platform: str) -> str:
   return "gpu" if platform in _GPU_PLATFORMS else platform
 
 
-def target_platform(platform: Optional[str] = None) -> str:
+def target_platform(platform: str | None = None) -> str:
   """The platform a call is lowered for: `platform`, or this process's default backend."""
   return platform or jax.default_backend()
 
@@ -123,13 +129,14 @@ def is_local(platform: str) -> bool:
   return _family(platform) == _family(jax.default_backend())
 
 
-def resolve(impl: str, backend: Optional[str] = None) -> str:
+def resolve(impl: str, backend: str | None = None) -> str:
   """The concrete implementation name that `impl` stands for on `backend` (a platform name;
   default: this process's backend)."""
   if impl != "auto":
     if impl not in _IMPLS:
-      raise ValueError(f"attention impl {impl!r} is not available here; choose one of "
-                       f"{available()}")
+      raise ValueError(
+        f"attention impl {impl!r} is not available here; choose one of {available()}"
+      )
     return impl
   backend = backend or jax.default_backend()
   for name in _AUTO_PREFERENCE.get(backend, []):
@@ -138,8 +145,9 @@ def resolve(impl: str, backend: Optional[str] = None) -> str:
   return _AUTO_FALLBACK
 
 
-def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
-               backend: Optional[str] = None) -> str:
+def _compiling(
+  name: str, q: jax.Array, k: jax.Array, v: jax.Array, backend: str | None = None
+) -> str:
   """`name` if its compile check passes for these shapes, else the next `auto` candidate
   whose check passes (the fallback has none). Each failure warns once per process. For a
   platform other than this process's, `name` as it is: there is nothing to compile with."""
@@ -147,7 +155,7 @@ def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
   if not is_local(backend):
     return name
   order = [n for n in _AUTO_PREFERENCE.get(backend, []) if n in _IMPLS] + [_AUTO_FALLBACK]
-  for candidate in order[order.index(name) if name in order else 0:]:
+  for candidate in order[order.index(name) if name in order else 0 :]:
     check = _IMPLS[candidate].check
     if check is None:
       return candidate
@@ -159,20 +167,31 @@ def _compiling(name: str, q: jax.Array, k: jax.Array, v: jax.Array,
       except Exception as e:  # noqa: BLE001 - any failure to build the kernel falls back
         first = next((line for line in str(e).splitlines() if line.strip()), "")
         _CHECKED[key] = f"{type(e).__name__}: {first[:300]}"
-        warnings.warn(f"attention impl 'auto': {candidate} does not compile for heads "
-                      f"{q.shape[2]}/{k.shape[2]}, widths {q.shape[3]}/{v.shape[3]}, "
-                      f"{q.dtype} ({_CHECKED[key]}); using the next implementation",
-                      KernelFallbackWarning, stacklevel=3)
+        warnings.warn(
+          f"attention impl 'auto': {candidate} does not compile for heads "
+          f"{q.shape[2]}/{k.shape[2]}, widths {q.shape[3]}/{v.shape[3]}, "
+          f"{q.dtype} ({_CHECKED[key]}); using the next implementation",
+          KernelFallbackWarning,
+          stacklevel=3,
+        )
     if _CHECKED[key] is None:
       return candidate
   return _AUTO_FALLBACK
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
-              kv_ids: Optional[AttnIds] = None, *, impl: str = "xla",
-              scale: Optional[float] = None, q_chunk: int = 512,
-              mesh_axes: Optional[MeshAxes] = None, platform: Optional[str] = None
-              ) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_ids: AttnIds,
+  kv_ids: AttnIds | None = None,
+  *,
+  impl: str = "xla",
+  scale: float | None = None,
+  q_chunk: int = 512,
+  mesh_axes: MeshAxes | None = None,
+  platform: str | None = None,
+) -> jax.Array:
   """q [B, Lq, Hq, Dqk], k [B, Lk, Hkv, Dqk], v [B, Lk, Hkv, Dv] -> [B, Lq, Hq, Dv].
 
   `q_ids` / `kv_ids` carry the segment, image, branch and sequence-position ids of the query
@@ -184,8 +203,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
   if k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
     raise ValueError(f"attention: incompatible shapes q{q.shape} k{k.shape} v{v.shape}")
   if q.shape[2] % k.shape[2]:
-    raise ValueError(f"attention: {q.shape[2]} query heads not a multiple of {k.shape[2]} "
-                     "key/value heads")
+    raise ValueError(
+      f"attention: {q.shape[2]} query heads not a multiple of {k.shape[2]} key/value heads"
+    )
   platform = target_platform(platform)
   name = resolve(impl, platform)
   cross = kv_ids is not None or q_ids.positions is not None
@@ -197,11 +217,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
   fn = functools.partial(spec.fn, scale=scale, q_chunk=q_chunk, platform=platform)
   if not spec.kernel:
     return fn(q, k, v, q_ids, kv_ids)
-  return _per_shard(resolve(impl, platform), fn, q, k, v, q_ids,
-                    mesh_axes=mesh_axes or DEFAULT_MESH_AXES)
+  return _per_shard(
+    resolve(impl, platform), fn, q, k, v, q_ids, mesh_axes=mesh_axes or DEFAULT_MESH_AXES
+  )
 
 
 # --- sharding -----------------------------------------------------------------------------------
+
 
 def _is(mesh, name: str, kind: AxisType) -> bool:
   return mesh.axis_types[mesh.axis_names.index(name)] == kind
@@ -232,9 +254,11 @@ def _refuse_split_rows(impl: str, arrays: dict[str, jax.Array]) -> None:
     for dim, what in ((1, "sequence"), (3, "head width")):
       axes = _spec_axes(spec[dim]) if dim < min(len(spec), x.ndim) else ()
       if axes:
-        raise UserError(f"attention impl {impl!r}: the {what} axis of {name} is sharded over "
-                        f"mesh axis {axes[0]!r}; the kernel needs whole rows: reshard it "
-                        "(jax.reshard) or use impl='xla_chunked'")
+        raise UserError(
+          f"attention impl {impl!r}: the {what} axis of {name} is sharded over "
+          f"mesh axis {axes[0]!r}; the kernel needs whole rows: reshard it "
+          "(jax.reshard) or use impl='xla_chunked'"
+        )
 
 
 def _only(spec: P, axes: Sequence[str]) -> P:
@@ -243,12 +267,14 @@ def _only(spec: P, axes: Sequence[str]) -> P:
   return P(*(keep(entry) for entry in spec))
 
 
-def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *,
-               mesh_axes: MeshAxes) -> jax.Array:
+def _per_shard(
+  impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *, mesh_axes: MeshAxes
+) -> jax.Array:
   call = lambda q, k, v, ids: fn(q, k, v, ids, None)
   mesh = jax.sharding.get_abstract_mesh()
-  free = () if mesh.empty else tuple(a for a in mesh.axis_names
-                                     if not _is(mesh, a, AxisType.Manual))
+  free = (
+    () if mesh.empty else tuple(a for a in mesh.axis_names if not _is(mesh, a, AxisType.Manual))
+  )
   if not free:  # no mesh, or inside a shard_map over every axis: the arrays are one shard
     return call(q, k, v, ids)
   explicit = tuple(a for a in free if _is(mesh, a, AxisType.Explicit))
@@ -283,8 +309,14 @@ def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *,
     branch = id_arrays[2] if len(id_arrays) > 2 else None
     return call(q, k, v, AttnIds(id_arrays[0], id_arrays[1], branch, None))
 
-  sharded = jax.shard_map(shard, mesh=mesh, in_specs=(x_spec,) * 3 + (id_spec,) * len(arrays),
-                          out_specs=x_spec, axis_names=set(free), check_vma=False)
+  sharded = jax.shard_map(
+    shard,
+    mesh=mesh,
+    in_specs=(x_spec,) * 3 + (id_spec,) * len(arrays),
+    out_specs=x_spec,
+    axis_names=set(free),
+    check_vma=False,
+  )
   out = sharded(q, k, v, *arrays)
   if explicit:  # the output is sharded like q, as the reference's would be
     out = jax.reshard(out, P(q_spec[0], None, q_spec[2], None))
@@ -292,6 +324,7 @@ def _per_shard(impl: str, fn: AttentionFn, q, k, v, ids: AttnIds, *,
 
 
 # --- implementations ----------------------------------------------------------------------------
+
 
 def _xla(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del q_chunk, platform
@@ -305,8 +338,9 @@ def _xla_chunked(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
 
 def _xla_flash(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, platform
-  return xla_flash.flash_attention(q, k, v, q_ids, scale=scale,
-                                   block=min(q_chunk, xla_flash.DEFAULT_BLOCK))
+  return xla_flash.flash_attention(
+    q, k, v, q_ids, scale=scale, block=min(q_chunk, xla_flash.DEFAULT_BLOCK)
+  )
 
 
 def _emulated(impl: str, native: str, platform: str) -> bool:
@@ -315,33 +349,41 @@ def _emulated(impl: str, native: str, platform: str) -> bool:
   if _family(platform) == native:
     return False
   if platform != "cpu":
-    raise ValueError(f"attention impl {impl!r} runs on {native} (compiled) or cpu (interpret "
-                     f"mode), not on {platform}; use impl='auto'")
+    raise ValueError(
+      f"attention impl {impl!r} runs on {native} (compiled) or cpu (interpret "
+      f"mode), not on {platform}; use impl='auto'"
+    )
   return True
 
 
 def _pallas_tpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  return pallas_tpu.flash_attention(q, k, v, q_ids, scale=scale,
-                                    interpret=_emulated("pallas_tpu", "tpu", platform))
+  return pallas_tpu.flash_attention(
+    q, k, v, q_ids, scale=scale, interpret=_emulated("pallas_tpu", "tpu", platform)
+  )
 
 
 def _pallas_gpu(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  return pallas_gpu.flash_attention(q, k, v, q_ids, scale=scale,
-                                    interpret=_emulated("pallas_gpu", "gpu", platform))
+  return pallas_gpu.flash_attention(
+    q, k, v, q_ids, scale=scale, interpret=_emulated("pallas_gpu", "gpu", platform)
+  )
 
 
 def _cudnn(q, k, v, q_ids, kv_ids, *, scale, q_chunk, platform):
   del kv_ids, q_chunk
-  return cudnn.attention(q, k, v, q_ids, scale=scale,
-                         emulate=_emulated("cudnn", "gpu", platform))
+  return cudnn.attention(q, k, v, q_ids, scale=scale, emulate=_emulated("cudnn", "gpu", platform))
 
 
 register("xla", _xla)
 register("xla_chunked", _xla_chunked, auto_backends=("cpu",))
 register("xla_flash", _xla_flash, auto_backends=("cpu",), kernel=True)
 register("pallas_tpu", _pallas_tpu, auto_backends=("tpu",), kernel=True)
-register("pallas_gpu", _pallas_gpu, auto_backends=("gpu", "cuda", "rocm"), kernel=True,
-         check=pallas_gpu.compile_check)
+register(
+  "pallas_gpu",
+  _pallas_gpu,
+  auto_backends=("gpu", "cuda", "rocm"),
+  kernel=True,
+  check=pallas_gpu.compile_check,
+)
 register("cudnn", _cudnn, kernel=True)

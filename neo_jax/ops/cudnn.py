@@ -35,7 +35,7 @@ only a GPU checks (`make device-check`, part kernel_check, impl cudnn on a text-
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +69,8 @@ def packed_layout(ids: AttnIds, max_segments: int) -> PackedLayout:
   starts_l = valid & (seg != jnp.concatenate([pad, seg[:, :-1]], axis=1))
   ends_l = valid & (seg != jnp.concatenate([seg[:, 1:], pad], axis=1))
   first = lambda mask: jax.vmap(lambda m: jnp.nonzero(m, size=max_segments, fill_value=-1)[0])(
-      mask).astype(jnp.int32)
+    mask
+  ).astype(jnp.int32)
   starts, last = first(starts_l), first(ends_l)
   seqlens = jnp.where(starts >= 0, last + 1 - starts, -1)
   offsets = jnp.concatenate([starts, jnp.full_like(starts[:, :1], -1)], axis=1)
@@ -95,19 +96,36 @@ def _cudnn_packed(q, k, v, layout, scale: float):
   if _fas is None:  # pragma: no cover
     raise ValueError("cudnn attention: this jax has no cuDNN fused attention")
   return _fas.dot_product_attention(
-      q, k, v, q_seqlen=layout.seqlens, kv_seqlen=layout.seqlens, q_offsets=layout.offsets,
-      kv_offsets=layout.offsets, scale=scale,
-      mask_type=_fas.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    q,
+    k,
+    v,
+    q_seqlen=layout.seqlens,
+    kv_seqlen=layout.seqlens,
+    q_offsets=layout.offsets,
+    kv_offsets=layout.offsets,
+    scale=scale,
+    mask_type=_fas.MaskType.PADDING_CAUSAL,
+    qkv_layout="BTNH",
+  )
 
 
 def _xla_packed(q, k, v, layout, scale: float):
   mask = layout_mask(layout.offsets, layout.seqlens, q.shape[1])
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
-                                      implementation="xla")
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=mask[:, None], scale=scale, implementation="xla"
+  )
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, scale: float,
-              max_segments: int = MAX_SEGMENTS, emulate: Optional[bool] = None) -> jax.Array:
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  ids: AttnIds,
+  *,
+  scale: float,
+  max_segments: int = MAX_SEGMENTS,
+  emulate: bool | None = None,
+) -> jax.Array:
   """Self-attention of text-only packed rows: q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]; padding rows exactly 0, rows that break the
   preconditions NaN. `emulate`: None runs cuDNN on GPU and the XLA emulation elsewhere."""

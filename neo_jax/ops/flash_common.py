@@ -8,7 +8,7 @@ tables once (`masks.kv_ranges`, `masks.block_ranges`) and slice the padding off 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ MASK_VALUE = float("-inf")
 M_INIT = -1e30
 
 
-def matmul_precision(dtype) -> Optional[jax.lax.Precision]:
+def matmul_precision(dtype) -> jax.lax.Precision | None:
   """float32 products at full precision (TPUs otherwise round their inputs to bfloat16),
   others at the default; the kernels and the reference agree on it."""
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -62,8 +62,9 @@ class Layout(NamedTuple):
 def layout_of(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> Layout:
   b, l, hq, dqk = q.shape
   if k.shape[:2] != (b, l) or v.shape[:2] != (b, l) or k.shape[2] != v.shape[2]:
-    raise ValueError(f"flash attention: self-attention shapes expected, got q{q.shape} "
-                     f"k{k.shape} v{v.shape}")
+    raise ValueError(
+      f"flash attention: self-attention shapes expected, got q{q.shape} k{k.shape} v{v.shape}"
+    )
   if k.shape[3] != dqk:
     raise ValueError(f"flash attention: q and k widths differ: {dqk} vs {k.shape[3]}")
   hkv = k.shape[2]
@@ -101,8 +102,7 @@ def padded_ranges(ids: AttnIds, padded: int) -> jax.Array:
   """`masks.kv_ranges` of the row set padded to `padded` tokens (padding is segment 0)."""
   seg = pad_length(ids.segment_ids.astype(jnp.int32), padded)
   img = pad_length(ids.image_ids.astype(jnp.int32), padded)
-  branch = None if ids.branch_ids is None else pad_length(ids.branch_ids.astype(jnp.int32),
-                                                           padded)
+  branch = None if ids.branch_ids is None else pad_length(ids.branch_ids.astype(jnp.int32), padded)
   return masks.kv_ranges(AttnIds(seg, img, branch, None))
 
 

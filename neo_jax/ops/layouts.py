@@ -9,7 +9,7 @@ within a segment, and a preference sample is [prompt | chosen | rejected].
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,9 +52,15 @@ def sample_length(sample: Sample) -> int:
   return sum(span.length for span in sample)
 
 
-def random_sample(rng: np.random.Generator, budget: int, *, max_images: int = 3,
-                  image_len: tuple[int, int] = (1, 12), text_len: tuple[int, int] = (1, 10),
-                  preference_prob: float = 0.3) -> list[Span]:
+def random_sample(
+  rng: np.random.Generator,
+  budget: int,
+  *,
+  max_images: int = 3,
+  image_len: tuple[int, int] = (1, 12),
+  text_len: tuple[int, int] = (1, 10),
+  preference_prob: float = 0.3,
+) -> list[Span]:
   """One sample of at most `budget` tokens: text and images, sometimes a preference pair."""
   spans: list[Span] = []
   used = 0
@@ -82,8 +88,9 @@ def random_sample(rng: np.random.Generator, budget: int, *, max_images: int = 3,
   return spans
 
 
-def random_row(rng: np.random.Generator, length: int, *, max_samples: int = 4,
-               pad_prob: float = 0.5, **sample_kw) -> list[list[Span]]:
+def random_row(
+  rng: np.random.Generator, length: int, *, max_samples: int = 4, pad_prob: float = 0.5, **sample_kw
+) -> list[list[Span]]:
   """Samples packed into `length` tokens, optionally leaving padding at the end."""
   samples = []
   used = 0
@@ -99,16 +106,24 @@ def random_row(rng: np.random.Generator, length: int, *, max_samples: int = 4,
   return samples
 
 
-def random_batch(rng: np.random.Generator, batch: int, length: int,
-                 **row_kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_batch(
+  rng: np.random.Generator, batch: int, length: int, **row_kw
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(segment_ids, image_ids, branch_ids), each int32 [batch, length]."""
   rows = [row_ids(random_row(rng, length, **row_kw), length) for _ in range(batch)]
   return tuple(np.stack(x) for x in zip(*rows))
 
 
-def neo_row(rng: np.random.Generator, length: int, *, image_len: tuple[int, int] = (1024, 3072),
-            prompt_len: tuple[int, int] = (8, 32), answer_len: tuple[int, int] = (100, 1000),
-            preference: bool = False, pad_to_full: bool = False) -> list[list[Span]]:
+def neo_row(
+  rng: np.random.Generator,
+  length: int,
+  *,
+  image_len: tuple[int, int] = (1024, 3072),
+  prompt_len: tuple[int, int] = (8, 32),
+  answer_len: tuple[int, int] = (100, 1000),
+  preference: bool = False,
+  pad_to_full: bool = False,
+) -> list[list[Span]]:
   """NEO-like samples: a short prompt, one 1-3k-token image, then text; packed into a row.
 
   With `preference`, the text after the image is split into a chosen and a rejected answer.
@@ -116,12 +131,13 @@ def neo_row(rng: np.random.Generator, length: int, *, image_len: tuple[int, int]
   samples = []
   used = 0
   while True:
-    sample = [Span(int(rng.integers(*prompt_len))),
-              Span(int(rng.integers(*image_len)), image=True)]
+    sample = [Span(int(rng.integers(*prompt_len))), Span(int(rng.integers(*image_len)), image=True)]
     if preference:
       sample += [Span(int(rng.integers(*prompt_len)))]
-      sample += [Span(int(rng.integers(*answer_len)), branch=1),
-                 Span(int(rng.integers(*answer_len)), branch=2)]
+      sample += [
+        Span(int(rng.integers(*answer_len)), branch=1),
+        Span(int(rng.integers(*answer_len)), branch=2),
+      ]
     else:
       sample += [Span(int(rng.integers(*answer_len)))]
     n = sample_length(sample)
@@ -138,8 +154,9 @@ def neo_row(rng: np.random.Generator, length: int, *, image_len: tuple[int, int]
   return samples
 
 
-def text_row(rng: np.random.Generator, length: int, *,
-             sample_len: tuple[int, int] = (100, 2000)) -> list[list[Span]]:
+def text_row(
+  rng: np.random.Generator, length: int, *, sample_len: tuple[int, int] = (100, 2000)
+) -> list[list[Span]]:
   """Text-only samples (SFT conversations) packed into a row until the next does not fit."""
   samples, used = [], 0
   while True:
@@ -153,15 +170,19 @@ def text_row(rng: np.random.Generator, length: int, *,
 
 def describe(samples: Sequence[Sample]) -> str:
   """Short text form of a row, e.g. 't12 i1024 t300 | t8 i2048 t99 b1:t50 b2:t40'."""
+
   def span(s: Span) -> str:
     prefix = f"b{s.branch}:" if s.branch else ""
     return f"{prefix}{'i' if s.image else 't'}{s.length}"
+
   return " | ".join(" ".join(span(s) for s in sample) for sample in samples)
 
 
-def ids_from_arrays(segment_ids: np.ndarray, image_ids: np.ndarray,
-                    branch_ids: Optional[np.ndarray] = None) -> AttnIds:
+def ids_from_arrays(
+  segment_ids: np.ndarray, image_ids: np.ndarray, branch_ids: np.ndarray | None = None
+) -> AttnIds:
   """AttnIds (jax arrays) for a self-attention batch."""
   branch = None if branch_ids is None else jnp.asarray(branch_ids, jnp.int32)
-  return AttnIds(jnp.asarray(segment_ids, jnp.int32), jnp.asarray(image_ids, jnp.int32),
-                 branch, None)
+  return AttnIds(
+    jnp.asarray(segment_ids, jnp.int32), jnp.asarray(image_ids, jnp.int32), branch, None
+  )

@@ -18,7 +18,7 @@ Three forms of the same rule: `dense_mask` ([B, Lq, Lk] bool, the reference), `k
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,8 @@ class AttnIds(NamedTuple):
 
   segment_ids: jax.Array  # packed sample, 1.., 0 = padding / empty cache slot
   image_ids: jax.Array  # 0 = text; equal non-zero ids = the same image (within a segment)
-  branch_ids: Optional[jax.Array] = None  # 0 shared prompt, 1 chosen, 2 rejected; None = all 0
-  positions: Optional[jax.Array] = None  # sequence index / cache slot; None = arange(L)
+  branch_ids: jax.Array | None = None  # 0 shared prompt, 1 chosen, 2 rejected; None = all 0
+  positions: jax.Array | None = None  # sequence index / cache slot; None = arange(L)
 
   @property
   def length(self) -> int:
@@ -46,20 +46,29 @@ class AttnIds(NamedTuple):
       return jnp.broadcast_to(jnp.arange(self.length, dtype=jnp.int32), self.segment_ids.shape)
     return self.positions
 
-  def slice(self, start: int, size: int) -> "AttnIds":
+  def slice(self, start: int, size: int) -> AttnIds:
     """Rows [start, start + size) of the sequence axis, positions kept absolute."""
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
-    return AttnIds(take(self.segment_ids), take(self.image_ids), take(self.branches()),
-                   take(self.seq_positions()))
+    return AttnIds(
+      take(self.segment_ids),
+      take(self.image_ids),
+      take(self.branches()),
+      take(self.seq_positions()),
+    )
 
 
-def self_attention_ids(segment_ids: jax.Array, image_ids: jax.Array,
-                       branch_ids: Optional[jax.Array] = None) -> AttnIds:
-  return AttnIds(segment_ids.astype(jnp.int32), image_ids.astype(jnp.int32),
-                 None if branch_ids is None else branch_ids.astype(jnp.int32), None)
+def self_attention_ids(
+  segment_ids: jax.Array, image_ids: jax.Array, branch_ids: jax.Array | None = None
+) -> AttnIds:
+  return AttnIds(
+    segment_ids.astype(jnp.int32),
+    image_ids.astype(jnp.int32),
+    None if branch_ids is None else branch_ids.astype(jnp.int32),
+    None,
+  )
 
 
-def dense_mask(q: AttnIds, kv: Optional[AttnIds] = None) -> jax.Array:
+def dense_mask(q: AttnIds, kv: AttnIds | None = None) -> jax.Array:
   """bool [B, Lq, Lk]: the reference form of the rule, True where q may attend to k."""
   kv = q if kv is None else kv
   qs, ks = q.segment_ids[:, :, None], kv.segment_ids[:, None, :]
@@ -116,8 +125,9 @@ def kv_ranges(ids: AttnIds) -> jax.Array:
   image_change = run_change | (image != _shift_right(image, -1))
   seg_start = jax.lax.cummax(jnp.where(seg_change, idx, 0), axis=1)
   run_start = jax.lax.cummax(jnp.where(run_change, idx, 0), axis=1)
-  image_end = jax.lax.cummin(jnp.where(_shift_left(image_change, True), idx + 1, length),
-                             axis=1, reverse=True)
+  image_end = jax.lax.cummin(
+    jnp.where(_shift_left(image_change, True), idx + 1, length), axis=1, reverse=True
+  )
   hi = jnp.where(image != 0, jnp.maximum(image_end, idx + 1), idx + 1)
   # end of the branch-0 prompt of q's segment (for queries after it)
   last_shared = jax.lax.cummax(jnp.where((branch == 0) & (seg != 0), idx + 1, 0), axis=1)
@@ -138,13 +148,14 @@ def kv_ranges(ids: AttnIds) -> jax.Array:
   return jnp.stack([lo1, hi1, lo2, hi2], axis=-1)
 
 
-def ranges_mask(ranges_bl4: jax.Array, kv_length: Optional[int] = None) -> jax.Array:
+def ranges_mask(ranges_bl4: jax.Array, kv_length: int | None = None) -> jax.Array:
   """bool [B, L, Lk] from `kv_ranges`: the mask the kernels compute block by block."""
   kv_length = ranges_bl4.shape[1] if kv_length is None else kv_length
   k = jnp.arange(kv_length, dtype=jnp.int32)
   r = ranges_bl4[:, :, None, :]
-  return (((k >= r[..., RANGE_LO1]) & (k < r[..., RANGE_HI1]))
-          | ((k >= r[..., RANGE_LO2]) & (k < r[..., RANGE_HI2])))
+  return ((k >= r[..., RANGE_LO1]) & (k < r[..., RANGE_HI1])) | (
+    (k >= r[..., RANGE_LO2]) & (k < r[..., RANGE_HI2])
+  )
 
 
 def ranges_match_rule(ids: AttnIds) -> jax.Array:
@@ -169,8 +180,16 @@ def num_allowed(ranges_bl4: jax.Array) -> jax.Array:
 # dK/dV pass still checks each pair). All in block units; supersets of the exact sets are fine,
 # the in-kernel mask stays exact.
 
-(QB_VISIT1_LO, QB_VISIT1_HI, QB_VISIT2_LO, QB_VISIT2_HI,
- QB_FULL1_LO, QB_FULL1_HI, QB_FULL2_LO, QB_FULL2_HI) = range(8)
+(
+  QB_VISIT1_LO,
+  QB_VISIT1_HI,
+  QB_VISIT2_LO,
+  QB_VISIT2_HI,
+  QB_FULL1_LO,
+  QB_FULL1_HI,
+  QB_FULL2_LO,
+  QB_FULL2_HI,
+) = range(8)
 QB_FIELDS = 8
 
 
@@ -189,8 +208,10 @@ def block_ranges(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> BlockRan
   """Per-block tables from `kv_ranges` for a row padded to a multiple of both block sizes."""
   b, length, _ = ranges_bl4.shape
   if length % block_q or length % block_kv:
-    raise ValueError(f"block_ranges: length {length} is not a multiple of block_q={block_q} "
-                     f"and block_kv={block_kv}")
+    raise ValueError(
+      f"block_ranges: length {length} is not a multiple of block_q={block_q} "
+      f"and block_kv={block_kv}"
+    )
   nq, nk = length // block_q, length // block_kv
   r = ranges_bl4.reshape(b, nq, block_q, 4)
 
@@ -224,8 +245,9 @@ def block_ranges(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> BlockRan
   any_q = visit.any(axis=1)
   first = jnp.argmax(visit, axis=1)
   last = nq - 1 - jnp.argmax(visit[:, ::-1, :], axis=1)
-  kv_blocks = jnp.stack([jnp.where(any_q, first, 0), jnp.where(any_q, last + 1, 0)],
-                        axis=-1).astype(jnp.int32)
+  kv_blocks = jnp.stack(
+    [jnp.where(any_q, first, 0), jnp.where(any_q, last + 1, 0)], axis=-1
+  ).astype(jnp.int32)
   return BlockRanges(q_blocks, kv_blocks)
 
 
@@ -252,8 +274,10 @@ def exact_block_states(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> ja
   """
   b, length, _ = ranges_bl4.shape
   if length % block_q or length % block_kv:
-    raise ValueError(f"exact_block_states: length {length} is not a multiple of "
-                     f"block_q={block_q} and block_kv={block_kv}")
+    raise ValueError(
+      f"exact_block_states: length {length} is not a multiple of "
+      f"block_q={block_q} and block_kv={block_kv}"
+    )
   nq, nk = length // block_q, length // block_kv
   r = ranges_bl4.reshape(b, nq, block_q, 4)[..., None, :]  # [B, nq, bq, 1, 4]
   k_lo = jnp.arange(nk, dtype=jnp.int32) * block_kv  # first key of each kv block
@@ -267,8 +291,8 @@ def exact_block_states(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> ja
   t2, f2 = touched_and_full(r[..., RANGE_LO2], r[..., RANGE_HI2])
   visit = (t1 | t2).any(axis=2)
   full = (f1 | f2).all(axis=2)
-  return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL),
-                   BLOCK_SKIP).astype(jnp.int8)
+  return jnp.where(visit, jnp.where(full, BLOCK_FULL, BLOCK_PARTIAL), BLOCK_SKIP).astype(jnp.int8)
+
 
 # --- walks: the visited blocks as a few intervals, fully allowed and partial apart ---------------
 #
@@ -276,6 +300,7 @@ def exact_block_states(ranges_bl4: jax.Array, block_q: int, block_kv: int) -> ja
 # in either loop body: the first never masks, the second always does. Each walk covers at most
 # `slots` intervals of blocks, stored as (count, ends[slots - 1], bases[slots]): step t of
 # [0, count) visits block bases[k] + t, where k is the first slot with t < ends[k] (or the last).
+
 
 def interval_walk(lo: jax.Array, hi: jax.Array, slots: int) -> jax.Array:
   """int32 [..., 2 * slots]: the walk over the non-empty intervals [lo_k, hi_k) (in order,
@@ -288,8 +313,9 @@ def interval_walk(lo: jax.Array, hi: jax.Array, slots: int) -> jax.Array:
   slot_lo = jnp.where(pick, lo[..., None, :].astype(jnp.int32), 0).sum(axis=-1)
   ends = jnp.cumsum(slot_n, axis=-1)
   starts = ends - slot_n
-  return jnp.concatenate([ends[..., -1:], ends[..., :-1], slot_lo - starts],
-                         axis=-1).astype(jnp.int32)
+  return jnp.concatenate([ends[..., -1:], ends[..., :-1], slot_lo - starts], axis=-1).astype(
+    jnp.int32
+  )
 
 
 def walk_blocks(walk: jax.Array, max_steps: int) -> jax.Array:
@@ -324,18 +350,24 @@ def q_block_walks(q_blocks: jax.Array, num_kv_blocks: int) -> jax.Array:
   x1, y1 = jnp.where(f1_empty, x2, f1s), jnp.where(f1_empty, x2, f1e)
 
   def minus_full(lo, hi):  # [lo, hi) minus [x1, y1) and [x2, y2): three pieces, in order
-    return [(lo, jnp.minimum(hi, x1)), (jnp.maximum(lo, y1), jnp.minimum(hi, x2)),
-            (jnp.maximum(lo, y2), hi)]
+    return [
+      (lo, jnp.minimum(hi, x1)),
+      (jnp.maximum(lo, y1), jnp.minimum(hi, x2)),
+      (jnp.maximum(lo, y2), hi),
+    ]
 
   # Visit interval 1 holds the first full interval, so at most 4 of the 6 pieces are non-empty.
-  pieces = (minus_full(col(QB_VISIT1_LO), col(QB_VISIT1_HI))
-            + minus_full(col(QB_VISIT2_LO), col(QB_VISIT2_HI)))
+  pieces = minus_full(col(QB_VISIT1_LO), col(QB_VISIT1_HI)) + minus_full(
+    col(QB_VISIT2_LO), col(QB_VISIT2_HI)
+  )
   stack = lambda xs: jnp.stack(xs, axis=-1)
   full = interval_walk(stack([f1s, f2s]), stack([f1e, f2e]), WALK_FULL_SLOTS)
-  partial = interval_walk(stack([p[0] for p in pieces]), stack([p[1] for p in pieces]),
-                          WALK_PARTIAL_SLOTS)
-  pad = jnp.zeros(full.shape[:-1] + (Q_WALK_FIELDS - full.shape[-1] - partial.shape[-1],),
-                  jnp.int32)
+  partial = interval_walk(
+    stack([p[0] for p in pieces]), stack([p[1] for p in pieces]), WALK_PARTIAL_SLOTS
+  )
+  pad = jnp.zeros(
+    full.shape[:-1] + (Q_WALK_FIELDS - full.shape[-1] - partial.shape[-1],), jnp.int32
+  )
   return jnp.concatenate([full, partial, pad], axis=-1)
 
 

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import math
 import threading
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,14 +74,14 @@ class BlockSizes:
   """Tiles and Triton launch settings; None = from the table for the head widths and the
   device (`block_sizes_for`). The backward settings apply to the dq and the dk/dv kernels."""
 
-  block_q: Optional[int] = None
-  block_kv: Optional[int] = None
-  block_q_bwd: Optional[int] = None
-  block_kv_bwd: Optional[int] = None
-  num_warps: Optional[int] = None
-  num_stages: Optional[int] = None
-  num_warps_bwd: Optional[int] = None
-  num_stages_bwd: Optional[int] = None
+  block_q: int | None = None
+  block_kv: int | None = None
+  block_q_bwd: int | None = None
+  block_kv_bwd: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+  num_warps_bwd: int | None = None
+  num_stages_bwd: int | None = None
 
 
 # --- defaults per head width and device -------------------------------------------------------
@@ -95,8 +95,15 @@ class BlockSizes:
 # stages, widths 256 / 128, bf16: 262144 bytes requested of 232448).
 
 # Largest shared memory per block (opt-in) by compute capability, from CUDA's tables.
-SMEM_BYTES = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448,
-              (10, 0): 232448, (12, 0): 101376}
+SMEM_BYTES = {
+  (8, 0): 166912,
+  (8, 6): 101376,
+  (8, 7): 166912,
+  (8, 9): 101376,
+  (9, 0): 232448,
+  (10, 0): 232448,
+  (12, 0): 101376,
+}
 SMEM_FALLBACK = 101376  # unknown device: the smallest figure of Ampere and later
 SMEM_MARGIN = 8192  # left for Triton's own scratch (layout conversions, reductions)
 
@@ -105,10 +112,8 @@ SMEM_MARGIN = 8192  # left for Triton's own scratch (layout conversions, reducti
 # of 9 combinations, 2.80 ms against 3.58 ms for (128, 64, 64, 64, 8 warps, 2 stages). Narrower
 # heads are not measured: the same rows hold twice the keys, so the forward kv block doubles.
 PREFERRED = {
-    256: BlockSizes(128, 32, 32, 64, num_warps=4, num_stages=2, num_warps_bwd=4,
-                    num_stages_bwd=2),
-    0: BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4,
-                  num_stages_bwd=2),
+  256: BlockSizes(128, 32, 32, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2),
+  0: BlockSizes(128, 64, 64, 64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2),
 }
 MIN_BLOCK = 16
 
@@ -116,9 +121,11 @@ MIN_BLOCK = 16
 def smem_bytes(sizes: BlockSizes, dqk: int, dv: int, itemsize: int = 2) -> dict[str, int]:
   """Shared memory per program of each kernel for complete `sizes` (formulas above)."""
   w = (dqk + dv) * itemsize
-  return {"fwd": sizes.num_stages * sizes.block_kv * w + sizes.block_q * dqk * itemsize,
-          "dq": sizes.num_stages_bwd * sizes.block_kv_bwd * w + sizes.block_q_bwd * w,
-          "dkv": sizes.num_stages_bwd * sizes.block_q_bwd * w + sizes.block_kv_bwd * w}
+  return {
+    "fwd": sizes.num_stages * sizes.block_kv * w + sizes.block_q * dqk * itemsize,
+    "dq": sizes.num_stages_bwd * sizes.block_kv_bwd * w + sizes.block_q_bwd * w,
+    "dkv": sizes.num_stages_bwd * sizes.block_q_bwd * w + sizes.block_kv_bwd * w,
+  }
 
 
 def fit_smem(sizes: BlockSizes, dqk: int, dv: int, itemsize: int, limit: int) -> BlockSizes:
@@ -128,15 +135,16 @@ def fit_smem(sizes: BlockSizes, dqk: int, dv: int, itemsize: int, limit: int) ->
     use = smem_bytes(sizes, dqk, dv, itemsize)
     if use["fwd"] > limit and max(sizes.block_q, sizes.block_kv) > MIN_BLOCK:
       field = "block_q" if sizes.block_q >= sizes.block_kv else "block_kv"
-    elif max(use["dq"], use["dkv"]) > limit and max(sizes.block_q_bwd,
-                                                    sizes.block_kv_bwd) > MIN_BLOCK:
+    elif (
+      max(use["dq"], use["dkv"]) > limit and max(sizes.block_q_bwd, sizes.block_kv_bwd) > MIN_BLOCK
+    ):
       field = "block_q_bwd" if sizes.block_q_bwd >= sizes.block_kv_bwd else "block_kv_bwd"
     else:
       return sizes
     sizes = dataclasses.replace(sizes, **{field: getattr(sizes, field) // 2})
 
 
-def device_smem_bytes(device: Optional[jax.Device] = None) -> int:
+def device_smem_bytes(device: jax.Device | None = None) -> int:
   """Shared memory per block of `device` (default: the first GPU; SMEM_FALLBACK if unknown)."""
   try:
     device = device or jax.devices("gpu")[0]
@@ -146,15 +154,17 @@ def device_smem_bytes(device: Optional[jax.Device] = None) -> int:
   return SMEM_BYTES.get((major, minor), SMEM_FALLBACK)
 
 
-def block_sizes_for(dqk: int, dv: int, dtype=jnp.bfloat16, sizes: Optional[BlockSizes] = None,
-                    smem: Optional[int] = None) -> BlockSizes:
+def block_sizes_for(
+  dqk: int, dv: int, dtype=jnp.bfloat16, sizes: BlockSizes | None = None, smem: int | None = None
+) -> BlockSizes:
   """Complete BlockSizes for padded widths: the fields set in `sizes` as given, the others from
   PREFERRED fitted to `smem` bytes (default: this machine's GPU)."""
   width = max(w for w in PREFERRED if w <= dqk)
   limit = (device_smem_bytes() if smem is None else smem) - SMEM_MARGIN
   table = fit_smem(PREFERRED[width], dqk, dv, jnp.dtype(dtype).itemsize, limit)
-  given = {} if sizes is None else {k: v for k, v in dataclasses.asdict(sizes).items()
-                                    if v is not None}
+  given = (
+    {} if sizes is None else {k: v for k, v in dataclasses.asdict(sizes).items() if v is not None}
+  )
   return dataclasses.replace(table, **given)
 
 
@@ -180,13 +190,14 @@ class _Config:
     return self.scale * LOG2E  # logits in base 2: exp2(s * qk_scale) = exp(s * scale)
 
 
-def _precision(dtype) -> Optional[jax.lax.Precision]:
+def _precision(dtype) -> jax.lax.Precision | None:
   return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _dot(a, b, dims):
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=_precision(a.dtype))
+  return jax.lax.dot_general(
+    a, b, dims, preferred_element_type=jnp.float32, precision=_precision(a.dtype)
+  )
 
 
 def _in_ranges(k_pos, r0, r1, r2, r3):
@@ -212,13 +223,20 @@ def _walk(table_ref, offset: int, slots: int, step, carry):
 def _walk_q_block(qw_ref, step, carry):
   """The visited kv blocks of this q block: the fully allowed ones unmasked, then the rest
   masked. Two loops, no branch in either body, so loads and dots pipeline."""
-  carry = _walk(qw_ref, masks.Q_WALK_FULL, masks.WALK_FULL_SLOTS,
-                functools.partial(step, masked=False), carry)
-  return _walk(qw_ref, masks.Q_WALK_PARTIAL, masks.WALK_PARTIAL_SLOTS,
-               functools.partial(step, masked=True), carry)
+  carry = _walk(
+    qw_ref, masks.Q_WALK_FULL, masks.WALK_FULL_SLOTS, functools.partial(step, masked=False), carry
+  )
+  return _walk(
+    qw_ref,
+    masks.Q_WALK_PARTIAL,
+    masks.WALK_PARTIAL_SLOTS,
+    functools.partial(step, masked=True),
+    carry,
+  )
 
 
 # --- forward ------------------------------------------------------------------------------------
+
 
 def _fwd_kernel(qw_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, *, cfg: _Config):
   bq, bk = cfg.block_q, cfg.block_kv
@@ -241,8 +259,11 @@ def _fwd_kernel(qw_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, *, cfg: _C
     acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, NN)
     return acc, m_next, alpha * l + p.sum(axis=1)
 
-  init = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
-          jnp.full((bq,), fc.M_INIT, jnp.float32), jnp.zeros((bq,), jnp.float32))
+  init = (
+    jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
+    jnp.full((bq,), fc.M_INIT, jnp.float32),
+    jnp.zeros((bq,), jnp.float32),
+  )
   acc, m, l = _walk_q_block(qw_ref, step, init)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
@@ -258,32 +279,36 @@ def _forward(q, k, v, tables: _Tables, cfg: _Config):
   nq = lp // bq
   kv_map = lambda i, bi, h: (bi, 0, jax.lax.div(h, g), 0)
   out, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
-      grid=(nq, b, hq),
-      in_specs=[
-          pl.BlockSpec((None, None, masks.Q_WALK_FIELDS), lambda i, bi, h: (bi, i, 0)),
-          pl.BlockSpec((None, bq, None, dqk), lambda i, bi, h: (bi, i, h, 0)),
-          pl.BlockSpec((None, lp, None, dqk), kv_map),
-          pl.BlockSpec((None, lp, None, dv), kv_map),
-          pl.BlockSpec((None, 4, bq), lambda i, bi, h: (bi, 0, i)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, bq, None, dv), lambda i, bi, h: (bi, i, h, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, lp, hq, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, hq, lp), jnp.float32)],
-      compiler_params=cfg.compiler_params(),
-      interpret=cfg.interpret,
-      name="neo_flash_fwd_gpu",
+    functools.partial(_fwd_kernel, cfg=cfg),
+    grid=(nq, b, hq),
+    in_specs=[
+      pl.BlockSpec((None, None, masks.Q_WALK_FIELDS), lambda i, bi, h: (bi, i, 0)),
+      pl.BlockSpec((None, bq, None, dqk), lambda i, bi, h: (bi, i, h, 0)),
+      pl.BlockSpec((None, lp, None, dqk), kv_map),
+      pl.BlockSpec((None, lp, None, dv), kv_map),
+      pl.BlockSpec((None, 4, bq), lambda i, bi, h: (bi, 0, i)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, bq, None, dv), lambda i, bi, h: (bi, i, h, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, lp, hq, dv), q.dtype),
+      jax.ShapeDtypeStruct((b, hq, lp), jnp.float32),
+    ],
+    compiler_params=cfg.compiler_params(),
+    interpret=cfg.interpret,
+    name="neo_flash_fwd_gpu",
   )(tables.q_walk, q, k, v, tables.ranges_t)
   return out, lse
 
 
 # --- backward: dq -------------------------------------------------------------------------------
 
-def _dq_kernel(qw_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dq_ref, *,
-               cfg: _Config):
+
+def _dq_kernel(
+  qw_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dq_ref, *, cfg: _Config
+):
   bk = cfg.block_kv_bwd
   q, do = q_ref[...], do_ref[...]
   lse, di = lse_ref[...][:, None], di_ref[...][:, None]
@@ -315,30 +340,32 @@ def _dq(q, k, v, do, lse, di, tables: _Tables, cfg: _Config):
   kv_map = lambda i, bi, h: (bi, 0, jax.lax.div(h, g), 0)
   row_map = lambda i, bi, h: (bi, h, i)
   return pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      grid=(lp // bq, b, hq),
-      in_specs=[
-          pl.BlockSpec((None, None, masks.Q_WALK_FIELDS), lambda i, bi, h: (bi, i, 0)),
-          pl.BlockSpec((None, bq, None, dqk), q_map),
-          pl.BlockSpec((None, lp, None, dqk), kv_map),
-          pl.BlockSpec((None, lp, None, dv), kv_map),
-          pl.BlockSpec((None, bq, None, dv), q_map),
-          pl.BlockSpec((None, None, bq), row_map),
-          pl.BlockSpec((None, None, bq), row_map),
-          pl.BlockSpec((None, 4, bq), lambda i, bi, h: (bi, 0, i)),
-      ],
-      out_specs=pl.BlockSpec((None, bq, None, dqk), q_map),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=cfg.compiler_params(backward=True),
-      interpret=cfg.interpret,
-      name="neo_flash_dq_gpu",
+    functools.partial(_dq_kernel, cfg=cfg),
+    grid=(lp // bq, b, hq),
+    in_specs=[
+      pl.BlockSpec((None, None, masks.Q_WALK_FIELDS), lambda i, bi, h: (bi, i, 0)),
+      pl.BlockSpec((None, bq, None, dqk), q_map),
+      pl.BlockSpec((None, lp, None, dqk), kv_map),
+      pl.BlockSpec((None, lp, None, dv), kv_map),
+      pl.BlockSpec((None, bq, None, dv), q_map),
+      pl.BlockSpec((None, None, bq), row_map),
+      pl.BlockSpec((None, None, bq), row_map),
+      pl.BlockSpec((None, 4, bq), lambda i, bi, h: (bi, 0, i)),
+    ],
+    out_specs=pl.BlockSpec((None, bq, None, dqk), q_map),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=cfg.compiler_params(backward=True),
+    interpret=cfg.interpret,
+    name="neo_flash_dq_gpu",
   )(tables.q_walk, q, k, v, do, lse, di, tables.ranges_t)
 
 
 # --- backward: dk, dv ---------------------------------------------------------------------------
 
-def _dkv_kernel(kw_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dk_ref, dv_ref,
-                *, cfg: _Config):
+
+def _dkv_kernel(
+  kw_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dk_ref, dv_ref, *, cfg: _Config
+):
   bq, bk = cfg.block_q_bwd, cfg.block_kv_bwd
   j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]
@@ -362,10 +389,8 @@ def _dkv_kernel(kw_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, d
   def head(g, carry):  # the G query heads of this kv head, one after the other
     # Query blocks of the hull that do not visit this kv block are in the partial walk:
     # computed fully masked, they add exactly zero (no branch around the loads and dots).
-    carry = _walk(kw_ref, masks.KV_WALK_FULL, 1, functools.partial(step, g, masked=False),
-                  carry)
-    return _walk(kw_ref, masks.KV_WALK_PARTIAL, 2, functools.partial(step, g, masked=True),
-                 carry)
+    carry = _walk(kw_ref, masks.KV_WALK_FULL, 1, functools.partial(step, g, masked=False), carry)
+    return _walk(kw_ref, masks.KV_WALK_PARTIAL, 2, functools.partial(step, g, masked=True), carry)
 
   init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
   dk, dv = jax.lax.fori_loop(0, cfg.layout.group, head, init)
@@ -381,26 +406,36 @@ def _dkv(q, k, v, do, lse, di, tables: _Tables, cfg: _Config):
   group_map = lambda j, bi, h: (bi, 0, h, 0, 0)
   kv_map = lambda j, bi, h: (bi, j, h, 0)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg),
-      grid=(lp // bk, b, hkv),
-      in_specs=[
-          pl.BlockSpec((None, None, masks.KV_WALK_FIELDS), lambda j, bi, h: (bi, j, 0)),
-          pl.BlockSpec((None, lp, None, g, dqk), group_map),
-          pl.BlockSpec((None, bk, None, dqk), kv_map),
-          pl.BlockSpec((None, bk, None, dv), kv_map),
-          pl.BlockSpec((None, lp, None, g, dv), group_map),
-          pl.BlockSpec((None, None, g, lp), lambda j, bi, h: (bi, h, 0, 0)),
-          pl.BlockSpec((None, None, g, lp), lambda j, bi, h: (bi, h, 0, 0)),
-          pl.BlockSpec((None, 4, lp), lambda j, bi, h: (bi, 0, 0)),
-      ],
-      out_specs=[pl.BlockSpec((None, bk, None, dqk), kv_map),
-                 pl.BlockSpec((None, bk, None, dv), kv_map)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=cfg.compiler_params(backward=True),
-      interpret=cfg.interpret,
-      name="neo_flash_dkv_gpu",
-  )(tables.kv_walk, q.reshape(b, lp, hkv, g, dqk), k, v, do.reshape(b, lp, hkv, g, dv),
-    lse.reshape(b, hkv, g, lp), di.reshape(b, hkv, g, lp), tables.ranges_t)
+    functools.partial(_dkv_kernel, cfg=cfg),
+    grid=(lp // bk, b, hkv),
+    in_specs=[
+      pl.BlockSpec((None, None, masks.KV_WALK_FIELDS), lambda j, bi, h: (bi, j, 0)),
+      pl.BlockSpec((None, lp, None, g, dqk), group_map),
+      pl.BlockSpec((None, bk, None, dqk), kv_map),
+      pl.BlockSpec((None, bk, None, dv), kv_map),
+      pl.BlockSpec((None, lp, None, g, dv), group_map),
+      pl.BlockSpec((None, None, g, lp), lambda j, bi, h: (bi, h, 0, 0)),
+      pl.BlockSpec((None, None, g, lp), lambda j, bi, h: (bi, h, 0, 0)),
+      pl.BlockSpec((None, 4, lp), lambda j, bi, h: (bi, 0, 0)),
+    ],
+    out_specs=[
+      pl.BlockSpec((None, bk, None, dqk), kv_map),
+      pl.BlockSpec((None, bk, None, dv), kv_map),
+    ],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=cfg.compiler_params(backward=True),
+    interpret=cfg.interpret,
+    name="neo_flash_dkv_gpu",
+  )(
+    tables.kv_walk,
+    q.reshape(b, lp, hkv, g, dqk),
+    k,
+    v,
+    do.reshape(b, lp, hkv, g, dv),
+    lse.reshape(b, hkv, g, lp),
+    di.reshape(b, hkv, g, lp),
+    tables.ranges_t,
+  )
 
 
 class _Tables(NamedTuple):
@@ -414,11 +449,15 @@ class _Tables(NamedTuple):
 def _tables(ids: AttnIds, padded: int, block_q: int, block_kv: int) -> _Tables:
   t = fc.tables_for(ids, padded, block_q, block_kv)
   nk = padded // block_kv
-  return _Tables(jnp.swapaxes(t.ranges, 1, 2), masks.q_block_walks(t.q_blocks, nk),
-                 masks.kv_block_walks(t.q_blocks, t.kv_blocks, nk))
+  return _Tables(
+    jnp.swapaxes(t.ranges, 1, 2),
+    masks.q_block_walks(t.q_blocks, nk),
+    masks.kv_block_walks(t.q_blocks, t.kv_blocks, nk),
+  )
 
 
 # --- custom_vjp ---------------------------------------------------------------------------------
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, tables, tables_bwd, cfg):
@@ -444,9 +483,16 @@ def _flash_bwd(cfg, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, scale: float,
-                    block_sizes: Optional[BlockSizes] = None,
-                    interpret: Optional[bool] = None) -> jax.Array:
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  ids: AttnIds,
+  *,
+  scale: float,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
   """Self-attention under the NEO rule. q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]; differentiable in q, k, v.
 
@@ -454,8 +500,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   `interpret`: None compiles on GPU and interprets elsewhere.
   """
   if ids.positions is not None:
-    raise ValueError("pallas_gpu: explicit positions (cache slots) are not supported; use the "
-                     "reference for cross-attention")
+    raise ValueError(
+      "pallas_gpu: explicit positions (cache slots) are not supported; use the "
+      "reference for cross-attention"
+    )
   if not scale > 0:
     raise ValueError(f"pallas_gpu: scale must be > 0, got {scale}")
   if interpret is None:
@@ -464,8 +512,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   sizes = block_sizes_for(widths(q.shape[-1]), widths(v.shape[-1]), q.dtype, block_sizes)
   length = q.shape[1]
   minimum = 8 if interpret else MIN_BLOCK
-  bq, bk, bq_b, bk_b = (fc.fit_block(x, length, minimum) for x in (
-      sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd))
+  bq, bk, bq_b, bk_b = (
+    fc.fit_block(x, length, minimum)
+    for x in (sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd)
+  )
   lay = fc.layout_of(q, k, v, max(bq, bk, bq_b, bk_b))
   if not interpret:
     q, k = fc.pad_last(q, widths(lay.head_dim_qk)), fc.pad_last(k, widths(lay.head_dim_qk))
@@ -477,12 +527,17 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   tables_bwd = tables if (bq_b, bk_b) == (bq, bk) else _tables(ids, lp, bq_b, bk_b)
   pad = lambda x: fc.pad_length(x, lp)
   out = _flash(pad(q), pad(k), pad(v), tables, tables_bwd, cfg)
-  return out[:, :lay.length, :, :lay.head_dim_v]
+  return out[:, : lay.length, :, : lay.head_dim_v]
 
 
-def compile_check(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                  block_sizes: Optional[BlockSizes] = None,
-                  interpret: Optional[bool] = None) -> None:
+def compile_check(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  block_sizes: BlockSizes | None = None,
+  interpret: bool | None = None,
+) -> None:
   """Compiles and runs the forward and backward kernels once for the head counts, widths and
   dtype of q, k, v (arrays or ShapeDtypeStructs) on a short row with full, partial and skipped
   blocks; raises what lowering, compiling or launching raises (shared memory, registers).
@@ -492,13 +547,19 @@ def compile_check(q: jax.Array, k: jax.Array, v: jax.Array, *,
   sizes = block_sizes_for(widths(dqk), widths(dv), q.dtype, block_sizes)
   length = 2 * max(sizes.block_q, sizes.block_kv, sizes.block_q_bwd, sizes.block_kv_bwd)
   seg = np.zeros((1, length), np.int32)
-  seg[:, :3 * length // 4] = 1  # one causal text sample, then padding
+  seg[:, : 3 * length // 4] = 1  # one causal text sample, then padding
   ids = AttnIds(seg, np.zeros_like(seg), None, None)
   zeros = lambda h, d: np.zeros((1, length, h, d), q.dtype)
 
   def fwd_bwd(q, k, v, d_out):
-    out, vjp = jax.vjp(lambda q, k, v: flash_attention(
-        q, k, v, ids, scale=1.0, block_sizes=sizes, interpret=interpret), q, k, v)
+    out, vjp = jax.vjp(
+      lambda q, k, v: flash_attention(
+        q, k, v, ids, scale=1.0, block_sizes=sizes, interpret=interpret
+      ),
+      q,
+      k,
+      v,
+    )
     return out, vjp(d_out)
 
   args = (zeros(hq, dqk), zeros(hkv, dqk), zeros(hkv, dv), zeros(hq, dv))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +57,8 @@ class BlockSizes:
   """Query and key block sizes (tokens), shared by the forward, dq and dk/dv kernels; None
   takes the default for the row length (`default_block_sizes`)."""
 
-  block_q: Optional[int] = None
-  block_kv: Optional[int] = None
+  block_q: int | None = None
+  block_kv: int | None = None
 
 
 # Default blocks by row length: (longest L, blocks). Smaller blocks skip more of a packed row
@@ -70,10 +70,10 @@ class BlockSizes:
 # padding to a block stays small. Multiples of 128 (lanes). A model, not a measurement: a
 # block sweep on the device is what should set these.
 DEFAULT_BLOCKS: tuple[tuple[int, BlockSizes], ...] = (
-    (1024, BlockSizes(256, 256)),
-    (8192, BlockSizes(512, 512)),
-    (32768, BlockSizes(512, 1024)),
-    (1 << 62, BlockSizes(1024, 1024)),
+  (1024, BlockSizes(256, 256)),
+  (8192, BlockSizes(512, 512)),
+  (32768, BlockSizes(512, 1024)),
+  (1 << 62, BlockSizes(1024, 1024)),
 )
 
 # One row's step list lives in SMEM (1 MiB per core on TPU v4 and later); a quarter of it
@@ -119,8 +119,13 @@ class Step(NamedTuple):
 
 def decode_step(word: jax.Array) -> Step:
   bits = lambda shift, width: jax.lax.shift_right_logical(word, shift) & ((1 << width) - 1)
-  return Step(bits(_OUTER_SHIFT, INDEX_BITS), bits(0, INDEX_BITS), bits(_STATE_SHIFT, 2),
-              bits(_FIRST_BIT, 1) == 1, bits(_LAST_BIT, 1) == 1)
+  return Step(
+    bits(_OUTER_SHIFT, INDEX_BITS),
+    bits(0, INDEX_BITS),
+    bits(_STATE_SHIFT, 2),
+    bits(_FIRST_BIT, 1) == 1,
+    bits(_LAST_BIT, 1) == 1,
+  )
 
 
 class StepTable(NamedTuple):
@@ -140,9 +145,13 @@ def step_table(states_boi: jax.Array) -> StepTable:
   first = jnp.argmax(keep, axis=-1)[..., None]
   last = n_in - 1 - jnp.argmax(keep[..., ::-1], axis=-1)[..., None]
   outer = jnp.arange(n_out, dtype=jnp.int32)[:, None]
-  words = (inner | (outer << _OUTER_SHIFT) | (states_boi.astype(jnp.int32) << _STATE_SHIFT)
-           | ((inner == first).astype(jnp.int32) << _FIRST_BIT)
-           | ((inner == last).astype(jnp.int32) << _LAST_BIT))
+  words = (
+    inner
+    | (outer << _OUTER_SHIFT)
+    | (states_boi.astype(jnp.int32) << _STATE_SHIFT)
+    | ((inner == first).astype(jnp.int32) << _FIRST_BIT)
+    | ((inner == last).astype(jnp.int32) << _LAST_BIT)
+  )
   size = n_out * n_in
   keep, words = keep.reshape(b, size), words.reshape(b, size)
   slot = jnp.where(keep, jnp.cumsum(keep, axis=1) - 1, size)  # kept words move to the front
@@ -177,13 +186,15 @@ def check_table_bounds(padded: int, block_q: int, block_kv: int) -> None:
   table_bytes = 4 * nq * nk
   if max(nq, nk) > MAX_BLOCKS or table_bytes > SMEM_TABLE_BYTES:
     raise UserError(
-        f"pallas_tpu: a row of {padded} tokens in {block_q} x {block_kv} blocks needs "
-        f"{nq} x {nk} step words ({table_bytes // 1024} KiB of SMEM per row), over the "
-        f"{SMEM_TABLE_BYTES // 1024} KiB / {MAX_BLOCKS} blocks per axis limit; use larger "
-        "blocks (pallas_tpu.BlockSizes)")
+      f"pallas_tpu: a row of {padded} tokens in {block_q} x {block_kv} blocks needs "
+      f"{nq} x {nk} step words ({table_bytes // 1024} KiB of SMEM per row), over the "
+      f"{SMEM_TABLE_BYTES // 1024} KiB / {MAX_BLOCKS} blocks per axis limit; use larger "
+      "blocks (pallas_tpu.BlockSizes)"
+    )
 
 
 # --- VMEM limit ---------------------------------------------------------------------------------
+
 
 def _tile_bytes(shape: tuple[int, ...], dtype) -> int:
   """Bytes of a VMEM buffer: last dim padded to 128 lanes, the one before to whole sublane
@@ -204,22 +215,32 @@ def vmem_capacity() -> int:
   return VMEM_CAPACITY_UNKNOWN
 
 
-def vmem_limit(blocks: list[tuple[tuple[int, ...], Any]],
-               scratch: list[tuple[tuple[int, ...], Any]], block_q: int, block_kv: int,
-               capacity: Optional[int] = None) -> int:
+def vmem_limit(
+  blocks: list[tuple[tuple[int, ...], Any]],
+  scratch: list[tuple[tuple[int, ...], Any]],
+  block_q: int,
+  block_kv: int,
+  capacity: int | None = None,
+) -> int:
   """`vmem_limit_bytes` for one kernel: its pipelined blocks twice (double buffering), its
   scratch once and `TEMPORARIES` [bq, bk] float32 arrays, plus half again for Mosaic's own
   scratch and relayouts; at least `VMEM_LIMIT_FLOOR`, at most the chip's VMEM."""
   capacity = capacity or vmem_capacity()
-  need = (2 * sum(_tile_bytes(s, d) for s, d in blocks) + sum(_tile_bytes(s, d) for s, d in scratch)
-          + TEMPORARIES * _tile_bytes((block_q, block_kv), jnp.float32))
+  need = (
+    2 * sum(_tile_bytes(s, d) for s, d in blocks)
+    + sum(_tile_bytes(s, d) for s, d in scratch)
+    + TEMPORARIES * _tile_bytes((block_q, block_kv), jnp.float32)
+  )
   if need > capacity:
-    raise UserError(f"pallas_tpu: {block_q} x {block_kv} blocks need ~{need / MIB:.0f} MiB of "
-                    f"VMEM, over the {capacity // MIB} MiB of this TPU; use smaller blocks")
+    raise UserError(
+      f"pallas_tpu: {block_q} x {block_kv} blocks need ~{need / MIB:.0f} MiB of "
+      f"VMEM, over the {capacity // MIB} MiB of this TPU; use smaller blocks"
+    )
   return min(capacity, max(VMEM_LIMIT_FLOOR, fc.round_up(need + need // 2, MIB)))
 
 
 # --- kernels ------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
@@ -231,8 +252,9 @@ class _Config:
 
 
 def _dot(a, b, dims):
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=fc.matmul_precision(a.dtype))
+  return jax.lax.dot_general(
+    a, b, dims, preferred_element_type=jnp.float32, precision=fc.matmul_precision(a.dtype)
+  )
 
 
 def _in_ranges(k_pos, r0, r1, r2, r3):
@@ -257,23 +279,44 @@ def _block(spec: pl.BlockSpec) -> tuple[int, ...]:
   return tuple(d for d in spec.block_shape if d is not None)
 
 
-def _call_rows(kernel, cfg: _Config, name: str, table: StepTable, grid, in_specs, out_specs,
-               out_shape, scratch, semantics, *operands):
+def _call_rows(
+  kernel,
+  cfg: _Config,
+  name: str,
+  table: StepTable,
+  grid,
+  in_specs,
+  out_specs,
+  out_shape,
+  scratch,
+  semantics,
+  *operands,
+):
   """One pallas_call per row of the batch over that row's step list: `grid(steps)` with the
   row's step count as its dynamic axis, the row index and the list scalar-prefetched (the
   index maps see them after the grid indices), outputs of one row stacked over the batch."""
-  vmem_blocks = ([(_block(p), x.dtype) for p, x in zip(in_specs, operands)]
-                 + [(_block(p), o.dtype) for p, o in zip(out_specs, out_shape)])
+  vmem_blocks = [(_block(p), x.dtype) for p, x in zip(in_specs, operands)] + [
+    (_block(p), o.dtype) for p, o in zip(out_specs, out_shape)
+  ]
   limit = vmem_limit(vmem_blocks, scratch, cfg.block_q, cfg.block_kv)
   params = pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
 
   def row_call(b):
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=grid(table.counts[b]), in_specs=in_specs,
-        out_specs=out_specs, scratch_shapes=[pltpu.VMEM(s, d) for s, d in scratch])
-    call = pl.pallas_call(functools.partial(kernel, cfg=cfg), grid_spec=grid_spec,
-                          out_shape=out_shape, compiler_params=params,
-                          interpret=cfg.interpret, name=name)
+      num_scalar_prefetch=2,
+      grid=grid(table.counts[b]),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      scratch_shapes=[pltpu.VMEM(s, d) for s, d in scratch],
+    )
+    call = pl.pallas_call(
+      functools.partial(kernel, cfg=cfg),
+      grid_spec=grid_spec,
+      out_shape=out_shape,
+      compiler_params=params,
+      interpret=cfg.interpret,
+      name=name,
+    )
     return call(b.reshape(1), table.words[b], *operands)
 
   if cfg.layout.batch == 1:
@@ -287,8 +330,22 @@ def _widths(q, v, lay: fc.Layout) -> tuple[int, int]:
 
 # --- forward ------------------------------------------------------------------------------------
 
-def _fwd_kernel(row_ref, steps_ref, q_ref, k_ref, v_ref, rng_ref, o_ref, lse_ref, m_scr, l_scr,
-                acc_scr, *, cfg: _Config):
+
+def _fwd_kernel(
+  row_ref,
+  steps_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  rng_ref,
+  o_ref,
+  lse_ref,
+  m_scr,
+  l_scr,
+  acc_scr,
+  *,
+  cfg: _Config,
+):
   del row_ref
   st = decode_step(steps_ref[pl.program_id(1)])
 
@@ -331,24 +388,58 @@ def _forward(q, k, v, plan: Plan, cfg: _Config):
   dqk, dv = _widths(q, v, lay)
   q_map = lambda h, s, row, st: (row[0], _outer(st, s), h)
   kv_map = lambda h, s, row, st: (row[0], _inner(st, s), jax.lax.div(h, g))
-  in_specs = [pl.BlockSpec((None, bq, dqk), q_map), pl.BlockSpec((None, bk, dqk), kv_map),
-              pl.BlockSpec((None, bk, dv), kv_map),
-              pl.BlockSpec((None, bq, 4), lambda h, s, row, st: (row[0], _outer(st, s), 0))]
-  out_specs = [pl.BlockSpec((bq, dv), lambda h, s, row, st: (_outer(st, s), h)),
-               pl.BlockSpec((None, bq, LANES), lambda h, s, row, st: (h, _outer(st, s), 0))]
-  out_shape = [jax.ShapeDtypeStruct((lp, hq * dv), q.dtype),
-               jax.ShapeDtypeStruct((hq, lp, LANES), jnp.float32)]
+  in_specs = [
+    pl.BlockSpec((None, bq, dqk), q_map),
+    pl.BlockSpec((None, bk, dqk), kv_map),
+    pl.BlockSpec((None, bk, dv), kv_map),
+    pl.BlockSpec((None, bq, 4), lambda h, s, row, st: (row[0], _outer(st, s), 0)),
+  ]
+  out_specs = [
+    pl.BlockSpec((bq, dv), lambda h, s, row, st: (_outer(st, s), h)),
+    pl.BlockSpec((None, bq, LANES), lambda h, s, row, st: (h, _outer(st, s), 0)),
+  ]
+  out_shape = [
+    jax.ShapeDtypeStruct((lp, hq * dv), q.dtype),
+    jax.ShapeDtypeStruct((hq, lp, LANES), jnp.float32),
+  ]
   scratch = [((bq, LANES), jnp.float32), ((bq, LANES), jnp.float32), ((bq, dv), jnp.float32)]
-  out, lse = _call_rows(_fwd_kernel, cfg, "neo_flash_fwd", plan.fwd, lambda n: (hq, n),
-                        in_specs, out_specs, out_shape, scratch, ("parallel", "arbitrary"),
-                        q, k, v, plan.ranges)
+  out, lse = _call_rows(
+    _fwd_kernel,
+    cfg,
+    "neo_flash_fwd",
+    plan.fwd,
+    lambda n: (hq, n),
+    in_specs,
+    out_specs,
+    out_shape,
+    scratch,
+    ("parallel", "arbitrary"),
+    q,
+    k,
+    v,
+    plan.ranges,
+  )
   return out, lse[..., 0]  # lse [B, Hq, Lp]
 
 
 # --- backward: dq -------------------------------------------------------------------------------
 
-def _dq_kernel(row_ref, steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref, dq_ref,
-               dq_scr, *, cfg: _Config):
+
+def _dq_kernel(
+  row_ref,
+  steps_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  di_ref,
+  rng_ref,
+  dq_ref,
+  dq_scr,
+  *,
+  cfg: _Config,
+):
   del row_ref
   st = decode_step(steps_ref[pl.program_id(1)])
 
@@ -385,23 +476,59 @@ def _dq(q, k, v, do, lse_b1l, di_b1l, plan: Plan, cfg: _Config):
   q_map = lambda h, s, row, st: (row[0], _outer(st, s), h)
   kv_map = lambda h, s, row, st: (row[0], _inner(st, s), jax.lax.div(h, g))
   row_map = lambda h, s, row, st: (row[0], h, 0, _outer(st, s))
-  in_specs = [pl.BlockSpec((None, bq, dqk), q_map), pl.BlockSpec((None, bk, dqk), kv_map),
-              pl.BlockSpec((None, bk, dv), kv_map), pl.BlockSpec((None, bq, dv), q_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, bq, 4), lambda h, s, row, st: (row[0], _outer(st, s), 0))]
+  in_specs = [
+    pl.BlockSpec((None, bq, dqk), q_map),
+    pl.BlockSpec((None, bk, dqk), kv_map),
+    pl.BlockSpec((None, bk, dv), kv_map),
+    pl.BlockSpec((None, bq, dv), q_map),
+    pl.BlockSpec((None, None, 1, bq), row_map),
+    pl.BlockSpec((None, None, 1, bq), row_map),
+    pl.BlockSpec((None, bq, 4), lambda h, s, row, st: (row[0], _outer(st, s), 0)),
+  ]
   out_specs = [pl.BlockSpec((bq, dqk), lambda h, s, row, st: (_outer(st, s), h))]
   out_shape = [jax.ShapeDtypeStruct((lp, q.shape[-1]), q.dtype)]
-  (dq,) = _call_rows(_dq_kernel, cfg, "neo_flash_dq", plan.fwd, lambda n: (hq, n), in_specs,
-                     out_specs, out_shape, [((bq, dqk), jnp.float32)], ("parallel", "arbitrary"),
-                     q, k, v, do, lse_b1l, di_b1l, plan.ranges)
+  (dq,) = _call_rows(
+    _dq_kernel,
+    cfg,
+    "neo_flash_dq",
+    plan.fwd,
+    lambda n: (hq, n),
+    in_specs,
+    out_specs,
+    out_shape,
+    [((bq, dqk), jnp.float32)],
+    ("parallel", "arbitrary"),
+    q,
+    k,
+    v,
+    do,
+    lse_b1l,
+    di_b1l,
+    plan.ranges,
+  )
   return dq
 
 
 # --- backward: dk, dv ---------------------------------------------------------------------------
 
-def _dkv_kernel(row_ref, steps_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, rng_ref,
-                dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: _Config):
+
+def _dkv_kernel(
+  row_ref,
+  steps_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  di_ref,
+  rng_ref,
+  dk_ref,
+  dv_ref,
+  dk_scr,
+  dv_scr,
+  *,
+  cfg: _Config,
+):
   del row_ref
   st = decode_step(steps_ref[pl.program_id(1)])  # outer: kv block, inner: q block
   g, ng = pl.program_id(2), pl.num_programs(2)
@@ -440,23 +567,45 @@ def _dkv(q, k, v, do, lse_b1l, di_b1l, plan: Plan, cfg: _Config):
   kv_map = lambda h, s, gi, row, st: (row[0], _outer(st, s), h)
   row_map = lambda h, s, gi, row, st: (row[0], h * g + gi, 0, _inner(st, s))
   out_map = lambda h, s, gi, row, st: (_outer(st, s), h)
-  in_specs = [pl.BlockSpec((None, bq, dqk), q_map), pl.BlockSpec((None, bk, dqk), kv_map),
-              pl.BlockSpec((None, bk, dv), kv_map), pl.BlockSpec((None, bq, dv), q_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, None, 1, bq), row_map),
-              pl.BlockSpec((None, 4, bq), lambda h, s, gi, row, st: (row[0], 0, _inner(st, s)))]
+  in_specs = [
+    pl.BlockSpec((None, bq, dqk), q_map),
+    pl.BlockSpec((None, bk, dqk), kv_map),
+    pl.BlockSpec((None, bk, dv), kv_map),
+    pl.BlockSpec((None, bq, dv), q_map),
+    pl.BlockSpec((None, None, 1, bq), row_map),
+    pl.BlockSpec((None, None, 1, bq), row_map),
+    pl.BlockSpec((None, 4, bq), lambda h, s, gi, row, st: (row[0], 0, _inner(st, s))),
+  ]
   out_specs = [pl.BlockSpec((bk, dqk), out_map), pl.BlockSpec((bk, dv), out_map)]
-  out_shape = [jax.ShapeDtypeStruct((lp, k.shape[-1]), k.dtype),
-               jax.ShapeDtypeStruct((lp, v.shape[-1]), v.dtype)]
+  out_shape = [
+    jax.ShapeDtypeStruct((lp, k.shape[-1]), k.dtype),
+    jax.ShapeDtypeStruct((lp, v.shape[-1]), v.dtype),
+  ]
   scratch = [((bk, dqk), jnp.float32), ((bk, dv), jnp.float32)]
   ranges_t = jnp.swapaxes(plan.ranges, 1, 2)  # [B, 4, Lp]: queries on lanes
-  return _call_rows(_dkv_kernel, cfg, "neo_flash_dkv", plan.dkv, lambda n: (hkv, n, g),
-                    in_specs, out_specs, out_shape, scratch,
-                    ("parallel", "arbitrary", "arbitrary"), q, k, v, do, lse_b1l, di_b1l,
-                    ranges_t)
+  return _call_rows(
+    _dkv_kernel,
+    cfg,
+    "neo_flash_dkv",
+    plan.dkv,
+    lambda n: (hkv, n, g),
+    in_specs,
+    out_specs,
+    out_shape,
+    scratch,
+    ("parallel", "arbitrary", "arbitrary"),
+    q,
+    k,
+    v,
+    do,
+    lse_b1l,
+    di_b1l,
+    ranges_t,
+  )
 
 
 # --- custom_vjp ---------------------------------------------------------------------------------
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, plan, cfg):
@@ -473,8 +622,10 @@ def _flash_bwd(cfg, res, d_out):
   lay = cfg.layout
   b, lp, hq = lay.batch, lay.padded, lay.num_q_heads
   do = d_out.astype(out.dtype)
-  di = jnp.sum(out.astype(jnp.float32).reshape(b, lp, hq, -1)
-               * do.astype(jnp.float32).reshape(b, lp, hq, -1), axis=-1)  # [B, Lp, Hq]
+  di = jnp.sum(
+    out.astype(jnp.float32).reshape(b, lp, hq, -1) * do.astype(jnp.float32).reshape(b, lp, hq, -1),
+    axis=-1,
+  )  # [B, Lp, Hq]
   di_b1l = jnp.swapaxes(di, 1, 2)[:, :, None, :]
   lse_b1l = lse[:, :, None, :]
   dq = _dq(q, k, v, do, lse_b1l, di_b1l, plan, cfg)
@@ -485,9 +636,17 @@ def _flash_bwd(cfg, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, scale: float,
-                    block_sizes: Optional[BlockSizes] = None, interpret: Any = None,
-                    tpu_shapes: Optional[bool] = None) -> jax.Array:
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  ids: AttnIds,
+  *,
+  scale: float,
+  block_sizes: BlockSizes | None = None,
+  interpret: Any = None,
+  tpu_shapes: bool | None = None,
+) -> jax.Array:
   """Self-attention under the NEO rule. q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]; differentiable in q, k, v.
 
@@ -498,8 +657,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   128 or more in interpret mode too (the shapes Mosaic gets).
   """
   if ids.positions is not None:
-    raise ValueError("pallas_tpu: explicit positions (cache slots) are not supported; use the "
-                     "reference for cross-attention")
+    raise ValueError(
+      "pallas_tpu: explicit positions (cache slots) are not supported; use the "
+      "reference for cross-attention"
+    )
   if interpret is None:
     interpret = not fc.on_backend("tpu")
   if tpu_shapes is None:
@@ -521,4 +682,4 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   cfg = _Config(float(scale), bq, bk, lay, interpret)
   flat = lambda x, h, d: fc.pad_length(x, lp).reshape(b, lp, h * d)
   out = _flash(flat(q, hq, dqk), flat(k, hkv, dqk), flat(v, hkv, dv), plan, cfg)
-  return out.reshape(b, lp, hq, dv)[:, :lay.length, :, :lay.head_dim_v]
+  return out.reshape(b, lp, hq, dv)[:, : lay.length, :, : lay.head_dim_v]

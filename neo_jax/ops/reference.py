@@ -12,7 +12,6 @@ gets a zero output.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,33 +27,58 @@ def _grouped(q_blhd: jax.Array, num_kv_heads: int) -> jax.Array:
   return q_blhd.reshape(b, l, num_kv_heads, h // num_kv_heads, d)
 
 
-def attention_with_mask(q: jax.Array, k: jax.Array, v: jax.Array, mask_bqk: jax.Array,
-                        scale: float) -> jax.Array:
+def attention_with_mask(
+  q: jax.Array, k: jax.Array, v: jax.Array, mask_bqk: jax.Array, scale: float
+) -> jax.Array:
   """Attention under an explicit bool mask [B, Lq, Lk]. Returns [B, Lq, Hq, Dv]."""
   b, lq, hq, _ = q.shape
   hkv = k.shape[2]
   q_blkgd = _grouped(q, hkv)
-  scores = jnp.einsum("blkgd,bskd->bkgls", q_blkgd, k, preferred_element_type=jnp.float32,
-                      precision=matmul_precision(q.dtype))
+  scores = jnp.einsum(
+    "blkgd,bskd->bkgls",
+    q_blkgd,
+    k,
+    preferred_element_type=jnp.float32,
+    precision=matmul_precision(q.dtype),
+  )
   scores = scores * scale
   mask = mask_bqk[:, None, None, :, :]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32,
-                   precision=matmul_precision(v.dtype))
+  out = jnp.einsum(
+    "bkgls,bskd->blkgd",
+    probs,
+    v,
+    preferred_element_type=jnp.float32,
+    precision=matmul_precision(v.dtype),
+  )
   return out.reshape(b, lq, hq, v.shape[-1]).astype(v.dtype)
 
 
-def attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
-                    kv_ids: Optional[AttnIds] = None, *, scale: float) -> jax.Array:
+def attention_dense(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_ids: AttnIds,
+  kv_ids: AttnIds | None = None,
+  *,
+  scale: float,
+) -> jax.Array:
   """Materialises the [B, Lq, Lk] mask and all scores at once."""
   return attention_with_mask(q, k, v, dense_mask(q_ids, kv_ids), scale)
 
 
-def attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
-                      kv_ids: Optional[AttnIds] = None, *, scale: float,
-                      q_chunk: int = 512) -> jax.Array:
+def attention_chunked(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_ids: AttnIds,
+  kv_ids: AttnIds | None = None,
+  *,
+  scale: float,
+  q_chunk: int = 512,
+) -> jax.Array:
   """Same result, computed one query block at a time.
 
   Peak memory holds the scores of one [q_chunk, Lk] block per head instead of [Lq, Lk]; each
@@ -65,8 +89,7 @@ def attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: AttnIds,
   chunk = min(q_chunk, lq)
   n_chunks = -(-lq // chunk)
   pad = n_chunks * chunk - lq
-  full_q_ids = AttnIds(q_ids.segment_ids, q_ids.image_ids, q_ids.branches(),
-                       q_ids.seq_positions())
+  full_q_ids = AttnIds(q_ids.segment_ids, q_ids.image_ids, q_ids.branches(), q_ids.seq_positions())
   if pad:
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     full_q_ids = AttnIds(*(jnp.pad(x, ((0, 0), (0, pad))) for x in full_q_ids))

@@ -32,16 +32,18 @@ def _block_mask(ranges_bq4: jax.Array, kv_start: jax.Array, block_kv: int) -> ja
   """bool [B, bq, bk]: which keys of the block [kv_start, kv_start + bk) each query sees."""
   k = kv_start + jnp.arange(block_kv, dtype=jnp.int32)
   r = ranges_bq4[:, :, None, :]
-  return (((k >= r[..., masks.RANGE_LO1]) & (k < r[..., masks.RANGE_HI1]))
-          | ((k >= r[..., masks.RANGE_LO2]) & (k < r[..., masks.RANGE_HI2])))
+  return ((k >= r[..., masks.RANGE_LO1]) & (k < r[..., masks.RANGE_HI1])) | (
+    (k >= r[..., masks.RANGE_LO2]) & (k < r[..., masks.RANGE_HI2])
+  )
 
 
 def _visit_bounds(q_blocks: jax.Array, num_kv_blocks: int) -> tuple[jax.Array, jax.Array]:
   """int32 [nq] first and last+1 key block any row of the batch visits from each query block."""
   lo1, hi1 = q_blocks[..., masks.QB_VISIT1_LO], q_blocks[..., masks.QB_VISIT1_HI]
   lo2, hi2 = q_blocks[..., masks.QB_VISIT2_LO], q_blocks[..., masks.QB_VISIT2_HI]
-  lo = jnp.minimum(jnp.where(hi1 > lo1, lo1, num_kv_blocks), jnp.where(hi2 > lo2, lo2,
-                                                                      num_kv_blocks))
+  lo = jnp.minimum(
+    jnp.where(hi1 > lo1, lo1, num_kv_blocks), jnp.where(hi2 > lo2, lo2, num_kv_blocks)
+  )
   hi = jnp.maximum(jnp.where(hi1 > lo1, hi1, 0), jnp.where(hi2 > lo2, hi2, 0))
   lo, hi = lo.min(axis=0), hi.max(axis=0)
   return jnp.minimum(lo, hi), hi
@@ -57,7 +59,8 @@ def _row_mask(mask_bqk: jax.Array, group: int) -> jax.Array:
   """[B, bq, bk] -> [B, 1, bq * G, bk], broadcast over kv heads and the query group."""
   b, bq, bk = mask_bqk.shape
   return jnp.broadcast_to(mask_bqk[:, None, :, None, :], (b, 1, bq, group, bk)).reshape(
-      b, 1, bq * group, bk)
+    b, 1, bq * group, bk
+  )
 
 
 def _block_scores(q_i, kh, vh, r_i, j, block: int, scale: float):
@@ -92,13 +95,16 @@ def _flash_fwd(qh, kh, vh, ranges, q_blocks, scale, block):
       m_new = jnp.maximum(m, s.max(axis=-1))
       p = jnp.exp(s - m_new[..., None])
       corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(vh.dtype), v_j,
-                      preferred_element_type=jnp.float32)
+      pv = jnp.einsum(
+        "bhrk,bhkd->bhrd", p.astype(vh.dtype), v_j, preferred_element_type=jnp.float32
+      )
       return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv
 
-    init = (jnp.full((b, hkv, rows), fc.M_INIT, jnp.float32),
-            jnp.zeros((b, hkv, rows), jnp.float32),
-            jnp.zeros((b, hkv, rows, vh.shape[-1]), jnp.float32))
+    init = (
+      jnp.full((b, hkv, rows), fc.M_INIT, jnp.float32),
+      jnp.zeros((b, hkv, rows), jnp.float32),
+      jnp.zeros((b, hkv, rows, vh.shape[-1]), jnp.float32),
+    )
     m, l, acc = jax.lax.fori_loop(lo[i], hi[i], kv_block, init)
     seen = l > 0  # rows with no allowed key (padding) give 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
@@ -116,8 +122,9 @@ def _flash_bwd(scale, block, residuals, d_out):
   b, hkv, lp, g, dqk = qh.shape
   nq = lp // block
   lo, hi = _visit_bounds(q_blocks, nq)
-  delta = jnp.einsum("bhlgd,bhlgd->bhlg", d_out.astype(jnp.float32),
-                     out.astype(jnp.float32)).reshape(b, hkv, lp * g)
+  delta = jnp.einsum(
+    "bhlgd,bhlgd->bhlg", d_out.astype(jnp.float32), out.astype(jnp.float32)
+  ).reshape(b, hkv, lp * g)
 
   def q_block(i, carry):
     dk, dv = carry
@@ -136,11 +143,12 @@ def _flash_bwd(scale, block, residuals, d_out):
       ds = (p * (dp - delta_i[..., None]) * scale).astype(qh.dtype)
       dq_i = dq_i + jnp.einsum("bhrk,bhkd->bhrd", ds, k_j, preferred_element_type=jnp.float32)
       dk_j = jnp.einsum("bhrk,bhrd->bhkd", ds, q_i, preferred_element_type=jnp.float32)
-      dv_j = jnp.einsum("bhrk,bhrd->bhkd", p.astype(vh.dtype), do_i,
-                        preferred_element_type=jnp.float32)
+      dv_j = jnp.einsum(
+        "bhrk,bhrd->bhkd", p.astype(vh.dtype), do_i, preferred_element_type=jnp.float32
+      )
       add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
-          acc, jax.lax.dynamic_slice_in_dim(acc, j * block, block, axis=2) + x, j * block,
-          axis=2)
+        acc, jax.lax.dynamic_slice_in_dim(acc, j * block, block, axis=2) + x, j * block, axis=2
+      )
       return dq_i, add(dk, dk_j), add(dv, dv_j)
 
     dq_i = jnp.zeros((b, hkv, rows, dqk), jnp.float32)
@@ -148,8 +156,7 @@ def _flash_bwd(scale, block, residuals, d_out):
     return (dk, dv), dq_i
 
   init = (jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32))
-  (dk, dv), dq = jax.lax.scan(lambda c, i: q_block(i, c), init,
-                              jnp.arange(nq, dtype=jnp.int32))
+  (dk, dv), dq = jax.lax.scan(lambda c, i: q_block(i, c), init, jnp.arange(nq, dtype=jnp.int32))
   dq = jnp.moveaxis(dq, 0, 2).reshape(qh.shape)
   return (dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None)
 
@@ -157,8 +164,15 @@ def _flash_bwd(scale, block, residuals, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, scale: float,
-                    block: int = DEFAULT_BLOCK) -> jax.Array:
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  ids: AttnIds,
+  *,
+  scale: float,
+  block: int = DEFAULT_BLOCK,
+) -> jax.Array:
   """Self-attention of one packed row set: q [B, L, Hq, Dqk], k [B, L, Hkv, Dqk],
   v [B, L, Hkv, Dv] -> [B, L, Hq, Dv]. `block` rows per query and key block (a power of
   two, at most the padded row)."""
@@ -170,6 +184,5 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: AttnIds, *, s
   qh = qh.transpose(0, 2, 1, 3, 4)
   kh, vh = pad(k).transpose(0, 2, 1, 3), pad(v).transpose(0, 2, 1, 3)
   out = _flash(qh, kh, vh, tables.ranges, tables.q_blocks, float(scale), block)
-  out = out.transpose(0, 2, 1, 3, 4).reshape(lay.batch, lay.padded, lay.num_q_heads,
-                                             lay.head_dim_v)
-  return out[:, :lay.length]
+  out = out.transpose(0, 2, 1, 3, 4).reshape(lay.batch, lay.padded, lay.num_q_heads, lay.head_dim_v)
+  return out[:, : lay.length]

@@ -35,7 +35,8 @@ import math
 import os
 import re
 import signal
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,10 +68,10 @@ class ProcessGroup:
   """
 
   source: str = "single"
-  coordinator_address: Optional[str] = None
-  num_processes: Optional[int] = None
-  process_id: Optional[int] = None
-  local_device_ids: Optional[tuple[int, ...]] = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None
   origins: tuple[tuple[str, str], ...] = ()
   note: str = ""  # why a cluster environment still runs one process, if it does
 
@@ -82,12 +83,16 @@ class ProcessGroup:
     if not self.multi_process:
       return "single process" + (f" ({self.note})" if self.note else "")
     origins = dict(self.origins)
-    parts = [f"{name}={getattr(self, name)} ({origins.get(name, 'JAX')})" for name in _FIELDS
-             if getattr(self, name) is not None or self.source == "tpu"]
+    parts = [
+      f"{name}={getattr(self, name)} ({origins.get(name, 'JAX')})"
+      for name in _FIELDS
+      if getattr(self, name) is not None or self.source == "tpu"
+    ]
     return f"{self.source}: " + ", ".join(parts)
 
 
 # --- parsing SLURM's compact lists ------------------------------------------------------------
+
 
 def _split_top(text: str) -> list[str]:
   """Splits at commas outside brackets ("a[1,2],b" -> ["a[1,2]", "b"])."""
@@ -111,7 +116,7 @@ def _split_top(text: str) -> list[str]:
 
 
 def _expand_range(body: str, whole: str) -> list[str]:
-  """"001-003,7" -> ["001", "002", "003", "7"]; a range keeps the width of its start."""
+  """ "001-003,7" -> ["001", "002", "003", "7"]; a range keeps the width of its start."""
   out = []
   for item in body.split(","):
     lo, sep, hi = item.partition("-")
@@ -158,7 +163,7 @@ def parse_tasks_per_node(text: str) -> list[int]:
 
 
 def parse_device_ids(text: str) -> tuple[int, ...]:
-  """"0,1,3" -> (0, 1, 3)."""
+  """ "0,1,3" -> (0, 1, 3)."""
   try:
     ids = tuple(int(x) for x in text.split(",") if x.strip())
   except ValueError:
@@ -169,6 +174,7 @@ def parse_device_ids(text: str) -> tuple[int, ...]:
 
 
 # --- detection --------------------------------------------------------------------------------
+
 
 def _int(value: str, name: str) -> int:
   try:
@@ -188,36 +194,45 @@ def _slurm(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], str]
   """(fields, origins, note) from SLURM variables; empty fields outside an srun step."""
   if "SLURM_JOB_ID" not in env or "SLURM_PROCID" not in env:
     return {}, {}, ""
-  tasks_var = next((v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
-                    if env.get(v)), None)
+  tasks_var = next(
+    (v for v in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS") if env.get(v)), None
+  )
   in_step = "SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_NODELIST" in env
   if tasks_var is None or not in_step:
     return {}, {}, "a SLURM job but not an srun step: launch with srun for several processes"
   count = _int(env[tasks_var], tasks_var)
   if count <= 1:
     return {}, {}, f"SLURM step with {tasks_var}={count}"
-  nodes_var = next((v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                    if env.get(v)), None)
+  nodes_var = next(
+    (v for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(v)), None
+  )
   if nodes_var is None:
-    raise UserError("SLURM: no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST to find the "
-                    "coordinator; set NEO_JAX_COORDINATOR")
+    raise UserError(
+      "SLURM: no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST to find the "
+      "coordinator; set NEO_JAX_COORDINATOR"
+    )
   try:
     hosts = parse_hostlist(env[nodes_var])
   except ValueError as e:
     raise UserError(f"SLURM: {nodes_var}: {e}") from None
   port = DEFAULT_PORT + _int(env["SLURM_JOB_ID"].split("_")[0], "SLURM_JOB_ID") % 1000
   fields: dict[str, Any] = {
-      "coordinator_address": _with_port(hosts[0], env, port),
-      "num_processes": count,
-      "process_id": _int(env["SLURM_PROCID"], "SLURM_PROCID"),
+    "coordinator_address": _with_port(hosts[0], env, port),
+    "num_processes": count,
+    "process_id": _int(env["SLURM_PROCID"], "SLURM_PROCID"),
   }
-  origins = {"coordinator_address": f"first host of {nodes_var}",
-             "num_processes": tasks_var, "process_id": "SLURM_PROCID"}
-  per_node_var = next((v for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
-                       if env.get(v)), None)
+  origins = {
+    "coordinator_address": f"first host of {nodes_var}",
+    "num_processes": tasks_var,
+    "process_id": "SLURM_PROCID",
+  }
+  per_node_var = next(
+    (v for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if env.get(v)), None
+  )
   try:
-    several = (max(parse_tasks_per_node(env[per_node_var])) > 1 if per_node_var
-               else count > len(hosts))
+    several = (
+      max(parse_tasks_per_node(env[per_node_var])) > 1 if per_node_var else count > len(hosts)
+    )
   except ValueError as e:
     raise UserError(f"SLURM: {per_node_var}: {e}") from None
   bound = [v for v in _VISIBLE_DEVICE_VARS if env.get(v) and len(env[v].split(",")) == 1]
@@ -228,7 +243,7 @@ def _slurm(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str], str]
   return fields, origins, ""
 
 
-def _tpu_hosts(env: Mapping[str, str]) -> Optional[list[str]]:
+def _tpu_hosts(env: Mapping[str, str]) -> list[str] | None:
   value = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
   return [h for h in value.split(",") if h.strip()] if value else None
 
@@ -242,11 +257,15 @@ def on_tpu_vm(env: Mapping[str, str]) -> bool:
   return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def detect(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-           process_id: Optional[int] = None,
-           local_device_ids: Optional[Sequence[int]] = None, *,
-           env: Optional[Mapping[str, str]] = None,
-           tpu_vm: Optional[Callable[[Mapping[str, str]], bool]] = None) -> ProcessGroup:
+def detect(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+  *,
+  env: Mapping[str, str] | None = None,
+  tpu_vm: Callable[[Mapping[str, str]], bool] | None = None,
+) -> ProcessGroup:
   """The process group this process belongs to (see the module docstring for the order).
 
   Reads only `env` (default os.environ) and, for TPU VMs, `tpu_vm(env)` (default
@@ -264,8 +283,11 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
   offer("coordinator_address", coordinator_address, "--coordinator")
   offer("num_processes", num_processes, "--num-processes")
   offer("process_id", process_id, "--process-id")
-  offer("local_device_ids", tuple(local_device_ids) if local_device_ids is not None else None,
-        "--local-device-ids")
+  offer(
+    "local_device_ids",
+    tuple(local_device_ids) if local_device_ids is not None else None,
+    "--local-device-ids",
+  )
   if env.get(ENV_COORDINATOR):
     offer("coordinator_address", env[ENV_COORDINATOR], ENV_COORDINATOR)
   if env.get(ENV_NUM_PROCESSES):
@@ -291,36 +313,48 @@ def detect(coordinator_address: Optional[str] = None, num_processes: Optional[in
     hosts = _tpu_hosts(env)
     if hosts is not None and len(hosts) == 1 and "num_processes" not in fields:
       return ProcessGroup(note="a single-worker TPU VM")
-    return ProcessGroup(source="tpu", origins=tuple(origins.items()),
-                        **{k: v for k, v in fields.items()})
+    return ProcessGroup(
+      source="tpu", origins=tuple(origins.items()), **{k: v for k, v in fields.items()}
+    )
   if not fields or fields.keys() == {"local_device_ids"}:
     return ProcessGroup(note=note)
 
-  missing = [flag for name, flag in (("coordinator_address", "--coordinator / "
-                                      + ENV_COORDINATOR),
-                                     ("num_processes", "--num-processes / " + ENV_NUM_PROCESSES),
-                                     ("process_id", "--process-id / " + ENV_PROCESS_ID))
-             if name not in fields]
+  missing = [
+    flag
+    for name, flag in (
+      ("coordinator_address", "--coordinator / " + ENV_COORDINATOR),
+      ("num_processes", "--num-processes / " + ENV_NUM_PROCESSES),
+      ("process_id", "--process-id / " + ENV_PROCESS_ID),
+    )
+    if name not in fields
+  ]
   if missing:
     given = ", ".join(f"{origins[n]}" for n in _FIELDS if n in fields)
-    raise UserError(f"a process group needs a coordinator, a process count and a process id: "
-                    f"{given} given, missing {'; '.join(missing)}")
+    raise UserError(
+      f"a process group needs a coordinator, a process count and a process id: "
+      f"{given} given, missing {'; '.join(missing)}"
+    )
   count, index = fields["num_processes"], fields["process_id"]
   if count < 1 or not 0 <= index < count:
-    raise UserError(f"process id {index} ({origins['process_id']}) is not in [0, {count}) "
-                    f"({origins['num_processes']})")
+    raise UserError(
+      f"process id {index} ({origins['process_id']}) is not in [0, {count}) "
+      f"({origins['num_processes']})"
+    )
   fields["coordinator_address"] = _with_port(fields["coordinator_address"], env)
   return ProcessGroup(source=source, origins=tuple(origins.items()), **fields)
 
 
 # --- initialisation ---------------------------------------------------------------------------
 
-_group: Optional[ProcessGroup] = None
+_group: ProcessGroup | None = None
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None,
-               local_device_ids: Optional[Sequence[int]] = None) -> ProcessGroup:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+) -> ProcessGroup:
   """Joins the process group `detect` finds (a no-op for one process); idempotent.
 
   Must run before the first JAX computation of the process. A group started by the caller
@@ -330,9 +364,12 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   if _group is not None:
     return _group
   if jax.distributed.is_initialized():
-    _group = ProcessGroup(source="external", num_processes=jax.process_count(),
-                          process_id=jax.process_index(),
-                          note="jax.distributed.initialize was called by the program")
+    _group = ProcessGroup(
+      source="external",
+      num_processes=jax.process_count(),
+      process_id=jax.process_index(),
+      note="jax.distributed.initialize was called by the program",
+    )
     return _group
   group = detect(coordinator_address, num_processes, process_id, local_device_ids)
   if group.multi_process:
@@ -350,16 +387,22 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     jax.distributed.initialize(**kwargs)
     # every process says where it landed: the first thing to compare when a run hangs
     local = jax.local_devices()
-    logger.info("process %d of %d joined: %d local %s device(s) %s, %d global",
-                jax.process_index(), jax.process_count(), len(local),
-                local[0].platform if local else "?", [d.id for d in local], jax.device_count())
+    logger.info(
+      "process %d of %d joined: %d local %s device(s) %s, %d global",
+      jax.process_index(),
+      jax.process_count(),
+      len(local),
+      local[0].platform if local else "?",
+      [d.id for d in local],
+      jax.device_count(),
+    )
   elif group.note:
     logger.info("single process: %s", group.note)
   _group = group
   return group
 
 
-def process_group() -> Optional[ProcessGroup]:
+def process_group() -> ProcessGroup | None:
   """The group `initialize` joined (None before it ran)."""
   return _group
 
@@ -384,15 +427,17 @@ def preemption_service_active(counter: int = 0) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(usable))))
 
 
-def topology(mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
+def topology(mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Processes, devices and the mesh as seen by this process (after initialisation)."""
   local = jax.local_devices()
   info: dict[str, Any] = {
-      "process_index": jax.process_index(), "process_count": jax.process_count(),
-      "local_devices": len(local), "global_devices": jax.device_count(),
-      "platform": local[0].platform if local else jax.default_backend(),
-      "device_kind": local[0].device_kind if local else "",
-      "local_device_ids": [d.id for d in local],
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "local_devices": len(local),
+    "global_devices": jax.device_count(),
+    "platform": local[0].platform if local else jax.default_backend(),
+    "device_kind": local[0].device_kind if local else "",
+    "local_device_ids": [d.id for d in local],
   }
   if _group is not None:
     info["detected_by"] = _group.source
@@ -408,14 +453,18 @@ def topology(mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
   return info
 
 
-def describe_topology(mesh: Optional[jax.sharding.Mesh] = None) -> str:
+def describe_topology(mesh: jax.sharding.Mesh | None = None) -> str:
   t = topology(mesh)
-  text = (f"{t['process_count']} process(es), this is {t['process_index']}; "
-          f"{t['local_devices']} local / {t['global_devices']} global {t['platform']} devices "
-          f"({t['device_kind']})")
+  text = (
+    f"{t['process_count']} process(es), this is {t['process_index']}; "
+    f"{t['local_devices']} local / {t['global_devices']} global {t['platform']} devices "
+    f"({t['device_kind']})"
+  )
   if "detected_by" in t:
     text += f"; group: {t['detected_by']}"
   if "mesh" in t:
-    text += (f"; mesh {t['mesh']}, processes spanned per axis {t['processes_per_axis']}"
-             f" ({math.prod(t['mesh'].values())} devices)")
+    text += (
+      f"; mesh {t['mesh']}, processes spanned per axis {t['processes_per_axis']}"
+      f" ({math.prod(t['mesh'].values())} devices)"
+    )
   return text

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import jax
 import numpy as np
@@ -73,46 +72,51 @@ class BatchLayout:
     return np.concatenate([np.arange(k * per, (k + 1) * per) for k in self.held])
 
   @classmethod
-  def by_process(cls, rows: int, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> "BatchLayout":
+  def by_process(
+    cls, rows: int, process_index: int | None = None, process_count: int | None = None
+  ) -> BatchLayout:
     """Without a mesh: process i feeds the i-th of `process_count` equal blocks."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if rows % count:
-      raise UserError(f"data: {rows} rows per update are not divisible by the {count} "
-                      "processes")
+      raise UserError(f"data: {rows} rows per update are not divisible by the {count} processes")
     return cls(rows=rows, shards=count, held=(index,), group=index, groups=count)
 
 
-def batch_layout(mesh: Mesh, rows: int, grad_accum_steps: int = 1,
-                 process_index: Optional[int] = None) -> BatchLayout:
+def batch_layout(
+  mesh: Mesh, rows: int, grad_accum_steps: int = 1, process_index: int | None = None
+) -> BatchLayout:
   """The layout of `rows` per update on `mesh`; a one-line UserError when it cannot be fed."""
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   axes = ", ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
   if rows <= 0 or rows % grad_accum_steps:
-    raise UserError(f"data: {rows} rows per update do not split into grad_accum_steps="
-                    f"{grad_accum_steps} micro-batches")
+    raise UserError(
+      f"data: {rows} rows per update do not split into grad_accum_steps="
+      f"{grad_accum_steps} micro-batches"
+    )
   micro = rows // grad_accum_steps
   if micro % shards:
-    raise UserError(f"data: {micro} rows per micro-batch ({rows} per update / grad_accum_steps"
-                    f"={grad_accum_steps}) are not divisible by the mesh's {shards} batch "
-                    f"shards ({axes}); set data.batch_size to a multiple of "
-                    f"{shards * grad_accum_steps} or data.batch_size=0 with data.rows_per_shard")
+    raise UserError(
+      f"data: {micro} rows per micro-batch ({rows} per update / grad_accum_steps"
+      f"={grad_accum_steps}) are not divisible by the mesh's {shards} batch "
+      f"shards ({axes}); set data.batch_size to a multiple of "
+      f"{shards * grad_accum_steps} or data.batch_size=0 with data.rows_per_shard"
+    )
   by_process = shards_by_process(mesh)
   index = jax.process_index() if process_index is None else process_index
   if index not in by_process:
     raise UserError(f"mesh: process {index} holds none of the mesh's devices")
   sets = sorted(set(by_process.values()), key=lambda s: s[0])
   for i, a in enumerate(sets):
-    for b in sets[i + 1:]:
+    for b in sets[i + 1 :]:
       if set(a) & set(b) or len(a) != len(b):
         pa = [p for p, s in by_process.items() if s == a][0]
         pb = [p for p, s in by_process.items() if s == b][0]
         raise UserError(
-            f"mesh: processes {pa} and {pb} hold batch shards {list(a)} and {list(b)}, which "
-            f"overlap or differ in number, so no data stream can feed them (axes spanning "
-            f"processes: {', '.join(_axes_spanning_processes(mesh))}); use a mesh whose tensor "
-            f"groups lie within a process or span whole processes")
+          f"mesh: processes {pa} and {pb} hold batch shards {list(a)} and {list(b)}, which "
+          f"overlap or differ in number, so no data stream can feed them (axes spanning "
+          f"processes: {', '.join(_axes_spanning_processes(mesh))}); use a mesh whose tensor "
+          f"groups lie within a process or span whole processes"
+        )
   held = by_process[index]
-  return BatchLayout(rows=rows, shards=shards, held=held, group=sets.index(held),
-                     groups=len(sets))
+  return BatchLayout(rows=rows, shards=shards, held=held, group=sets.index(held), groups=len(sets))

@@ -15,12 +15,14 @@ replicated instead; `explain` lists such fallbacks.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neo_jax.parallel.layout import shards_by_process
 from neo_jax.parallel.mesh import BATCH_AXES, MESH_AXES
@@ -28,33 +30,35 @@ from neo_jax.parallel.mesh import BATCH_AXES, MESH_AXES
 Rules = tuple[tuple[str, Any], ...]
 
 RULES: Rules = (
-    # activations: the arrays the model constrains between its layers
-    ("activation_batch", BATCH_AXES),  # rows of the batch; also every input array
-    ("activation_length", None),
-    ("activation_embed", None),  # the model dimension D stays whole
-    ("activation_mlp", "tensor"),  # the MLP's inner F [B, L, F]
-    ("activation_heads", "tensor"),  # query heads of q / the attention output [B, L, H, D]
-    ("activation_kv_heads", "tensor"),  # key/value heads of k, v [B, L, Hkv, D]
-    ("activation_qk", None),  # query/key width (T + H + W sub-heads)
-    ("activation_kv", None),  # value width
-    # parameters
-    ("vocab", "tensor"),  # embedding rows / head columns
-    ("embed", "fsdp"),  # the model dimension of every weight
-    ("q_heads", "tensor"),  # flattened heads x head_dim of q_proj, q_proj_hw, o_proj
-    ("kv_heads", "tensor"),  # flattened kv heads x head_dim of k_proj, v_proj, k_proj_hw
-    ("mlp", "tensor"),
-    ("vision", "tensor"),  # width of the 16-px patch features
-    ("vision_merge", "tensor"),  # 4 * vision width, input of the 2x2 merge
-    ("patch", None),  # 3 * 16 * 16 pixel values
-    ("norm", None),
-    ("layers", None),  # the stacked layer axis of nn.scan
+  # activations: the arrays the model constrains between its layers
+  ("activation_batch", BATCH_AXES),  # rows of the batch; also every input array
+  ("activation_length", None),
+  ("activation_embed", None),  # the model dimension D stays whole
+  ("activation_mlp", "tensor"),  # the MLP's inner F [B, L, F]
+  ("activation_heads", "tensor"),  # query heads of q / the attention output [B, L, H, D]
+  ("activation_kv_heads", "tensor"),  # key/value heads of k, v [B, L, Hkv, D]
+  ("activation_qk", None),  # query/key width (T + H + W sub-heads)
+  ("activation_kv", None),  # value width
+  # parameters
+  ("vocab", "tensor"),  # embedding rows / head columns
+  ("embed", "fsdp"),  # the model dimension of every weight
+  ("q_heads", "tensor"),  # flattened heads x head_dim of q_proj, q_proj_hw, o_proj
+  ("kv_heads", "tensor"),  # flattened kv heads x head_dim of k_proj, v_proj, k_proj_hw
+  ("mlp", "tensor"),
+  ("vision", "tensor"),  # width of the 16-px patch features
+  ("vision_merge", "tensor"),  # 4 * vision width, input of the 2x2 merge
+  ("patch", None),  # 3 * 16 * 16 pixel values
+  ("norm", None),
+  ("layers", None),  # the stacked layer axis of nn.scan
 )
 
 
 def rules_table(rules: Rules = RULES) -> dict[str, tuple[str, ...]]:
   """{logical name: mesh axes} with every entry a tuple (() = whole): a config's form."""
-  return {name: (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
-          for name, axes in rules}
+  return {
+    name: (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+    for name, axes in rules
+  }
 
 
 def rules_from_table(table: Mapping[str, Sequence[str]]) -> Rules:
@@ -92,8 +96,9 @@ def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*fitted)
 
 
-def named_sharding(logical: P | tuple, shape: tuple[int, ...], mesh: Mesh,
-                   rules=RULES) -> NamedSharding:
+def named_sharding(
+  logical: P | tuple, shape: tuple[int, ...], mesh: Mesh, rules=RULES
+) -> NamedSharding:
   """NamedSharding of one array from its logical axis names and shape."""
   return NamedSharding(mesh, _fit_spec(logical_to_spec(logical, rules), tuple(shape), mesh))
 
@@ -101,8 +106,12 @@ def named_sharding(logical: P | tuple, shape: tuple[int, ...], mesh: Mesh,
 def tree_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules=RULES) -> Any:
   """NamedShardings for a pytree given its logical PartitionSpecs and shaped leaves."""
   is_spec = lambda x: isinstance(x, P)
-  return jax.tree.map(lambda spec, x: named_sharding(spec, np.shape(x), mesh, rules),
-                      logical_tree, shape_tree, is_leaf=is_spec)
+  return jax.tree.map(
+    lambda spec, x: named_sharding(spec, np.shape(x), mesh, rules),
+    logical_tree,
+    shape_tree,
+    is_leaf=is_spec,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -113,19 +122,24 @@ def explain(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules=RULES) -> list
   """One line per parameter: path, shape, logical names, mesh spec (marks fallbacks)."""
   lines = []
   flat_specs = jax.tree_util.tree_flatten_with_path(
-      logical_tree, is_leaf=lambda x: isinstance(x, P))[0]
+    logical_tree, is_leaf=lambda x: isinstance(x, P)
+  )[0]
   shapes = jax.tree.leaves(shape_tree)
   for (path, spec), x in zip(flat_specs, shapes):
     wanted = logical_to_spec(spec, rules)
     got = _fit_spec(wanted, np.shape(x), mesh)
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    note = "" if tuple(got) == tuple(wanted) + (None,) * (len(got) - len(wanted)) else \
-        f"  (wanted {wanted}: not divisible, replicated)"
+    note = (
+      ""
+      if tuple(got) == tuple(wanted) + (None,) * (len(got) - len(wanted))
+      else f"  (wanted {wanted}: not divisible, replicated)"
+    )
     lines.append(f"{name} {tuple(np.shape(x))} {tuple(spec)} -> {got}{note}")
   return lines
 
 
 # --- the batch ------------------------------------------------------------------------------
+
 
 def batch_spec(ndim: int) -> P:
   """Leading (batch) dimension over (data, fsdp); the rest whole."""
@@ -136,8 +150,11 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedShar
   return {k: NamedSharding(mesh, batch_spec(np.ndim(v))) for k, v in batch.items()}
 
 
-def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                shardings: Optional[Mapping[str, NamedSharding]] = None) -> dict[str, jax.Array]:
+def shard_batch(
+  local_batch: Mapping[str, np.ndarray],
+  mesh: Mesh,
+  shardings: Mapping[str, NamedSharding] | None = None,
+) -> dict[str, jax.Array]:
   """Global jax arrays from this process's rows of the batch (multi-process safe).
 
   Each process passes the rows of the batch shards its devices hold, in shard order
@@ -151,9 +168,11 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   for key, value in local_batch.items():
     value = np.asarray(value)
     if value.shape[0] % len(held):
-      raise ValueError(f"batch: {value.shape[0]} local rows (key {key!r}) do not split over "
-                       f"the {len(held)} batch shards this process holds; change "
-                       "data.batch_size or the mesh")
+      raise ValueError(
+        f"batch: {value.shape[0]} local rows (key {key!r}) do not split over "
+        f"the {len(held)} batch shards this process holds; change "
+        "data.batch_size or the mesh"
+      )
     per = value.shape[0] // len(held)
     offset = {k: i * per for i, k in enumerate(held)}
 
@@ -163,8 +182,9 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
       stop = at + ((index[0].stop or n_shards * per) - start)
       return value[(slice(at, stop),) + tuple(index[1:])]
 
-    out[key] = jax.make_array_from_callback((n_shards * per,) + value.shape[1:],
-                                            shardings[key], rows)
+    out[key] = jax.make_array_from_callback(
+      (n_shards * per,) + value.shape[1:], shardings[key], rows
+    )
   return out
 
 

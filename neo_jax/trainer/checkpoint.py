@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,8 +31,14 @@ logger = logging.getLogger("neo_jax.train")
 
 
 # NeoConfig fields that say how to compute, not what the model is
-COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_q_chunk", "platform",
-                  "remat_policy")
+COMPUTE_FIELDS = (
+  "dtype",
+  "param_dtype",
+  "attention_impl",
+  "attention_q_chunk",
+  "platform",
+  "remat_policy",
+)
 # ... and how its images are preprocessed: the training config's pixel range is the one the
 # data is made with, so it wins over an initial checkpoint's (the next stage's may be larger)
 IMAGE_FIELDS = ("min_pixels", "max_pixels")
@@ -51,7 +58,7 @@ def _iterator_state_type() -> type:
     fetched ahead (while the device computes) is never counted as consumed.
     """
 
-    def __init__(self, state: Optional[dict] = None):
+    def __init__(self, state: dict | None = None):
       super().__init__()
       self.state = state
 
@@ -70,21 +77,29 @@ def _iterator_state_type() -> type:
 class RunCheckpointer:
   """Saves and restores TrainState + data-iterator state under WORKDIR/checkpoints."""
 
-  def __init__(self, workdir: str, *, max_to_keep: Optional[int] = 3,
-               async_save: bool = True, read_only: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    max_to_keep: int | None = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
     self.workdir, self.read_only = os.fspath(run_dir.path(workdir)), read_only
     self.directory = os.fspath(run_dir.path(workdir, run_dir.CHECKPOINT_DIR))
-    self.manager = run_dir.checkpoint_manager(workdir, max_to_keep=max_to_keep,
-                                              async_save=async_save, read_only=read_only)
+    self.manager = run_dir.checkpoint_manager(
+      workdir, max_to_keep=max_to_keep, async_save=async_save, read_only=read_only
+    )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, state: TrainState, data_state: Optional[dict] = None,
-           meta: Optional[Mapping[str, Any]] = None) -> bool:
+  def save(
+    self, state: TrainState, data_state: dict | None = None, meta: Mapping[str, Any] | None = None
+  ) -> bool:
     """Starts saving at `state.step` (returns before the write finishes when async).
 
     `data_state` is the data iterator's `get_state()` after the batch of this step.
@@ -96,18 +111,19 @@ class RunCheckpointer:
     if state.objective_state is not None:
       train["objective_state"] = state.objective_state
     items = {
-        "params": ocp.args.StandardSave(state.params),
-        "train_state": ocp.args.StandardSave(train),
-        "meta": ocp.args.JsonSave(_jsonable(dict(meta or {}, step=step))),
+      "params": ocp.args.StandardSave(state.params),
+      "train_state": ocp.args.StandardSave(train),
+      "meta": ocp.args.JsonSave(_jsonable(dict(meta or {}, step=step))),
     }
     if data_state is not None:
       import grain
-      items["data"] = grain.checkpoint.CheckpointSave(_iterator_state_type()(
-          _jsonable(data_state)))
+
+      items["data"] = grain.checkpoint.CheckpointSave(_iterator_state_type()(_jsonable(data_state)))
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract: TrainState, step: Optional[int] = None,
-              data_iterator: Any = None) -> tuple[TrainState, dict]:
+  def restore(
+    self, abstract: TrainState, step: int | None = None, data_iterator: Any = None
+  ) -> tuple[TrainState, dict]:
     """TrainState (on the shardings of `abstract`) and meta of `step`, or of the newest step
     that reads back whole (a writable checkpointer moves the damaged newer ones to
     WORKDIR/damaged_checkpoints/); sets the iterator's state."""
@@ -116,17 +132,24 @@ class RunCheckpointer:
       train_abs["objective_state"] = abstract.objective_state
 
     def attempt(s: int) -> dict:
-      items = {"params": ocp.args.StandardRestore(abstract.params),
-               "train_state": ocp.args.StandardRestore(train_abs),
-               "meta": ocp.args.JsonRestore()}
+      items = {
+        "params": ocp.args.StandardRestore(abstract.params),
+        "train_state": ocp.args.StandardRestore(train_abs),
+        "meta": ocp.args.JsonRestore(),
+      }
       if data_iterator is not None:
         import grain
+
         items["data"] = grain.checkpoint.CheckpointRestore(_iterator_state_type()())
       for name in items:  # every folder there before reading any
         if not run_dir.path(self.directory, str(s), name).is_dir():
           raise run_dir.UnreadableStep(self.directory, s, f"{name}/ is missing")
-      return {name: run_dir.read_step(self.directory, s, name, functools.partial(
-          self._read_item, s, name, args)) for name, args in items.items()}
+      return {
+        name: run_dir.read_step(
+          self.directory, s, name, functools.partial(self._read_item, s, name, args)
+        )
+        for name, args in items.items()
+      }
 
     saved = self.all_steps()
     if step is not None:
@@ -143,8 +166,13 @@ class RunCheckpointer:
     if data_iterator is not None:
       data_iterator.set_state(restored["data"].state)
     ts = restored["train_state"]
-    state = TrainState(step=ts["step"], params=restored["params"], opt_state=ts["opt_state"],
-                       rng=ts["rng"], objective_state=ts.get("objective_state"))
+    state = TrainState(
+      step=ts["step"],
+      params=restored["params"],
+      opt_state=ts["opt_state"],
+      rng=ts["rng"],
+      objective_state=ts.get("objective_state"),
+    )
     return state, dict(restored["meta"], step=step)
 
   def _read_item(self, step: int, name: str, args: Any) -> Any:
@@ -183,24 +211,35 @@ def _jsonable(x: Any) -> Any:
 
 # --- where a stage starts ---------------------------------------------------------------------
 
+
 def reconcile(arch_from: NeoConfig, compute_from: NeoConfig) -> NeoConfig:
   """Architecture of a loaded checkpoint with the computation and image fields of the training
   config; architecture fields that differ from the training config are logged."""
   decided = COMPUTE_FIELDS + IMAGE_FIELDS
   compute = {k: getattr(compute_from, k) for k in decided}
-  differ = [f.name for f in dataclasses.fields(NeoConfig)
-            if f.name not in decided
-            and getattr(arch_from, f.name) != getattr(compute_from, f.name)]
+  differ = [
+    f.name
+    for f in dataclasses.fields(NeoConfig)
+    if f.name not in decided and getattr(arch_from, f.name) != getattr(compute_from, f.name)
+  ]
   if differ:
-    logger.warning("the initial checkpoint's architecture differs from config.model in %s; "
-                   "using the checkpoint's", ", ".join(differ))
+    logger.warning(
+      "the initial checkpoint's architecture differs from config.model in %s; "
+      "using the checkpoint's",
+      ", ".join(differ),
+    )
   return arch_from.replace(**compute)
 
 
-def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: int = 0,
-                        step: Optional[int] = None,
-                        shardings: Optional[Callable[[NeoConfig], Any]] = None
-                        ) -> tuple[Any, NeoConfig]:
+def load_initial_params(
+  path: str,
+  fmt: str,
+  model_config: NeoConfig,
+  *,
+  seed: int = 0,
+  step: int | None = None,
+  shardings: Callable[[NeoConfig], Any] | None = None,
+) -> tuple[Any, NeoConfig]:
   """(params, NeoConfig) a stage starts from: host arrays, or with `shardings(config)` (the
   parameter shardings of the checkpoint's model) jax arrays on them, each process reading only
   the parts its devices hold (orbax restores to those shardings; safetensors are read a slice
@@ -218,10 +257,24 @@ def load_initial_params(path: str, fmt: str, model_config: NeoConfig, *, seed: i
   elif fmt == "neo":
     params, loaded = load_checkpoint(path, shardings, **compute)
   elif fmt == "qwen3":
-    extra = {k: getattr(model_config, k) for k in ("vision_hidden_size", "rope_theta_vision",
-                                                   "rope_theta_hw", "min_pixels", "max_pixels")}
-    params, loaded = qwen3_to_neo(path, model_config.num_prebuffer_layers, seed=seed,
-                                  dtype=model_config.param_dtype, shardings=shardings, **extra)
+    extra = {
+      k: getattr(model_config, k)
+      for k in (
+        "vision_hidden_size",
+        "rope_theta_vision",
+        "rope_theta_hw",
+        "min_pixels",
+        "max_pixels",
+      )
+    }
+    params, loaded = qwen3_to_neo(
+      path,
+      model_config.num_prebuffer_layers,
+      seed=seed,
+      dtype=model_config.param_dtype,
+      shardings=shardings,
+      **extra,
+    )
   else:
     raise UserError(f"init.format={fmt!r} is not one of 'run', 'neo', 'qwen3'")
   if shardings is None:

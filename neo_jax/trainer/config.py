@@ -16,7 +16,8 @@ import json
 import os
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -61,8 +62,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   except ValueError as e:  # a bad argument: the config file says what it takes
     raise UserError(f"--config {spec}: {e}") from None
   if not isinstance(config, ml_collections.ConfigDict):
-    raise UserError(f"--config {spec}: get_config() returned {type(config).__name__}, "
-                    "not a ConfigDict")
+    raise UserError(
+      f"--config {spec}: get_config() returned {type(config).__name__}, not a ConfigDict"
+    )
   return config
 
 
@@ -74,7 +76,7 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
     arg = args[i]
     if not arg.startswith(PREFIX):
       raise UserError(f"unexpected argument {arg!r} (overrides look like --config.FIELD=VALUE)")
-    name, eq, value = arg[len(PREFIX):].partition("=")
+    name, eq, value = arg[len(PREFIX) :].partition("=")
     if not eq:
       if i + 1 >= len(args):
         raise UserError(f"{arg}: missing value")
@@ -129,18 +131,18 @@ def apply_override(config: ml_collections.ConfigDict, name: str, text: str) -> N
   parts = name.split(".")
   for i, part in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise UserError(f"--config.{name}: no field {'.'.join(parts[:i + 1])!r} in the config")
+      raise UserError(f"--config.{name}: no field {'.'.join(parts[: i + 1])!r} in the config")
     node = node[part]
   leaf = parts[-1]
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     where = ".".join(parts[:-1]) or "the config"
     choices = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-    raise UserError(f"--config.{name}: no field {leaf!r} in {where} (fields: "
-                    f"{', '.join(choices)})")
+    raise UserError(f"--config.{name}: no field {leaf!r} in {where} (fields: {', '.join(choices)})")
   current = node[leaf]
   if isinstance(current, ml_collections.ConfigDict):
-    raise UserError(f"--config.{name}: is a group of fields, set one of "
-                    f"{', '.join(sorted(current.keys()))}")
+    raise UserError(
+      f"--config.{name}: is a group of fields, set one of {', '.join(sorted(current.keys()))}"
+    )
   field_type = node.get_type(leaf) if hasattr(node, "get_type") else type(current)
   if current is None and field_type not in (type(None), None):
     current = field_type()
@@ -165,6 +167,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # --- pieces of the config as library objects --------------------------------------------------
+
 
 def model_fields(config: NeoConfig, **overrides: Any) -> ml_collections.ConfigDict:
   """Every NeoConfig field as a ConfigDict entry (so each can be overridden)."""
@@ -197,11 +200,11 @@ def sharding_rules(config: ml_collections.ConfigDict) -> Rules:
 # sequence fields and what each element must be (a tuple of anything passes the override
 # parser: `--config.data.sources=5` gives (5,))
 _SEQUENCE_FIELDS = (
-    ("trainable", str, "regexes over parameter paths, e.g. '(\"llm/.*\",)'"),
-    ("data.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
-    ("data.weights", (int, float), "positive numbers, one per source"),
-    ("data.text_sources", str, "source specs such as 'pydoc/text'"),
-    ("eval.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
+  ("trainable", str, "regexes over parameter paths, e.g. '(\"llm/.*\",)'"),
+  ("data.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
+  ("data.weights", (int, float), "positive numbers, one per source"),
+  ("data.text_sources", str, "source specs such as 'pydoc/text'"),
+  ("eval.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
 )
 
 
@@ -218,27 +221,45 @@ def _check_sequences(config: ml_collections.ConfigDict) -> list[tuple[bool, str]
   checks = []
   for name, kind, what in _SEQUENCE_FIELDS:
     value = _field(config, name, ())
-    ok = (isinstance(value, (tuple, list))
-          and all(isinstance(v, kind) and not isinstance(v, bool) for v in value))
+    ok = isinstance(value, (tuple, list)) and all(
+      isinstance(v, kind) and not isinstance(v, bool) for v in value
+    )
     checks.append((ok, f"{name}={value!r} must be a tuple of {what}"))
   weights, sources = _field(config, "data.weights", ()), _field(config, "data.sources", ())
   if checks[2][0] and weights:
-    checks.append((all(w > 0 for w in weights),
-                   f"data.weights={tuple(weights)!r} must all be > 0"))
-    checks.append((len(weights) == len(sources),
-                   f"data.weights has {len(weights)} entries for {len(sources)} data.sources"))
+    checks.append((all(w > 0 for w in weights), f"data.weights={tuple(weights)!r} must all be > 0"))
+    checks.append(
+      (
+        len(weights) == len(sources),
+        f"data.weights has {len(weights)} entries for {len(sources)} data.sources",
+      )
+    )
   return checks
 
 
 def _cadence_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
   """Counts and cadences: a zero or negative one would fail (or never fire) mid-run."""
-  positive = ("checkpoint.every_steps", "checkpoint.max_to_keep", "log.every_steps",
-              "data.seq_len", "eval.max_new_tokens", "mesh.data",
-              "mesh.tensor")
-  non_negative = ("data.batch_size", "data.rows_per_shard",
-                  "eval.every_steps", "eval.heldout_batches", "eval.vqa_examples",
-                  "data.visual_budget", "data.num_workers", "data.read_threads",
-                  "optimizer.warmup_steps", "mesh.num_devices")
+  positive = (
+    "checkpoint.every_steps",
+    "checkpoint.max_to_keep",
+    "log.every_steps",
+    "data.seq_len",
+    "eval.max_new_tokens",
+    "mesh.data",
+    "mesh.tensor",
+  )
+  non_negative = (
+    "data.batch_size",
+    "data.rows_per_shard",
+    "eval.every_steps",
+    "eval.heldout_batches",
+    "eval.vqa_examples",
+    "data.visual_budget",
+    "data.num_workers",
+    "data.read_threads",
+    "optimizer.warmup_steps",
+    "mesh.num_devices",
+  )
   checks = []
   for name in positive:
     value = _field(config, name)
@@ -251,15 +272,24 @@ def _cadence_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]
       checks.append((value >= 0, f"{name}={value} must be >= 0{note}"))
   rows, per_shard = _field(config, "data.batch_size"), _field(config, "data.rows_per_shard")
   if rows is not None and rows <= 0:  # 0: the batch follows the mesh, per_shard rows a shard
-    checks.append(((per_shard or 0) > 0,
-                   f"data.batch_size={rows} needs data.rows_per_shard > 0 (rows of each batch "
-                   "shard per micro-batch), or set data.batch_size to the rows per update"))
+    checks.append(
+      (
+        (per_shard or 0) > 0,
+        f"data.batch_size={rows} needs data.rows_per_shard > 0 (rows of each batch "
+        "shard per micro-batch), or set data.batch_size to the rows per update",
+      )
+    )
   fsdp = _field(config, "mesh.fsdp")
   if fsdp is not None:
-    checks.append((fsdp >= 1 or fsdp == -1,
-                   f"mesh.fsdp={fsdp} must be >= 1, or -1 (all remaining devices)"))
-  for name in ("max_skipped_share", "data.text_ratio", "optimizer.warmup_ratio",
-               "optimizer.min_lr_ratio"):
+    checks.append(
+      (fsdp >= 1 or fsdp == -1, f"mesh.fsdp={fsdp} must be >= 1, or -1 (all remaining devices)")
+    )
+  for name in (
+    "max_skipped_share",
+    "data.text_ratio",
+    "optimizer.warmup_ratio",
+    "optimizer.min_lr_ratio",
+  ):
     value = _field(config, name)
     if value is not None:
       checks.append((0.0 <= value <= 1.0, f"{name}={value} must be within [0, 1]"))
@@ -271,34 +301,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
   deep inside a run (or after its first step). The message names the field; the fix is the
   config file or `--config.FIELD=VALUE`."""
   checks = [
-      (config.stage in STAGE_TRAINABLE,
-       f"stage={config.stage!r} is not one of {sorted(STAGE_TRAINABLE)}"),
-      (config.total_steps > 0, f"total_steps={config.total_steps} must be > 0"),
-      (config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1"),
-      *_cadence_checks(config),
-      (config.data.batch_size % config.grad_accum_steps == 0,
-       f"data.batch_size={config.data.batch_size} is not divisible by grad_accum_steps="
-       f"{config.grad_accum_steps}"),
-      (config.optimizer.schedule in SCHEDULES,
-       f"optimizer.schedule={config.optimizer.schedule!r} is not one of {SCHEDULES}"),
-      (config.nan_policy in NAN_POLICIES,
-       f"nan_policy={config.nan_policy!r} is not one of {NAN_POLICIES}"),
-      (config.data.pipeline in ("grain", "synthetic"),
-       f"data.pipeline={config.data.pipeline!r} is not 'grain' or 'synthetic'"),
-      (config.init.format in ("run", "neo", "qwen3"),
-       f"init.format={config.init.format!r} is not one of 'run', 'neo', 'qwen3'"),
-      (config.loss.chunk_size > 0, f"loss.chunk_size={config.loss.chunk_size} must be > 0"),
-      (config.loss.positions_per_row >= 0,
-       f"loss.positions_per_row={config.loss.positions_per_row} must be >= 0"),
-      (config.loss.vocab_chunk >= 0,
-       f"loss.vocab_chunk={config.loss.vocab_chunk} must be >= 0 (0: the whole vocabulary)"),
-      *_check_sequences(config),
+    (
+      config.stage in STAGE_TRAINABLE,
+      f"stage={config.stage!r} is not one of {sorted(STAGE_TRAINABLE)}",
+    ),
+    (config.total_steps > 0, f"total_steps={config.total_steps} must be > 0"),
+    (config.grad_accum_steps >= 1, f"grad_accum_steps={config.grad_accum_steps} must be >= 1"),
+    *_cadence_checks(config),
+    (
+      config.data.batch_size % config.grad_accum_steps == 0,
+      f"data.batch_size={config.data.batch_size} is not divisible by grad_accum_steps="
+      f"{config.grad_accum_steps}",
+    ),
+    (
+      config.optimizer.schedule in SCHEDULES,
+      f"optimizer.schedule={config.optimizer.schedule!r} is not one of {SCHEDULES}",
+    ),
+    (
+      config.nan_policy in NAN_POLICIES,
+      f"nan_policy={config.nan_policy!r} is not one of {NAN_POLICIES}",
+    ),
+    (
+      config.data.pipeline in ("grain", "synthetic"),
+      f"data.pipeline={config.data.pipeline!r} is not 'grain' or 'synthetic'",
+    ),
+    (
+      config.init.format in ("run", "neo", "qwen3"),
+      f"init.format={config.init.format!r} is not one of 'run', 'neo', 'qwen3'",
+    ),
+    (config.loss.chunk_size > 0, f"loss.chunk_size={config.loss.chunk_size} must be > 0"),
+    (
+      config.loss.positions_per_row >= 0,
+      f"loss.positions_per_row={config.loss.positions_per_row} must be >= 0",
+    ),
+    (
+      config.loss.vocab_chunk >= 0,
+      f"loss.vocab_chunk={config.loss.vocab_chunk} must be >= 0 (0: the whole vocabulary)",
+    ),
+    *_check_sequences(config),
   ]
   for ok, message in checks:  # each message starts with the field it names
     if not ok:
       field = re.match(r"[\w.]+", message).group(0)
-      raise UserError(f"config: {message}; fix it in the config file or with "
-                      f"--config.{field}=...")
+      raise UserError(f"config: {message}; fix it in the config file or with --config.{field}=...")
   model_config(config)
   sharding_rules(config)
 

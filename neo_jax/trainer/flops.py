@@ -13,7 +13,7 @@ Rematerialisation is not counted (these are model FLOPs, not hardware FLOPs).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +25,20 @@ from neo_jax.positions import image_ids
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against jax device_kind.
 PEAK_FLOPS = (
-    ("TPU v6", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("B200", 2250e12),
+  ("TPU v6", 918e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v4", 275e12),
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("B200", 2250e12),
 )
 
 
-def peak_flops_per_device(device_kind: str) -> Optional[float]:
+def peak_flops_per_device(device_kind: str) -> float | None:
   """Vendor peak for a jax `device_kind`, or None (e.g. CPU) when unknown."""
   for name, flops in PEAK_FLOPS:
     if name.lower() in device_kind.lower():
@@ -58,8 +58,9 @@ def _host_device() -> jax.Device:
     return jax.local_devices()[0]
 
 
-def attention_pairs(segment_ids: np.ndarray, image_ids_: np.ndarray,
-                    branch_ids: Optional[np.ndarray] = None) -> np.ndarray:
+def attention_pairs(
+  segment_ids: np.ndarray, image_ids_: np.ndarray, branch_ids: np.ndarray | None = None
+) -> np.ndarray:
   """Number of allowed (query, key) pairs of each row under the NEO mask rule, int64 [B].
 
   The rule's interval form (`neo_jax.ops.masks.kv_ranges`, what the kernels evaluate): O(L)
@@ -67,21 +68,27 @@ def attention_pairs(segment_ids: np.ndarray, image_ids_: np.ndarray,
   """
   with jax.default_device(_host_device()):
     ids = masks.self_attention_ids(
-        jnp.asarray(np.atleast_2d(segment_ids)), jnp.asarray(np.atleast_2d(image_ids_)),
-        None if branch_ids is None else jnp.asarray(np.atleast_2d(branch_ids)))
+      jnp.asarray(np.atleast_2d(segment_ids)),
+      jnp.asarray(np.atleast_2d(image_ids_)),
+      None if branch_ids is None else jnp.asarray(np.atleast_2d(branch_ids)),
+    )
     ranges = np.asarray(_kv_ranges(ids), np.int64)
   return masks.num_allowed(ranges)
 
 
 # --- the FLOP model ---------------------------------------------------------------------------
 
-def _trainable(trainable: Optional[set[str]], path: str) -> bool:
+
+def _trainable(trainable: set[str] | None, path: str) -> bool:
   return trainable is None or path in trainable
 
 
-def step_flops(config: NeoConfig, batch: Mapping[str, np.ndarray],
-               trainable: Optional[set[str]] = None,
-               loss_positions_per_row: int = 0) -> dict[str, float]:
+def step_flops(
+  config: NeoConfig,
+  batch: Mapping[str, np.ndarray],
+  trainable: set[str] | None = None,
+  loss_positions_per_row: int = 0,
+) -> dict[str, float]:
   """Model FLOPs of one training step on `batch` (global, numpy): forward, backward, total.
 
   `trainable` is the set of trainable parameter paths (None: all);
@@ -100,10 +107,15 @@ def step_flops(config: NeoConfig, batch: Mapping[str, np.ndarray],
   d_model, f = cfg.hidden_size, cfg.intermediate_size
   nh, nkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   matmuls = {  # name -> (in, out) of a per-token matmul in every layer
-      "self_attn/q_proj": (d_model, nh * dh), "self_attn/k_proj": (d_model, nkv * dh),
-      "self_attn/v_proj": (d_model, nkv * dh), "self_attn/q_proj_hw": (d_model, nh * dh),
-      "self_attn/k_proj_hw": (d_model, nkv * dh), "self_attn/o_proj": (nh * dh, d_model),
-      "mlp/gate_proj": (d_model, f), "mlp/up_proj": (d_model, f), "mlp/down_proj": (f, d_model),
+    "self_attn/q_proj": (d_model, nh * dh),
+    "self_attn/k_proj": (d_model, nkv * dh),
+    "self_attn/v_proj": (d_model, nkv * dh),
+    "self_attn/q_proj_hw": (d_model, nh * dh),
+    "self_attn/k_proj_hw": (d_model, nkv * dh),
+    "self_attn/o_proj": (nh * dh, d_model),
+    "mlp/gate_proj": (d_model, f),
+    "mlp/up_proj": (d_model, f),
+    "mlp/down_proj": (f, d_model),
   }
   fwd = bwd = 0.0
   groups = (("pre_buffer", cfg.num_prebuffer_layers), ("llm", cfg.num_llm_layers))
@@ -127,14 +139,23 @@ def step_flops(config: NeoConfig, batch: Mapping[str, np.ndarray],
   head_path = "embed_tokens/embedding" if cfg.tie_word_embeddings else "lm_head/kernel"
   fwd += head
   bwd += head * (1 + _trainable(trainable, head_path))
-  return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "tokens": tokens,
-          "visual_tokens": n_visual, "attention_pairs": pairs,
-          "attention_density": pairs / max(1.0, b * l * (l + 1) / 2)}
+  return {
+    "forward": fwd,
+    "backward": bwd,
+    "total": fwd + bwd,
+    "tokens": tokens,
+    "visual_tokens": n_visual,
+    "attention_pairs": pairs,
+    "attention_density": pairs / max(1.0, b * l * (l + 1) / 2),
+  }
 
 
 def params_flops_per_token(config: NeoConfig) -> float:
   """6N-style reference: 6 x matmul parameters per token (no attention, all trainable)."""
-  per_layer = (config.hidden_size * config.head_dim *
-               (3 * config.num_attention_heads + 3 * config.num_key_value_heads)
-               + 3 * config.hidden_size * config.intermediate_size)
+  per_layer = (
+    config.hidden_size
+    * config.head_dim
+    * (3 * config.num_attention_heads + 3 * config.num_key_value_heads)
+    + 3 * config.hidden_size * config.intermediate_size
+  )
   return 6.0 * (per_layer * config.num_hidden_layers + config.hidden_size * config.vocab_size)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -42,15 +43,14 @@ class StepInfo:
   state: TrainState  # the state after the update
   metrics: Mapping[str, float]  # the step's metrics on the host (the objective's summary)
   batch: Mapping[str, np.ndarray]  # this process's rows of the step's batch
-  data_state: Optional[dict]  # the data iterator's state right after this step's batch
+  data_state: dict | None  # the data iterator's state right after this step's batch
   seconds: float  # wall time of the step, host side
   first: bool  # the first step of this run (it compiles the step)
   last: bool  # the run's final step (total_steps)
 
 
 class Hook(Protocol):
-  def __call__(self, info: StepInfo) -> None:
-    ...
+  def __call__(self, info: StepInfo) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +64,11 @@ class Cadence:
   on_stop: bool = False
 
   def due(self, info: StepInfo) -> bool:
-    return ((self.every > 0 and info.step % self.every == 0)
-            or (self.first and info.first) or (self.last and info.last))
+    return (
+      (self.every > 0 and info.step % self.every == 0)
+      or (self.first and info.first)
+      or (self.last and info.last)
+    )
 
 
 class NonFiniteError(RunError):
@@ -85,8 +88,14 @@ class NanPolicy:
   `train/skipped_steps` and `check_share` cover the whole run, not only its last part.
   """
 
-  def __init__(self, policy: str, last_checkpoint: Callable[[], Optional[int]] = lambda: None,
-               *, skipped: int = 0, max_share: float = 1.0):
+  def __init__(
+    self,
+    policy: str,
+    last_checkpoint: Callable[[], int | None] = lambda: None,
+    *,
+    skipped: int = 0,
+    max_share: float = 1.0,
+  ):
     self.policy, self.last_checkpoint = policy, last_checkpoint
     self.skipped, self.max_share = int(skipped), float(max_share)
 
@@ -96,12 +105,15 @@ class NanPolicy:
       return
     where = ", ".join(f"{n}={float(info.metrics[n])}" for n in bad)
     if self.policy == "stop":
-      raise NonFiniteError(f"step {info.step}: non-finite {where}; the update was not applied "
-                           f"and the run stopped (nan_policy=stop); last checkpoint: step "
-                           f"{self.last_checkpoint()}")
+      raise NonFiniteError(
+        f"step {info.step}: non-finite {where}; the update was not applied "
+        f"and the run stopped (nan_policy=stop); last checkpoint: step "
+        f"{self.last_checkpoint()}"
+      )
     self.skipped += 1
-    logger.warning("step %d: non-finite %s; update skipped (%d so far)", info.step, where,
-                   self.skipped)
+    logger.warning(
+      "step %d: non-finite %s; update skipped (%d so far)", info.step, where, self.skipped
+    )
 
   def report(self) -> dict[str, float]:
     return {"train/skipped_steps": float(self.skipped)}
@@ -111,10 +123,11 @@ class NanPolicy:
     were skipped (what a finished run calls; a skipped update changed nothing)."""
     if step > 0 and self.skipped / step > self.max_share:
       raise SkippedUpdatesError(
-          f"{self.skipped} of {step} updates were skipped for non-finite values "
-          f"(nan_policy=skip), more than max_skipped_share={self.max_share:g}; the run ended at "
-          f"step {step} (last checkpoint: step {self.last_checkpoint()}); lower the learning "
-          "rate or check the data, or raise --config.max_skipped_share to accept it")
+        f"{self.skipped} of {step} updates were skipped for non-finite values "
+        f"(nan_policy=skip), more than max_skipped_share={self.max_share:g}; the run ended at "
+        f"step {step} (last checkpoint: step {self.last_checkpoint()}); lower the learning "
+        "rate or check the data, or raise --config.max_skipped_share to accept it"
+      )
 
 
 class Throughput:
@@ -124,10 +137,14 @@ class Throughput:
   kept out of the averages. `flops_fn(batch)` gives a step's model FLOPs over all processes.
   """
 
-  def __init__(self, flops_fn: Callable[[Mapping[str, np.ndarray]], float], n_devices: int,
-               peak_flops: Optional[float]):
+  def __init__(
+    self,
+    flops_fn: Callable[[Mapping[str, np.ndarray]], float],
+    n_devices: int,
+    peak_flops: float | None,
+  ):
     self.flops_fn, self.n_devices, self.peak = flops_fn, n_devices, peak_flops
-    self.first_step_s: Optional[float] = None
+    self.first_step_s: float | None = None
     self._reset()
 
   def _reset(self) -> None:
@@ -149,9 +166,11 @@ class Throughput:
     if self.steps:
       seconds = max(self.seconds, 1e-9)
       per_device = self.flops / seconds / self.n_devices
-      out = {"perf/step_time_s": seconds / self.steps,
-             "perf/tokens_per_s": self.tokens / seconds,
-             "perf/tflops_per_s_per_device": per_device / 1e12}
+      out = {
+        "perf/step_time_s": seconds / self.steps,
+        "perf/tokens_per_s": self.tokens / seconds,
+        "perf/tflops_per_s_per_device": per_device / 1e12,
+      }
       if self.peak:
         out["perf/mfu"] = per_device / self.peak
     if self.first_step_s is not None:
@@ -169,8 +188,9 @@ class ProgressBar:
 
   def __call__(self, info: StepInfo) -> None:
     self.bar.update(1)
-    self.bar.set_postfix(loss=f"{info.metrics['loss']:.4f}",
-                         lr=f"{info.metrics['learning_rate']:.2e}", refresh=False)
+    self.bar.set_postfix(
+      loss=f"{info.metrics['loss']:.4f}", lr=f"{info.metrics['learning_rate']:.2e}", refresh=False
+    )
 
   def close(self) -> None:
     self.bar.close()
@@ -181,8 +201,11 @@ def train_record(metrics: Mapping[str, Any]) -> dict[str, float]:
   m = {k: float(v) for k, v in metrics.items()}
   for key in ("nonfinite_loss", "nonfinite_grad_norm"):
     m.pop(key, None)
-  record = {"train/loss": m.pop("loss"), "train/grad_norm": m.pop("grad_norm"),
-            "train/learning_rate": m.pop("learning_rate")}
+  record = {
+    "train/loss": m.pop("loss"),
+    "train/grad_norm": m.pop("grad_norm"),
+    "train/learning_rate": m.pop("learning_rate"),
+  }
   if "correct_tokens" in m and "supervised_tokens" in m:
     record["train/token_accuracy"] = m.pop("correct_tokens") / max(m["supervised_tokens"], 1.0)
   record.update({f"train/{k}": v for k, v in m.items()})
@@ -213,8 +236,7 @@ class LogMetrics:
 class Evaluator(Protocol):
   """Metrics of the model in `state`, e.g. {"eval/loss": ...} (neo_jax/evals/evaluators.py)."""
 
-  def __call__(self, state: TrainState, step: int) -> dict[str, float]:
-    ...
+  def __call__(self, state: TrainState, step: int) -> dict[str, float]: ...
 
 
 class Evaluate:
@@ -229,19 +251,31 @@ class Evaluate:
     for evaluate in self.evaluators:
       record.update(evaluate(info.state, info.step))
     self.writer.write(info.step, record)
-    logger.info("step %d (evaluated in %.1f s): %s", info.step, time.perf_counter() - t0,
-                ", ".join(f"{k}={v:.4f}" for k, v in record.items()))
+    logger.info(
+      "step %d (evaluated in %.1f s): %s",
+      info.step,
+      time.perf_counter() - t0,
+      ", ".join(f"{k}={v:.4f}" for k, v in record.items()),
+    )
 
 
 class SaveCheckpoint:
   """Saves the state and the data position (async); the meta records stage, time, loss and
   what `meta_fn` adds (counters a resumed run continues from, e.g. skipped_steps)."""
 
-  def __init__(self, checkpointer: RunCheckpointer, stage: str,
-               meta_fn: Callable[[], Mapping[str, Any]] = dict):
+  def __init__(
+    self, checkpointer: RunCheckpointer, stage: str, meta_fn: Callable[[], Mapping[str, Any]] = dict
+  ):
     self.checkpointer, self.stage, self.meta_fn = checkpointer, stage, meta_fn
 
   def __call__(self, info: StepInfo) -> None:
-    self.checkpointer.save(info.state, info.data_state,
-                           meta={"stage": self.stage, "time": time.time(),
-                                 "loss": float(info.metrics["loss"]), **self.meta_fn()})
+    self.checkpointer.save(
+      info.state,
+      info.data_state,
+      meta={
+        "stage": self.stage,
+        "time": time.time(),
+        "loss": float(info.metrics["loss"]),
+        **self.meta_fn(),
+      },
+    )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from tensorboard.summary import Writer
@@ -57,7 +58,7 @@ class MetricWriter:
       self._tb = None
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
   """A float (NaN / Inf kept: JSONL writes them as NaN / Infinity, TensorBoard skips them)."""
   try:
     return float(np.asarray(value))
@@ -71,10 +72,12 @@ def drop_records_after(workdir: str, step: int) -> int:
   target = run_dir.path(workdir, run_dir.METRICS_FILE)
   if not target.is_file():
     return 0
-  lines = [line for line in target.read_bytes().decode("utf-8", errors="replace")
-           .splitlines(keepends=True) if line.strip()]
-  kept = [line for line in lines if _record_step(line) is not None
-          and _record_step(line) <= step]
+  lines = [
+    line
+    for line in target.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    if line.strip()
+  ]
+  kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
   if len(kept) == len(lines):
     return 0
   text = "".join(line if line.endswith("\n") else line + "\n" for line in kept)
@@ -87,7 +90,7 @@ def drop_records_after(workdir: str, step: int) -> int:
   return len(lines) - len(kept)
 
 
-def _record_step(line: str) -> Optional[int]:
+def _record_step(line: str) -> int | None:
   try:
     record = json.loads(line)
   except ValueError:

@@ -11,7 +11,8 @@ step divides once over the whole batch, so accumulation and sharding do not chan
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -76,11 +77,10 @@ class Objective:
 
   name: str
   make_loss: Callable[[NeoConfig, ml_collections.ConfigDict], LossFn | StatefulLossFn]
-  step_flops: Callable[[NeoConfig, Mapping[str, np.ndarray], set, ml_collections.ConfigDict],
-                       float]
-  init_state: Optional[Callable[[NeoConfig, ml_collections.ConfigDict], Any]] = None
-  make_batch_fn: Optional[Callable[[ObjectiveSetup], Optional[BatchFn]]] = None
-  summarize: Optional[Callable[[Mapping[str, Any]], dict]] = None
+  step_flops: Callable[[NeoConfig, Mapping[str, np.ndarray], set, ml_collections.ConfigDict], float]
+  init_state: Callable[[NeoConfig, ml_collections.ConfigDict], Any] | None = None
+  make_batch_fn: Callable[[ObjectiveSetup], BatchFn | None] | None = None
+  summarize: Callable[[Mapping[str, Any]], dict] | None = None
 
   @property
   def stateful(self) -> bool:

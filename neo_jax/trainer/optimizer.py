@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -20,10 +21,10 @@ from flax import traverse_util
 # and their norms; vision and the pre-Buffer learn. Later stages train everything.
 HW_PARAMS = ("q_proj_hw", "k_proj_hw", "q_norm_h", "q_norm_w", "k_norm_h", "k_norm_w")
 STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
-    "pretrain": ("vision/.*", "pre_buffer/.*", f"llm/self_attn/({'|'.join(HW_PARAMS)})/.*"),
-    "midtrain": (".*",),
-    "sft": (".*",),
-    "preference": (".*",),  # ACPO / DPO family (MPO trains the LLM, MLP and ViT alike)
+  "pretrain": ("vision/.*", "pre_buffer/.*", f"llm/self_attn/({'|'.join(HW_PARAMS)})/.*"),
+  "midtrain": (".*",),
+  "sft": (".*",),
+  "preference": (".*",),  # ACPO / DPO family (MPO trains the LLM, MLP and ViT alike)
 }
 
 # Weight decay applies to matrices only (kernels, embeddings), not to norm scales or biases.
@@ -67,8 +68,10 @@ def stage_patterns(stage: str) -> tuple[str, ...]:
 def partition(params: Mapping, trainable: set[str]) -> tuple[dict, dict]:
   """(trainable, frozen) sub-trees; together they hold every leaf exactly once."""
   items = flat(params)
-  return (unflat({k: v for k, v in items.items() if k in trainable}),
-          unflat({k: v for k, v in items.items() if k not in trainable}))
+  return (
+    unflat({k: v for k, v in items.items() if k in trainable}),
+    unflat({k: v for k, v in items.items() if k not in trainable}),
+  )
 
 
 def merge(trainable: Mapping, frozen: Mapping) -> dict:
@@ -82,8 +85,14 @@ def warmup_steps(total_steps: int, steps: int = 0, ratio: float = 0.0) -> int:
   return int(math.ceil(ratio * total_steps))
 
 
-def learning_rate_schedule(lr: float, total_steps: int, *, schedule: str = "cosine_with_min_lr",
-                           warmup: int = 0, min_lr_ratio: float = 0.0) -> optax.Schedule:
+def learning_rate_schedule(
+  lr: float,
+  total_steps: int,
+  *,
+  schedule: str = "cosine_with_min_lr",
+  warmup: int = 0,
+  min_lr_ratio: float = 0.0,
+) -> optax.Schedule:
   """Linear warm-up from 0, then cosine to min_lr_ratio * lr (0 for plain `cosine`)."""
   if schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={schedule!r} is not one of {SCHEDULES}")
@@ -92,7 +101,8 @@ def learning_rate_schedule(lr: float, total_steps: int, *, schedule: str = "cosi
     if warmup == 0:
       return optax.constant_schedule(lr)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+    )
   end = lr * (min_lr_ratio if schedule == "cosine_with_min_lr" else 0.0)
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
 
@@ -102,8 +112,14 @@ def decay_mask(tree: Mapping) -> dict:
   return unflat({k: k.rsplit("/", 1)[-1] in DECAY_LEAVES for k in flat(tree)})
 
 
-def adamw(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.01,
-          clip_norm: float = 1.0) -> optax.GradientTransformation:
+def adamw(
+  *,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  weight_decay: float = 0.01,
+  clip_norm: float = 1.0,
+) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW (decoupled decay on matrices only) at learning rate 1.
 
   The step multiplies the result by the scheduled rate of `state.step` (neo_jax.trainer.step), so
@@ -112,19 +128,19 @@ def adamw(*, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay:
   parts = []
   if clip_norm and clip_norm > 0:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=decay_mask))
+  parts.append(optax.adamw(1.0, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
   return optax.chain(*parts)
 
 
-def from_config(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                     optax.Schedule]:
+def from_config(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer and its schedule from `config.optimizer` (see configs/common.py)."""
   warm = warmup_steps(total_steps, opt.warmup_steps, opt.warmup_ratio)
-  schedule = learning_rate_schedule(opt.lr, total_steps, schedule=opt.schedule, warmup=warm,
-                                    min_lr_ratio=opt.min_lr_ratio)
-  tx = adamw(b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-             clip_norm=opt.clip_norm)
+  schedule = learning_rate_schedule(
+    opt.lr, total_steps, schedule=opt.schedule, warmup=warm, min_lr_ratio=opt.min_lr_ratio
+  )
+  tx = adamw(
+    b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm
+  )
   return tx, schedule
 
 

@@ -13,7 +13,8 @@ moments like the parameters they follow, scalars replicated.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -42,48 +43,72 @@ def param_shardings(config: NeoConfig, mesh: Mesh, rules=RULES) -> Any:
   return tree_shardings(logical_axes(config), abstract_params(config), mesh, rules)
 
 
-def state_shardings(config: NeoConfig, tx: optax.GradientTransformation,
-                    trainable: set[str], mesh: Mesh, rules=RULES) -> TrainState:
+def state_shardings(
+  config: NeoConfig, tx: optax.GradientTransformation, trainable: set[str], mesh: Mesh, rules=RULES
+) -> TrainState:
   """Shardings of a TrainState: optimizer moments follow their parameters."""
   p_shard = param_shardings(config, mesh, rules)
   trainable_shard, _ = partition(p_shard, trainable)
   trainable_abs, _ = partition(abstract_params(config), trainable)
   opt_abs = jax.eval_shape(tx.init, trainable_abs)
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_abs, trainable_shard,
-                                    transform_non_params=lambda _: replicated(mesh),
-                                    is_leaf=is_sharding)
+  opt_shard = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    opt_abs,
+    trainable_shard,
+    transform_non_params=lambda _: replicated(mesh),
+    is_leaf=is_sharding,
+  )
   rep = replicated(mesh)
   return TrainState(step=rep, params=p_shard, opt_state=opt_shard, rng=rep)
 
 
-def abstract_state(config: NeoConfig, tx: optax.GradientTransformation, trainable: set[str],
-                   shardings: Optional[TrainState] = None) -> TrainState:
+def abstract_state(
+  config: NeoConfig,
+  tx: optax.GradientTransformation,
+  trainable: set[str],
+  shardings: TrainState | None = None,
+) -> TrainState:
   """ShapeDtypeStructs of a TrainState (with shardings if given), for restoring."""
   params = abstract_params(config)
   trainable_abs, _ = partition(params, trainable)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     opt_state=jax.eval_shape(tx.init, trainable_abs),
-                     rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  state = TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params,
+    opt_state=jax.eval_shape(tx.init, trainable_abs),
+    rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+  )
   if shardings is None:
     return state
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      state, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+  )
 
 
-def create_state(params: Any, tx: optax.GradientTransformation, trainable: set[str],
-                 seed: int) -> TrainState:
+def create_state(
+  params: Any, tx: optax.GradientTransformation, trainable: set[str], seed: int
+) -> TrainState:
   """A fresh TrainState around `params` (no optimizer state for frozen leaves)."""
   trainable_params, _ = partition(params, trainable)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(trainable_params),
-                    rng=jax.random.PRNGKey(seed).astype(jnp.uint32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(trainable_params),
+    rng=jax.random.PRNGKey(seed).astype(jnp.uint32),
+  )
 
 
-def init_state(config: NeoConfig, tx: optax.GradientTransformation, trainable: set[str],
-               mesh: Mesh, seed: int, params: Any = None,
-               init_fn: Optional[Callable[[jax.Array], Any]] = None,
-               rules=RULES) -> TrainState:
+def init_state(
+  config: NeoConfig,
+  tx: optax.GradientTransformation,
+  trainable: set[str],
+  mesh: Mesh,
+  seed: int,
+  params: Any = None,
+  init_fn: Callable[[jax.Array], Any] | None = None,
+  rules=RULES,
+) -> TrainState:
   """A sharded TrainState, initialised on the devices that hold it.
 
   `params` (host or device arrays, e.g. from a checkpoint) are cast to param_dtype and placed;

@@ -8,7 +8,7 @@ applies AdamW with the learning rate of `state.step`, and guards against non-fin
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -32,23 +32,33 @@ def split_microbatches(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.
   Interleaving keeps every device's rows on that device: a contiguous block of rows per batch
   shard stays a contiguous block of each micro-batch.
   """
+
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch of {x.shape[0]} rows is not divisible by grad_accum_steps={n}")
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
     return jnp.moveaxis(x, 1, 0)
+
   return {k: split(v) for k, v in batch.items()}
 
 
 def _constrain_batch(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  return {k: nn.with_logical_constraint(v, ("activation_batch",) + (None,) * (v.ndim - 1))
-          for k, v in batch.items()}
+  return {
+    k: nn.with_logical_constraint(v, ("activation_batch",) + (None,) * (v.ndim - 1))
+    for k, v in batch.items()
+  }
 
 
-def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, trainable: set[str], *,
-                    grad_accum_steps: int = 1, nan_policy: str = "stop",
-                    stateful: bool = False) -> StepFn:
+def make_train_step(
+  loss_fn: LossFn | StatefulLossFn,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  trainable: set[str],
+  *,
+  grad_accum_steps: int = 1,
+  nan_policy: str = "stop",
+  stateful: bool = False,
+) -> StepFn:
   """The (unjitted) step. `tx` must not scale by the learning rate itself (lr = 1): the step
   multiplies the updates by `schedule(state.step)`, so the rate follows the step count even
   when non-finite steps are skipped.
@@ -79,7 +89,8 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
       micro = split_microbatches(batch, grad_accum_steps)
       first = {k: v[0] for k, v in micro.items()}
       grads_shape, (out_shape, _) = jax.eval_shape(
-          lambda mb: grad_fn(train_params, mb, state.objective_state), first)
+        lambda mb: grad_fn(train_params, mb, state.objective_state), first
+      )
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, out_shape))
 
       def body(carry, mb):
@@ -107,30 +118,41 @@ def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransfor
       new_opt_state = keep(new_opt_state, state.opt_state)
       obj_state = keep(obj_state, state.objective_state)
 
-    new_state = state.replace(step=state.step + 1,
-                              params=merge(new_train_params, frozen_params),
-                              opt_state=new_opt_state, objective_state=obj_state)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=merge(new_train_params, frozen_params),
+      opt_state=new_opt_state,
+      objective_state=obj_state,
+    )
     metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "learning_rate": jnp.asarray(lr, jnp.float32),
-        "loss_weight": out.weight_sum,
-        "nonfinite_loss": (~loss_finite).astype(jnp.int32),
-        "nonfinite_grad_norm": (~grad_finite).astype(jnp.int32),
-        **out.metrics,
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "learning_rate": jnp.asarray(lr, jnp.float32),
+      "loss_weight": out.weight_sum,
+      "nonfinite_loss": (~loss_finite).astype(jnp.int32),
+      "nonfinite_grad_norm": (~grad_finite).astype(jnp.int32),
+      **out.metrics,
     }
     return new_state, metrics
 
   return step_fn
 
 
-def compile_step(step_fn: StepFn, mesh: Mesh, state_shardings: TrainState,
-                 batch_shardings: Mapping[str, jax.sharding.Sharding], rules=RULES,
-                 donate: bool = True) -> StepFn:
+def compile_step(
+  step_fn: StepFn,
+  mesh: Mesh,
+  state_shardings: TrainState,
+  batch_shardings: Mapping[str, jax.sharding.Sharding],
+  rules=RULES,
+  donate: bool = True,
+) -> StepFn:
   """jax.jit with explicit in/out shardings, run under the mesh and the logical-axis rules."""
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, dict(batch_shardings)),
-                   out_shardings=(state_shardings, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, dict(batch_shardings)),
+    out_shardings=(state_shardings, replicated(mesh)),
+    donate_argnums=(0,) if donate else (),
+  )
 
   def run(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -8,7 +8,8 @@ as the margin grows; ACPO scales only the rejected reward to keep it up (docs/ac
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from neo_jax import run_dir
 from neo_jax.trainer import config as config_lib
@@ -16,21 +17,32 @@ from neo_jax.trainer import config as config_lib
 LOSSES = ("sigmoid", "acpo")
 LABELS = {"sigmoid": "DPO", "dpo": "DPO", "acpo": "ACPO", "sft": "SFT (start)"}
 PLOTTED = ("train/rewards/chosen", "train/logps/chosen")
-SUMMARY_KEYS = ("train/loss", "train/rewards/chosen", "train/rewards/rejected",
-                "train/rewards/margins", "train/rewards/accuracies", "train/logps/chosen",
-                "train/logps/rejected", "train/acpo/alpha_mean", "eval/loss", "vqa/accuracy")
+SUMMARY_KEYS = (
+  "train/loss",
+  "train/rewards/chosen",
+  "train/rewards/rejected",
+  "train/rewards/margins",
+  "train/rewards/accuracies",
+  "train/logps/chosen",
+  "train/logps/rejected",
+  "train/acpo/alpha_mean",
+  "eval/loss",
+  "vqa/accuracy",
+)
 
 
-def run_configs(spec: str, sft: str, out: str, losses: Sequence[str],
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_configs(
+  spec: str, sft: str, out: str, losses: Sequence[str], overrides: Sequence[str] = ()
+) -> dict[str, Any]:
   """One config per loss: the same start, steps and data; its own run directory."""
   configs = {}
   for loss in losses:
     config = config_lib.load_config(spec, list(overrides))
     config.preference.loss = loss
     config.init.path = sft
-    config.init.format = ("run" if os.path.isdir(os.path.join(sft, run_dir.CHECKPOINT_DIR))
-                          else "neo")
+    config.init.format = (
+      "run" if os.path.isdir(os.path.join(sft, run_dir.CHECKPOINT_DIR)) else "neo"
+    )
     config.workdir = os.path.join(out, loss)
     config.name = f"{config.name}_{loss}"
     config_lib.validate(config)
@@ -51,8 +63,10 @@ def last_value(history: Sequence[Mapping[str, Any]], key: str) -> Any:
 def plot(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
   """rewards/chosen and logps/chosen against the step, one line per loss."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(PLOTTED), figsize=(11, 4))
   for ax, key in zip(axes, PLOTTED):
     for loss, history in histories.items():

@@ -16,8 +16,9 @@ reduction). docs/acpo.md lists them; docs/reference/acpo.md gives each formula a
 `metrics` are batch means over the valid pairs, named as TRL logs them (rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies with a strict >, logps/chosen,
 logps/rejected: means of *summed* log-probs, or of per-token means for the kinds TRL averages,
-simpo and ipo) plus each kind's own (acpo/alpha_mean, ...), all without gradient. `state` carries what a loss keeps between steps (the BCO reward shift);
-kinds without state pass it through. Reference and BCO shift are never differentiated; the
+simpo and ipo) plus each kind's own (acpo/alpha_mean, ...), all without gradient. `state`
+carries what a loss keeps between steps (the BCO reward shift); kinds without state pass it
+through. Reference and BCO shift are never differentiated; the
 ACPO alpha is not unless detach_alpha=False.
 """
 
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,7 @@ def log_sigmoid(x: jax.Array) -> jax.Array:
 
 
 # --- the kinds ----------------------------------------------------------------------------------
+
 
 def _sigmoid(p: Pairs, state, *, beta: float, label_smoothing: float) -> LossResult:
   """DPO; with label_smoothing = eps > 0 conservative DPO (cDPO, TRL <= 0.2x `sigmoid`)."""
@@ -149,8 +152,9 @@ def _exo_pair(p: Pairs, state, *, beta: float, label_smoothing: float) -> LossRe
   if not 0.0 < eps < 1.0:
     raise ValueError(f"exo_pair: label_smoothing={eps} must be in (0, 1)")
   z = beta * (p.rho_w - p.rho_l)
-  loss = (jax.nn.sigmoid(z) * (log_sigmoid(z) - math.log(1.0 - eps))
-          + jax.nn.sigmoid(-z) * (log_sigmoid(-z) - math.log(eps)))
+  loss = jax.nn.sigmoid(z) * (log_sigmoid(z) - math.log(1.0 - eps)) + jax.nn.sigmoid(-z) * (
+    log_sigmoid(-z) - math.log(eps)
+  )
   return loss, {}, state
 
 
@@ -165,12 +169,14 @@ def _discopop(p: Pairs, state, *, beta: float, discopop_tau: float) -> LossResul
 # scalar pushed per call (TRL <= 0.2x `bco_pair`: the batch mean of [r_w, r_l]), updated before
 # the loss so the current batch counts.
 
+
 def init_running_mean() -> dict[str, jax.Array]:
   return {"mean": jnp.zeros((), jnp.float32), "count": jnp.full((), 1e-24, jnp.float32)}
 
 
-def update_running_mean(state: Mapping[str, jax.Array], value: jax.Array,
-                        present: jax.Array) -> dict[str, jax.Array]:
+def update_running_mean(
+  state: Mapping[str, jax.Array], value: jax.Array, present: jax.Array
+) -> dict[str, jax.Array]:
   """Pushes one scalar (when `present`; a batch without pairs leaves the mean alone)."""
   count = state["count"] + 1.0
   mean = state["mean"] + (value - state["mean"]) / count
@@ -200,9 +206,17 @@ def _mpo(p: Pairs, state, *, beta: float, mpo_weights: tuple[float, float]) -> L
   return w_p * dpo + w_q * bco, {"bco/delta": delta}, state
 
 
-def _acpo(p: Pairs, state, *, beta: float, delta: float, alpha_mode: str,
-          alpha_clip: Optional[tuple[float, float]], detach_alpha: bool,
-          guard_eps: float) -> LossResult:
+def _acpo(
+  p: Pairs,
+  state,
+  *,
+  beta: float,
+  delta: float,
+  alpha_mode: str,
+  alpha_clip: tuple[float, float] | None,
+  detach_alpha: bool,
+  guard_eps: float,
+) -> LossResult:
   """ACPO as reconstructed in docs/reference/acpo.md#acpo-reconstruction (no published equation):
 
       tau_i = delta * (|y_w| + |y_l|),  tau = mean_i tau_i
@@ -241,24 +255,27 @@ def _acpo(p: Pairs, state, *, beta: float, delta: float, alpha_mode: str,
   sg = jax.lax.stop_gradient
   share = lambda x: sg(p.mean(x.astype(jnp.float32)))
   low, high = low & ~guard, high & ~guard
-  metrics = {"acpo/alpha_mean": sg(p.mean(alpha)),
-             "acpo/alpha_clip_frac": share(low | high),
-             # the distribution of alpha: at the low clip (rejected term off when it is 0), at
-             # the high clip (plain DPO when it is 1), solved inside (then the scaled margin is
-             # tau exactly and the pair's loss is the constant -log sigmoid(tau)), guarded
-             "acpo/alpha_low_frac": share(low),
-             "acpo/alpha_high_frac": share(high),
-             "acpo/alpha_inside_frac": share(~(low | high | guard)),
-             "acpo/guard_frac": share(guard),
-             "acpo/tau": sg(tau),
-             "acpo/scaled_margin": sg(p.mean(scaled_margin)),
-             # how far the policy's summed log-probs moved from the reference's
-             "acpo/chosen_drift": sg(p.mean(p.rho_w)),
-             "acpo/rejected_drift": sg(p.mean(p.rho_l))}
+  metrics = {
+    "acpo/alpha_mean": sg(p.mean(alpha)),
+    "acpo/alpha_clip_frac": share(low | high),
+    # the distribution of alpha: at the low clip (rejected term off when it is 0), at
+    # the high clip (plain DPO when it is 1), solved inside (then the scaled margin is
+    # tau exactly and the pair's loss is the constant -log sigmoid(tau)), guarded
+    "acpo/alpha_low_frac": share(low),
+    "acpo/alpha_high_frac": share(high),
+    "acpo/alpha_inside_frac": share(~(low | high | guard)),
+    "acpo/guard_frac": share(guard),
+    "acpo/tau": sg(tau),
+    "acpo/scaled_margin": sg(p.mean(scaled_margin)),
+    # how far the policy's summed log-probs moved from the reference's
+    "acpo/chosen_drift": sg(p.mean(p.rho_w)),
+    "acpo/rejected_drift": sg(p.mean(p.rho_l)),
+  }
   return loss, metrics, state
 
 
 # --- the registry -------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class LossKind:
@@ -268,7 +285,7 @@ class LossKind:
   fn: Callable[..., LossResult]
   hparams: Mapping[str, Any]
   uses_reference: bool = True  # False: reference log-probs are ignored (SimPO)
-  init_state: Optional[Callable[[], Any]] = None  # kinds that carry state between steps
+  init_state: Callable[[], Any] | None = None  # kinds that carry state between steps
   sft_weight: float = 0.0  # default weight of the NLL on the chosen response
   # TRL scores these kinds by per-token mean log-probs (CPOTrainer's simpo, DPOTrainer's ipo):
   # their logged logps/* are per-token means and rewards/* are beta times them (minus the
@@ -288,33 +305,75 @@ def register_loss(kind: LossKind) -> None:
 
 
 for _kind in (
-    LossKind("sigmoid", _sigmoid, {"label_smoothing": 0.0},
-             summary="DPO: -log s(b D); label_smoothing > 0: cDPO"),
-    LossKind("robust", _robust, {"label_smoothing": 0.0},
-             summary="robust DPO: [-(1-e) log s(b D) + e log s(-b D)] / (1 - 2e)"),
-    LossKind("hinge", _hinge, {}, summary="max(0, 1 - b D)"),
-    LossKind("ipo", _ipo, {}, average_logps=True, summary="(D/|y| - 1/(2b))^2 on per-token log-ratios"),
-    LossKind("sigmoid_norm", _sigmoid_norm, {}, summary="-log s(b D/|y|)"),
-    LossKind("simpo", _simpo, {"gamma": 0.5, "label_smoothing": 0.0}, uses_reference=False,
-             average_logps=True, summary="-log s(b (logp_w/|y_w| - logp_l/|y_l|) - gamma), no reference"),
-    LossKind("dpop", _dpop, {"dpop_lambda": 50.0},
-             summary="-log s(b (D - lambda max(0, -rho_w)))"),
-    LossKind("nca_pair", _nca_pair, {}, summary="-log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2"),
-    LossKind("sppo_hard", _sppo_hard, {}, summary="(rho_w - 1/(2b))^2 + (rho_l + 1/(2b))^2"),
-    LossKind("apo_zero", _apo_zero, {}, summary="1 - s(r_w) + s(r_l)"),
-    LossKind("apo_down", _apo_down, {}, summary="s(r_w) + 1 - s(b D)"),
-    LossKind("exo_pair", _exo_pair, {"label_smoothing": 1e-3},
-             summary="reverse KL to the eps-smoothed preference"),
-    LossKind("discopop", _discopop, {"discopop_tau": 0.05},
-             summary="(1 - m) (-log s(z)) + m exp(-z), m = s(z / tau)"),
-    LossKind("bco_pair", _bco_pair, {}, init_state=init_running_mean,
-             summary="-log s(r_w - delta) - log s(-(r_l - delta)), delta = running mean"),
-    LossKind("mpo", _mpo, {"mpo_weights": (0.8, 0.2)}, init_state=init_running_mean,
-             sft_weight=1.0, summary="0.8 DPO + 0.2 BCO-pair + 1.0 SFT (InternVL MPO)"),
-    LossKind("acpo", _acpo, {"delta": 0.01, "alpha_mode": "per_sample",
-                             "alpha_clip": (0.0, 1.0), "detach_alpha": True,
-                             "guard_eps": 1e-6},
-             summary="-log s(r_w - alpha r_l), alpha = clip((r_w - tau) / r_l)"),
+  LossKind(
+    "sigmoid",
+    _sigmoid,
+    {"label_smoothing": 0.0},
+    summary="DPO: -log s(b D); label_smoothing > 0: cDPO",
+  ),
+  LossKind(
+    "robust",
+    _robust,
+    {"label_smoothing": 0.0},
+    summary="robust DPO: [-(1-e) log s(b D) + e log s(-b D)] / (1 - 2e)",
+  ),
+  LossKind("hinge", _hinge, {}, summary="max(0, 1 - b D)"),
+  LossKind(
+    "ipo", _ipo, {}, average_logps=True, summary="(D/|y| - 1/(2b))^2 on per-token log-ratios"
+  ),
+  LossKind("sigmoid_norm", _sigmoid_norm, {}, summary="-log s(b D/|y|)"),
+  LossKind(
+    "simpo",
+    _simpo,
+    {"gamma": 0.5, "label_smoothing": 0.0},
+    uses_reference=False,
+    average_logps=True,
+    summary="-log s(b (logp_w/|y_w| - logp_l/|y_l|) - gamma), no reference",
+  ),
+  LossKind("dpop", _dpop, {"dpop_lambda": 50.0}, summary="-log s(b (D - lambda max(0, -rho_w)))"),
+  LossKind("nca_pair", _nca_pair, {}, summary="-log s(r_w) - log s(-r_w)/2 - log s(-r_l)/2"),
+  LossKind("sppo_hard", _sppo_hard, {}, summary="(rho_w - 1/(2b))^2 + (rho_l + 1/(2b))^2"),
+  LossKind("apo_zero", _apo_zero, {}, summary="1 - s(r_w) + s(r_l)"),
+  LossKind("apo_down", _apo_down, {}, summary="s(r_w) + 1 - s(b D)"),
+  LossKind(
+    "exo_pair",
+    _exo_pair,
+    {"label_smoothing": 1e-3},
+    summary="reverse KL to the eps-smoothed preference",
+  ),
+  LossKind(
+    "discopop",
+    _discopop,
+    {"discopop_tau": 0.05},
+    summary="(1 - m) (-log s(z)) + m exp(-z), m = s(z / tau)",
+  ),
+  LossKind(
+    "bco_pair",
+    _bco_pair,
+    {},
+    init_state=init_running_mean,
+    summary="-log s(r_w - delta) - log s(-(r_l - delta)), delta = running mean",
+  ),
+  LossKind(
+    "mpo",
+    _mpo,
+    {"mpo_weights": (0.8, 0.2)},
+    init_state=init_running_mean,
+    sft_weight=1.0,
+    summary="0.8 DPO + 0.2 BCO-pair + 1.0 SFT (InternVL MPO)",
+  ),
+  LossKind(
+    "acpo",
+    _acpo,
+    {
+      "delta": 0.01,
+      "alpha_mode": "per_sample",
+      "alpha_clip": (0.0, 1.0),
+      "detach_alpha": True,
+      "guard_eps": 1e-6,
+    },
+    summary="-log s(r_w - alpha r_l), alpha = clip((r_w - tau) / r_l)",
+  ),
 ):
   register_loss(_kind)
 
@@ -325,8 +384,7 @@ ALIASES = {"dpo": "sigmoid", "cdpo": "sigmoid"}
 def loss_kind(kind: str) -> LossKind:
   name = ALIASES.get(kind, kind)
   if name not in LOSSES:
-    raise ValueError(f"preference loss {kind!r} is not one of "
-                     f"{sorted(set(LOSSES) | set(ALIASES))}")
+    raise ValueError(f"preference loss {kind!r} is not one of {sorted(set(LOSSES) | set(ALIASES))}")
   return LOSSES[name]
 
 
@@ -355,10 +413,19 @@ def _sft_term(p: Pairs, reduction: str) -> jax.Array:
   raise ValueError(f"sft_reduction={reduction!r} is not one of {SFT_REDUCTIONS}")
 
 
-def preference_loss(kind: str, chosen_logps: jax.Array, rejected_logps: jax.Array,
-                    ref_chosen_logps: jax.Array, ref_rejected_logps: jax.Array,
-                    chosen_len: jax.Array, rejected_len: jax.Array, state: Any = None, *,
-                    mask: Optional[jax.Array] = None, **hp: Any) -> LossResult:
+def preference_loss(
+  kind: str,
+  chosen_logps: jax.Array,
+  rejected_logps: jax.Array,
+  ref_chosen_logps: jax.Array,
+  ref_rejected_logps: jax.Array,
+  chosen_len: jax.Array,
+  rejected_len: jax.Array,
+  state: Any = None,
+  *,
+  mask: jax.Array | None = None,
+  **hp: Any,
+) -> LossResult:
   """(per-pair loss, batch-mean metrics, new state) of one batch of pairs.
 
   All arrays share one shape; `mask` marks real pairs (default: all), whose loss the caller
@@ -368,16 +435,24 @@ def preference_loss(kind: str, chosen_logps: jax.Array, rejected_logps: jax.Arra
   allowed = hparams(kind)
   unknown = sorted(set(hp) - set(allowed))
   if unknown:
-    raise ValueError(f"preference loss {kind!r}: unknown hyperparameters {unknown} "
-                     f"(accepted: {sorted(allowed)})")
+    raise ValueError(
+      f"preference loss {kind!r}: unknown hyperparameters {unknown} (accepted: {sorted(allowed)})"
+    )
   hp = {**allowed, **hp}
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   shape = jnp.shape(chosen_logps)
   mask = jnp.ones(shape, jnp.float32) if mask is None else f32(mask)
   if not k.uses_reference:
     ref_chosen_logps = ref_rejected_logps = jnp.zeros(shape, jnp.float32)
-  p = Pairs(f32(chosen_logps), f32(rejected_logps), f32(ref_chosen_logps),
-            f32(ref_rejected_logps), f32(chosen_len), f32(rejected_len), mask)
+  p = Pairs(
+    f32(chosen_logps),
+    f32(rejected_logps),
+    f32(ref_chosen_logps),
+    f32(ref_rejected_logps),
+    f32(chosen_len),
+    f32(rejected_len),
+    mask,
+  )
   if k.init_state is not None and state is None:
     state = k.init_state()
   beta = hp.pop("beta")
@@ -397,13 +472,13 @@ def preference_loss(kind: str, chosen_logps: jax.Array, rejected_logps: jax.Arra
     logp_w, logp_l, rho_w, rho_l = p.chosen, p.rejected, p.rho_w, p.rho_l
   r_w, r_l = sg(beta * rho_w), sg(beta * rho_l)
   metrics = {
-      "rewards/chosen": p.mean(r_w),
-      "rewards/rejected": p.mean(r_l),
-      "rewards/margins": p.mean(r_w - r_l),
-      "rewards/accuracies": p.mean((r_w > r_l).astype(jnp.float32)),
-      "logps/chosen": p.mean(sg(logp_w)),
-      "logps/rejected": p.mean(sg(logp_l)),
-      **extra,
+    "rewards/chosen": p.mean(r_w),
+    "rewards/rejected": p.mean(r_l),
+    "rewards/margins": p.mean(r_w - r_l),
+    "rewards/accuracies": p.mean((r_w > r_l).astype(jnp.float32)),
+    "logps/chosen": p.mean(sg(logp_w)),
+    "logps/rejected": p.mean(sg(logp_l)),
+    **extra,
   }
   if sft_weight:
     metrics["sft/nll"] = sg(p.mean(_sft_term(p, sft_reduction)))

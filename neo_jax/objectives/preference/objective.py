@@ -28,7 +28,8 @@ BCO reward shift rides in TrainState.objective_state. Metrics are TRL's names, l
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -52,8 +53,14 @@ logger = logging.getLogger("neo_jax.train")
 
 REFERENCE_MODES = ("model", "batch", "none")
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-GATHER_KEYS = ("branch_ids", "gather_index", "gather_targets", "gather_weights",
-               "gather_segment", "gather_branch")
+GATHER_KEYS = (
+  "branch_ids",
+  "gather_index",
+  "gather_targets",
+  "gather_weights",
+  "gather_segment",
+  "gather_branch",
+)
 
 
 class PairLogps(NamedTuple):
@@ -74,10 +81,16 @@ def num_pairs(gather_size: int) -> int:
   return max(1, gather_size // 2)
 
 
-def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
-                         batch: Mapping[str, jax.Array], *, chunk: int = 1024,
-                         compute_dtype: Any = jnp.float32, remat: bool = True,
-                         vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def response_token_logps(
+  hidden_bld: jax.Array,
+  head_dv: jax.Array,
+  batch: Mapping[str, jax.Array],
+  *,
+  chunk: int = 1024,
+  compute_dtype: Any = jnp.float32,
+  remat: bool = True,
+  vocab_chunk: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(log-prob, argmax-correct, mean logit) of every gathered response token, float32 [B, K]
   each.
 
@@ -87,8 +100,9 @@ def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
   """
   index_bk = batch["gather_index"]
   hidden_bkd = jnp.take_along_axis(hidden_bld, index_bk[..., None], axis=1)
-  ce_bk, correct_bk = chunked_token_cross_entropy(hidden_bkd, head_dv, batch["gather_targets"],
-                                                  chunk, compute_dtype, remat, vocab_chunk)
+  ce_bk, correct_bk = chunked_token_cross_entropy(
+    hidden_bkd, head_dv, batch["gather_targets"], chunk, compute_dtype, remat, vocab_chunk
+  )
   mean_head_d = jax.lax.stop_gradient(head_dv.astype(jnp.float32).mean(axis=1))
   mean_logit_bk = jax.lax.stop_gradient(hidden_bkd).astype(jnp.float32) @ mean_head_d
   real = batch["gather_weights"] != 0
@@ -96,8 +110,9 @@ def response_token_logps(hidden_bld: jax.Array, head_dv: jax.Array,
   return zero(-ce_bk), zero(correct_bk), zero(mean_logit_bk)
 
 
-def pair_sums(values_bk: jax.Array, segment_bk: jax.Array, branch_bk: jax.Array,
-              pairs: int) -> tuple[jax.Array, jax.Array]:
+def pair_sums(
+  values_bk: jax.Array, segment_bk: jax.Array, branch_bk: jax.Array, pairs: int
+) -> tuple[jax.Array, jax.Array]:
   """Sums of `values_bk` per (segment, branch): (chosen [B, P], rejected [B, P]).
 
   Segment s (1..P) is pair s - 1 of its row; slots of segment 0 (padding) or beyond P drop out.
@@ -109,8 +124,7 @@ def pair_sums(values_bk: jax.Array, segment_bk: jax.Array, branch_bk: jax.Array,
   return pick(1), pick(2)
 
 
-def pair_logps(token_logps_bk: jax.Array, batch: Mapping[str, jax.Array],
-               pairs: int) -> PairLogps:
+def pair_logps(token_logps_bk: jax.Array, batch: Mapping[str, jax.Array], pairs: int) -> PairLogps:
   """Pair-level summed log-probs and response lengths from per-token log-probs."""
   real_bk = (batch["gather_weights"] != 0).astype(jnp.float32)
   seg, br = batch["gather_segment"], batch["gather_branch"]
@@ -119,40 +133,64 @@ def pair_logps(token_logps_bk: jax.Array, batch: Mapping[str, jax.Array],
   return PairLogps(chosen, rejected, chosen_len, rejected_len)
 
 
-def sequence_logps(model: NeoModel, params: Any, config: NeoConfig,
-                   batch: Mapping[str, jax.Array], *, chunk: int = 1024, remat: bool = True,
-                   vocab_chunk: int = 0) -> tuple[PairLogps, dict[str, jax.Array]]:
+def sequence_logps(
+  model: NeoModel,
+  params: Any,
+  config: NeoConfig,
+  batch: Mapping[str, jax.Array],
+  *,
+  chunk: int = 1024,
+  remat: bool = True,
+  vocab_chunk: int = 0,
+) -> tuple[PairLogps, dict[str, jax.Array]]:
   """One forward over the packed rows -> pair log-probs, plus token counts for logging."""
   missing = [k for k in GATHER_KEYS if k not in batch]
   if missing:
-    raise ValueError(f"preference batches need {', '.join(missing)}: set data.kind="
-                     "'preference' (the packer lays out prompt | chosen | rejected)")
-  hidden_bld = model.apply({"params": params}, batch["input_ids"], batch["positions"],
-                           batch["segment_ids"], batch.get("pixels"), batch.get("pixel_rc"),
-                           batch["branch_ids"], return_hidden=True)
+    raise ValueError(
+      f"preference batches need {', '.join(missing)}: set data.kind="
+      "'preference' (the packer lays out prompt | chosen | rejected)"
+    )
+  hidden_bld = model.apply(
+    {"params": params},
+    batch["input_ids"],
+    batch["positions"],
+    batch["segment_ids"],
+    batch.get("pixels"),
+    batch.get("pixel_rc"),
+    batch["branch_ids"],
+    return_hidden=True,
+  )
   logp_bk, correct_bk, logit_bk = response_token_logps(
-      hidden_bld, head_weight(params, config), batch, chunk=chunk,
-      compute_dtype=jnp.dtype(config.dtype), remat=remat, vocab_chunk=vocab_chunk)
+    hidden_bld,
+    head_weight(params, config),
+    batch,
+    chunk=chunk,
+    compute_dtype=jnp.dtype(config.dtype),
+    remat=remat,
+    vocab_chunk=vocab_chunk,
+  )
   pairs = num_pairs(batch["gather_index"].shape[1])
   out = pair_logps(logp_bk, batch, pairs)
   real_bk = batch["gather_weights"] != 0
   chosen_bk = (batch["gather_branch"] == 1) & real_bk
   rejected_bk = (batch["gather_branch"] == 2) & real_bk
   counts = {
-      "tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32),
-      "supervised_tokens": chosen_bk.sum().astype(jnp.float32),
-      "correct_tokens": jnp.where(chosen_bk, correct_bk, 0.0).sum(),
-      "rejected_tokens": rejected_bk.sum().astype(jnp.float32),
-      # sums over response tokens; `summarize` divides by the token counts (TRL's token mean)
-      "logits_sum/chosen": jnp.where(chosen_bk, logit_bk, 0.0).sum(),
-      "logits_sum/rejected": jnp.where(rejected_bk, logit_bk, 0.0).sum(),
-      "overflow_pairs": ((batch["gather_segment"] > pairs)
-                         & (batch["gather_weights"] != 0)).sum().astype(jnp.float32),
+    "tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32),
+    "supervised_tokens": chosen_bk.sum().astype(jnp.float32),
+    "correct_tokens": jnp.where(chosen_bk, correct_bk, 0.0).sum(),
+    "rejected_tokens": rejected_bk.sum().astype(jnp.float32),
+    # sums over response tokens; `summarize` divides by the token counts (TRL's token mean)
+    "logits_sum/chosen": jnp.where(chosen_bk, logit_bk, 0.0).sum(),
+    "logits_sum/rejected": jnp.where(rejected_bk, logit_bk, 0.0).sum(),
+    "overflow_pairs": ((batch["gather_segment"] > pairs) & (batch["gather_weights"] != 0))
+    .sum()
+    .astype(jnp.float32),
   }
   return out, counts
 
 
 # --- the reference pass -------------------------------------------------------------------------
+
 
 def _merge_microbatches(x: jax.Array) -> jax.Array:
   """Inverse of step.split_microbatches: [n, B/n, ...] -> [B, ...]."""
@@ -160,9 +198,9 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: int = 1,
-                      vocab_chunk: int = 0
-                      ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
+def make_reference_fn(
+  config: NeoConfig, *, chunk: int = 1024, micro_batches: int = 1, vocab_chunk: int = 0
+) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
   """(reference params, batch) -> {ref_chosen_logps, ref_rejected_logps} [B, P], no gradient.
 
   Runs over `micro_batches` slices of the batch in turn (as the step does) to bound memory.
@@ -170,8 +208,9 @@ def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: in
   model = NeoModel(config)
 
   def one(params, mb):
-    pairs, _ = sequence_logps(model, params, config, mb, chunk=chunk, remat=False,
-                              vocab_chunk=vocab_chunk)
+    pairs, _ = sequence_logps(
+      model, params, config, mb, chunk=chunk, remat=False, vocab_chunk=vocab_chunk
+    )
     return {"ref_chosen_logps": pairs.chosen, "ref_rejected_logps": pairs.rejected}
 
   def reference_fn(params, batch):
@@ -189,10 +228,17 @@ def make_reference_fn(config: NeoConfig, *, chunk: int = 1024, micro_batches: in
 
 # --- the loss the step differentiates -------------------------------------------------------------
 
-def make_preference_loss(config: NeoConfig, *, kind: str, hparams: Mapping[str, Any],
-                         reference: str = "model", chunk: int = 1024, remat: bool = True,
-                         vocab_chunk: int = 0) -> Callable[[Any, Mapping[str, jax.Array], Any],
-                                       tuple[LossOutput, Any]]:
+
+def make_preference_loss(
+  config: NeoConfig,
+  *,
+  kind: str,
+  hparams: Mapping[str, Any],
+  reference: str = "model",
+  chunk: int = 1024,
+  remat: bool = True,
+  vocab_chunk: int = 0,
+) -> Callable[[Any, Mapping[str, jax.Array], Any], tuple[LossOutput, Any]]:
   """(params, batch, objective state) -> (LossOutput of sums, new objective state).
 
   loss_sum is the sum of per-pair losses and weight_sum the number of pairs, so the step's
@@ -206,19 +252,36 @@ def make_preference_loss(config: NeoConfig, *, kind: str, hparams: Mapping[str, 
   uses_reference = pl.loss_kind(kind).uses_reference and reference != "none"
 
   def loss_fn(params, batch, state):
-    pairs, counts = sequence_logps(model, gather_embedding(params), config, batch,
-                                   chunk=chunk, remat=remat, vocab_chunk=vocab_chunk)
+    pairs, counts = sequence_logps(
+      model,
+      gather_embedding(params),
+      config,
+      batch,
+      chunk=chunk,
+      remat=remat,
+      vocab_chunk=vocab_chunk,
+    )
     if uses_reference:
       if any(k not in batch for k in REF_KEYS):
-        raise ValueError(f"preference.reference={reference!r}: the batch has no "
-                         f"{' / '.join(REF_KEYS)}")
+        raise ValueError(
+          f"preference.reference={reference!r}: the batch has no {' / '.join(REF_KEYS)}"
+        )
       ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
       ref_chosen = ref_rejected = jnp.zeros_like(pairs.chosen)
     valid = pairs.valid
     per_pair, metrics, state = pl.preference_loss(
-        kind, pairs.chosen, pairs.rejected, ref_chosen, ref_rejected, pairs.chosen_len,
-        pairs.rejected_len, state, mask=valid, **hparams)
+      kind,
+      pairs.chosen,
+      pairs.rejected,
+      ref_chosen,
+      ref_rejected,
+      pairs.chosen_len,
+      pairs.rejected_len,
+      state,
+      mask=valid,
+      **hparams,
+    )
     n = valid.sum().astype(jnp.float32)
     sums = {k: v * n for k, v in metrics.items()}
     return LossOutput(per_pair.sum(), n, {**sums, **counts, "pairs": n}), state
@@ -241,12 +304,14 @@ def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
   token_means = {}
   for branch, count in (("chosen", "supervised_tokens"), ("rejected", "rejected_tokens")):
     if f"logits_sum/{branch}" in out:
-      token_means[f"logits/{branch}"] = (out.pop(f"logits_sum/{branch}")
-                                         / max(out.get(count, 0.0), 1.0))
+      token_means[f"logits/{branch}"] = out.pop(f"logits_sum/{branch}") / max(
+        out.get(count, 0.0), 1.0
+      )
   return {**{k: (v / pairs if "/" in k else v) for k, v in out.items()}, **token_means}
 
 
 # --- configuration ---------------------------------------------------------------------------
+
 
 def hparams_from_config(p: ml_collections.ConfigDict) -> dict[str, Any]:
   """The hyperparameters of `p.loss` from config.preference (configs/preference.py)."""
@@ -263,11 +328,18 @@ def hparams_from_config(p: ml_collections.ConfigDict) -> dict[str, Any]:
 
 # --- the objective ------------------------------------------------------------------------------
 
+
 def _make_loss(model_config: NeoConfig, config: ml_collections.ConfigDict):
   p = config.preference
-  return make_preference_loss(model_config, kind=p.loss, hparams=hparams_from_config(p),
-                              reference=p.reference, chunk=config.loss.chunk_size,
-                              remat=config.loss.remat, vocab_chunk=config.loss.vocab_chunk)
+  return make_preference_loss(
+    model_config,
+    kind=p.loss,
+    hparams=hparams_from_config(p),
+    reference=p.reference,
+    chunk=config.loss.chunk_size,
+    remat=config.loss.remat,
+    vocab_chunk=config.loss.vocab_chunk,
+  )
 
 
 def _init_state(model_config: NeoConfig, config: ml_collections.ConfigDict) -> Any:
@@ -280,11 +352,16 @@ def _uses_model_reference(config: ml_collections.ConfigDict) -> bool:
   return p.reference == "model" and pl.loss_kind(p.loss).uses_reference
 
 
-def _step_flops(model_config: NeoConfig, batch: Mapping[str, np.ndarray], trainable: set,
-                config: ml_collections.ConfigDict) -> float:
+def _step_flops(
+  model_config: NeoConfig,
+  batch: Mapping[str, np.ndarray],
+  trainable: set,
+  config: ml_collections.ConfigDict,
+) -> float:
   """Policy forward + backward on K head positions, plus the reference forward."""
-  counted = flops.step_flops(model_config, batch, trainable,
-                             int(np.shape(batch["gather_index"])[1]))
+  counted = flops.step_flops(
+    model_config, batch, trainable, int(np.shape(batch["gather_index"])[1])
+  )
   return counted["total"] + (counted["forward"] if _uses_model_reference(config) else 0.0)
 
 
@@ -295,16 +372,22 @@ def reference_params(setup: ObjectiveSetup) -> Any:
   try:
     if setup.resuming:
       if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the run resumes but its reference parameters are "
-                                "missing (written when the run started)")
-      target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            setup.params, setup.param_shardings)
+        raise FileNotFoundError(
+          f"{path}: the run resumes but its reference parameters are "
+          "missing (written when the run started)"
+        )
+      target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        setup.params,
+        setup.param_shardings,
+      )
       params = checkpointer.restore(path, target)
       logger.info("reference policy read from %s", path)
       return params
     # a copy: the step donates (and overwrites) the state's buffers
-    params = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
-                     out_shardings=setup.param_shardings)(setup.params)
+    params = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=setup.param_shardings)(
+      setup.params
+    )
     checkpointer.save(path, params, force=True)
     checkpointer.wait_until_finished()
     logger.info("reference policy: the starting parameters, saved to %s", path)
@@ -320,9 +403,12 @@ def _make_batch_fn(setup: ObjectiveSetup):
     return None
   ref = reference_params(setup)
   mesh = setup.mesh
-  fn = make_reference_fn(setup.model_config, chunk=config.loss.chunk_size,
-                         micro_batches=config.grad_accum_steps,
-                         vocab_chunk=config.loss.vocab_chunk)
+  fn = make_reference_fn(
+    setup.model_config,
+    chunk=config.loss.chunk_size,
+    micro_batches=config.grad_accum_steps,
+    vocab_chunk=config.loss.vocab_chunk,
+  )
   out_sharding = NamedSharding(mesh, batch_spec(2))
   jitted = jax.jit(fn, out_shardings={k: out_sharding for k in REF_KEYS})
 
@@ -333,5 +419,11 @@ def _make_batch_fn(setup: ObjectiveSetup):
   return batch_fn
 
 
-OBJECTIVE = Objective("preference", _make_loss, _step_flops, init_state=_init_state,
-                      make_batch_fn=_make_batch_fn, summarize=summarize)
+OBJECTIVE = Objective(
+  "preference",
+  _make_loss,
+  _step_flops,
+  init_state=_init_state,
+  make_batch_fn=_make_batch_fn,
+  summarize=summarize,
+)
