@@ -21,17 +21,19 @@ Expect: loss ln 2 = 0.693 at step 1 (policy = reference), train/rewards/margins 
 rewards/accuracies rising; watch train/rewards/chosen and logps/chosen (they should not fall
 as they tend to under DPO) and acpo/alpha_mean.
 
-tiny: the demo's stage 3, from workdir/tiny_vqa_sft (init.format "run") on the embedded
-easy-vqa preference pairs (chosen = the right answer, rejected = a plausible wrong one):
-~30 updates of 8 rows x ~9 pairs, a learning rate small enough that the SFT model's VQA
-accuracy does not drop, one held-out evaluation (preference loss and easy-vqa exact match on
-100 test questions) after the last step. `neo-jax compare-preference` runs dpo and acpo from
-the same SFT checkpoint and plots rewards/chosen and logps/chosen (docs/acpo.md).
-Expect (measured on 2 CPU cores, 2026-11-28, after the tiny SFT run): ~1.7 s per step after
-compiling, 1.3 min in all; train/rewards/margins from 0 to ~0.09 and train/rewards/accuracies
-from ~0.35 to ~0.76 over the 30 steps; easy-vqa exact match on 1,000 test questions 78.6%
-against the SFT run's 76.8% (the config's own evaluation answers 100). With loss=dpo margins
-rise faster while rewards/chosen and logps/chosen tend to fall (likelihood displacement).
+tiny: the demo's stages 3 (loss=dpo) and 4 (acpo), from workdir/tiny_vqa_sft (init.format
+"run") on the embedded easy-vqa preference pairs (chosen = the right answer, rejected = a
+plausible wrong one): 30 updates of 8 rows x ~9 pairs at a small learning rate (2e-4), one
+held-out evaluation (preference loss and easy-vqa exact match on 100 test questions) after
+the last step. `neo-jax compare-preference` runs dpo and acpo from the same SFT checkpoint
+and plots rewards/chosen and logps/chosen (docs/acpo.md).
+Expect (measured on 2 CPU cores in the demo, 2026-11-30, after its SFT run; one run each):
+~0.45 s per step after compiling, 0.4 min in all; over the 30 steps train/logps/chosen from
+-0.55 to -0.94, train/rewards/chosen from 0 to -0.03 and train/rewards/margins from 0 to 0.10;
+easy-vqa exact match on 1,000 test questions 68.1% against the SFT run's 73.3% (yes/no kept
+at 83%, shape down from 31.5% to 1.4%; the config's own evaluation answers 100). With
+loss=dpo margins rise faster (to 0.15) while logps/chosen falls to -2.67 and rewards/chosen
+to -0.21 (likelihood displacement), and exact match to 46.2% (yes/no 47%).
 
 local (with any model): seconds on any machine, on synthetic pairs (configs/common.py).
 """

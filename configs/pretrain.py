@@ -19,13 +19,15 @@ untrained pre-Buffer costs and falls over the first thousands of updates; a chec
 1000 updates. Set mesh.* for your slice (default: fsdp over every device).
 
 tiny: the demo's stage 1. The random-initialised `tiny` NEO (4 layers of width 128, 2 of them
-pre-Buffer; Qwen3's 151,936-token vocabulary) on the embedded easy-vqa captions. NEO's
+pre-Buffer; the 427-token easy-vqa tokenizer, 1.1M parameters) on the embedded easy-vqa
+captions. NEO's
 pretrain freezes a *pretrained* Qwen3; the tiny LLM starts random, so here every parameter
 trains (`trainable`; drop the override to get the stage's own mask). Rows of 256 tokens carry
 up to 64 visual tokens (64x64 images, 2x2 tokens each).
-Expect (measured on 2 CPU cores, 2026-11-28): caption loss from 11.9 (ln 151936) to ~0.34
-after 200 updates of 4 rows, ~1.1 s per update (~4 min); ~0.6 would mean the image is not
-used (docs/training.md, "The main job"); checkpoints in workdir/tiny_vqa_pretrain.
+Expect (measured on 2 CPU cores in the demo, 2026-11-30): caption loss ~0.35 after 200
+updates of 4 rows, ~0.2 s per update (0.8 min); a loss that stays near the ~0.7 plateau it
+crosses around update 110 would mean the image is not used (docs/training.md, "The main job");
+checkpoints in workdir/tiny_vqa_pretrain.
 
 local (with any model): seconds on any machine (configs/common.py).
 """
