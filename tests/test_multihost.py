@@ -186,7 +186,7 @@ def worker_data(out_dir: str, source: str) -> int:
   """One epoch of `source` through the trainer's data path, in the group `train` joined."""
   import jax
 
-  from neo_jax.data.tokenizer import load_tokenizer
+  from neo_jax.data.embedded import load_named_tokenizer
   from neo_jax.parallel import distributed, make_mesh, shard_batch
   from neo_jax.trainer import batches as data_lib
   from neo_jax.trainer import config as config_lib
@@ -203,7 +203,7 @@ def worker_data(out_dir: str, source: str) -> int:
     ],
   )  # 4 rows per process, one per device
   model_config = config_lib.model_config(cfg)
-  tokenizer = load_tokenizer()
+  tokenizer = load_named_tokenizer(cfg.data.tokenizer)  # the one the pipeline encodes with
   it = data_lib.make_iterator(cfg, model_config, num_epochs=1)
   ids, batches, first = [], 0, None
   for batch in it:
