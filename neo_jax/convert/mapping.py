@@ -219,6 +219,43 @@ def check_tensors(found: Mapping[str, Sequence[int]], config: NeoConfig) -> None
       raise UserError(f"{key}: checkpoint has {_fmt(found[key])}, model expects {_fmt(shape)}")
 
 
+class _LeafPlan(NamedTuple):
+  """One parameter leaf as the HF tensors `keys` fill it (several when stacked over layers)."""
+
+  path: ParamPath
+  keys: list[str]
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  stacked: bool
+
+
+def _leaf_plans(
+  shapes: Mapping[str, Sequence[int]],
+  dtypes: Mapping[str, np.dtype],
+  config: NeoConfig,
+  dtype: np.dtype | None,
+) -> list[_LeafPlan]:
+  """The leaves an HF checkpoint fills, after checking its tensors against the config; a
+  leaf's dtype is `dtype`, or the checkpoint's (promoted over its tensors)."""
+  check_tensors(shapes, config)
+  locs = locations(config)
+  groups: dict[ParamPath, list[str]] = {}
+  for key, loc in locs.items():
+    groups.setdefault(loc.path, []).append(key)
+  plans = []
+  for path, keys in groups.items():
+    loc0 = locs[keys[0]]
+    stacked = loc0.index is not None
+    shape = _leaf_shape(shapes[keys[0]], loc0, config)
+    leaf_dtype = (
+      np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
+    )
+    plans.append(
+      _LeafPlan(path, keys, ((len(keys),) if stacked else ()) + tuple(shape), leaf_dtype, stacked)
+    )
+  return plans
+
+
 def params_from_hf(
   read: Callable[[str], np.ndarray],
   shapes: Mapping[str, Sequence[int]],
@@ -233,21 +270,11 @@ def params_from_hf(
   `dtypes` describe every tensor of the checkpoint, checked against the config before any
   data is read. Leaves keep the checkpoint dtype unless `dtype` is given.
   """
-  check_tensors(shapes, config)
   locs = locations(config)
-  groups: dict[ParamPath, list[str]] = {}
-  for key, loc in locs.items():
-    groups.setdefault(loc.path, []).append(key)
   params: dict = {}
-  for path, keys in groups.items():
-    loc0 = locs[keys[0]]
-    leaf_dtype = (
-      np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
-    )
-    shape = _leaf_shape(shapes[keys[0]], loc0, config)
-    if loc0.index is not None:
-      shape = (len(keys),) + shape
-    leaf = np.empty(shape, leaf_dtype)
+  for leaf_plan in _leaf_plans(shapes, dtypes, config, dtype):
+    keys = leaf_plan.keys
+    leaf = np.empty(leaf_plan.shape, leaf_plan.dtype)
     for key in keys:
       loc = locs[key]
       value = loc.entry.transform.to_params(read(key), config)
@@ -257,7 +284,7 @@ def params_from_hf(
         leaf[loc.index] = value
       if on_tensor is not None:
         on_tensor(key)
-    _set(params, path, leaf)
+    _set(params, leaf_plan.path, leaf)
   return params
 
 
@@ -285,32 +312,23 @@ def sharded_params_from_hf(
 ) -> dict:
   """HF tensors -> parameter tree of jax arrays placed on `shardings`, each process reading
   only the slices its devices hold (`read(key, index)` returns a slice of one HF tensor)."""
-  check_tensors(shapes, config)
   locs = locations(config)
-  groups: dict[ParamPath, list[str]] = {}
-  for key, loc in locs.items():
-    groups.setdefault(loc.path, []).append(key)
   params: dict = {}
-  for path, keys in groups.items():
-    loc0 = locs[keys[0]]
-    leaf_dtype = (
-      np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
-    )
-    shape = _leaf_shape(shapes[keys[0]], loc0, config)
-    stacked = loc0.index is not None
-    if stacked:
-      shape = (len(keys),) + shape
+  for leaf_plan in _leaf_plans(shapes, dtypes, config, dtype):
 
-    def piece(index, keys=keys, loc0=loc0, stacked=stacked, leaf_dtype=leaf_dtype):
-      index = tuple(index)
-      if not stacked:
-        return _leaf_slice(read, keys[0], loc0, index, config).astype(leaf_dtype, copy=False)
+    def piece(index, plan=leaf_plan):
+      index, keys = tuple(index), plan.keys
+      if not plan.stacked:
+        return _leaf_slice(read, keys[0], locs[keys[0]], index, config).astype(
+          plan.dtype, copy=False
+        )
       layers = range(*index[0].indices(len(keys)))
       return np.stack(
         [_leaf_slice(read, keys[i], locs[keys[i]], index[1:], config) for i in layers]
-      ).astype(leaf_dtype, copy=False)
+      ).astype(plan.dtype, copy=False)
 
-    _set(params, path, jax.make_array_from_callback(shape, _get(shardings, path), piece))
+    path = leaf_plan.path
+    _set(params, path, jax.make_array_from_callback(leaf_plan.shape, _get(shardings, path), piece))
   return params
 
 
