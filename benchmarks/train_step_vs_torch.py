@@ -31,6 +31,7 @@ and peak RSS during the timed steps (VmHWM, reset after setup).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -71,7 +72,7 @@ GRAD_RTOL = 1e-4
 # attention and remat settings, and extra XLA flags for the worker
 JAX_OPTIONS = dict(
   fused=1,
-  chunk=1024,
+  chunk=0,  # 0: the library's default (cross_entropy.DEFAULT_CHUNK)
   loss_remat=1,
   vocab_chunk=0,
   attention="auto",
@@ -140,12 +141,23 @@ def check_rows(length: int) -> np.ndarray:
   return np.unique(np.linspace(0, length - 1, CHECK_ROWS).astype(np.int64))
 
 
-def read_peak_rss() -> int:
+def read_status_bytes(field: str = "VmHWM") -> int:
+  """A size from /proc/self/status (VmHWM: peak resident set, VmRSS: current), in bytes."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
   return 0
+
+
+def release_freed_memory() -> None:
+  """Returns heap pages freed during setup (loading, compilation) to the OS (glibc
+  malloc_trim), so the timed steps' peak counts what the process holds, not what the
+  allocator kept."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
 
 
 def reset_peak_rss() -> None:
@@ -385,8 +397,10 @@ class JaxWorker:
 
 
 def loss_kwargs(options: dict) -> dict:
+  from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
+
   return dict(
-    chunk=int(options["chunk"]),
+    chunk=int(options["chunk"]) or DEFAULT_CHUNK,
     remat=bool(int(options["loss_remat"])),
     vocab_chunk=int(options["vocab_chunk"]),
     fused=bool(int(options["fused"])),
@@ -440,7 +454,9 @@ def worker_main(args) -> int:
   check = worker.check(args.rows_out)
   setup = {"check": check, "first_s": time.perf_counter() - t}
   gc.collect()
+  release_freed_memory()
   reset_peak_rss()
+  setup["rss_before"] = read_status_bytes("VmRSS")  # runtime, parameters, inputs, executables
   reply = lambda obj: print(json.dumps(obj), file=replies, flush=True)
   reply(setup)
   for line in sys.stdin:
@@ -452,7 +468,7 @@ def worker_main(args) -> int:
         {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "loss": loss}
       )
     elif cmd == "peak":
-      reply({"peak_rss": read_peak_rss()})
+      reply({"peak_rss": read_status_bytes("VmHWM")})
     elif cmd == "gemm":
       reply({"gemm_peak": worker.gemm_peak()})
     elif cmd == "quit":
@@ -586,6 +602,7 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
         "mfu": flops / median / gemm_peak,
         "gemm_peak_gflops": gemm_peak / 1e9,
         "peak_rss_gib": peak / 2**30,
+        "rss_before_step_gib": setup["rss_before"] / 2**30,
         "first_step_s": setup["first_s"],
         "loss": setup["check"]["loss"],
       }

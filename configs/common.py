@@ -18,6 +18,7 @@ from neo_jax.config import preset
 from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.data.synthetic import compact_vocab
 from neo_jax.data.tokenizer import token_ids
+from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
 from neo_jax.parallel.sharding import rules_table
 from neo_jax.trainer.config import model_config, model_fields
 
@@ -119,7 +120,7 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
   config.data.read_threads = 2
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.chunk_size = 1024  # max positions per cross-entropy chunk (B*chunk*V fp32 live)
+  config.loss.chunk_size = DEFAULT_CHUNK  # max positions per cross-entropy chunk (B*chunk*V fp32)
   config.loss.remat = True  # recompute each chunk's logits in the backward pass (less memory)
   config.loss.positions_per_row = loss_positions
   # > 0: stream the head over this many vocabulary entries at a time (online logsumexp, the

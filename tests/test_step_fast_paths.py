@@ -16,7 +16,9 @@ import pytest
 from neo_jax.config import tiny
 from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
 from neo_jax.model import init_params
+from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
 from neo_jax.objectives.next_token import next_token_loss
+from neo_jax.ops import xla_flash
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
 SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24, max_image_tokens=9)
@@ -29,13 +31,15 @@ def _rel(a, b) -> float:
 
 
 @functools.cache
-def _value_and_grads(tied: bool, k: int, attention_impl: str, block: int = 512, **loss_kw):
+def _value_and_grads(
+  tied: bool, k: int, attention_impl: str, block: int = 512, chunk: int = 32, **loss_kw
+):
   config = CFG.replace(
     tie_word_embeddings=tied, attention_impl=attention_impl, attention_q_chunk=block
   )
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
-  loss_fn = next_token_loss(config, chunk=32, positions_per_row=k, **loss_kw)
+  loss_fn = next_token_loss(config, chunk=chunk, positions_per_row=k, **loss_kw)
 
   def loss(p):
     out = loss_fn(p, batch)
@@ -60,8 +64,15 @@ def test_fused_head_equals_plain(tied, k):
   _assert_equal_step(dict(attention_impl="xla", fused=True), tied, k)
 
 
-def test_xla_flash_attention_equals_plain():
-  _assert_equal_step(dict(attention_impl="xla_flash", block=16, fused=False, remat=False))
+@pytest.mark.parametrize("chunk", [40, DEFAULT_CHUNK])
+def test_fused_head_chunks_equal_plain(chunk):
+  """Three uneven chunks of a 96-token row, and the default (one chunk here)."""
+  _assert_equal_step(dict(attention_impl="xla", fused=True, chunk=chunk))
+
+
+@pytest.mark.parametrize("block", [16, xla_flash.DEFAULT_BLOCK])
+def test_xla_flash_attention_equals_plain(block):
+  _assert_equal_step(dict(attention_impl="xla_flash", block=block, fused=False, remat=False))
 
 
 def test_cpu_default_equals_plain():

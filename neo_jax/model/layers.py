@@ -82,6 +82,29 @@ class Linear(nn.Module):
     return y
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up. Its backward pass keeps only gate and up and recomputes the sigmoid:
+  autodiff of the expression keeps four more [B, L, F] arrays per layer (the sigmoid, silu,
+  the product and a copy), 0.3 GB of the 177.5M NEO's step at L = 2048."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_out):
+  gate, up = residuals
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  # d silu / d gate = sig + gate * sig * (1 - sig) = sig * (1 + gate * (1 - sig))
+  return d_out * up * (sig * (1 + gate * (1 - sig))), d_out * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
 
@@ -96,5 +119,5 @@ class MLP(nn.Module):
     )
     gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x_bld)
     up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x_bld)
-    h_blf = nn.with_logical_constraint(jax.nn.silu(gate) * up, MLP_ACTIVATION)
+    h_blf = nn.with_logical_constraint(swiglu(gate, up), MLP_ACTIVATION)
     return dense(x_bld.shape[-1], ("mlp", "embed"), "down_proj")(h_blf)

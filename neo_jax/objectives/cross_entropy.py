@@ -34,6 +34,11 @@ import jax.numpy as jnp
 
 from neo_jax.trainer.objective import LossOutput
 
+# Positions per head chunk. Live logits are B * chunk * V float32 (0.3 GB per row at V = 152k);
+# on 2 CPU cores 512 runs the 177.5M NEO's step as fast as 1024 in 0.6 GB less memory, 256
+# costs ~10% more time (benchmarks/README.md, "Training step against PyTorch").
+DEFAULT_CHUNK = 512
+
 
 def token_cross_entropy(
   hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array, compute_dtype: Any = jnp.float32
@@ -174,7 +179,7 @@ def chunked_token_cross_entropy(
   hidden_bld: jax.Array,
   head_dv: jax.Array,
   targets_bl: jax.Array,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   compute_dtype: Any = jnp.float32,
   remat: bool = True,
   vocab_chunk: int = 0,
@@ -296,7 +301,7 @@ def fused_weighted_cross_entropy(
   head_dv: jax.Array,
   targets_bl: jax.Array,
   weights_bl: jax.Array,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   compute_dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
   """(sum(w * CE), correct [B, L]) with the head's gradients computed in the forward pass.
@@ -344,7 +349,7 @@ def weighted_next_token_loss(
   targets_bl: jax.Array,
   weights_bl: jax.Array,
   *,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   positions_per_row: int = 0,
   compute_dtype: Any = jnp.float32,
   remat: bool = True,

@@ -13,7 +13,7 @@ import numpy as np
 
 from neo_jax.config import NeoConfig
 from neo_jax.model import NeoModel, gather_embedding, head_weight
-from neo_jax.objectives.cross_entropy import weighted_next_token_loss
+from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK, weighted_next_token_loss
 from neo_jax.trainer import flops
 from neo_jax.trainer.objective import LossFn, Objective
 
@@ -21,7 +21,7 @@ from neo_jax.trainer.objective import LossFn, Objective
 def next_token_loss(
   config: NeoConfig,
   *,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   positions_per_row: int = 0,
   remat: bool = True,
   vocab_chunk: int = 0,

@@ -6,7 +6,7 @@ query/key width different from value width. `impl` picks how:
   xla          dense reference (ops/reference.py)
   xla_chunked  reference computed one query block at a time (O(block * L) memory)
   xla_flash    online-softmax attention in XLA loops that visits only the allowed key blocks
-               (ops/xla_flash.py; self-attention, like the kernels); blocks of min(q_chunk, 128)
+               (ops/xla_flash.py; self-attention, like the kernels); blocks of min(q_chunk, 64)
   pallas_tpu   Pallas TPU flash kernel with block skipping (ops/pallas_tpu.py)
   pallas_gpu   Pallas GPU (Triton) flash kernel with block skipping (ops/pallas_gpu.py)
   cudnn        cuDNN flash attention for text-only rows: packed segments, causal within each

@@ -83,6 +83,23 @@ def _trainable(trainable: set[str] | None, path: str) -> bool:
   return trainable is None or path in trainable
 
 
+def layer_matmuls(config: NeoConfig) -> dict[str, tuple[int, int]]:
+  """Parameter path in a decoder layer -> (in, out) of its per-token matmul."""
+  d_model, f = config.hidden_size, config.intermediate_size
+  nh, nkv, dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+  return {
+    "self_attn/q_proj": (d_model, nh * dh),
+    "self_attn/k_proj": (d_model, nkv * dh),
+    "self_attn/v_proj": (d_model, nkv * dh),
+    "self_attn/q_proj_hw": (d_model, nh * dh),
+    "self_attn/k_proj_hw": (d_model, nkv * dh),
+    "self_attn/o_proj": (nh * dh, d_model),
+    "mlp/gate_proj": (d_model, f),
+    "mlp/up_proj": (d_model, f),
+    "mlp/down_proj": (f, d_model),
+  }
+
+
 def step_flops(
   config: NeoConfig,
   batch: Mapping[str, np.ndarray],
@@ -104,23 +121,12 @@ def step_flops(
   b, l = ids.shape
   head_positions = float(b * (loss_positions_per_row if loss_positions_per_row > 0 else l))
 
-  d_model, f = cfg.hidden_size, cfg.intermediate_size
-  nh, nkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  matmuls = {  # name -> (in, out) of a per-token matmul in every layer
-    "self_attn/q_proj": (d_model, nh * dh),
-    "self_attn/k_proj": (d_model, nkv * dh),
-    "self_attn/v_proj": (d_model, nkv * dh),
-    "self_attn/q_proj_hw": (d_model, nh * dh),
-    "self_attn/k_proj_hw": (d_model, nkv * dh),
-    "self_attn/o_proj": (nh * dh, d_model),
-    "mlp/gate_proj": (d_model, f),
-    "mlp/up_proj": (d_model, f),
-    "mlp/down_proj": (f, d_model),
-  }
+  d_model = cfg.hidden_size
+  nh, dh = cfg.num_attention_heads, cfg.head_dim
   fwd = bwd = 0.0
   groups = (("pre_buffer", cfg.num_prebuffer_layers), ("llm", cfg.num_llm_layers))
   for group, n_layers in groups:
-    for name, (i, o) in matmuls.items():
+    for name, (i, o) in layer_matmuls(cfg).items():
       flops = 2.0 * i * o * tokens * n_layers
       fwd += flops
       bwd += flops * (1 + _trainable(trainable, f"{group}/{name}/kernel"))

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from neo_jax import run_dir
 from neo_jax.config import NeoConfig
 from neo_jax.model import NeoModel, gather_embedding, head_weight
-from neo_jax.objectives.cross_entropy import chunked_token_cross_entropy
+from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK, chunked_token_cross_entropy
 from neo_jax.objectives.preference import losses as pl
 from neo_jax.parallel.sharding import batch_spec
 from neo_jax.trainer import flops
@@ -86,7 +86,7 @@ def response_token_logps(
   head_dv: jax.Array,
   batch: Mapping[str, jax.Array],
   *,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   compute_dtype: Any = jnp.float32,
   remat: bool = True,
   vocab_chunk: int = 0,
@@ -139,7 +139,7 @@ def sequence_logps(
   config: NeoConfig,
   batch: Mapping[str, jax.Array],
   *,
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   remat: bool = True,
   vocab_chunk: int = 0,
 ) -> tuple[PairLogps, dict[str, jax.Array]]:
@@ -199,7 +199,7 @@ def _merge_microbatches(x: jax.Array) -> jax.Array:
 
 
 def make_reference_fn(
-  config: NeoConfig, *, chunk: int = 1024, micro_batches: int = 1, vocab_chunk: int = 0
+  config: NeoConfig, *, chunk: int = DEFAULT_CHUNK, micro_batches: int = 1, vocab_chunk: int = 0
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
   """(reference params, batch) -> {ref_chosen_logps, ref_rejected_logps} [B, P], no gradient.
 
@@ -235,7 +235,7 @@ def make_preference_loss(
   kind: str,
   hparams: Mapping[str, Any],
   reference: str = "model",
-  chunk: int = 1024,
+  chunk: int = DEFAULT_CHUNK,
   remat: bool = True,
   vocab_chunk: int = 0,
 ) -> Callable[[Any, Mapping[str, jax.Array], Any], tuple[LossOutput, Any]]:
