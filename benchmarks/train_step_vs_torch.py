@@ -25,7 +25,8 @@ flags), pinned to `--threads` CPUs. Before timing, the parent checks that they a
 loss, on rows of the logits and (fwdbwd) on gradient norms. Steps then run alternately (A, B,
 A, B, ...), one at a time; the table gives medians and ranges, ratios of paired steps, the
 ratio of median process CPU seconds per step (steadier than wall time on a shared machine)
-and peak RSS during the timed steps (VmHWM, reset after setup).
+and peak RSS during the timed steps (VmHWM, reset after setup, once the heap pages freed
+during setup are returned to the OS) next to the RSS the step starts from.
 """
 
 from __future__ import annotations
@@ -620,7 +621,7 @@ def print_table(results: list[dict]) -> None:
   names = [impl["impl"] for impl in results[0]["impls"]]
   head = "| L | pass | " + " | ".join(f"{n} tokens/s (MFU)" for n in names)
   head += " | " + " | ".join(f"{n} / {names[0]}" for n in names[1:])
-  head += " | peak RSS GiB " + " / ".join(names) + " |"
+  head += " | peak RSS GiB " + " / ".join(names) + " (before the step) |"
   print(head)
   print("|" + "---|" * (head.count("|") - 1))
   for r in results:
@@ -634,7 +635,11 @@ def print_table(results: list[dict]) -> None:
         f"**{impl['speedup_vs_first']:.2f}x** ({lo:.2f}-{hi:.2f}), "
         f"CPU time {impl['cpu_speedup_vs_first']:.2f}x, RSS {impl['rss_vs_first']:.2f}x"
       )
-    cells.append(" / ".join(f"{impl['peak_rss_gib']:.2f}" for impl in r["impls"]))
+    cells.append(
+      " / ".join(
+        f"{impl['peak_rss_gib']:.2f} ({impl['rss_before_step_gib']:.2f})" for impl in r["impls"]
+      )
+    )
     print("| " + " | ".join(cells) + " |")
 
 
