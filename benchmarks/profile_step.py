@@ -217,10 +217,12 @@ def main(argv=None) -> int:
   wall = statistics.median(walls)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  temp = compiled.memory_analysis().temp_size_in_bytes
   print(
     f"L={args.length} {args.pass_} {args.impl}: wall {wall:.3f} s per step (median of "
     f"{args.steps}), busy {summed:.3f} s, XLA cost analysis {cost.get('flops', 0) / 1e9:.0f} "
-    f"GFLOP, load average {os.getloadavg()[0]:.2f}\n"
+    f"GFLOP (loop bodies once), temp buffers {temp / 2**30:.2f} GiB, load average "
+    f"{os.getloadavg()[0]:.2f}\n"
   )
   print("| part | s per step | share |")
   print("|---|---|---|")

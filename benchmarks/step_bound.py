@@ -1,8 +1,9 @@
 """What this machine allows for the step of train_step_vs_torch.py: its GEMM-bound time and
 memory floor, against the measured PyTorch step.
 
-    .venv/bin/python benchmarks/step_bound.py --L 1024 2048 --threads 2 \\
-        --results benchmarks/results/2026-11-30-cpu-train-step-vs-torch-2.json
+    .venv/bin/python benchmarks/step_bound.py --L 1024 2048 --threads 2 --repeats 7 \\
+        --results benchmarks/results/2026-11-30-cpu-train-step-vs-torch.json \\
+        --rss-results benchmarks/results/2026-11-30-cpu-train-step-vs-torch-loaded.json
 
 Time: every matmul the step must do, at the speed XLA:CPU reaches on this machine for that
 matmul's shape (measured here, `--threads` threads): the LM head over all L positions (logits,
@@ -15,6 +16,10 @@ so the bound is below any real step. "fits 1.5x" compares it with the measured P
 / 1.5. Memory: the floor of a fwd+bwd step is what the process holds before it (runtime,
 parameters, inputs, executables: measured by the benchmark) plus gradients the size of the
 parameters, against half of PyTorch's peak.
+
+Each speed is the fastest of `--repeats` runs, listed with the threads busy in it (CPU / wall
+seconds): on a shared machine a speed measured with fewer than `--threads` threads busy is the
+other load's, not the hardware's; `--results` can come from a quieter run than this one.
 """
 
 from __future__ import annotations
@@ -47,9 +52,7 @@ def gemm_rate(eq: str, shape_a: tuple, shape_b: tuple, repeats: int) -> Rate:
   import jax.numpy as jnp
   import numpy as np
 
-  lhs, rhs = eq.split("->")[0].split(",")
-  sizes = dict(zip(lhs, shape_a)) | dict(zip(rhs, shape_b))
-  flops = 2.0 * float(np.prod(list(sizes.values())))
+  flops = _flops(eq, shape_a, shape_b)
   rng = np.random.default_rng(0)
   n = STACK if flops < SMALL_GFLOP * 1e9 else 1
   a = jnp.asarray(rng.standard_normal((n, *shape_a), dtype=np.float32))
