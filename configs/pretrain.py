@@ -43,7 +43,7 @@ def get_config(arg=None):
     common.tiny_cpu(config)
     config.trainable = (".*",)  # a random LLM has nothing to preserve
     config.data.rows_per_shard = 4  # more, smaller updates learn vision sooner (training.md)
-    config.total_steps = 200
+    config.total_steps = 600
     config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 20
     config.loss.positions_per_row = 96

@@ -39,14 +39,14 @@ def get_config(arg=None):
     common.tiny_cpu(config)
     config.init.path = "workdir/tiny_vqa_pretrain"
     config.data.rows_per_shard = 4
-    config.total_steps = 400
+    config.total_steps = 1000
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_ratio = 0.03
     # a share of captions keeps the pretrained colour and shape features in use
     config.data.sources = ("easy_vqa/vqa", "easy_vqa/captions")
     config.data.weights = (0.8, 0.2)
     config.loss.positions_per_row = 48
-    config.eval.every_steps = 200
+    config.eval.every_steps = 1000  # once, at the end
     config.eval.heldout_batches = 4
     config.eval.vqa_examples = 100  # greedy answers to easy-vqa test questions
   else:  # NEO's scripts: one packed row per GPU, 8 GPUs, seed 42
