@@ -28,12 +28,11 @@ held-out evaluation (preference loss and easy-vqa exact match on 100 test questi
 the last step. `neo-jax compare-preference` runs dpo and acpo from the same SFT checkpoint
 and plots rewards/chosen and logps/chosen (docs/acpo.md).
 Expect (measured on 2 CPU cores in the demo, 2026-11-30, after its SFT run; one run each):
-~0.45 s per step after compiling, 0.4 min in all; over the 30 steps train/logps/chosen from
--0.55 to -0.94, train/rewards/chosen from 0 to -0.03 and train/rewards/margins from 0 to 0.10;
-easy-vqa exact match on 1,000 test questions 68.1% against the SFT run's 73.3% (yes/no kept
-at 83%, shape down from 31.5% to 1.4%; the config's own evaluation answers 100). With
-loss=dpo margins rise faster (to 0.15) while logps/chosen falls to -2.67 and rewards/chosen
-to -0.21 (likelihood displacement), and exact match to 46.2% (yes/no 47%).
+0.5 min in all; over the 30 steps train/logps/chosen from -0.33 to -0.63,
+train/rewards/chosen from 0 to -0.02 and train/rewards/margins from 0 to 0.08; easy-vqa exact
+match on 1,000 test questions 80.2% against the SFT run's 81.4% (the config's own evaluation
+answers 100). With loss=dpo margins rise faster (to 0.13) while logps/chosen falls to -1.22
+and rewards/chosen to -0.08 (likelihood displacement), and exact match to 73.3% (yes/no 74%).
 
 local (with any model): seconds on any machine, on synthetic pairs (configs/common.py).
 """

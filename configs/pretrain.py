@@ -19,13 +19,12 @@ untrained pre-Buffer costs and falls over the first thousands of updates; a chec
 1000 updates. Set mesh.* for your slice (default: fsdp over every device).
 
 tiny: the demo's stage 1. The random-initialised `tiny` NEO (4 layers of width 128, 2 of them
-pre-Buffer; the 427-token easy-vqa tokenizer, 1.1M parameters) on the embedded easy-vqa
-captions. NEO's
-pretrain freezes a *pretrained* Qwen3; the tiny LLM starts random, so here every parameter
-trains (`trainable`; drop the override to get the stage's own mask). Rows of 256 tokens carry
-up to 64 visual tokens (64x64 images, 2x2 tokens each).
-Expect (measured on 2 CPU cores in the demo, 2026-11-30): caption loss ~0.35 after 200
-updates of 4 rows, ~0.2 s per update (0.8 min); a loss that stays near the ~0.7 plateau it
+pre-Buffer, 8 query heads; the 427-token easy-vqa tokenizer, 1.4M parameters) on the embedded
+easy-vqa captions. NEO's pretrain freezes a *pretrained* Qwen3; the tiny LLM starts random,
+so here every parameter trains (`trainable`; drop the override to get the stage's own mask).
+Rows of 256 tokens carry up to 64 visual tokens (64x64 images, 2x2 tokens each).
+Expect (measured on 2 CPU cores in the demo, 2026-11-30): caption loss ~0.26 after 600
+updates of 4 rows, ~0.28 s per update (3.1 min); a loss that stays near the ~0.7 plateau it
 crosses around update 110 would mean the image is not used (docs/training.md, "The main job");
 checkpoints in workdir/tiny_vqa_pretrain.
 
