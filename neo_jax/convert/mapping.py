@@ -224,9 +224,13 @@ class _LeafPlan(NamedTuple):
 
   path: ParamPath
   keys: list[str]
+  locs: list[Location]  # where each of `keys` goes (layer index when stacked, transform)
   shape: tuple[int, ...]
   dtype: np.dtype
-  stacked: bool
+
+  @property
+  def stacked(self) -> bool:
+    return self.locs[0].index is not None
 
 
 def _leaf_plans(
@@ -244,15 +248,14 @@ def _leaf_plans(
     groups.setdefault(loc.path, []).append(key)
   plans = []
   for path, keys in groups.items():
-    loc0 = locs[keys[0]]
-    stacked = loc0.index is not None
-    shape = _leaf_shape(shapes[keys[0]], loc0, config)
+    key_locs = [locs[k] for k in keys]
+    shape = tuple(_leaf_shape(shapes[keys[0]], key_locs[0], config))
+    if key_locs[0].index is not None:
+      shape = (len(keys),) + shape
     leaf_dtype = (
       np.dtype(dtype) if dtype is not None else np.result_type(*(dtypes[k] for k in keys))
     )
-    plans.append(
-      _LeafPlan(path, keys, ((len(keys),) if stacked else ()) + tuple(shape), leaf_dtype, stacked)
-    )
+    plans.append(_LeafPlan(path, keys, key_locs, shape, leaf_dtype))
   return plans
 
 
@@ -270,13 +273,10 @@ def params_from_hf(
   `dtypes` describe every tensor of the checkpoint, checked against the config before any
   data is read. Leaves keep the checkpoint dtype unless `dtype` is given.
   """
-  locs = locations(config)
   params: dict = {}
   for leaf_plan in _leaf_plans(shapes, dtypes, config, dtype):
-    keys = leaf_plan.keys
     leaf = np.empty(leaf_plan.shape, leaf_plan.dtype)
-    for key in keys:
-      loc = locs[key]
+    for key, loc in zip(leaf_plan.keys, leaf_plan.locs):
       value = loc.entry.transform.to_params(read(key), config)
       if loc.index is None:
         leaf[...] = value
@@ -312,19 +312,16 @@ def sharded_params_from_hf(
 ) -> dict:
   """HF tensors -> parameter tree of jax arrays placed on `shardings`, each process reading
   only the slices its devices hold (`read(key, index)` returns a slice of one HF tensor)."""
-  locs = locations(config)
   params: dict = {}
   for leaf_plan in _leaf_plans(shapes, dtypes, config, dtype):
 
     def piece(index, plan=leaf_plan):
-      index, keys = tuple(index), plan.keys
+      index, keys, locs = tuple(index), plan.keys, plan.locs
       if not plan.stacked:
-        return _leaf_slice(read, keys[0], locs[keys[0]], index, config).astype(
-          plan.dtype, copy=False
-        )
+        return _leaf_slice(read, keys[0], locs[0], index, config).astype(plan.dtype, copy=False)
       layers = range(*index[0].indices(len(keys)))
       return np.stack(
-        [_leaf_slice(read, keys[i], locs[keys[i]], index[1:], config) for i in layers]
+        [_leaf_slice(read, keys[i], locs[i], index[1:], config) for i in layers]
       ).astype(plan.dtype, copy=False)
 
     path = leaf_plan.path
