@@ -175,11 +175,13 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   config.model.dtype = "float32"
   config.model.remat_policy = "none"
   config.model.attention_impl = "xla"
-  config.model.min_pixels = 64 * 64  # easy-vqa images are 64x64: 2x2 visual tokens each
-  config.model.max_pixels = 64 * 64
-  # 8 query heads of 32 (the preset has 4): with 4 the model takes ~1,200 SFT updates to learn
-  # to compare a question's colour with its image (yes/no stays at the answer prior until
-  # then), with 8 ~800 (docs/training.md, "Why yes/no stayed at the prior")
+  # easy-vqa's 64x64 images upscaled to 128x128: 4x4 visual tokens each. At 64x64 (2x2 tokens,
+  # each a 32-px quadrant) the model confuses circles with rectangles; at 128x128 it names the
+  # shape about 80% right after the same pretraining (docs/training.md, "Resolution")
+  config.model.min_pixels = 128 * 128
+  config.model.max_pixels = 128 * 128
+  # 8 query heads of 32 (the preset has 4): with 4 the model takes longer to learn to compare a
+  # question's colour with its image (yes/no stays at the answer prior until then)
   config.model.num_attention_heads = 8
   config.model.num_key_value_heads = 4
   # 427 tokens instead of 151,669: the head and the tied embedding were 19.4M of the 20.5M
@@ -187,12 +189,14 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   config.data.tokenizer = "easy_vqa"
   config.model.update(token_ids(load_named_tokenizer(config.data.tokenizer)))
   config.init.format = "run"
+  # short rows of one sample (an image and its question, ~40 tokens): attention over a packed
+  # row costs L^2, and at L=384 it was most of the step (docs/training.md, "Resolution")
   config.data.rows_per_shard = 8  # one CPU device: 8 rows per update
-  config.data.seq_len = 256
-  config.data.visual_budget = 64
-  config.loss.chunk_size = 128  # one chunk: K <= 128 positions per row, 8 x 128 x V fp32
-  config.loss.remat = False  # CPU: keep the logits (0.5 GB) rather than recompute them
-  config.checkpoint.every_steps = 100
+  config.data.seq_len = 48
+  config.data.visual_budget = 16
+  config.loss.chunk_size = 16  # one chunk: K <= 16 positions per row
+  config.loss.remat = False  # CPU: keep the logits rather than recompute them
+  config.checkpoint.every_steps = 500
   config.checkpoint.max_to_keep = 2
 
 

@@ -23,16 +23,16 @@ as they tend to under DPO) and acpo/alpha_mean.
 
 tiny: the demo's stages 3 (loss=dpo) and 4 (acpo), from workdir/tiny_vqa_sft (init.format
 "run") on the embedded easy-vqa preference pairs (chosen = the right answer, rejected = a
-plausible wrong one): 30 updates of 8 rows x ~9 pairs at a small learning rate (2e-4), one
+plausible wrong one): 30 updates of 32 one-pair rows at a small learning rate (2e-4), one
 held-out evaluation (preference loss and easy-vqa exact match on 100 test questions) after
 the last step. `neo-jax compare-preference` runs dpo and acpo from the same SFT checkpoint
 and plots rewards/chosen and logps/chosen (docs/acpo.md).
 Expect (measured on 2 CPU cores in the demo, 2026-11-30, after its SFT run; one run each):
-0.5 min in all; over the 30 steps train/logps/chosen from -0.33 to -0.63,
-train/rewards/chosen from 0 to -0.02 and train/rewards/margins from 0 to 0.08; easy-vqa exact
-match on 1,000 test questions 80.2% against the SFT run's 81.4% (the config's own evaluation
-answers 100). With loss=dpo margins rise faster (to 0.13) while logps/chosen falls to -1.22
-and rewards/chosen to -0.08 (likelihood displacement), and exact match to 73.3% (yes/no 74%).
+0.3 min each; over the 30 steps train/logps/chosen from -0.34 to -0.62,
+train/rewards/chosen from 0 to -0.02 and train/rewards/margins from 0 to 0.11; easy-vqa exact
+match on 1,000 test questions 82.2% against the SFT run's 83.5% (the config's own evaluation
+answers 100). With loss=dpo margins rise faster (to 0.13) while logps/chosen falls to -0.82
+and rewards/chosen to -0.04 (likelihood displacement), and exact match to 74.7% (yes/no 72%).
 
 local (with any model): seconds on any machine, on synthetic pairs (configs/common.py).
 """
@@ -77,9 +77,10 @@ def get_config(arg=None):
     common.tiny_cpu(config)
     config.init.path = "workdir/tiny_vqa_sft"
     config.total_steps = 30
+    config.data.rows_per_shard = 32  # one pair per row
     config.optimizer.lr = 2e-4
     config.optimizer.warmup_steps = 3
-    config.loss.positions_per_row = 64  # response tokens per row (~6 per pair)
+    config.loss.positions_per_row = 8  # response tokens per row (~6 per pair)
     config.log.every_steps = 1
     config.checkpoint.every_steps = 30
     config.eval.every_steps = 30  # once, at the end

@@ -165,7 +165,7 @@ def stage_config(stage: Stage, quick: bool) -> Any:
     config.init.path = ""
   # the demo scores the test questions itself, on more of them, once the stage ends
   config.eval.vqa_examples = 0
-  # the tiny model on one device, whatever the machine has (4-row batches do not split 8 ways)
+  # the tiny model on one device, whatever the machine has (small batches gain nothing split)
   config.mesh.num_devices = 1
   if quick:
     config.total_steps = QUICK_STEPS
