@@ -20,13 +20,12 @@ untrained pre-Buffer costs and falls over the first thousands of updates; a chec
 
 tiny: the demo's stage 1. The random-initialised `tiny` NEO (4 layers of width 128, 2 of them
 pre-Buffer, 8 query heads; the 427-token easy-vqa tokenizer, 1.4M parameters) on the embedded
-easy-vqa captions, with a quarter easy-vqa questions mixed in. NEO's pretrain freezes a
-*pretrained* Qwen3; the tiny LLM starts random, so here every parameter trains (`trainable`;
-drop the override to get the stage's own mask). Images are upscaled to 128x128 (16 visual
-tokens each); rows of 48 tokens hold two captions or one question.
-Expect (measured on 2 CPU cores in the demo, 2026-11-30): loss ~0.22 after 1,200 updates of
-16 rows, ~0.14 s per update (3.1 min); a loss that stays near the ~0.6 plateau it crosses
-around update 100 would mean the image is not used (docs/training.md, "The main job");
+easy-vqa captions. NEO's pretrain freezes a *pretrained* Qwen3; the tiny LLM starts random,
+so here every parameter trains (`trainable`; drop the override to get the stage's own mask).
+Images are upscaled to 128x128 (16 visual tokens each); rows of 48 tokens hold two captions.
+Expect (measured on 2 CPU cores in the demo, 2026-11-30): caption loss 0.22 after 600
+updates of 32 rows, ~0.28 s per update (3.2 min); a loss that stays near the ~0.6 plateau it
+crosses around update 100 would mean the image is not used (docs/training.md, "The main job");
 checkpoints in workdir/tiny_vqa_pretrain.
 
 local (with any model): seconds on any machine (configs/common.py).
@@ -42,14 +41,10 @@ def get_config(arg=None):
   if a.model == "tiny":
     common.tiny_cpu(config)
     config.trainable = (".*",)  # a random LLM has nothing to preserve
-    # a quarter easy-vqa questions: the yes/no questions need many updates before the model
-    # compares the colour a question names with its image (docs/training.md, "Resolution")
-    config.data.sources = ("easy_vqa/captions", "easy_vqa/vqa")
-    config.data.weights = (0.75, 0.25)
-    # two captions per row, 16 rows: more, smaller updates learn shape sooner (training.md)
-    config.data.rows_per_shard = 16
+    # two captions per row (configs/common.py: rows of 48 tokens), 64 captions per update
+    config.data.rows_per_shard = 32
     config.data.visual_budget = 32
-    config.total_steps = 1200
+    config.total_steps = 600
     config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 20
     config.loss.positions_per_row = 16

@@ -258,7 +258,7 @@ def test_shipped_configs_fit_sixteen_devices_without_overrides(tmp_path):
   # NEO's one packed row per device, with its accumulation: 16 rows per micro-batch
   assert report["pretrain.py:neo_2b"]["rows"] == 16 * 5
   assert report["sft.py:neo_9b"]["rows"] == 16
-  assert report["pretrain.py:tiny"]["rows"] == 4 * 16  # the tiny demo's 4 rows per shard
+  assert report["pretrain.py:tiny"]["rows"] == 32 * 16  # the tiny demo's 32 rows per shard
 
 
 if __name__ == "__main__":
