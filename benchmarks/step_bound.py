@@ -235,8 +235,9 @@ def main(argv=None) -> int:
           key = (eq, sa, sb)
           if key not in rates:
             rates[key] = gemm_rate(eq, sa, sb, args.repeats)
-          flops += count * _flops(eq, sa, sb)
-          seconds += count * _flops(eq, sa, sb) / rates[key].wall
+          work = count * _flops(eq, sa, sb)
+          flops += work
+          seconds += work / rates[key].wall
         row["gflop"][part], row["seconds"][part] = flops / 1e9, seconds
       other = sum(w["other"][p_] for p_ in passes)
       row["gflop"]["other"], row["seconds"]["other"] = other / 1e9, other / peak

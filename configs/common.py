@@ -16,6 +16,7 @@ import ml_collections
 
 from neo_jax.config import preset
 from neo_jax.data.embedded import load_named_tokenizer
+from neo_jax.data.image import FACTOR
 from neo_jax.data.synthetic import compact_vocab
 from neo_jax.data.tokenizer import token_ids
 from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
@@ -23,6 +24,9 @@ from neo_jax.parallel.sharding import rules_table
 from neo_jax.trainer.config import model_config, model_fields
 
 MODELS = ("tiny", "neo_2b", "neo_9b")
+# the tiny configs' images: easy-vqa's 64x64 upscaled to 128x128, one visual token per 32x32
+TINY_IMAGE_SIDE = 128
+TINY_IMAGE_TOKENS = (TINY_IMAGE_SIDE // FACTOR) ** 2  # 16
 
 
 def parse_arg(arg, *, models=MODELS, **defaults) -> ml_collections.ConfigDict:
@@ -178,8 +182,8 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   # easy-vqa's 64x64 images upscaled to 128x128: 4x4 visual tokens each. At 64x64 (2x2 tokens,
   # each a 32-px quadrant) the model confuses circles with rectangles; at 128x128 it names the
   # shape about 80% right after the same pretraining (docs/training.md, "Resolution")
-  config.model.min_pixels = 128 * 128
-  config.model.max_pixels = 128 * 128
+  config.model.min_pixels = TINY_IMAGE_SIDE**2
+  config.model.max_pixels = TINY_IMAGE_SIDE**2
   # 8 query heads of 32 (the preset has 4): with 4 the model takes longer to learn to compare a
   # question's colour with its image (yes/no stays at the answer prior until then)
   config.model.num_attention_heads = 8
@@ -193,7 +197,7 @@ def tiny_cpu(config: ml_collections.ConfigDict) -> None:
   # row costs L^2, and at L=384 it was most of the step (docs/training.md, "Resolution")
   config.data.rows_per_shard = 8  # one CPU device: 8 rows per update
   config.data.seq_len = 48
-  config.data.visual_budget = 16
+  config.data.visual_budget = TINY_IMAGE_TOKENS  # one image per row
   config.loss.chunk_size = 16  # one chunk: K <= 16 positions per row
   config.loss.remat = False  # CPU: keep the logits rather than recompute them
   config.checkpoint.every_steps = 500

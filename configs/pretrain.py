@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.trainable = (".*",)  # a random LLM has nothing to preserve
     # two captions per row (configs/common.py: rows of 48 tokens), 64 captions per update
     config.data.rows_per_shard = 32
-    config.data.visual_budget = 32
+    config.data.visual_budget = 2 * common.TINY_IMAGE_TOKENS
     config.total_steps = 600
     config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 20
