@@ -114,11 +114,13 @@ def test_overrides_take_the_field_type():
     "7",
     "--config.log.tensorboard=false",
     "--config.data.sources=easy_vqa/vqa,pydoc/text",
+    "--config.data.weights=(3,1)",
     "--config.trainable=('vision/.*', 'pre_buffer/.*')",
     "--config.model.dtype=bfloat16",
   )
   assert c.optimizer.lr == 3e-4 and c.total_steps == 7 and c.log.tensorboard is False
   assert tuple(c.data.sources) == ("easy_vqa/vqa", "pydoc/text")
+  assert tuple(c.data.weights) == (3.0, 1.0)
   assert tuple(c.trainable) == ("vision/.*", "pre_buffer/.*")
   assert config_lib.model_config(c).dtype == "bfloat16"
 
@@ -145,7 +147,7 @@ def test_loss_positions_and_packer_budget_are_one_field():
       "data.batch_size=4 is not divisible by grad_accum_steps=3",
     ),
     (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
-    (["--config.data.weights=(1,)"], "data.weights has 1 entries for 2 data.sources"),
+    (["--config.data.weights=(1,)"], "data.weights has 1 entries for 5 data.sources"),
     (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),
     (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
     (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),

@@ -97,3 +97,32 @@ def test_vqa_build_eval_reader_and_default_pipelines(neo_cache):
     text = tok.decode(batch["input_ids"][0][batch["segment_ids"][0] == 1])
     assert marker in text and it.stats()["samples"] > 0
   assert "easy_vqa/vqa: {'train': 38575, 'test': 9673}" in E.describe()
+
+
+def test_question_family():
+  assert E.question_family("what color is the circle?", "teal") == "color"
+  assert E.question_family("what shape is present?", "circle") == "shape"
+  assert E.question_family("is there not a red shape?", "no") == "yes_no_color"
+  assert E.question_family("is a circle present?", "yes") == "yes_no_shape"
+  with pytest.raises(ValueError, match="maybe"):
+    E.question_family("is a circle present?", "maybe")
+  with pytest.raises(ValueError, match="names no colour or shape"):
+    E.question_family("is it present?", "yes")
+
+
+def test_family_sets_split_the_vqa_set(neo_cache):
+  """The four vqa_<family> sets hold every vqa question once, each in its own family."""
+  whole = E.embedded_source("easy_vqa/vqa", "test")
+  seen = {}
+  for family in E.FAMILIES:
+    source = E.embedded_source(f"easy_vqa/vqa_{family}", "test")
+    assert len(source) > 0
+    for k in range(len(source)):
+      record = source[k]
+      question, answer = (turn["value"] for turn in record["conversations"])
+      assert E.question_family(question, answer) == family
+      seen[record["id"]] = (question, answer)
+  assert len(seen) == len(whole) == 9673
+  for k in range(0, len(whole), 97):
+    record = whole[k]
+    assert seen[record["id"]] == tuple(turn["value"] for turn in record["conversations"])

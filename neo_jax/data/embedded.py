@@ -8,6 +8,10 @@ under `<cache>/tfds`, once, on first use:
                           and elimination); an unknown part is left out ("A blue shape.")
     easy_vqa vqa          one single-turn conversation per question: question -> the one-word
                           answer (13 answers)
+    easy_vqa vqa_<family> the vqa conversations of one question family (FAMILIES): colour
+                          or shape named ("what color is the shape?"), or yes/no about a
+                          named colour or shape ("is there not a red shape?"), so that a
+                          mix can weigh the families apart
     easy_vqa preference   the same questions; chosen = the right answer, rejected = a plausible
                           wrong one from the same family (yes <-> no, another colour, another
                           shape), picked deterministically from a hash of the question
@@ -39,6 +43,8 @@ from neo_jax.data.tokenizer import NeoTokenizer, load_tokenizer, subset_tokenize
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
+# question families: what the answer names, and what a yes/no question asks about
+FAMILIES = ("color", "shape", "yes_no_color", "yes_no_shape")
 
 EASY_VQA = "easy_vqa"
 PYDOC = "pydoc"
@@ -46,6 +52,7 @@ PYDOC = "pydoc"
 DATASETS = {
   "easy_vqa/captions": ("caption", EASY_VQA),
   "easy_vqa/vqa": ("conversation", EASY_VQA),
+  **{f"easy_vqa/vqa_{f}": ("conversation", f"{EASY_VQA}_{f}") for f in FAMILIES},
   "easy_vqa/preference": ("preference", EASY_VQA),
   "pydoc/text": ("text", PYDOC),
 }
@@ -108,6 +115,23 @@ def image_labels(
   return labels
 
 
+def question_family(question: str, answer: str) -> str:
+  """One of FAMILIES: "color" / "shape" for an answer that names one, else "yes_no_color" or
+  "yes_no_shape" by the word the question names ("is a circle present?" -> yes_no_shape)."""
+  if answer in COLORS:
+    return "color"
+  if answer in SHAPES:
+    return "shape"
+  if answer not in YES_NO:
+    raise ValueError(f"easy_vqa answer {answer!r} is not yes/no, a colour or a shape")
+  words = re.findall(r"[a-z]+", question.lower())
+  if any(w in SHAPES for w in words):
+    return "yes_no_shape"
+  if any(w in COLORS for w in words):
+    return "yes_no_color"
+  raise ValueError(f"easy_vqa yes/no question {question!r} names no colour or shape")
+
+
 def caption_for(color: str | None, shape: str | None) -> str:
   """ "A blue circle.", with the unknown part left out: "A blue shape.", "A circle."."""
   return f"A {color + ' ' if color else ''}{shape or 'shape'}."
@@ -143,9 +167,12 @@ def _easy_vqa_records(split: str, what: str) -> Iterator[dict]:
         "id": f"{split}/{i}",
       }
     return
+  family = what.removeprefix("vqa_") if what.startswith("vqa_") else None
   for k, (q, a, i) in enumerate(zip(qs, answers, ids)):
     rid = f"{split}/{i}/{k}"
-    if what == "vqa":
+    if family and question_family(q, a) != family:
+      continue
+    if what == "vqa" or family:
       yield {
         "kind": "conversation",
         "images": [pngs[i]],

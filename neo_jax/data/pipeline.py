@@ -66,7 +66,9 @@ class DataConfig:
   sources: source specs, mixed by `weights` (default equal); empty: DEFAULT_SOURCES[kind]
     "easy_vqa"                       the embedded set that fits `kind` (vqa / captions /
                                      preference pairs); or name one: "easy_vqa/vqa",
-                                     "easy_vqa/captions", "easy_vqa/preference", "pydoc/text"
+                                     "easy_vqa/captions", "easy_vqa/preference", "pydoc/text",
+                                     or one family of the vqa questions:
+                                     "easy_vqa/vqa_{color,shape,yes_no_color,yes_no_shape}"
     "tfds:DIR" or DIR                a data set built by neo_jax.data.tfds_sources (the
                                      directory holding dataset_info.json); uses `split`
     "jsonl:FILE[@IMAGE_DIR]" or FILE a .jsonl (or LLaVA .json array) file; images relative
