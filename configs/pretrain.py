@@ -24,7 +24,7 @@ easy-vqa captions. NEO's pretrain freezes a *pretrained* Qwen3; the tiny LLM sta
 so here every parameter trains (`trainable`; drop the override to get the stage's own mask).
 Images are upscaled to 128x128 (16 visual tokens each); rows of 48 tokens hold two captions.
 Expect (measured on 2 CPU cores in the demo, 2026-11-30): caption loss 0.22 after 600
-updates of 32 rows, ~0.28 s per update (3.2 min); a loss that stays near the ~0.6 plateau it
+updates of 32 rows, ~0.28 s per update (2.9 min); a loss that stays near the ~0.6 plateau it
 crosses around update 100 would mean the image is not used (docs/training.md, "The main job");
 checkpoints in workdir/tiny_vqa_pretrain.
 

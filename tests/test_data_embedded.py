@@ -114,7 +114,7 @@ def test_family_sets_split_the_vqa_set(neo_cache):
   """The four vqa_<family> sets hold every vqa question once, each in its own family."""
   whole = E.embedded_source("easy_vqa/vqa", "test")
   seen = {}
-  for family in E.FAMILIES:
+  for family in E.QUESTION_FAMILIES:
     source = E.embedded_source(f"easy_vqa/vqa_{family}", "test")
     assert len(source) > 0
     for k in range(len(source)):

@@ -8,10 +8,10 @@ under `<cache>/tfds`, once, on first use:
                           and elimination); an unknown part is left out ("A blue shape.")
     easy_vqa vqa          one single-turn conversation per question: question -> the one-word
                           answer (13 answers)
-    easy_vqa vqa_<family> the vqa conversations of one question family (FAMILIES): colour
-                          or shape named ("what color is the shape?"), or yes/no about a
-                          named colour or shape ("is there not a red shape?"), so that a
-                          mix can weigh the families apart
+    easy_vqa vqa_<family> the vqa conversations of one question family
+                          (QUESTION_FAMILIES): colour or shape named ("what color is the
+                          shape?"), or yes/no about a named colour or shape ("is there not a
+                          red shape?"), so that a mix can weigh the families apart
     easy_vqa preference   the same questions; chosen = the right answer, rejected = a plausible
                           wrong one from the same family (yes <-> no, another colour, another
                           shape), picked deterministically from a hash of the question
@@ -43,8 +43,9 @@ from neo_jax.data.tokenizer import NeoTokenizer, load_tokenizer, subset_tokenize
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
-# question families: what the answer names, and what a yes/no question asks about
-FAMILIES = ("color", "shape", "yes_no_color", "yes_no_shape")
+# question families (finer than the evaluation's three answer families): what the answer
+# names, and what a yes/no question asks about
+QUESTION_FAMILIES = ("color", "shape", "yes_no_color", "yes_no_shape")
 
 EASY_VQA = "easy_vqa"
 PYDOC = "pydoc"
@@ -52,7 +53,7 @@ PYDOC = "pydoc"
 DATASETS = {
   "easy_vqa/captions": ("caption", EASY_VQA),
   "easy_vqa/vqa": ("conversation", EASY_VQA),
-  **{f"easy_vqa/vqa_{f}": ("conversation", f"{EASY_VQA}_{f}") for f in FAMILIES},
+  **{f"easy_vqa/vqa_{f}": ("conversation", f"{EASY_VQA}_{f}") for f in QUESTION_FAMILIES},
   "easy_vqa/preference": ("preference", EASY_VQA),
   "pydoc/text": ("text", PYDOC),
 }
@@ -78,6 +79,10 @@ def _questions(split: str) -> tuple[list[str], list[str], list[int], dict[int, s
   return list(qs), list(answers), [int(i) for i in ids], dict(paths)
 
 
+def _words(question: str) -> list[str]:
+  return re.findall(r"[a-z]+", question.lower())
+
+
 def image_labels(
   questions: list[str], answers: list[str], image_ids: list[int]
 ) -> dict[int, tuple[str | None, str | None]]:
@@ -91,7 +96,7 @@ def image_labels(
   present = collections.defaultdict(lambda: (set(), set()))
   absent = collections.defaultdict(lambda: (set(), set()))
   for q, a, i in zip(questions, answers, image_ids):
-    words = re.findall(r"[a-z]+", q.lower())
+    words = _words(q)
     q_colors = [w for w in words if w in COLORS]
     q_shapes = [w for w in words if w in SHAPES]
     if a in COLORS:
@@ -116,15 +121,16 @@ def image_labels(
 
 
 def question_family(question: str, answer: str) -> str:
-  """One of FAMILIES: "color" / "shape" for an answer that names one, else "yes_no_color" or
-  "yes_no_shape" by the word the question names ("is a circle present?" -> yes_no_shape)."""
+  """One of QUESTION_FAMILIES: "color" / "shape" for an answer that names one, else
+  "yes_no_color" or "yes_no_shape" by the word the question names ("is a circle present?" ->
+  yes_no_shape)."""
   if answer in COLORS:
     return "color"
   if answer in SHAPES:
     return "shape"
   if answer not in YES_NO:
     raise ValueError(f"easy_vqa answer {answer!r} is not yes/no, a colour or a shape")
-  words = re.findall(r"[a-z]+", question.lower())
+  words = _words(question)
   if any(w in SHAPES for w in words):
     return "yes_no_shape"
   if any(w in COLORS for w in words):
