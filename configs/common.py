@@ -120,6 +120,9 @@ def base_config(model: str, stage: str) -> ml_collections.ConfigDict:
   config.data.system_prompt = ""
   config.data.seed = 42
   config.data.strict = False  # True: stop at the first bad record instead of skipping it
+  # training images only, for data whose answers survive it: "flip" (left-right, p 1/2),
+  # "shift:F" (up to F x the side on each axis); neo_jax.data.augment
+  config.data.augment = ()
   config.data.num_workers = 0  # grain worker processes
   config.data.read_threads = 2
 

@@ -149,6 +149,8 @@ def test_loss_positions_and_packer_budget_are_one_field():
     (["--config.data.sources=5"], "data.sources=(5,) must be a tuple of source specs"),
     (["--config.data.weights=(1,)"], "data.weights has 1 entries for 5 data.sources"),
     (["--config.data.weights=(1,-1)"], "data.weights=(1, -1) must all be > 0"),
+    (["--config.data.augment=rot"], "data.augment 'rot' is not one of ('flip', 'shift:F')"),
+    (["--config.data.augment=(1,)"], "data.augment=(1,) must be a tuple of augmentations"),
     (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps=0 must be > 0"),
     (["--config.log.every_steps=-1"], "log.every_steps=-1 must be > 0"),
     (["--config.eval.every_steps=-5"], "eval.every_steps=-5 must be >= 0 (0: off)"),
@@ -229,6 +231,13 @@ def test_pixel_range_is_one_field():
   assert "min_pixels" not in c.data and "max_pixels" not in c.data
   data = batches.data_config(c, config_lib.model_config(c))
   assert (data.min_pixels, data.max_pixels) == (65_536, 1_048_576)
+
+
+def test_augmentation_applies_to_training_data_only():
+  c = _load("pretrain.py:tiny", "--config.data.augment=('flip', 'shift:0.0625')")
+  model = config_lib.model_config(c)
+  assert batches.data_config(c, model, "train").augment == ("flip", "shift:0.0625")
+  assert batches.data_config(c, model, "test").augment == ()
 
 
 def test_local_variant_is_the_stage_shrunk():

@@ -24,6 +24,7 @@ import numpy as np
 
 from neo_jax.data import image as image_lib
 from neo_jax.data import template
+from neo_jax.data.augment import Augment, augment_image
 from neo_jax.data.records import split_error
 from neo_jax.data.stats import SKIP_REASONS, report_skip
 from neo_jax.data.tokenizer import NeoTokenizer
@@ -55,15 +56,19 @@ class SampleEncoder:
   max_pixels: int
   system: str = ""
   strict: bool = False
+  augment: Augment = Augment()  # training images only; needs the `rng` argument
 
   def __post_init__(self):
     if self.kind not in ACCEPTED:
       raise ValueError(f"unknown data kind {self.kind!r}; one of {sorted(ACCEPTED)}")
 
-  def __call__(self, record: Mapping[str, Any]) -> dict:
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
+    """The sample of one record; `rng` (grain's per-sample generator) draws the augmentation."""
+    if self.augment and rng is None:
+      raise ValueError("a SampleEncoder that augments needs a generator (grain's random_map)")
     record_id = record.get("id", "")
     try:
-      sample = self._encode(record)
+      sample = self._encode(record, rng)
       if record_id and not is_skip(sample):
         sample["id"] = str(record_id)  # names the sample if the packer has to drop it
       return sample
@@ -80,11 +85,16 @@ class SampleEncoder:
     report_skip(reason, detail, self.strict)
     return skip(reason)
 
-  def _images(self, images: list) -> list[image_lib.ProcessedImage]:
+  def _images(
+    self, images: list, rng: np.random.Generator | None
+  ) -> list[image_lib.ProcessedImage]:
     max_pixels = image_lib.per_image_max_pixels(self.max_pixels, self.min_pixels, len(images))
+    if self.augment:
+      rgb = [image_lib.to_rgb(image_lib.open_image(im)) for im in images]
+      images = [augment_image(im, self.augment, rng) for im in rgb]
     return [image_lib.preprocess_image(im, self.min_pixels, max_pixels) for im in images]
 
-  def _encode(self, record: Mapping[str, Any]) -> dict:
+  def _encode(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict:
     kind = record.get("kind")
     if kind == "error":
       reason, detail = split_error(record.get("error", "bad_record: ?"))
@@ -102,7 +112,7 @@ class SampleEncoder:
         raise template.TemplateError("bad_record", "text is not a string")
       encoded = template.encode_text(tok, text)
       return _sample(encoded, [], splittable=True)
-    images = self._images(list(record.get("images") or []))
+    images = self._images(list(record.get("images") or []), rng)
     counts = [im.num_tokens for im in images]
     if kind == "caption":
       caption = record.get("caption")

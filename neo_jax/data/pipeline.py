@@ -9,7 +9,8 @@
     it.stats()                # skipped / dropped counts per reason, samples, tokens, ...
 
 Determinism: every order comes from `seed` (each source is shuffled with a per-epoch seed;
-mixing is a fixed interleave by weight), so the same config gives the same batches. With
+mixing is a fixed interleave by weight; `augment` draws from a generator per sample, seeded by
+`seed` and the sample's index), so the same config gives the same batches. With
 `num_workers > 0` batches are made in grain worker processes, each packing its own slice:
 still deterministic, but different from `num_workers = 0`.
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from neo_jax.config import NeoConfig
 from neo_jax.data import embedded
+from neo_jax.data.augment import parse_augment
 from neo_jax.data.encode import ACCEPTED, SampleEncoder
 from neo_jax.data.jsonl import JsonlSource
 from neo_jax.data.packing import (
@@ -93,6 +95,7 @@ class DataConfig:
   seed: int = 0
   num_epochs: int | None = None  # None: repeat forever
   strict: bool = False  # raise on the first bad input instead of skipping it
+  augment: tuple[str, ...] = ()  # training images: "flip", "shift:F" (neo_jax.data.augment)
   num_workers: int = 0  # grain worker processes (0: packing in this process)
   read_threads: int = 2  # threads decoding / tokenising ahead of the packer
   worker_buffer_size: int = 2  # batches each worker prepares ahead
@@ -117,6 +120,10 @@ class DataConfig:
     for ok, message in checks:
       if not ok:
         raise UserError(f"DataConfig: {message}")
+    try:
+      parse_augment(self.augment)
+    except ValueError as e:
+      raise UserError(f"DataConfig: {e}") from None
 
   def resolved_sources(self) -> tuple[str, ...]:
     return tuple(self.sources) or (DEFAULT_SOURCES.get(self.kind, "easy_vqa"),)
@@ -224,8 +231,14 @@ def build_sample_dataset(
   ]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   lo, hi = cfg.pixel_range(model_config)
-  encoder = SampleEncoder(tokenizer, cfg.kind, lo, hi, system=cfg.system_prompt, strict=cfg.strict)
-  return ds.map(encoder)
+  augment = parse_augment(cfg.augment)
+  encoder = SampleEncoder(
+    tokenizer, cfg.kind, lo, hi, system=cfg.system_prompt, strict=cfg.strict, augment=augment
+  )
+  if not augment:
+    return ds.map(encoder)
+  # grain seeds each sample's generator from this seed and the sample's index
+  return ds.random_map(encoder, seed=_seed_for(cfg.seed, len(specs) + process_index))
 
 
 class DataIterator(grain.DatasetIterator):

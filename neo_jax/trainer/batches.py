@@ -119,6 +119,7 @@ def data_config(
     system_prompt=d.system_prompt,
     seed=d.seed,
     strict=d.strict,
+    augment=tuple(d.augment) if split == "train" else (),  # held-out data as it is
     num_workers=d.num_workers,
     read_threads=d.read_threads,
   )

@@ -22,6 +22,7 @@ from typing import Any
 import ml_collections
 
 from neo_jax.config import NeoConfig
+from neo_jax.data.augment import parse_augment
 from neo_jax.errors import UserError
 from neo_jax.parallel.sharding import RULES, Rules, rules_from_table
 from neo_jax.trainer.optimizer import SCHEDULES, STAGE_TRAINABLE
@@ -205,6 +206,7 @@ _SEQUENCE_FIELDS = (
   ("data.weights", (int, float), "positive numbers, one per source"),
   ("data.text_sources", str, "source specs such as 'pydoc/text'"),
   ("eval.sources", str, "source specs such as 'easy_vqa/vqa' or 'jsonl:/data/x.jsonl'"),
+  ("data.augment", str, "augmentations, e.g. ('flip', 'shift:0.0625')"),
 )
 
 
@@ -225,6 +227,7 @@ def _check_sequences(config: ml_collections.ConfigDict) -> list[tuple[bool, str]
       isinstance(v, kind) and not isinstance(v, bool) for v in value
     )
     checks.append((ok, f"{name}={value!r} must be a tuple of {what}"))
+  augment_ok = checks[-1][0]
   weights, sources = _field(config, "data.weights", ()), _field(config, "data.sources", ())
   if checks[2][0] and weights:
     checks.append((all(w > 0 for w in weights), f"data.weights={tuple(weights)!r} must all be > 0"))
@@ -234,6 +237,11 @@ def _check_sequences(config: ml_collections.ConfigDict) -> list[tuple[bool, str]
         f"data.weights has {len(weights)} entries for {len(sources)} data.sources",
       )
     )
+  if augment_ok:
+    try:
+      parse_augment(_field(config, "data.augment", ()))
+    except ValueError as e:
+      checks.append((False, f"data.{e}"))
   return checks
 
 
