@@ -28,12 +28,12 @@ held-out evaluation (preference loss and easy-vqa exact match on 100 test questi
 the last step. `neo-jax compare-preference` runs dpo and acpo from the same SFT checkpoint
 and plots rewards/chosen and logps/chosen (docs/acpo.md).
 Expect (measured on 2 CPU cores in the demo, 2026-11-30, after its SFT run; one run each):
-0.3 min each; over the 30 steps train/logps/chosen from -0.17 to -0.19,
-train/rewards/chosen from 0 to -0.008 and train/rewards/margins from 0 to 0.165; easy-vqa
-exact match on 1,000 test questions 90.7% against the SFT run's 92.7% (the config's own
-evaluation answers 100). With loss=dpo margins rise faster (to 0.207) while logps/chosen falls
-to -0.88 and rewards/chosen to -0.077 (likelihood displacement), and exact match to 68.6%
-(yes/no 63%).
+0.3 min each; over the 30 steps train/logps/chosen from -0.08 to -0.51,
+train/rewards/chosen from 0 to -0.029 and train/rewards/margins from 0 to 0.159; easy-vqa
+exact match on 1,000 test questions 93.5% against the SFT run's 94.2% (the config's own
+evaluation answers 100). With loss=dpo margins rise a little faster (to 0.182) while
+logps/chosen falls to -0.97 and rewards/chosen to -0.076 (likelihood displacement), and exact
+match to 89.4% (shape 81.8%, yes/no 89.3%).
 
 local (with any model): seconds on any machine, on synthetic pairs (configs/common.py).
 """
