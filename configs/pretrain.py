@@ -46,7 +46,8 @@ def get_config(arg=None):
     config.data.rows_per_shard = 32
     config.data.visual_budget = 2 * common.TINY_IMAGE_TOKENS
     # random flips and 4-pixel shifts of the 64x64 images: the model names the shape of test
-    # images as well as of training ones, and better (docs/training.md, "Augmentation")
+    # images as well as of training ones, and more updates then help (docs/training.md,
+    # "Augmentation and a longer pretraining")
     config.data.augment = ("flip", "shift:0.0625")
     config.total_steps = 800
     config.optimizer.lr = 2e-3

@@ -61,7 +61,8 @@ def get_config(arg=None):
     config.data.weights = (0.05, 0.2, 0.35, 0.25, 0.15)
     # the data order: when the yes/no comparisons are learned depends on it; after the demo's
     # pretraining the default order (42) had learned the colour one only in part by update
-    # 4,000 (88.5%), this one fully (94.2%) (docs/training.md, "Augmentation")
+    # 4,000 (88.5%), this one fully (94.2%) (docs/training.md, "Augmentation and a longer
+    # pretraining")
     config.data.seed = 7
     config.loss.positions_per_row = 8
     config.eval.every_steps = 4000  # once, at the end
