@@ -120,14 +120,23 @@ def image_labels(
   return labels
 
 
-def question_family(question: str, answer: str) -> str:
-  """One of QUESTION_FAMILIES: "color" / "shape" for an answer that names one, else
-  "yes_no_color" or "yes_no_shape" by the word the question names ("is a circle present?" ->
-  yes_no_shape)."""
+def answer_kind(answer: str) -> str:
+  """easy-vqa's three answer families ("color", "shape", "yes/no"), for the per-family
+  accuracy (neo_jax.evals.easy_vqa.FAMILIES)."""
   if answer in COLORS:
     return "color"
   if answer in SHAPES:
     return "shape"
+  return "yes/no"
+
+
+def question_family(question: str, answer: str) -> str:
+  """One of QUESTION_FAMILIES: the answer's kind when it names a colour or a shape, else
+  "yes_no_color" or "yes_no_shape" by the word the question names ("is a circle present?" ->
+  yes_no_shape)."""
+  kind = answer_kind(answer)
+  if kind != "yes/no":
+    return kind
   if answer not in YES_NO:
     raise ValueError(f"easy_vqa answer {answer!r} is not yes/no, a colour or a shape")
   words = _words(question)

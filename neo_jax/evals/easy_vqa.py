@@ -17,22 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neo_jax.data.embedded import COLORS, SHAPES, VqaExample
+from neo_jax.data.embedded import VqaExample, answer_kind
 from neo_jax.data.pipeline import read_vqa_eval
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import load_for_inference, vqa_answer_fn
 from neo_jax.trainer.metrics import MetricWriter
 
 FAMILIES = ("color", "shape", "yes/no")
-
-
-def answer_kind(answer: str) -> str:
-  """easy-vqa's three answer families, for the per-family accuracy."""
-  if answer in COLORS:
-    return "color"
-  if answer in SHAPES:
-    return "shape"
-  return "yes/no"
 
 
 def question_set(examples: Sequence[VqaExample]) -> str:
