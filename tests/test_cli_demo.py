@@ -186,3 +186,22 @@ def test_help_names_the_stages(capsys):
     assert f"configs/{filename}:{arg}" in out
   assert "--quick" in out and "summary.json" in out and "loss.png" in out
   assert "preference.png" in out
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_accuracy_goal(tmp_path, neo_cache):
+  """The whole demo (about 10 minutes on 2 CPU cores; its wall time is measured, not tested,
+  README.md): after SFT and after ACPO >= 90% exact match on the 1,000 test questions with
+  every answer family >= 85%, and DPO pulls the chosen log-probability below ACPO's."""
+  del neo_cache
+  assert demo_run(cli_args(["--workdir", str(tmp_path)]), []) == 0
+  with open(os.path.join(str(tmp_path), demo.SUMMARY_FILE)) as f:
+    summary = json.load(f)
+  for name in ("sft", "acpo"):
+    vqa = summary["stages"][name]["vqa"]
+    assert vqa["questions"] == 1000 and vqa["accuracy"] >= 0.90, (name, vqa["accuracy"])
+    for family, result in vqa["by_kind"].items():
+      assert result["accuracy"] >= 0.85, (name, family, result)
+  curves = summary["preference"]["curves"]
+  last = {loss: curves[loss]["train/logps/chosen"][-1][1] for loss in ("dpo", "acpo")}
+  assert last["dpo"] < last["acpo"], last
