@@ -1,5 +1,8 @@
 """`neo-jax <command>`: one entry point, one module per command in this package.
 
+`entry` (the console script) first restarts the process once with glibc's huge-page tunable
+(neo_jax/cli/allocator.py); `main` is the command line itself, callable in-process.
+
 Each command module defines `add_arguments(parser)` and `run(args) -> int`. COMMANDS names
 them, and `main` imports only the one that runs (the one deferred import of the package: it
 keeps `neo-jax --help` instant). A module that sets `ACCEPTS_CONFIG_OVERRIDES = True` receives
@@ -18,6 +21,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from neo_jax.cli import allocator
 from neo_jax.errors import (
   DEBUG_ENV,
   EXIT_RUN_FAILED,
@@ -106,6 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print(f"neo-jax {name}: interrupted", file=sys.stderr)
     return 130
+
+
+def entry() -> None:
+  """The `neo-jax` console script and `python -m neo_jax.cli`: the process first restarts
+  itself with host memory on huge pages (neo_jax.cli.allocator), then runs `main`."""
+  allocator.reexec_with_hugepages()
+  sys.exit(main())
 
 
 def _report(command: str, error: BaseException, status: int, debug: bool) -> int:

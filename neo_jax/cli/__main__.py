@@ -1,7 +1,5 @@
 """`python -m neo_jax.cli ...` is `neo-jax ...`."""
 
-import sys
+from neo_jax.cli import entry
 
-from neo_jax.cli import main
-
-sys.exit(main())
+entry()
