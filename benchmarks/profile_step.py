@@ -1,7 +1,7 @@
 """Where the time of neo-jax's loss (and gradient) goes, by part of the model, on XLA:CPU.
 
     .venv/bin/python benchmarks/profile_step.py --L 1024 --pass fwdbwd
-    .venv/bin/python benchmarks/profile_step.py --L 2048 --impl "jax:loss=chunked" --top 20
+    .venv/bin/python benchmarks/profile_step.py --L 2048 --impl "jax:fused=0" --top 20
 
 Same work as benchmarks/train_step_vs_torch.py (its model, row and `jax:key=value` options).
 The jitted step runs under jax.profiler with XLA:CPU's per-thunk trace annotations; every
@@ -180,6 +180,10 @@ def main(argv=None) -> int:
   kind, options = vs.parse_impl(args.impl)
   if kind != "jax":
     raise SystemExit("--impl: only jax implementations can be profiled here")
+  if options["malloc"] == "hugetlb":  # as the benchmark's jax workers and the neo-jax command
+    from neo_jax.cli.allocator import reexec_with_hugepages
+
+    reexec_with_hugepages()
   data = args.data or tempfile.mkdtemp(prefix="neo_profile_")
   os.makedirs(data, exist_ok=True)
   vs.make_data(data, args.length)
@@ -193,8 +197,13 @@ def main(argv=None) -> int:
   ]
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
 
+  if int(options["tensor"]) > 1:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", int(options["tensor"]))
   worker = vs.JaxWorker(options, data, args.length, args.pass_)
-  compiled = worker.run.lower(worker.params, worker.batch).compile()
+  with worker.context():
+    compiled = worker.run.lower(worker.params, worker.batch).compile()
   hlo = compiled.as_text()
   if args.hlo:
     os.makedirs(args.hlo, exist_ok=True)

@@ -4,7 +4,9 @@
         --L 1024 2048 --pass fwd fwdbwd --json vs_torch.json
     .venv/bin/python benchmarks/train_step_vs_torch.py --official /path/to/NEO \
         --official-python /path/to/venv/bin/python        # the official code, its transformers
-    .venv/bin/python benchmarks/train_step_vs_torch.py --impls jax "jax:loss=chunked" --L 1024
+    .venv/bin/python benchmarks/train_step_vs_torch.py --impls jax "jax:fused=0" --L 1024
+    .venv/bin/python benchmarks/train_step_vs_torch.py --impls torch "torch:malloc=hugetlb" \
+        "jax:malloc=default" jax "jax:tensor=2"
 
 The work (fp32, batch 1): a 177.5M-parameter NEO (hidden 512, 8 query / 4 kv heads, head_dim
 64, intermediate 1536, 6 layers of which 2 pre-Buffer, vocabulary 151,936, untied head,
@@ -18,12 +20,18 @@ official HF code computes: eager attention under a dense [L, L] block-causal mas
 With `--official DIR` (a checkout of EvolvingLMMs-Lab/NEO, or its `to_hf` folder) the
 official modeling files are imported from DIR at run time and timed instead (`official`).
 neo-jax side (`jax`): the jitted training loss (`next_token_loss`) and `jax.value_and_grad`
-of it; `jax:key=value;...` sets options (JAX_OPTIONS).
+of it; `jax:key=value;...` sets options (JAX_OPTIONS): e.g. `jax:tensor=2` runs it
+tensor-parallel over two host devices, as `JAX_NUM_CPU_DEVICES=2 neo-jax train ...
+--config.mesh.tensor=2` does. Like the `neo-jax` command, a jax worker runs with glibc's
+huge-page tunable (neo_jax/cli/allocator.py; `malloc=default` turns it off); a PyTorch worker
+runs with this process's environment unless given `torch:malloc=hugetlb`.
 
 Every implementation runs in its own worker process (so each has its own peak RSS and XLA
 flags), pinned to `--threads` CPUs. Before timing, the parent checks that they agree on the
 loss, on rows of the logits and (fwdbwd) on gradient norms. Steps then run alternately (A, B,
-A, B, ...), one at a time; the table gives medians and ranges, ratios of paired steps, the
+A, B, ...), one at a time, or with `--order blocks` each implementation's steps back to back
+(as a training run takes them; the JSON also has the page faults of each step); the table
+gives medians and ranges, ratios of paired steps, the
 ratio of median process CPU seconds per step (steadier than wall time on a shared machine)
 and peak RSS during the timed steps (VmHWM, reset after setup, once the heap pages freed
 during setup are returned to the OS) next to the RSS the step starts from.
@@ -32,12 +40,14 @@ during setup are returned to the OS) next to the RSS the step starts from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,7 +90,11 @@ JAX_OPTIONS = dict(
   q_chunk=512,
   remat="none",
   xla_flags="",
+  tensor=1,  # > 1: that many host devices, the step tensor-parallel over them (mesh.tensor)
+  malloc="hugetlb",  # as the neo-jax command runs (neo_jax/cli/allocator.py); "default": off
 )
+# PyTorch options (`torch:malloc=hugetlb`, `official:...`): the same allocator setting
+TORCH_OPTIONS = dict(malloc="default")
 
 
 # --- data (written once by the parent, read by every worker) -----------------------------------
@@ -317,8 +331,10 @@ class JaxWorker:
 
     from neo_jax.convert import mapping
     from neo_jax.convert.hf_inputs import hf_inputs_to_batch
-    from neo_jax.model import NeoModel
+    from neo_jax.model import NeoModel, abstract_params, logical_axes
     from neo_jax.objectives.next_token import next_token_loss
+    from neo_jax.parallel.mesh import make_mesh
+    from neo_jax.parallel.sharding import RULES, replicated, tree_shardings
 
     self.jax, self.jnp = jax, jnp
     config = model_config().replace(
@@ -334,7 +350,14 @@ class JaxWorker:
       config,
     )
     del arrays
-    self.params = jax.tree.map(jnp.asarray, params)
+    tensor = int(options["tensor"])
+    self.mesh = make_mesh(data=1, fsdp=1, tensor=tensor) if tensor > 1 else None
+    self.rules = RULES
+    if self.mesh is None:
+      self.params = jax.tree.map(jnp.asarray, params)
+    else:  # weights split as a training run splits them (neo_jax.parallel.sharding.RULES)
+      shardings = tree_shardings(logical_axes(config), abstract_params(config), self.mesh)
+      self.params = jax.device_put(params, shardings)
     del params
     inputs = load_inputs(data, length)
     batch = hf_inputs_to_batch(
@@ -346,6 +369,8 @@ class JaxWorker:
     weights[:, -1] = 0.0
     batch["loss_weights"] = weights
     self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    if self.mesh is not None:
+      self.batch = jax.device_put(self.batch, replicated(self.mesh))
     loss_fn = next_token_loss(config, **loss_kwargs(options))
 
     def loss(params, batch):
@@ -362,6 +387,17 @@ class JaxWorker:
       )[0, rows]
     )
 
+  def context(self):
+    """The mesh and sharding rules the step is traced under (as the trainer's), or nothing."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    import flax.linen as nn
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(self.jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
   def gemm_peak(self) -> float:
     jnp = self.jnp
     a = jnp.ones((2048, 2048), jnp.float32)
@@ -375,8 +411,9 @@ class JaxWorker:
     return 2 * 2048**3 / best
 
   def check(self, out_path: str) -> dict:
-    np.save(out_path, np.asarray(self.logits_rows(self.params, self.batch)))
-    out = self.run(self.params, self.batch)
+    with self.context():
+      np.save(out_path, np.asarray(self.logits_rows(self.params, self.batch)))
+      out = self.run(self.params, self.batch)
     if self.pass_ == "fwd":
       return {"loss": float(out)}
     loss, grads = out
@@ -393,7 +430,8 @@ class JaxWorker:
     }
 
   def step(self) -> float:
-    out = self.jax.block_until_ready(self.run(self.params, self.batch))
+    with self.context():
+      out = self.jax.block_until_ready(self.run(self.params, self.batch))
     return float(out if self.pass_ == "fwd" else out[0])
 
 
@@ -412,11 +450,13 @@ def parse_impl(spec: str) -> tuple[str, dict]:
   """'torch' | 'official' | 'jax' | 'jax:key=value;key=value' -> (kind, options)."""
   kind, _, rest = spec.partition(":")
   if kind not in ("torch", "official", "jax"):
-    raise SystemExit(f"--impls: unknown implementation {spec!r} (torch, official, jax[:k=v;...])")
-  options = dict(JAX_OPTIONS) if kind == "jax" else {}
+    raise SystemExit(
+      f"--impls: unknown implementation {spec!r} (torch[:k=v], official[:k=v], jax[:k=v;...])"
+    )
+  options = dict(JAX_OPTIONS if kind == "jax" else TORCH_OPTIONS)
   for item in filter(None, rest.split(";")):
     key, _, value = item.partition("=")
-    if key not in options:
+    if key not in options or (key == "malloc" and value not in ("hugetlb", "default")):
       raise SystemExit(f"--impls {spec!r}: unknown option {key!r}; options: {sorted(options)}")
     options[key] = value
   return kind, options
@@ -445,6 +485,10 @@ def worker_main(args) -> int:
       options["xla_flags"],
     ]
     os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+    if int(options["tensor"]) > 1:
+      import jax
+
+      jax.config.update("jax_num_cpu_devices", int(options["tensor"]))
     worker = JaxWorker(options, args.data, args.length, args.pass_)
   else:
     import torch
@@ -454,6 +498,7 @@ def worker_main(args) -> int:
   t = time.perf_counter()
   check = worker.check(args.rows_out)
   setup = {"check": check, "first_s": time.perf_counter() - t}
+  setup["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   gc.collect()
   release_freed_memory()
   reset_peak_rss()
@@ -464,9 +509,15 @@ def worker_main(args) -> int:
     cmd = line.strip()
     if cmd == "run":
       t, cpu = time.perf_counter(), time.process_time()
+      minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       loss = worker.step()
       reply(
-        {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "loss": loss}
+        {
+          "seconds": time.perf_counter() - t,
+          "cpu_seconds": time.process_time() - cpu,
+          "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt,
+          "loss": loss,
+        }
       )
     elif cmd == "peak":
       reply({"peak_rss": read_status_bytes("VmHWM")})
@@ -480,11 +531,24 @@ def worker_main(args) -> int:
 # --- parent -------------------------------------------------------------------------------------
 
 
+def worker_environment(spec: str) -> dict:
+  """The environment of a worker: with `malloc=hugetlb`, glibc's huge-page tunable added as
+  the `neo-jax` command adds it (where it helps); otherwise this process's environment."""
+  _, options = parse_impl(spec)
+  env = dict(os.environ)
+  if options["malloc"] == "hugetlb":
+    from neo_jax.cli.allocator import hugepage_environment
+
+    env = hugepage_environment(env) or env
+  return env
+
+
 class Worker:
   def __init__(self, spec: str, args, data: str, length: int, pass_: str, index: int):
     self.spec = spec
     self.rows_path = os.path.join(data, f"rows_{index}_{length}_{pass_}.npy")
-    python = args.official_python if spec == "official" and args.official_python else sys.executable
+    official = parse_impl(spec)[0] == "official"
+    python = args.official_python if official and args.official_python else sys.executable
     cmd = [
       python,
       os.path.abspath(__file__),
@@ -503,7 +567,9 @@ class Worker:
     ]
     if args.official:
       cmd += ["--official", args.official]
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.proc = subprocess.Popen(
+      cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_environment(spec)
+    )
 
   def read(self) -> dict:
     line = self.proc.stdout.readline()
@@ -567,16 +633,29 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
       compare(setups[0]["check"], s["check"], base_rows, np.load(w.rows_path))
       for w, s in zip(workers[1:], setups[1:])
     ]
-    for _ in range(args.warmup):
-      for w in workers:
-        w.ask("run")
     seconds = [[] for _ in workers]
     cpu_seconds = [[] for _ in workers]
-    for _ in range(args.repeats):
+    faults = [[] for _ in workers]
+
+    def timed(i: int) -> None:
+      reply = workers[i].ask("run")
+      seconds[i].append(reply["seconds"])
+      cpu_seconds[i].append(reply["cpu_seconds"])
+      faults[i].append(reply["minor_faults"])
+
+    if args.order == "alternate":  # A, B, A, B, ...: both see the same load
+      for _ in range(args.warmup):
+        for w in workers:
+          w.ask("run")
+      for _ in range(args.repeats):
+        for i in range(len(workers)):
+          timed(i)
+    else:  # "blocks": each worker's steps back to back, as in training
       for i, w in enumerate(workers):
-        reply = w.ask("run")
-        seconds[i].append(reply["seconds"])
-        cpu_seconds[i].append(reply["cpu_seconds"])
+        for _ in range(args.warmup):
+          w.ask("run")
+        for _ in range(args.repeats):
+          timed(i)
     peaks = [w.ask("peak")["peak_rss"] for w in workers]
     gemm = [0.0] * len(workers)
     for _ in range(3):  # alternately too, the best of three
@@ -587,8 +666,8 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
       w.close()
   flops = model_flops(length, data)["forward" if pass_ == "fwd" else "total"]
   impls = []
-  for spec, setup, secs, cpu, peak, gemm_peak in zip(
-    args.impls, setups, seconds, cpu_seconds, peaks, gemm
+  for spec, setup, secs, cpu, fault, peak, gemm_peak in zip(
+    args.impls, setups, seconds, cpu_seconds, faults, peaks, gemm
   ):
     median = statistics.median(secs)
     impls.append(
@@ -598,6 +677,7 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
         "median_s": median,
         "cpu_seconds": cpu,
         "median_cpu_s": statistics.median(cpu),
+        "median_minor_faults": statistics.median(fault),
         "tokens_per_s": length / median,
         "tokens_per_s_range": [length / max(secs), length / min(secs)],
         "mfu": flops / median / gemm_peak,
@@ -605,6 +685,7 @@ def measure(args, data: str, length: int, pass_: str) -> dict:
         "peak_rss_gib": peak / 2**30,
         "rss_before_step_gib": setup["rss_before"] / 2**30,
         "first_step_s": setup["first_s"],
+        "glibc_tunables": setup["glibc_tunables"],
         "loss": setup["check"]["loss"],
       }
     )
@@ -648,6 +729,13 @@ def main(argv=None) -> int:
   p.add_argument("--threads", type=int, default=2, help="CPU threads (and CPUs) per framework")
   p.add_argument("--repeats", type=int, default=5, help="timed steps per implementation")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after the checks")
+  p.add_argument(
+    "--order",
+    default="alternate",
+    choices=["alternate", "blocks"],
+    help="alternate: one step of each implementation in turn (both see the same load); "
+    "blocks: all steps of one, then the next (steps back to back, as in training)",
+  )
   p.add_argument("--L", type=int, nargs="+", default=[1024, 2048], dest="lengths")
   p.add_argument(
     "--pass", nargs="+", default=["fwd", "fwdbwd"], dest="passes", choices=["fwd", "fwdbwd"]
@@ -678,7 +766,7 @@ def main(argv=None) -> int:
     return worker_main(args)
   if args.impls is None:
     args.impls = ["official", "jax"] if args.official else ["torch", "jax"]
-  if "official" in args.impls and not args.official:
+  if any(parse_impl(spec)[0] == "official" for spec in args.impls) and not args.official:
     raise SystemExit("--impls official needs --official DIR")
   for spec in args.impls:
     parse_impl(spec)
@@ -714,12 +802,13 @@ def main(argv=None) -> int:
     "load_average_before": load_before,
     "load_average_after": load_after,
     "wall_s": time.time() - started,
+    "order": args.order,
     "impls": args.impls,
   }
   print(
     f"\n{meta['date']}, {meta['cpu']}, {args.threads} threads, jax {meta['jax']}, "
     f"torch {meta['torch']}, load average {load_before[0]:.2f} before / "
-    f"{load_after[0]:.2f} after, medians of {args.repeats} alternating steps\n"
+    f"{load_after[0]:.2f} after, medians of {args.repeats} steps ({args.order})\n"
   )
   print_table(results)
   if args.json:

@@ -2,25 +2,30 @@
 all parameters to 1e-6 (relative L2 of the whole gradient), each parameter's gradient to 5e-6,
 on packed rows with images.
 
-The plain loss: dense reference attention and autodiff of the chunked cross-entropy. In float32
+The plain loss: dense reference attention and autodiff of the chunked cross-entropy, on one
+device. In float32
 the plain gradient itself sits about 1e-6 (up to 2.5e-6 on small norm scales) from the float64
 value, so these bounds are as tight as float32 allows. The MLP activation's own backward
 (`layers.swiglu`, used by both) is checked against autodiff directly.
 """
 
+import contextlib
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from neo_jax.config import tiny
 from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
-from neo_jax.model import init_params
+from neo_jax.model import abstract_params, init_params, logical_axes
 from neo_jax.model.layers import swiglu
 from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
 from neo_jax.objectives.next_token import next_token_loss
 from neo_jax.ops import xla_flash
+from neo_jax.parallel import make_mesh, tree_shardings
+from neo_jax.parallel.sharding import RULES, replicated
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
 SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24, max_image_tokens=9)
@@ -34,8 +39,16 @@ def _rel(a, b) -> float:
 
 @functools.cache
 def _value_and_grads(
-  tied: bool, k: int, attention_impl: str, block: int = 512, chunk: int = 32, **loss_kw
+  tied: bool,
+  k: int,
+  attention_impl: str,
+  block: int = 512,
+  chunk: int = 32,
+  tensor: int = 1,
+  **loss_kw,
 ):
+  """Loss and gradients; `tensor` > 1 runs them tensor-parallel over that many devices, the
+  weights split by the sharding rules as a training run splits them."""
   config = CFG.replace(
     tie_word_embeddings=tied, attention_impl=attention_impl, attention_q_chunk=block
   )
@@ -47,7 +60,17 @@ def _value_and_grads(
     out = loss_fn(p, batch)
     return out.loss_sum / out.weight_sum
 
-  return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
+  context = contextlib.ExitStack()
+  if tensor > 1:
+    mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
+    shardings = tree_shardings(logical_axes(config), abstract_params(config), mesh)
+    params = jax.device_put(params, shardings)
+    batch = jax.device_put(batch, replicated(mesh))
+    assert params["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"  # vocabulary split
+    context.enter_context(jax.set_mesh(mesh))
+    context.enter_context(nn.logical_axis_rules(RULES))
+  with context:
+    return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
 
 def _assert_equal_step(fast: dict, tied: bool = False, k: int = 0):
@@ -80,6 +103,14 @@ def test_xla_flash_attention_equals_plain(block):
 def test_cpu_default_equals_plain():
   """What `auto` runs on CPU with the default loss, against the plain loss."""
   _assert_equal_step(dict(attention_impl="auto"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_cpu_default_tensor_parallel_over_two_devices_equals_plain(tied):
+  """The CPU default split over two host devices (mesh.tensor=2: heads, MLP width and
+  vocabulary halved, attention per head shard), which `benchmarks/train_step_vs_torch.py`
+  times as `jax:tensor=2`."""
+  _assert_equal_step(dict(attention_impl="auto", tensor=2), tied)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jax.numpy.float32, 1e-6), (jax.numpy.bfloat16, 2e-2)])
