@@ -3,11 +3,11 @@ glibc's `glibc.malloc.hugetlb=1` tunable.
 
 XLA:CPU allocates every buffer of a step (logits chunks, activations, gradients) anew with
 malloc; glibc serves allocations above 32 MiB with a fresh mmap and unmaps them when freed,
-so each step touches its ~1-2 GB of buffers page by page again (a 177.5M-parameter NEO step
-at L = 1024: ~410k page faults, 0.8 CPU s in the kernel). With the tunable, glibc asks for
-transparent huge pages (madvise) on those mappings: 2 MiB pages, 512x fewer faults. The
-numerics do not change (same buffers, other pages): losses are bitwise equal. Measured in
-benchmarks/README.md ("Host memory on huge pages").
+so each step touches its buffers page by page again (a 177.5M-parameter NEO fwd+bwd step at
+L = 1,024: 544k minor page faults). With the tunable, glibc asks for transparent huge pages
+(madvise) on those mappings: 2 MiB pages, 7.6k faults. The numerics do not change (same
+buffers, other pages): losses are bitwise equal. Measured in benchmarks/README.md ("Two host
+devices and host memory on huge pages") and docs/training.md (the demo: 9.6 -> 8.4 min).
 
 Tunables are read when a process starts, so the only way to set one for this process is to
 start it again: `reexec_with_hugepages` replaces the process (same PID, same arguments) before
