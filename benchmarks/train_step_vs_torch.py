@@ -456,8 +456,10 @@ def parse_impl(spec: str) -> tuple[str, dict]:
   options = dict(JAX_OPTIONS if kind == "jax" else TORCH_OPTIONS)
   for item in filter(None, rest.split(";")):
     key, _, value = item.partition("=")
-    if key not in options or (key == "malloc" and value not in ("hugetlb", "default")):
+    if key not in options:
       raise SystemExit(f"--impls {spec!r}: unknown option {key!r}; options: {sorted(options)}")
+    if key == "malloc" and value not in ("hugetlb", "default"):
+      raise SystemExit(f"--impls {spec!r}: malloc is hugetlb or default, not {value!r}")
     options[key] = value
   return kind, options
 

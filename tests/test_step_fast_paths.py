@@ -3,10 +3,10 @@ all parameters to 1e-6 (relative L2 of the whole gradient), each parameter's gra
 on packed rows with images.
 
 The plain loss: dense reference attention and autodiff of the chunked cross-entropy, on one
-device. In float32
-the plain gradient itself sits about 1e-6 (up to 2.5e-6 on small norm scales) from the float64
-value, so these bounds are as tight as float32 allows. The MLP activation's own backward
-(`layers.swiglu`, used by both) is checked against autodiff directly.
+device. In float32 the plain gradient itself sits about 1e-6 (up to 2.5e-6 on small norm
+scales) from the float64 value, so these bounds are as tight as float32 allows. The MLP
+activation's own backward (`layers.swiglu`, used by both) is checked against autodiff
+directly.
 """
 
 import contextlib
