@@ -197,10 +197,6 @@ def main(argv=None) -> int:
   ]
   os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
 
-  if int(options["tensor"]) > 1:
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", int(options["tensor"]))
   worker = vs.JaxWorker(options, data, args.length, args.pass_)
   with worker.context():
     compiled = worker.run.lower(worker.params, worker.batch).compile()

@@ -329,12 +329,17 @@ class JaxWorker:
     import jax.numpy as jnp
     from safetensors.numpy import load_file
 
+    tensor = int(options["tensor"])
+    if tensor > 1:  # that many host devices; must come before anything starts the backend
+      jax.config.update("jax_num_cpu_devices", tensor)
+
     from neo_jax.convert import mapping
     from neo_jax.convert.hf_inputs import hf_inputs_to_batch
-    from neo_jax.model import NeoModel, abstract_params, logical_axes
+    from neo_jax.model import NeoModel
     from neo_jax.objectives.next_token import next_token_loss
     from neo_jax.parallel.mesh import make_mesh
-    from neo_jax.parallel.sharding import RULES, replicated, tree_shardings
+    from neo_jax.parallel.sharding import RULES, replicated
+    from neo_jax.trainer.state import param_shardings
 
     self.jax, self.jnp = jax, jnp
     config = model_config().replace(
@@ -350,14 +355,12 @@ class JaxWorker:
       config,
     )
     del arrays
-    tensor = int(options["tensor"])
     self.mesh = make_mesh(data=1, fsdp=1, tensor=tensor) if tensor > 1 else None
     self.rules = RULES
     if self.mesh is None:
       self.params = jax.tree.map(jnp.asarray, params)
-    else:  # weights split as a training run splits them (neo_jax.parallel.sharding.RULES)
-      shardings = tree_shardings(logical_axes(config), abstract_params(config), self.mesh)
-      self.params = jax.device_put(params, shardings)
+    else:  # weights split as a training run splits them
+      self.params = jax.device_put(params, param_shardings(config, self.mesh, self.rules))
     del params
     inputs = load_inputs(data, length)
     batch = hf_inputs_to_batch(
@@ -487,10 +490,6 @@ def worker_main(args) -> int:
       options["xla_flags"],
     ]
     os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
-    if int(options["tensor"]) > 1:
-      import jax
-
-      jax.config.update("jax_num_cpu_devices", int(options["tensor"]))
     worker = JaxWorker(options, args.data, args.length, args.pass_)
   else:
     import torch

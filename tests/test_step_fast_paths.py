@@ -19,13 +19,14 @@ import pytest
 
 from neo_jax.config import tiny
 from neo_jax.data.synthetic import SyntheticSpec, compact_vocab, synthetic_batch
-from neo_jax.model import abstract_params, init_params, logical_axes
+from neo_jax.model import init_params
 from neo_jax.model.layers import swiglu
 from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
 from neo_jax.objectives.next_token import next_token_loss
 from neo_jax.ops import xla_flash
-from neo_jax.parallel import make_mesh, tree_shardings
+from neo_jax.parallel import make_mesh
 from neo_jax.parallel.sharding import RULES, replicated
+from neo_jax.trainer.state import param_shardings
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
 SPEC = SyntheticSpec.for_model(CFG, batch_size=2, seq_len=96, visual_tokens=24, max_image_tokens=9)
@@ -63,8 +64,7 @@ def _value_and_grads(
   context = contextlib.ExitStack()
   if tensor > 1:
     mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
-    shardings = tree_shardings(logical_axes(config), abstract_params(config), mesh)
-    params = jax.device_put(params, shardings)
+    params = jax.device_put(params, param_shardings(config, mesh))
     batch = jax.device_put(batch, replicated(mesh))
     assert params["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"  # vocabulary split
     context.enter_context(jax.set_mesh(mesh))
