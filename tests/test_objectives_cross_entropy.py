@@ -5,14 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from neo_jax.objectives.cross_entropy import (
+  blocked_argmax,
   chunked_token_cross_entropy,
   select_supervised,
   streamed_cross_entropy,
   token_cross_entropy,
   weighted_next_token_loss,
 )
+from neo_jax.parallel import make_mesh
 
 B, L, D, V = 2, 37, 16, 50
 
@@ -48,6 +51,49 @@ def test_chunked_values_equal_plain(chunk):
   chunked, chunked_ok = chunked_token_cross_entropy(hidden, head, targets, chunk)
   np.testing.assert_allclose(chunked, plain, rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(chunked_ok, plain_ok)
+
+
+@pytest.mark.parametrize("vocab", [50, 384, 512])
+def test_blocked_argmax_equals_argmax(vocab):
+  """The first index of the largest value, like jnp.argmax, with ties across and inside
+  blocks (384 = 24 blocks of 16, 512 = 8 blocks of 64, 50: jnp.argmax itself)."""
+  x = jax.random.normal(jax.random.key(3), (3, 7, vocab))
+  top = float(x.max()) + 1.0
+  x = x.at[0, 0, [vocab - 1, 5]].set(top)  # tie: the first wins
+  x = x.at[0, 1, [1, 2]].set(top)  # tie inside one block
+  x = x.at[1, 2, :].set(0.25)  # a constant row: index 0
+  x = x.at[2, 3, vocab - 1].set(top)  # the last entry
+  expected = jnp.argmax(x, axis=-1)
+  assert int(expected[0, 0]) == 5 and int(expected[1, 2]) == 0
+  np.testing.assert_array_equal(jax.jit(blocked_argmax)(x), expected)
+
+
+def test_blocked_argmax_with_the_vocabulary_split_over_devices():
+  """With the vocabulary split over two devices (as mesh.tensor splits the head's logits) the
+  result is jnp.argmax's, the largest value on either device."""
+  mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+  x = jax.random.normal(jax.random.key(4), (2, 5, 1024))
+  x = x.at[0, 0, [900, 700]].set(9.0).at[1, 1, [100, 600]].set(9.0)
+  split = jax.device_put(x, NamedSharding(mesh, PartitionSpec(None, None, "tensor")))
+  with jax.set_mesh(mesh):
+    got = jax.jit(blocked_argmax)(split)
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+  assert int(got[0, 0]) == 700 and int(got[1, 1]) == 100
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fast_paths_count_correct_tokens_as_argmax(fused):
+  """The chunked and fused heads (which take `blocked_argmax` over a 512-entry vocabulary)
+  count a position correct exactly when jnp.argmax of its logits is the target."""
+  hidden = jax.random.normal(jax.random.key(6), (B, L, D))
+  head = jax.random.normal(jax.random.key(7), (D, 512)) * 0.3
+  logits_argmax = jnp.argmax(hidden @ head, axis=-1)
+  # half the targets are the argmax, so the count is neither 0 nor everything
+  targets = jnp.where(jnp.arange(L) % 2 == 0, logits_argmax, (logits_argmax + 1) % 512)
+  weights = jnp.ones((B, L))
+  out = weighted_next_token_loss(hidden, head, targets, weights, chunk=8, fused=fused)
+  expected = float((logits_argmax == targets).sum())
+  assert float(out.metrics["correct_tokens"]) == expected == B * ((L + 1) // 2)
 
 
 @pytest.mark.parametrize("remat", [True, False])

@@ -53,11 +53,42 @@ def token_cross_entropy(
   return _ce_from_logits(logits, targets_bl)
 
 
-def _ce_from_logits(logits_bcv: jax.Array, targets_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _ce_from_logits(
+  logits_bcv: jax.Array, targets_bc: jax.Array, blocked: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """CE and correctness per position (the prediction by `blocked_argmax` if `blocked`, the
+  same index faster, else by jnp.argmax as the reference)."""
   lse = jax.nn.logsumexp(logits_bcv, axis=-1)
   target_logit = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
-  correct = jax.lax.stop_gradient(jnp.argmax(logits_bcv, axis=-1) == targets_bc)
+  predicted = blocked_argmax(logits_bcv) if blocked else jnp.argmax(logits_bcv, axis=-1)
+  correct = jax.lax.stop_gradient(predicted == targets_bc)
   return lse - target_logit, correct.astype(jnp.float32)
+
+
+# Vocabulary entries per block of `blocked_argmax`; the number of blocks must split evenly over
+# up to 8 devices when the vocabulary is sharded.
+_ARGMAX_BLOCKS = (64, 32, 16, 8)
+_ARGMAX_MAX_SHARDS = 8
+
+
+def blocked_argmax(x_bcv: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first index of the largest value), in two passes.
+
+  XLA:CPU runs argmax as a two-operand (value, index) reduction: 177 ms over [512, 151,936]
+  float32 logits on 2 cores, where a plain max takes 15 ms and this 26 ms. Here a plain max
+  per block of a few entries, argmax over the block maxima (the first block holding the
+  largest value), then argmax inside that block: the same index for every row without NaN. A
+  vocabulary no block size divides evenly (into a block count that splits over 8 devices)
+  takes jnp.argmax.
+  """
+  *lead, v = x_bcv.shape
+  block = next((b for b in _ARGMAX_BLOCKS if v % (b * _ARGMAX_MAX_SHARDS) == 0), 0)
+  if not block:
+    return jnp.argmax(x_bcv, axis=-1)
+  x_bnk = x_bcv.reshape(*lead, v // block, block)
+  first_block = jnp.argmax(x_bnk.max(axis=-1), axis=-1)
+  inside = jnp.take_along_axis(x_bnk, first_block[..., None, None], axis=-2)[..., 0, :]
+  return first_block * block + jnp.argmax(inside, axis=-1)
 
 
 def _vocab_pieces(vocab: int, piece: int) -> tuple[int, int]:
@@ -204,7 +235,7 @@ def chunked_token_cross_entropy(
     logits = jnp.einsum(
       "bcd,dv->bcv", h_bcd.astype(compute_dtype), head, preferred_element_type=jnp.float32
     )
-    return _ce_from_logits(logits, t_bc)
+    return _ce_from_logits(logits, t_bc, blocked=True)
 
   if remat and not stream:  # a streamed chunk keeps nothing of size V to recompute
     one_chunk = jax.checkpoint(one_chunk, prevent_cse=False)
@@ -259,7 +290,7 @@ def _fused_ce_fwd(h_bld, w_dv, t_bl, wt_bl, chunk, compute_dtype):
     s = e.sum(axis=-1)
     target_logit = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
     ce = m + jnp.log(s) - target_logit
-    correct = (jnp.argmax(logits, axis=-1) == t_bc).astype(jnp.float32)
+    correct = (blocked_argmax(logits) == t_bc).astype(jnp.float32)
     # d (w CE) / d logits = w (softmax - one-hot); positions without weight contribute nothing
     keep = (wt_bc != 0)[..., None]
     one_hot = _hits(t_bc, 0, logits.shape[-1])
