@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "xla_chunked", "xla_flash", "pallas_tpu", "pallas_gpu", "cudnn", "auto")
 # "" = the backend of the process that traces the model; others lower for that platform
 PLATFORMS = ("", "cpu", "gpu", "cuda", "rocm", "tpu")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 
 
 @dataclasses.dataclass(frozen=True)

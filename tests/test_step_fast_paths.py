@@ -9,11 +9,13 @@ activation's own backward (`layers.swiglu`, used by both) is checked against aut
 directly.
 """
 
+import collections
 import contextlib
 import functools
 
 import flax.linen as nn
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -46,12 +48,16 @@ def _value_and_grads(
   block: int = 512,
   chunk: int = 32,
   tensor: int = 1,
+  remat_policy: str = "none",
   **loss_kw,
 ):
   """Loss and gradients; `tensor` > 1 runs them tensor-parallel over that many devices, the
   weights split by the sharding rules as a training run splits them."""
   config = CFG.replace(
-    tie_word_embeddings=tied, attention_impl=attention_impl, attention_q_chunk=block
+    tie_word_embeddings=tied,
+    attention_impl=attention_impl,
+    attention_q_chunk=block,
+    remat_policy=remat_policy,
   )
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
@@ -127,3 +133,47 @@ def test_swiglu_equals_autodiff_of_silu_times_up(dtype, tol):
   for got, want in zip(vjp(d_out), ref_vjp(d_out)):
     assert got.dtype == want.dtype
     assert _rel(got.astype(np.float32), want.astype(np.float32)) <= tol
+
+
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_remat_keeping_matmuls_and_attention_equals_plain(tensor):
+  """`remat_policy="dots_attention"` on the CPU default, on one device and split over two."""
+  _assert_equal_step(dict(attention_impl="auto", remat_policy="dots_attention", tensor=tensor))
+
+
+def _primitive_counts(remat_policy: str) -> collections.Counter:
+  """How often each primitive appears in the jaxpr of the differentiated step (sub-jaxprs
+  included): what the backward pass recomputes shows up as extra copies."""
+  config = CFG.replace(attention_impl="xla_flash", remat_policy=remat_policy)
+  params = init_params(config, jax.random.key(0))
+  batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
+  loss_fn = next_token_loss(config)
+
+  def loss(p):
+    out = loss_fn(p, batch)
+    return out.loss_sum / out.weight_sum
+
+  counts = collections.Counter()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      counts[eqn.primitive.name] += 1
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
+  return counts
+
+
+def test_remat_keeping_attention_recomputes_no_attention_and_no_matmul():
+  """ "dots_attention" recomputes the norms (more rsqrt than without remat) but not the flash
+  kernel's loops nor any matmul, where "dots_no_batch" runs the attention forward again."""
+  none, kept, dots = (_primitive_counts(p) for p in ("none", "dots_attention", "dots_no_batch"))
+  assert kept["rsqrt"] > none["rsqrt"]
+  for name in ("while", "exp", "dot_general"):
+    assert kept[name] == none[name], name
+  assert dots["while"] > none["while"] and dots["exp"] > none["exp"]

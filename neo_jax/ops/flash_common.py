@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from neo_jax.ops import masks
 from neo_jax.ops.masks import AttnIds
@@ -21,6 +22,16 @@ from neo_jax.ops.masks import AttnIds
 # inf - inf, and a row that has seen no allowed key yet keeps l = 0 (its output is 0).
 MASK_VALUE = float("-inf")
 M_INIT = -1e30
+
+# Names of what a flash kernel's forward pass keeps for its backward pass (the output and the
+# row logsumexp), so that a remat policy can save them (model.neo.REMAT_POLICIES,
+# "dots_attention") and the backward pass does not run the forward kernel again.
+SAVED_NAMES = ("attention_out", "attention_lse")
+
+
+def name_saved(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`out` and `lse` tagged with SAVED_NAMES (an identity for everything but remat)."""
+  return checkpoint_name(out, SAVED_NAMES[0]), checkpoint_name(lse, SAVED_NAMES[1])
 
 
 def matmul_precision(dtype) -> jax.lax.Precision | None:

@@ -466,6 +466,7 @@ def _flash(q, k, v, tables, tables_bwd, cfg):
 
 def _flash_fwd(q, k, v, tables, tables_bwd, cfg):
   out, lse = _forward(q, k, v, tables, cfg)
+  out, lse = fc.name_saved(out, lse)
   return out, (q, k, v, out, lse, tables, tables_bwd)
 
 

@@ -614,6 +614,7 @@ def _flash(q, k, v, plan, cfg):
 
 def _flash_fwd(q, k, v, plan, cfg):
   out, lse = _forward(q, k, v, plan, cfg)
+  out, lse = fc.name_saved(out, lse)
   return out, (q, k, v, out, lse, plan)
 
 

@@ -117,6 +117,7 @@ def _flash_fwd(qh, kh, vh, ranges, q_blocks, scale, block):
   out, lse = jax.lax.map(q_block, jnp.arange(nq, dtype=jnp.int32))  # [nq, B, Hkv, rows, .]
   out = jnp.moveaxis(out, 0, 2).reshape(b, hkv, lp, g, vh.shape[-1])
   lse = jnp.moveaxis(lse, 0, 2).reshape(b, hkv, lp * g)
+  out, lse = fc.name_saved(out, lse)
   return out, (qh, kh, vh, ranges, q_blocks, out, lse)
 
 
