@@ -74,12 +74,12 @@ _ARGMAX_MAX_SHARDS = 8
 def blocked_argmax(x_bcv: jax.Array) -> jax.Array:
   """jnp.argmax over the last axis (the first index of the largest value), in two passes.
 
-  XLA:CPU runs argmax as a two-operand (value, index) reduction: 177 ms over [512, 151,936]
-  float32 logits on 2 cores, where a plain max takes 15 ms and this 26 ms. Here a plain max
-  per block of a few entries, argmax over the block maxima (the first block holding the
-  largest value), then argmax inside that block: the same index for every row without NaN. A
-  vocabulary no block size divides evenly (into a block count that splits over 8 devices)
-  takes jnp.argmax.
+  XLA:CPU runs argmax as a two-operand (value, index) reduction: 176 ms over [512, 151,936]
+  float32 logits on 2 cores, where a plain max takes 14 ms and this 29 ms
+  (benchmarks/head_reductions.py). Here a plain max per block of a few entries, argmax over
+  the block maxima (the first block holding the largest value), then argmax inside that
+  block: the same index for every row without NaN. A vocabulary no block size divides evenly
+  (into a block count that splits over 8 devices) takes jnp.argmax.
   """
   *lead, v = x_bcv.shape
   block = next((b for b in _ARGMAX_BLOCKS if v % (b * _ARGMAX_MAX_SHARDS) == 0), 0)
