@@ -170,8 +170,8 @@ def _primitive_counts(remat_policy: str) -> collections.Counter:
 
 
 def test_remat_keeping_attention_recomputes_no_attention_and_no_matmul():
-  """ "dots_attention" recomputes the norms (more rsqrt than without remat) but not the flash
-  kernel's loops nor any matmul, where "dots_no_batch" runs the attention forward again."""
+  """The "dots_attention" policy recomputes the norms (more rsqrt than without remat) but not
+  the flash kernel's loops nor any matmul; "dots_no_batch" runs attention's forward again."""
   none, kept, dots = (_primitive_counts(p) for p in ("none", "dots_attention", "dots_no_batch"))
   assert kept["rsqrt"] > none["rsqrt"]
   for name in ("while", "exp", "dot_general"):
