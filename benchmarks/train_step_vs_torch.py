@@ -356,11 +356,10 @@ class JaxWorker:
     )
     del arrays
     self.mesh = make_mesh(data=1, fsdp=1, tensor=tensor) if tensor > 1 else None
-    self.rules = RULES
     if self.mesh is None:
       self.params = jax.tree.map(jnp.asarray, params)
     else:  # weights split as a training run splits them
-      self.params = jax.device_put(params, param_shardings(config, self.mesh, self.rules))
+      self.params = jax.device_put(params, param_shardings(config, self.mesh, RULES))
     del params
     inputs = load_inputs(data, length)
     batch = hf_inputs_to_batch(
@@ -371,9 +370,10 @@ class JaxWorker:
     weights = np.ones(ids.shape, np.float32)
     weights[:, -1] = 0.0
     batch["loss_weights"] = weights
-    self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    if self.mesh is not None:
-      self.batch = jax.device_put(self.batch, replicated(self.mesh))
+    if self.mesh is None:
+      self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    else:
+      self.batch = jax.device_put(batch, replicated(self.mesh))
     loss_fn = next_token_loss(config, **loss_kwargs(options))
 
     def loss(params, batch):
@@ -390,16 +390,18 @@ class JaxWorker:
       )[0, rows]
     )
 
+  @contextlib.contextmanager
   def context(self):
     """The mesh and sharding rules the step is traced under (as the trainer's), or nothing."""
     if self.mesh is None:
-      return contextlib.nullcontext()
+      yield
+      return
     import flax.linen as nn
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(self.jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+    from neo_jax.parallel.sharding import RULES
+
+    with self.jax.set_mesh(self.mesh), nn.logical_axis_rules(RULES):
+      yield
 
   def gemm_peak(self) -> float:
     jnp = self.jnp

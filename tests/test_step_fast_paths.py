@@ -40,6 +40,17 @@ def _rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _mean_loss(config, batch, **loss_kw):
+  """The training loss of `batch` as a function of the parameters: sum(w * CE) / sum(w)."""
+  loss_fn = next_token_loss(config, **loss_kw)
+
+  def loss(params):
+    out = loss_fn(params, batch)
+    return out.loss_sum / out.weight_sum
+
+  return loss
+
+
 @functools.cache
 def _value_and_grads(
   tied: bool,
@@ -61,12 +72,6 @@ def _value_and_grads(
   )
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
-  loss_fn = next_token_loss(config, chunk=chunk, positions_per_row=k, **loss_kw)
-
-  def loss(p):
-    out = loss_fn(p, batch)
-    return out.loss_sum / out.weight_sum
-
   context = contextlib.ExitStack()
   if tensor > 1:
     mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
@@ -75,6 +80,7 @@ def _value_and_grads(
     assert params["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"  # vocabulary split
     context.enter_context(jax.set_mesh(mesh))
     context.enter_context(nn.logical_axis_rules(RULES))
+  loss = _mean_loss(config, batch, chunk=chunk, positions_per_row=k, **loss_kw)
   with context:
     return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
@@ -147,12 +153,7 @@ def _primitive_counts(remat_policy: str) -> collections.Counter:
   config = CFG.replace(attention_impl="xla_flash", remat_policy=remat_policy)
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
-  loss_fn = next_token_loss(config)
-
-  def loss(p):
-    out = loss_fn(p, batch)
-    return out.loss_sum / out.weight_sum
-
+  loss = _mean_loss(config, batch)
   counts = collections.Counter()
 
   def walk(jaxpr):
