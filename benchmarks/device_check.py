@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -53,6 +54,14 @@ PART_OPTIONS = {
   "train-seqs": "train_step: sequence lengths, e.g. 8192",
   "remats": "train_step: remat policies, e.g. full,dots_no_batch (each a row per length)",
 }
+
+# What the parts import beyond the standard library, checked before any part starts: a missing
+# one would crash every part. A GPU image usually has all but ml_collections (pure Python).
+REQUIRED_MODULES = ("numpy", "jax", "flax", "optax", "orbax.checkpoint", "ml_collections")
+CARRY_HINT = (
+  "on a machine with network: pip download --no-deps ml-collections (or the missing package); "
+  "on the device host: pip install --no-deps --target DIR the wheel, then PYTHONPATH=DIR"
+)
 
 DEFAULT_BUDGET_S = 480.0
 RESERVE_S = 15.0  # for stopping a part that overruns and writing the reports
@@ -551,6 +560,20 @@ def markdown(report: dict) -> str:
 # --- main --------------------------------------------------------------------------------------
 
 
+def missing_modules(names: tuple[str, ...] = REQUIRED_MODULES) -> list[str]:
+  """The names among `names` this interpreter cannot import (find_spec: nothing is imported,
+  so this process still never holds the device)."""
+  missing = []
+  for name in names:
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, or blocked in sys.modules
+      found = False
+    if not found:
+      missing.append(name)
+  return missing
+
+
 def parse_part_budgets(items: list[str]) -> dict[str, float]:
   out = {}
   for item in items:
@@ -634,6 +657,14 @@ def main(argv=None) -> int:
     help="also write the reports and the parts' logs (one file) here",
   )
   args = ap.parse_args(argv)
+  missing = missing_modules()
+  if missing:
+    print(
+      f"[device-check] {sys.executable} cannot import {', '.join(missing)}: every part needs "
+      f"them, so none was started.\n  {CARRY_HINT}",
+      file=sys.stderr,
+    )
+    return 2
 
   t_start = time.perf_counter()
   names = [n for n in args.parts.split(",") if n]

@@ -212,6 +212,48 @@ def test_hanging_part_is_stopped_and_others_report(tmp_path):
     pytest.fail(f"child {pid} of the stopped part is still running")
 
 
+def test_missing_package_stops_before_any_part(tmp_path):
+  # a GPU image without ml_collections crashed every part one by one; now nothing starts and
+  # the message names the package and how to carry it
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text("import sys\nsys.modules['ml_collections'] = None\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]))
+  parts_import = subprocess.run(
+    [sys.executable, "-c", "import benchmarks.device_parts"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert parts_import.returncode != 0 and "ml_collections" in parts_import.stderr
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "device_check.py"),
+      "--results-dir",
+      str(tmp_path / "results"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert "cannot import ml_collections" in r.stderr and "pip download" in r.stderr
+  assert "running" not in r.stdout and not (tmp_path / "results").exists()
+
+
+def test_missing_modules_names_each_missing_one():
+  assert device_check.missing_modules(("json", "no_such_pkg_x", "no_such_pkg_x.sub")) == [
+    "no_such_pkg_x",
+    "no_such_pkg_x.sub",
+  ]
+  assert device_check.missing_modules() == []  # this environment has everything
+
+
 def test_spent_budget_starts_nothing(tmp_path, capsys):
   assert device_check.main(["--budget-s", "10", "--results-dir", str(tmp_path)]) == 0
   (path,) = glob.glob(str(tmp_path / "*.json"))
