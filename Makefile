@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# pytest-xdist processes for `make test` / `make test-all`, each test file whole in one of them
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-all notebooks device-check clean
 
@@ -17,11 +19,11 @@ install: $(STAMP)  ## create .venv and install neo-jax with pinned dependencies
 demo: $(STAMP)  ## the main job: tiny NEO, pretrain -> SFT -> ACPO on easy-vqa, on CPU
 	$(BIN)/neo-jax demo
 
-test: $(STAMP)  ## the default (fast) test suite
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## the default (fast) test suite, in TEST_WORKERS processes
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)  ## everything, slow tests included
-	$(BIN)/python -m pytest -m ""
+	$(BIN)/python -m pytest -m "" -n $(TEST_WORKERS) --dist loadfile
 
 notebooks: $(STAMP)  ## run notebooks/*.ipynb top to bottom and save them with their outputs
 	$(BIN)/python notebooks/refresh.py

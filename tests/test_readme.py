@@ -52,7 +52,11 @@ def test_quickstart_is_what_make_and_ci_run():
   ]
   makefile = _read("Makefile")
   assert re.search(r"^demo: .*\n\t\$\(BIN\)/neo-jax demo$", makefile, re.M)
-  assert re.search(r"^test: .*\n\t\$\(BIN\)/python -m pytest$", makefile, re.M)
+  assert re.search(
+    r"^test: .*\n\t\$\(BIN\)/python -m pytest -n \$\(TEST_WORKERS\) --dist loadfile$",
+    makefile,
+    re.M,
+  )
   assert _read(".ci/run").strip().splitlines()[-1] == "make test"
 
 
