@@ -55,24 +55,34 @@ def describe_failure(error: BaseException, limit: int = 300) -> str:
   return one_line(f"{type(error).__name__}: {text}" if text else type(error).__name__, limit)
 
 
-def _closed_loop_report(exc_value: BaseException | None) -> bool:
-  return isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed"
+ABANDONED_READ = "Encountered error while reading array"  # orbax, on a shard read cut short
+
+
+def _abandoned_read_report(exc_value: BaseException | None) -> bool:
+  """A leftover of a failed orbax read: "Event loop is closed" from one of its threads, or one
+  of its other shard reads closed unfinished (GeneratorExit, which orbax re-raises as an error
+  when the coroutine is collected, possibly long after the failure was reported)."""
+  if isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed":
+    return True
+  return isinstance(exc_value, Exception) and (
+    isinstance(exc_value.__cause__, GeneratorExit) and str(exc_value).startswith(ABANDONED_READ)
+  )
 
 
 def _install_closed_loop_filters() -> None:
-  """Drops, for good, the "Event loop is closed" reports of threads that an abandoned orbax read
-  left running (they can end after the read has failed and been reported, even at exit);
-  every other report still reaches the previous hooks."""
+  """Drops, for good, the reports that an abandoned orbax read leaves behind after it has failed
+  and been reported (threads ending, coroutines collected later, even at exit); every other
+  report still reaches the previous hooks."""
   if getattr(threading.excepthook, "neo_jax_filter", False):
     return
   thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
 
   def on_thread(args: Any) -> None:
-    if not _closed_loop_report(args.exc_value):
+    if not _abandoned_read_report(args.exc_value):
       thread_hook(args)
 
   def on_unraisable(unraisable: Any) -> None:
-    if not _closed_loop_report(unraisable.exc_value):
+    if not _abandoned_read_report(unraisable.exc_value):
       unraisable_hook(unraisable)
 
   on_thread.neo_jax_filter = True

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import types
 
 import jax
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from PIL import Image
 from test_inference_support import image, random_model, tokenizer
 
-from neo_jax import cli, run_dir
+from neo_jax import cli, errors, run_dir
 from neo_jax.convert import load_checkpoint, save_params
 from neo_jax.data.packing import STATS_KEY, PackedBatchIterator, PackingConfig
 from neo_jax.data.stats import STAT_INDEX, reset_skip_warnings
@@ -341,6 +343,31 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
 
 
 # --- damaged checkpoint directories ---------------------------------------------------------------
+
+
+def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch):
+  """After a damaged file fails a restore (reported once, as a warning naming the step), orbax's
+  other shard reads of it are collected later and report the read error again; those reports,
+  and only they, are dropped whenever they come."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  # a plain thread hook, so that the lasting filter is installed (again) over `seen`
+  monkeypatch.setattr(errors.threading, "excepthook", lambda args: None)
+  with errors.quiet_failures():
+    pass
+
+  def report(exc):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=exc, object=None))
+
+  abandoned = Exception(f"{errors.ABANDONED_READ} index: (slice(0, 128, 1),).")
+  abandoned.__cause__ = GeneratorExit()
+  report(abandoned)
+  report(RuntimeError("Event loop is closed"))
+  other_cause = Exception(f"{errors.ABANDONED_READ} index: (slice(0, 128, 1),).")
+  other_cause.__cause__ = OSError("disk")
+  report(other_cause)
+  report(ValueError("unrelated"))
+  assert [type(e) for e in seen] == [Exception, ValueError] and seen[0] is other_cause
 
 
 def test_every_file_of_the_newest_step_truncated_or_removed(trained, tmp_path, caplog):
