@@ -396,11 +396,9 @@ class JaxWorker:
     if self.mesh is None:
       yield
       return
-    import flax.linen as nn
+    from neo_jax.parallel.sharding import mesh_context
 
-    from neo_jax.parallel.sharding import RULES
-
-    with self.jax.set_mesh(self.mesh), nn.logical_axis_rules(RULES):
+    with mesh_context(self.mesh):
       yield
 
   def gemm_peak(self) -> float:

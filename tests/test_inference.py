@@ -139,15 +139,14 @@ def test_bad_prompts_are_rejected(model, three):
 
 def test_generation_under_a_mesh_with_sharded_params(model, three, batched):
   """What the training loop's eval hook does: parameters split over (fsdp, tensor)."""
-  import flax.linen as nn
 
   from neo_jax.model import logical_axes
   from neo_jax.parallel.mesh import make_mesh
-  from neo_jax.parallel.sharding import RULES, tree_shardings
+  from neo_jax.parallel.sharding import mesh_context, tree_shardings
 
   params, config = model
   mesh = make_mesh(data=1, fsdp=4, tensor=2)
   sharded = jax.device_put(params, tree_shardings(logical_axes(config), params, mesh))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+  with mesh_context(mesh):
     out = generate(sharded, config, three, MAX_NEW, batch_size=4)
   assert out.token_lists() == batched.token_lists()

@@ -15,7 +15,6 @@ import collections
 import os
 import re
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from neo_jax import objectives
 from neo_jax.model import abstract_params
 from neo_jax.objectives.preference import objective as preference
 from neo_jax.parallel.mesh import make_mesh
-from neo_jax.parallel.sharding import batch_shardings, batch_spec
+from neo_jax.parallel.sharding import batch_shardings, batch_spec, mesh_context
 from neo_jax.trainer import batches
 from neo_jax.trainer import config as config_lib
 from neo_jax.trainer import optimizer as opt_lib
@@ -127,7 +126,7 @@ def export(fn, platform: str, mesh, rules, *args) -> jax.export.Exported:
     for t in TARGETS[platform]
     if t != "tpu_custom_call"
   ]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with mesh_context(mesh, rules):
     return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
 
 

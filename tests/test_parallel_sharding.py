@@ -1,5 +1,6 @@
 """The sharded step on 8 virtual CPU devices equals the single-device step; sharding rules."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from neo_jax.parallel import (
   batch_shardings,
   explain,
   make_mesh,
+  mesh_context,
   named_sharding,
   shard_batch,
   tree_shardings,
@@ -165,6 +167,21 @@ def test_weights_and_activations_are_named_apart_so_rule_order_does_not_matter()
     assert spec(K_ACTIVATION, (32, 64, 8, 256)) == P(("data", "fsdp"), None, "tensor", None)
     assert spec(("embed", "mlp"), (2048, 6144)) == P("fsdp", "tensor")
     assert spec(("vocab", "embed"), (151936, 2048)) == P("tensor", "fsdp")
+
+
+def test_mesh_context_sets_mesh_and_rules_together_and_restores_both():
+  """Inside, a model's logical constraint resolves to the rules' mesh axes on that mesh;
+  outside, neither the mesh nor the rules remain (a constraint is then a no-op)."""
+  mesh = make_mesh(data=1, fsdp=1, tensor=2, devices=jax.devices()[:2])
+  reversed_rules = tuple(reversed(RULES))
+  with mesh_context(mesh, reversed_rules):
+    assert tuple(nn.get_logical_axis_rules()) == reversed_rules
+    assert jax.sharding.get_abstract_mesh().axis_names == mesh.axis_names
+    constrained = jax.jit(lambda x: nn.with_logical_constraint(x, MLP_ACTIVATION))
+    out = constrained(np.ones((2, 4, 6), np.float32))
+    assert out.sharding.spec == P(None, None, "tensor")
+  assert tuple(nn.get_logical_axis_rules()) == ()
+  assert jax.sharding.get_abstract_mesh().empty
 
 
 def test_rules_table_round_trips_and_checks_mesh_axes():

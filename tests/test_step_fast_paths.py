@@ -13,7 +13,6 @@ import collections
 import contextlib
 import functools
 
-import flax.linen as nn
 import jax
 import jax.extend
 import numpy as np
@@ -27,7 +26,7 @@ from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK
 from neo_jax.objectives.next_token import next_token_loss
 from neo_jax.ops import xla_flash
 from neo_jax.parallel import make_mesh
-from neo_jax.parallel.sharding import RULES, replicated
+from neo_jax.parallel.sharding import mesh_context, replicated
 from neo_jax.trainer.state import param_shardings
 
 CFG = compact_vocab(tiny(num_hidden_layers=2, num_prebuffer_layers=1), 512)
@@ -78,8 +77,7 @@ def _value_and_grads(
     params = jax.device_put(params, param_shardings(config, mesh))
     batch = jax.device_put(batch, replicated(mesh))
     assert params["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"  # vocabulary split
-    context.enter_context(jax.set_mesh(mesh))
-    context.enter_context(nn.logical_axis_rules(RULES))
+    context.enter_context(mesh_context(mesh))
   loss = _mean_loss(config, batch, chunk=chunk, positions_per_row=k, **loss_kw)
   with context:
     return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))

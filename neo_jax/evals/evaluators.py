@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -22,7 +21,14 @@ from neo_jax.data.embedded import load_named_tokenizer
 from neo_jax.data.pipeline import read_vqa_eval
 from neo_jax.evals.metrics import vqa_correct
 from neo_jax.inference import vqa_answer_fn
-from neo_jax.parallel.sharding import RULES, batch_shardings, local_rows, replicated, shard_batch
+from neo_jax.parallel.sharding import (
+  RULES,
+  batch_shardings,
+  local_rows,
+  mesh_context,
+  replicated,
+  shard_batch,
+)
 from neo_jax.trainer import batches
 from neo_jax.trainer.hooks import Evaluator
 from neo_jax.trainer.loop import Trainer
@@ -60,7 +66,7 @@ class HeldOutLoss:
 
   def __call__(self, state: TrainState, step: int) -> dict[str, float]:
     loss = weight = correct = supervised = 0.0
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with mesh_context(self.mesh, self.rules):
       for batch in self.batches:
         out = jax.device_get(
           self._fn(

@@ -14,8 +14,9 @@ replicated instead; `explain` lists such fallbacks.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -112,6 +113,14 @@ def tree_shardings(logical_tree: Any, shape_tree: Any, mesh: Mesh, rules=RULES) 
     shape_tree,
     is_leaf=is_spec,
   )
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Rules = RULES) -> Iterator[None]:
+  """The mesh and the logical-axis rules together, as every sharded trace and call needs them:
+  jax resolves shardings against the mesh, the model's logical constraints against the rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +24,7 @@ from jax.sharding import Mesh
 
 from neo_jax.config import NeoConfig
 from neo_jax.model import abstract_params, init_params, logical_axes
-from neo_jax.parallel.sharding import RULES, replicated, tree_shardings
+from neo_jax.parallel.sharding import RULES, mesh_context, replicated, tree_shardings
 from neo_jax.trainer.optimizer import partition
 
 
@@ -123,7 +122,7 @@ def init_state(
     p = init_fn(key) if given is None else jax.tree.map(lambda x: x.astype(param_dtype), given)
     return create_state(p, tx, trainable, seed)
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with mesh_context(mesh, rules):
     key = jax.random.key(seed)
     if params is None:
       return jax.jit(lambda k: build(k, None), out_shardings=shardings)(key)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from neo_jax.parallel.sharding import RULES, replicated
+from neo_jax.parallel.sharding import RULES, mesh_context, replicated
 from neo_jax.trainer.objective import LossFn, StatefulLossFn
 from neo_jax.trainer.optimizer import merge, partition
 from neo_jax.trainer.state import TrainState
@@ -155,11 +155,11 @@ def compile_step(
   )
 
   def run(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with mesh_context(mesh, rules):
       return jitted(state, dict(batch))
 
   def lower(state: TrainState, batch: Mapping[str, jax.Array]):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with mesh_context(mesh, rules):
       return jitted.lower(state, dict(batch))
 
   run.jitted = jitted

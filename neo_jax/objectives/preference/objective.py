@@ -31,7 +31,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -44,7 +43,7 @@ from neo_jax.config import NeoConfig
 from neo_jax.model import NeoModel, gather_embedding, head_weight
 from neo_jax.objectives.cross_entropy import DEFAULT_CHUNK, chunked_token_cross_entropy
 from neo_jax.objectives.preference import losses as pl
-from neo_jax.parallel.sharding import batch_spec
+from neo_jax.parallel.sharding import batch_spec, mesh_context
 from neo_jax.trainer import flops
 from neo_jax.trainer.objective import LossOutput, Objective, ObjectiveSetup
 from neo_jax.trainer.step import split_microbatches
@@ -413,7 +412,7 @@ def _make_batch_fn(setup: ObjectiveSetup):
   jitted = jax.jit(fn, out_shardings={k: out_sharding for k in REF_KEYS})
 
   def batch_fn(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    with mesh_context(mesh, setup.rules):
       return jitted(ref, dict(batch))
 
   return batch_fn
