@@ -10,6 +10,8 @@ measured so far. Nothing here imports jax, so this process never holds the devic
 benchmarks/results/<date>-<device>.json (everything) and .md (the tables), copies both to
 each `--out-dir`, and prints the tables last. On CPU (or with --smoke) the parts run tiny
 shapes and interpret-mode kernels in seconds: the same code paths, no meaningful numbers.
+Before any part starts it checks that the parts' libraries import (REQUIRED_MODULES) and, if
+one does not, exits with status 2 naming it and how to carry its wheel.
 """
 
 from __future__ import annotations
