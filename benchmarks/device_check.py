@@ -55,6 +55,8 @@ PART_OPTIONS = {
   "speed-text-lengths": "kernel_speed: text-only row lengths (the kernel and impl cudnn)",
   "train-seqs": "train_step: sequence lengths, e.g. 8192",
   "remats": "train_step: remat policies, e.g. full,dots_no_batch (each a row per length)",
+  "sweep": "block_sweep: candidates after the default, FIELD=INT,...;... (the kernel's "
+  "BlockSizes fields), e.g. 'block_q=64,block_kv=64;num_warps=8'",
 }
 
 # What the parts import beyond the standard library, checked before any part starts: a missing

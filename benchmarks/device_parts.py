@@ -69,6 +69,7 @@ class Sizes:
   speed_text_lengths: tuple = ()  # text-only rows: the kernel against impl cudnn, fwd+bwd
   speed_reference_modes: tuple = ("fwd+bwd", "fwd")  # of xla and xla_chunked
   sweep_length: int = 8192
+  sweep: tuple = ()  # block_sweep candidates (dicts) after the default; () = the part's own list
   q_chunk: int = 1024
   timed_iters: int = 10
   timed_max_s: float = 2.0
@@ -131,6 +132,21 @@ def _names(text: str) -> tuple:
   return tuple(x for x in text.split(",") if x)
 
 
+def parse_sweep(text: str) -> tuple[dict[str, int], ...]:
+  """'block_q=64,block_kv=64;num_warps=8' -> ({'block_q': 64, 'block_kv': 64},
+  {'num_warps': 8}): block-size candidates, ';' between them, ',' between fields."""
+  combos = []
+  for candidate in filter(None, (c.strip() for c in text.split(";"))):
+    combo = {}
+    for item in _names(candidate):
+      key, sep, value = item.partition("=")
+      if not sep or not key.strip() or not value.strip().isdigit():
+        raise SystemExit(f"--sweep: FIELD=INT[,FIELD=INT][;...], got {item!r} in {candidate!r}")
+      combo[key.strip()] = int(value)
+    combos.append(combo)
+  return tuple(combos)
+
+
 def configure(base: Sizes, args: argparse.Namespace, smoke: bool) -> Sizes:
   """`base` with the command line's choices. Layouts, remat policies and the baseline apply in
   both modes; lengths only on a device (smoke keeps its tiny length, one per layout)."""
@@ -155,6 +171,8 @@ def configure(base: Sizes, args: argparse.Namespace, smoke: bool) -> Sizes:
     over["train_seqs"] = tuple(int(x) for x in _names(args.train_seqs))
   if getattr(args, "remats", None):
     over["train_remats"] = _names(args.remats)
+  if getattr(args, "sweep", None):
+    over["sweep"] = parse_sweep(args.sweep)
   return dataclasses.replace(base, **over)
 
 
@@ -609,6 +627,8 @@ def part_block_sweep(p: Part) -> None:
     cls, combos = pallas_tpu.BlockSizes, (SMOKE_SWEEP if p.smoke else TPU_SWEEP)
     make = lambda b: attn_bench.attention_fn("pallas_tpu", s.scale, tpu_blocks=b)
     complete = lambda b: b
+  if s.sweep:  # the command line's candidates, after the default
+    combos = ({},) + tuple(c for c in s.sweep if c)
   length = s.sweep_length
   samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows)
   allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())

@@ -313,8 +313,13 @@ def test_part_options_configure_sizes():
     speed_text_lengths="8192",
     train_seqs="8192",
     remats="full,dots_no_batch",
+    sweep="block_q=64,block_kv=64;num_warps=8;",
   )
   full = device_parts.configure(device_parts.FULL, args, smoke=False)
+  assert full.sweep == ({"block_q": 64, "block_kv": 64}, {"num_warps": 8})
+  for bad in ("block_q", "block_q=x", "=4"):
+    with pytest.raises(SystemExit, match="--sweep"):
+      device_parts.parse_sweep(bad)
   assert full.check_rows == (("neo_pref", 8192), ("text", 8192)) and not full.check_baseline
   assert full.speed_lengths == (8192, 16384) and full.speed_text_lengths == (8192,)
   assert full.speed_impls == ("pallas_gpu", "cudnn_causal") and full.train_seqs == (8192,)
@@ -325,7 +330,7 @@ def test_part_options_configure_sizes():
   assert smoke.check_rows == (("neo_pref", tiny), ("text", tiny))
   assert smoke.speed_lengths == device_parts.SMOKE.speed_lengths
   assert smoke.speed_text_lengths == (tiny,) and smoke.train_seqs == device_parts.SMOKE.train_seqs
-  assert smoke.train_remats == ("full", "dots_no_batch")
+  assert smoke.train_remats == ("full", "dots_no_batch") and smoke.sweep == full.sweep
   # every option reaches the parts from the command line
   assert set(device_check.PART_OPTIONS) == {
     "check-rows",
@@ -335,6 +340,7 @@ def test_part_options_configure_sizes():
     "speed-text-lengths",
     "train-seqs",
     "remats",
+    "sweep",
   }
 
 
