@@ -4,6 +4,7 @@ the GPU kernel calls it makes lowering for CUDA."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -342,6 +343,26 @@ def test_part_options_configure_sizes():
     "remats",
     "sweep",
   }
+
+
+def readme_sweep() -> str:
+  """The --sweep value of benchmarks/README.md's prepared wider sweep, as the shell passes it."""
+  with open(os.path.join(ROOT, "benchmarks", "README.md")) as f:
+    text = f.read()
+  block = text[text.index("--sweep 'block_kv=64") :]
+  return block[: block.index("' --out-dir")].split("'", 1)[1].replace("\\\n", "")
+
+
+def test_prepared_sweep_parses_and_fits_the_h200():
+  combos = device_parts.parse_sweep(readme_sweep())
+  assert len(combos) == 15 and len({tuple(sorted(c.items())) for c in combos}) == 15
+  fields = {f.name for f in dataclasses.fields(pallas_gpu.BlockSizes)}
+  for combo in combos:
+    assert set(combo) <= fields, combo
+    sizes = pallas_gpu.block_sizes_for(
+      256, 128, jnp.bfloat16, pallas_gpu.BlockSizes(**combo), smem=pallas_gpu.SMEM_BYTES[(9, 0)]
+    )
+    assert max(pallas_gpu.smem_bytes(sizes, 256, 128).values()) <= pallas_gpu.SMEM_BYTES[(9, 0)]
 
 
 @pytest.mark.slow
