@@ -1,11 +1,13 @@
 """Each hook of the trainer on its own, with hand-made StepInfos (no model, no trainer)."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from neo_jax.errors import RunError
+from neo_jax.trainer import hooks
 from neo_jax.trainer.hooks import (
   Cadence,
   Evaluate,
@@ -100,6 +102,17 @@ def test_throughput_window_excludes_the_compiling_step():
   no_peak = Throughput(lambda batch: 1.0, n_devices=1, peak_flops=None)
   no_peak(info(2))
   assert "perf/mfu" not in no_peak.report()
+
+
+def test_progress_bar_redraws_rarely_where_every_redraw_is_kept(monkeypatch):
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+  bar = ProgressBar(total=10, start=0, desc="x")
+  assert bar.bar.mininterval == hooks.QUIET_REFRESH_S
+  bar.close()
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+  bar = ProgressBar(total=10, start=0, desc="x")
+  assert bar.bar.mininterval == 0.1
+  bar.close()
 
 
 def test_progress_bar_counts_from_the_start_step():

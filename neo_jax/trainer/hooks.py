@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -180,11 +181,24 @@ class Throughput:
     return out
 
 
+# Seconds between redraws when stderr is not a terminal (a log file, a notebook's saved output):
+# each redraw there is kept, so a 300-step run would leave 300 of them.
+QUIET_REFRESH_S = 2.0
+
+
 class ProgressBar:
   """A tqdm bar over the run's steps showing the loss and the learning rate."""
 
   def __init__(self, total: int, start: int, desc: str):
-    self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    interactive = sys.stderr.isatty()
+    self.bar = tqdm(
+      total=total,
+      initial=start,
+      desc=desc,
+      unit="step",
+      dynamic_ncols=True,
+      mininterval=0.1 if interactive else QUIET_REFRESH_S,
+    )
 
   def __call__(self, info: StepInfo) -> None:
     self.bar.update(1)
