@@ -64,12 +64,14 @@ def _abandoned_read_report(exc_value: BaseException | None) -> bool:
   when the coroutine is collected, possibly long after the failure was reported)."""
   if isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed":
     return True
-  return isinstance(exc_value, Exception) and (
-    isinstance(exc_value.__cause__, GeneratorExit) and str(exc_value).startswith(ABANDONED_READ)
+  return (
+    isinstance(exc_value, Exception)
+    and isinstance(exc_value.__cause__, GeneratorExit)
+    and str(exc_value).startswith(ABANDONED_READ)
   )
 
 
-def _install_closed_loop_filters() -> None:
+def _install_abandoned_read_filters() -> None:
   """Drops, for good, the reports that an abandoned orbax read leaves behind after it has failed
   and been reported (threads ending, coroutines collected later, even at exit); every other
   report still reaches the previous hooks."""
@@ -97,7 +99,7 @@ def quiet_failures() -> Iterator[None]:
   if debug_enabled():
     yield
     return
-  _install_closed_loop_filters()
+  _install_abandoned_read_filters()
   previous_hook = sys.unraisablehook
   # asyncio: abandoned tasks; absl: orbax's own error lines about a file it then does without
   logs = [logging.getLogger(name) for name in ("asyncio", "absl")]
