@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import train_step_vs_torch as vs  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
 
@@ -29,7 +35,7 @@ def main(argv=None) -> int:
   p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 4], help="KV-head groups")
   args = p.parse_args(argv)
 
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+  vs.pin_threads(args.threads)
   import jax
   import jax.numpy as jnp
   import numpy as np

@@ -143,7 +143,8 @@ def parse_sweep(text: str) -> tuple[dict[str, int], ...]:
       if not sep or not key.strip() or not value.strip().isdigit():
         raise SystemExit(f"--sweep: FIELD=INT[,FIELD=INT][;...], got {item!r} in {candidate!r}")
       combo[key.strip()] = int(value)
-    combos.append(combo)
+    if combo:
+      combos.append(combo)
   return tuple(combos)
 
 
@@ -628,7 +629,7 @@ def part_block_sweep(p: Part) -> None:
     make = lambda b: attn_bench.attention_fn("pallas_tpu", s.scale, tpu_blocks=b)
     complete = lambda b: b
   if s.sweep:  # the command line's candidates, after the default
-    combos = ({},) + tuple(c for c in s.sweep if c)
+    combos = ({},) + s.sweep
   length = s.sweep_length
   samples, ids = attn_bench.build_row(length, SEED, tiny=s.tiny_rows)
   allowed = int(masks.num_allowed(masks.kv_ranges(ids)).sum())

@@ -19,6 +19,11 @@ import statistics
 import sys
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import train_step_vs_torch as vs  # noqa: E402
+
 HIDDEN, VOCAB = 512, 151936
 
 
@@ -29,17 +34,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args(argv)
 
-  os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-  os.environ["XLA_FLAGS"] = " ".join(
-    filter(
-      None,
-      [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_cpu_multi_thread_eigen=true",
-        f"intra_op_parallelism_threads={args.threads}",
-      ],
-    )
-  )
+  vs.pin_threads(args.threads)
+  vs.set_xla_cpu_threads(args.threads)
   import jax
   import jax.numpy as jnp
   import numpy as np

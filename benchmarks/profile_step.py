@@ -188,14 +188,7 @@ def main(argv=None) -> int:
   os.makedirs(data, exist_ok=True)
   vs.make_data(data, args.length)
   vs.pin_threads(args.threads)
-  flags = [
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_cpu_multi_thread_eigen=true",
-    f"intra_op_parallelism_threads={args.threads}",
-    "--xla_cpu_enable_xprof_traceme=true",
-    options["xla_flags"],
-  ]
-  os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+  vs.set_xla_cpu_threads(args.threads, "--xla_cpu_enable_xprof_traceme=true", options["xla_flags"])
 
   worker = vs.JaxWorker(options, data, args.length, args.pass_)
   with worker.context():

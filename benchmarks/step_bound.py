@@ -200,12 +200,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   vs.pin_threads(args.threads)
-  flags = [
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_cpu_multi_thread_eigen=true",
-    f"intra_op_parallelism_threads={args.threads}",
-  ]
-  os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+  vs.set_xla_cpu_threads(args.threads)
   import jax
 
   from neo_jax.model import NeoModel

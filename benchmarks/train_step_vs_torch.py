@@ -390,16 +390,11 @@ class JaxWorker:
       )[0, rows]
     )
 
-  @contextlib.contextmanager
   def context(self):
     """The mesh and sharding rules the step is traced under (as the trainer's), or nothing."""
-    if self.mesh is None:
-      yield
-      return
     from neo_jax.parallel.sharding import mesh_context
 
-    with mesh_context(self.mesh):
-      yield
+    return contextlib.nullcontext() if self.mesh is None else mesh_context(self.mesh)
 
   def gemm_peak(self) -> float:
     jnp = self.jnp
@@ -473,6 +468,18 @@ def pin_threads(threads: int) -> None:
   os.sched_setaffinity(0, cpus[:threads])
 
 
+def set_xla_cpu_threads(threads: int, *extra_flags: str) -> None:
+  """XLA:CPU's thread pool sized to `threads`, plus `extra_flags`, in XLA_FLAGS (before jax is
+  imported); flags already in the environment come first."""
+  flags = [
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_cpu_multi_thread_eigen=true",
+    f"intra_op_parallelism_threads={threads}",
+    *extra_flags,
+  ]
+  os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+
+
 def worker_main(args) -> int:
   kind, options = parse_impl(args.worker)
   # replies go to the original stdout; anything the libraries print goes to stderr
@@ -483,13 +490,7 @@ def worker_main(args) -> int:
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[var] = str(args.threads)
   if kind == "jax":
-    flags = [
-      os.environ.get("XLA_FLAGS", ""),
-      "--xla_cpu_multi_thread_eigen=true",
-      f"intra_op_parallelism_threads={args.threads}",
-      options["xla_flags"],
-    ]
-    os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+    set_xla_cpu_threads(args.threads, options["xla_flags"])
     worker = JaxWorker(options, args.data, args.length, args.pass_)
   else:
     import torch

@@ -71,13 +71,13 @@ def _value_and_grads(
   )
   params = init_params(config, jax.random.key(0))
   batch = {key: jax.numpy.asarray(v) for key, v in synthetic_batch(SPEC, 0).items()}
-  context = contextlib.ExitStack()
+  context = contextlib.nullcontext()
   if tensor > 1:
     mesh = make_mesh(data=1, fsdp=1, tensor=tensor, devices=jax.devices()[:tensor])
     params = jax.device_put(params, param_shardings(config, mesh))
     batch = jax.device_put(batch, replicated(mesh))
     assert params["embed_tokens"]["embedding"].sharding.spec[0] == "tensor"  # vocabulary split
-    context.enter_context(mesh_context(mesh))
+    context = mesh_context(mesh)
   loss = _mean_loss(config, batch, chunk=chunk, positions_per_row=k, **loss_kw)
   with context:
     return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
